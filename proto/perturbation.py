@@ -1,0 +1,101 @@
+"""The seeded perturbation generator that device and coordinator share (spec: PERTURBATION.md).
+
+A perturbation is never sent over the wire: both ends regenerate it from a 64-bit seed.
+Any slice ``[offset, offset + count)`` of a perturbation can be generated on its own, so
+the coordinator streams long vectors in chunks and a device never holds more than it uses.
+
+This is the numpy implementation of spec version 1. It drives numpy's C implementation of
+Philox4x64-10 for the raw bits only (the raw stream is the published algorithm, checked
+against Random123's known answers in the tests); every transform on top of the bits is
+written out here, so nothing depends on numpy's ``Generator`` distributions.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import numpy as np
+
+SPEC_VERSION = 1
+
+#: Values produced by one Philox block (4 words of 64 bits) for each distribution.
+GAUSSIAN_PER_BLOCK = 8
+RADEMACHER_PER_BLOCK = 256
+
+_TWO_POW_M32 = 2.0**-32
+_TWO_PI = 2.0 * np.pi
+_COUNTER_SPACE = 1 << 256
+
+
+class Distribution(str, Enum):
+    GAUSSIAN = "gaussian"
+    RADEMACHER = "rademacher"
+
+
+def _raw_blocks(seed: int, first_block: int, num_blocks: int) -> np.ndarray:
+    """Philox4x64-10 outputs for counters ``first_block .. first_block+num_blocks-1``, key ``(seed, 0)``.
+
+    Returns ``uint64[num_blocks, 4]``. numpy's bit generator increments its counter before
+    each block, so it is started one counter early.
+    """
+    if not 0 <= seed < 1 << 64:
+        raise ValueError(f"seed must be an unsigned 64-bit integer, got {seed}")
+    bitgen = np.random.Philox(
+        counter=(first_block - 1) % _COUNTER_SPACE,
+        key=np.array([seed, 0], dtype=np.uint64),
+    )
+    return bitgen.random_raw(num_blocks * 4).reshape(num_blocks, 4)
+
+
+def _gaussian(seed: int, offset: int, count: int) -> np.ndarray:
+    first = offset // GAUSSIAN_PER_BLOCK
+    last = (offset + count - 1) // GAUSSIAN_PER_BLOCK
+    words = _raw_blocks(seed, first, last - first + 1).reshape(-1)
+    # Box-Muller in float64 on two 32-bit uniforms per word, rounded once to float32.
+    u1 = ((words & np.uint64(0xFFFFFFFF)).astype(np.float64) + 0.5) * _TWO_POW_M32
+    u2 = ((words >> np.uint64(32)).astype(np.float64) + 0.5) * _TWO_POW_M32
+    radius = np.sqrt(-2.0 * np.log(u1))
+    angle = _TWO_PI * u2
+    pairs = np.empty((words.size, 2), dtype=np.float32)
+    pairs[:, 0] = radius * np.cos(angle)
+    pairs[:, 1] = radius * np.sin(angle)
+    start = offset - first * GAUSSIAN_PER_BLOCK
+    return pairs.reshape(-1)[start : start + count]
+
+
+def _rademacher(seed: int, offset: int, count: int) -> np.ndarray:
+    first = offset // RADEMACHER_PER_BLOCK
+    last = (offset + count - 1) // RADEMACHER_PER_BLOCK
+    words = _raw_blocks(seed, first, last - first + 1).reshape(-1)
+    bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little")
+    start = offset - first * RADEMACHER_PER_BLOCK
+    # bit 0 -> +1, bit 1 -> -1
+    return (1.0 - 2.0 * bits[start : start + count]).astype(np.float32)
+
+
+_GENERATORS = {Distribution.GAUSSIAN: _gaussian, Distribution.RADEMACHER: _rademacher}
+
+
+def generate(seed: int, offset: int, count: int, dist: Distribution | str = Distribution.GAUSSIAN) -> np.ndarray:
+    """Elements ``[offset, offset + count)`` of the perturbation with this seed, as float32."""
+    if offset < 0 or count < 0:
+        raise ValueError(f"offset and count must be non-negative, got offset={offset} count={count}")
+    if count == 0:
+        return np.empty(0, dtype=np.float32)
+    return _GENERATORS[Distribution(dist)](int(seed), int(offset), int(count))
+
+
+def iter_chunks(seed: int, dim: int, chunk: int, dist: Distribution | str = Distribution.GAUSSIAN):
+    """Yield ``(offset, values)`` covering a ``dim``-long perturbation, ``chunk`` values at a time."""
+    for offset in range(0, dim, chunk):
+        yield offset, generate(seed, offset, min(chunk, dim - offset), dist)
+
+
+def seed_for(step: int, ordinal: int) -> int:
+    """The seed of the ``ordinal``-th perturbation drawn in ``step`` (spec section "Seeds").
+
+    Steps and ordinals each get 32 bits, so no two (step, ordinal) pairs share a seed.
+    """
+    if not (0 <= step < 1 << 32 and 0 <= ordinal < 1 << 32):
+        raise ValueError(f"step and ordinal must fit in 32 bits, got step={step} ordinal={ordinal}")
+    return (step << 32) | ordinal
