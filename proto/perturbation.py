@@ -23,7 +23,8 @@ GAUSSIAN_PER_BLOCK = 8
 RADEMACHER_PER_BLOCK = 256
 
 _TWO_POW_M32 = 2.0**-32
-_TWO_PI = 2.0 * np.pi
+_TWO_PI_TWO_POW_M32 = 2.0 * np.pi * 2.0**-32
+_CHUNK_WORDS = 1 << 13
 _COUNTER_SPACE = 1 << 256
 
 
@@ -32,35 +33,49 @@ class Distribution(str, Enum):
     RADEMACHER = "rademacher"
 
 
-def _raw_blocks(seed: int, first_block: int, num_blocks: int) -> np.ndarray:
-    """Philox4x64-10 outputs for counters ``first_block .. first_block+num_blocks-1``, key ``(seed, 0)``.
+def _philox(seed: int, first_block: int) -> np.random.Philox:
+    """Philox4x64-10 with key ``(seed, 0)`` positioned so its next output is block ``first_block``.
 
-    Returns ``uint64[num_blocks, 4]``. numpy's bit generator increments its counter before
-    each block, so it is started one counter early.
+    numpy's bit generator increments its counter before each block, so it starts one early.
     """
     if not 0 <= seed < 1 << 64:
         raise ValueError(f"seed must be an unsigned 64-bit integer, got {seed}")
-    bitgen = np.random.Philox(
-        counter=(first_block - 1) % _COUNTER_SPACE,
-        key=np.array([seed, 0], dtype=np.uint64),
-    )
-    return bitgen.random_raw(num_blocks * 4).reshape(num_blocks, 4)
+    return np.random.Philox(counter=(first_block - 1) % _COUNTER_SPACE, key=np.array([seed, 0], dtype=np.uint64))
+
+
+def _raw_blocks(seed: int, first_block: int, num_blocks: int) -> np.ndarray:
+    """``uint64[num_blocks, 4]``: the words of blocks ``first_block .. first_block+num_blocks-1``."""
+    return _philox(seed, first_block).random_raw(num_blocks * 4).reshape(num_blocks, 4)
 
 
 def _gaussian(seed: int, offset: int, count: int) -> np.ndarray:
     first = offset // GAUSSIAN_PER_BLOCK
-    last = (offset + count - 1) // GAUSSIAN_PER_BLOCK
-    words = _raw_blocks(seed, first, last - first + 1).reshape(-1)
-    # Box-Muller in float64 on two 32-bit uniforms per word, rounded once to float32.
-    u1 = ((words & np.uint64(0xFFFFFFFF)).astype(np.float64) + 0.5) * _TWO_POW_M32
-    u2 = ((words >> np.uint64(32)).astype(np.float64) + 0.5) * _TWO_POW_M32
-    radius = np.sqrt(-2.0 * np.log(u1))
-    angle = _TWO_PI * u2
-    pairs = np.empty((words.size, 2), dtype=np.float32)
-    pairs[:, 0] = radius * np.cos(angle)
-    pairs[:, 1] = radius * np.sin(angle)
+    num_words = ((offset + count - 1) // GAUSSIAN_PER_BLOCK - first + 1) * 4
+    bitgen = _philox(seed, first)
+    out = np.empty(num_words * 2, dtype=np.float32)
+    # Chunks small enough for the cache; every step in place (this loop is the coordinator's hot path).
+    radius = np.empty(min(num_words, _CHUNK_WORDS))
+    angle = np.empty_like(radius)
+    trig = np.empty_like(radius)
+    for start in range(0, num_words, _CHUNK_WORDS):
+        n = min(_CHUNK_WORDS, num_words - start)
+        r, a, t = radius[:n], angle[:n], trig[:n]
+        halves = bitgen.random_raw(n).astype("<u8", copy=False).view("<u4")  # low, high, low, high, ...
+        # Box-Muller in float64 on the two 32-bit halves of each word, rounded once to float32.
+        np.add(halves[0::2], 0.5, out=r)
+        r *= _TWO_POW_M32  # u1, exact
+        np.log(r, out=r)
+        r *= -2.0
+        np.sqrt(r, out=r)
+        np.add(halves[1::2], 0.5, out=a)
+        a *= _TWO_PI_TWO_POW_M32  # 2*pi*u2; scaling by 2^-32 is exact, so this equals 2*pi*(u2)
+        pairs = out[2 * start : 2 * (start + n)]
+        np.multiply(np.cos(a, out=t), r, out=t)
+        pairs[0::2] = t
+        np.multiply(np.sin(a, out=t), r, out=t)
+        pairs[1::2] = t
     start = offset - first * GAUSSIAN_PER_BLOCK
-    return pairs.reshape(-1)[start : start + count]
+    return out[start : start + count]
 
 
 def _rademacher(seed: int, offset: int, count: int) -> np.ndarray:
