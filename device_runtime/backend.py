@@ -1,0 +1,321 @@
+"""The one narrow interface every device backend implements, plus local data and batches.
+
+Everything above a backend (the forward-gradient engine, the client, the benchmarks) sees
+only ``Backend.losses(batch, thetas)``: P parameter vectors evaluated on one batch. How θ
+enters the model (a graph input with a perturbation axis, a LoRA adapter file, a control
+vector) and whether a frozen prefix is reused are the backend's business.
+
+Local data is one JSONL file per client, one example per line:
+``{"text": str, "label": str|int}`` (seq-cls; a label name from ``manifest.model.labels``
+or its index) or ``{"prompt": str, "target": str}`` (causal-lm). A task names a batch as
+the examples at indices ``[start, start+size)`` modulo the local count.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fwdllm.errors import UserError
+from fwdllm.proto.manifest import BundleError, GraphSpec, Manifest, load_manifest
+
+#: Label value for "no loss here" (PyTorch's CrossEntropyLoss ignore_index).
+IGNORE_INDEX = -100
+
+
+class DataError(UserError):
+    """Local training data that cannot be used; the message names the file, line and fix."""
+
+
+class BackendError(UserError):
+    """A backend that cannot run this bundle or input; the message says what to change."""
+
+
+# ---------------------------------------------------------------- local data
+
+
+@dataclass(frozen=True)
+class Example:
+    """One local example: seq-cls uses (text, label); causal-lm uses (prompt, target)."""
+
+    text: str = ""
+    label: int = IGNORE_INDEX
+    prompt: str = ""
+    target: str = ""
+
+
+def load_examples(path: str | Path, manifest: Manifest) -> list[Example]:
+    """Read a client's JSONL file; blank lines are skipped, every other problem is a DataError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"local data file {path} does not exist; create it with `fwdllm data partition`")
+    task, labels = manifest.model.task, manifest.model.labels
+    num_labels = manifest.model.num_labels or (len(labels) if labels else None)
+    examples, problems = [], []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                examples.append(_parse_example(json.loads(line), task, labels, num_labels))
+            except (json.JSONDecodeError, ValueError, TypeError) as exc:
+                problems.append(f"line {lineno}: {exc}")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise DataError(f"{path} has unusable examples: {'; '.join(problems[:5])}{more}")
+    if not examples:
+        raise DataError(f"{path} holds no examples; a client needs at least one")
+    return examples
+
+
+def _parse_example(obj: Any, task: str, labels: list[str] | None, num_labels: int | None) -> Example:
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if task == "seq-cls":
+        text, label = obj.get("text"), obj.get("label")
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError('empty or missing "text"')
+        return Example(text=text, label=_label_index(label, labels, num_labels))
+    prompt, target = obj.get("prompt", ""), obj.get("target")
+    if not isinstance(prompt, str) or not isinstance(target, str) or not target.strip():
+        raise ValueError('causal-lm examples need a string "prompt" and a non-empty string "target"')
+    return Example(prompt=prompt, target=target)
+
+
+def _label_index(label: Any, labels: list[str] | None, num_labels: int | None) -> int:
+    if isinstance(label, bool) or label is None:
+        raise ValueError(f'missing or invalid "label" {label!r}')
+    if isinstance(label, str) and labels and label in labels:
+        return labels.index(label)
+    if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+        label = int(label)
+    if isinstance(label, int) and num_labels is not None and 0 <= label < num_labels:
+        return label
+    known = f"one of {labels} or an index below {num_labels}" if labels else f"an index below {num_labels}"
+    raise ValueError(f"unknown label {label!r}; the bundle's labels are {known}")
+
+
+def select(examples: list[Example], start: int, size: int) -> list[Example]:
+    """The examples a task's BatchRef names: indices [start, start+size) modulo the local count."""
+    if size <= 0:
+        raise DataError(f"a batch needs at least one example, the task asks for {size}")
+    n = len(examples)
+    return [examples[(start + i) % n] for i in range(size)]
+
+
+# ---------------------------------------------------------------- batches
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Token ids ready for a graph: ``input_ids``/``attention_mask`` int64 [B, S].
+
+    ``labels`` is int64 [B] (seq-cls) or [B, S] (causal-lm, aligned with ``input_ids`` as in
+    Hugging Face: the graph shifts them; ``IGNORE_INDEX`` where no loss is taken).
+    """
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    labels: np.ndarray
+    key: str = field(default="", compare=False)  # content hash, the prefix cache key
+
+    @classmethod
+    def of(cls, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray) -> "Batch":
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
+        lab = np.ascontiguousarray(labels, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape != mask.shape or lab.shape[0] != ids.shape[0]:
+            raise BackendError(f"inconsistent batch shapes: ids {ids.shape}, mask {mask.shape}, labels {lab.shape}")
+        digest = hashlib.sha256(ids.tobytes() + mask.tobytes() + str(ids.shape).encode()).hexdigest()
+        return cls(ids, mask, lab, digest)
+
+    @property
+    def size(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.input_ids.shape[1])
+
+    def loss_weight(self) -> int:
+        """How many terms the graph's mean loss averages over (rows, or shifted labelled tokens)."""
+        if self.labels.ndim == 1:
+            return int((self.labels != IGNORE_INDEX).sum())
+        return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
+
+    def rows(self, start: int, stop: int, pad_to: int | None = None) -> "Batch":
+        """Rows [start, stop), padded to ``pad_to`` rows with copies of the first row that carry no loss."""
+        ids, mask, lab = self.input_ids[start:stop], self.attention_mask[start:stop], self.labels[start:stop]
+        missing = (pad_to or 0) - ids.shape[0]
+        if missing > 0:
+            ids = np.concatenate([ids, np.repeat(ids[:1], missing, 0)])
+            mask = np.concatenate([mask, np.repeat(mask[:1], missing, 0)])
+            lab = np.concatenate([lab, np.full((missing, *lab.shape[1:]), IGNORE_INDEX, dtype=np.int64)])
+        return Batch.of(ids, mask, lab)
+
+
+class Tokenizer:
+    """The bundle's ``tokenizers`` JSON tokenizer, padding and truncating to a fixed length."""
+
+    def __init__(self, bundle_dir: str | Path, manifest: Manifest, seq_len: int | None = None):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(bundle_dir) / manifest.model.tokenizer
+        try:
+            self._tok = HFTokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on a bad file
+            raise BundleError(f"cannot read the bundle tokenizer {path} ({exc}); copy the bundle again") from exc
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self.task = manifest.model.task
+        self.seq_len = int(seq_len or manifest.model.max_seq_len)
+        self.pad_id = int(manifest.model.pad_token_id or 0)
+
+    def batch(self, examples: list[Example]) -> Batch:
+        if not examples:
+            raise DataError("cannot build a batch from no examples")
+        s, n = self.seq_len, len(examples)
+        ids = np.full((n, s), self.pad_id, dtype=np.int64)
+        mask = np.zeros((n, s), dtype=np.int64)
+        if self.task == "seq-cls":
+            labels = np.array([e.label for e in examples], dtype=np.int64)
+            for i, enc in enumerate(self._tok.encode_batch([e.text for e in examples])):
+                row = _truncate(enc.ids, s, keep_last=bool(enc.ids) and len(enc.special_tokens_mask) > 0
+                                and enc.special_tokens_mask[-1] == 1)
+                ids[i, : len(row)], mask[i, : len(row)] = row, 1
+            return Batch.of(ids, mask, labels)
+        labels = np.full((n, s), IGNORE_INDEX, dtype=np.int64)
+        for i, e in enumerate(examples):
+            prompt = self._tok.encode(e.prompt).ids if e.prompt else []
+            target = self._tok.encode(e.target, add_special_tokens=False).ids
+            row = (prompt + target)[:s]
+            ids[i, : len(row)], mask[i, : len(row)] = row, 1
+            labels[i, len(prompt) : len(row)] = row[len(prompt) :]
+        return Batch.of(ids, mask, labels)
+
+
+def _truncate(ids: list[int], length: int, keep_last: bool) -> list[int]:
+    """Cut to ``length`` tokens, keeping a closing special token such as [SEP]."""
+    if len(ids) <= length:
+        return ids
+    return ids[: length - 1] + ids[-1:] if keep_last else ids[:length]
+
+
+# ---------------------------------------------------------------- the backend interface
+
+
+class Backend(ABC):
+    """Evaluates a bundle's loss for P trainable vectors θ on one batch.
+
+    Subclasses set ``name`` and register themselves in ``BACKENDS``. A backend is made with
+    ``(bundle_dir, manifest, graph, options)``; ``graph`` is the manifest entry it runs
+    (its ``full`` or ``base`` graph), and ``options`` are backend-specific knobs.
+    """
+
+    name: str = ""
+
+    def __init__(self, bundle_dir: str | Path, manifest: Manifest, graph: GraphSpec, options: dict[str, Any]):
+        self.bundle_dir = Path(bundle_dir)
+        self.manifest = manifest
+        self.graph = graph
+        self.options = dict(options)
+
+    @property
+    def max_perturbations(self) -> int | None:
+        """Rows of θ one call evaluates, fixed by the graph; None when any number fits."""
+        return self.graph.perturbations
+
+    @property
+    def batch_size(self) -> int | None:
+        """The graph's fixed batch size, or None when it is dynamic."""
+        return self.graph.batch_size
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.graph.seq_len or self.manifest.model.max_seq_len)
+
+    @property
+    def theta_dim(self) -> int:
+        return self.manifest.theta.dim
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer(self.bundle_dir, self.manifest, self.seq_len)
+
+    def check_thetas(self, thetas: np.ndarray) -> np.ndarray:
+        """θ rows as contiguous float32 [P, d], or a BackendError naming what is wrong."""
+        thetas = np.asarray(thetas)
+        if thetas.ndim != 2 or thetas.shape[1] != self.theta_dim:
+            raise BackendError(f"θ must have shape [P, {self.theta_dim}] for this bundle, got {list(thetas.shape)}")
+        if thetas.shape[0] == 0:
+            raise BackendError("θ has no rows; pass at least one parameter vector")
+        return np.ascontiguousarray(thetas, dtype=np.float32)
+
+    @abstractmethod
+    def losses(self, batch: Batch, thetas: np.ndarray) -> np.ndarray:
+        """float32 [P]: the batch's mean loss at each row of ``thetas`` (float32 [P, d]).
+
+        Any P is accepted; a backend with a fixed perturbation axis splits or pads the rows.
+        Non-finite losses are returned as they are.
+        """
+
+    @abstractmethod
+    def logits(self, batch: Batch, theta: np.ndarray) -> np.ndarray:
+        """float32 [B, C] logits at one θ (seq-cls evaluation)."""
+
+    @abstractmethod
+    def info(self) -> dict[str, Any]:
+        """What is actually in use: providers/delegates, threads, share of ops delegated, graphs."""
+
+    def close(self) -> None:
+        """Release runtime resources; the default has nothing to release."""
+
+
+#: backend name -> "module:Class", imported only when asked for.
+BACKENDS: dict[str, str] = {
+    "onnxruntime": "fwdllm.device_runtime.onnx_backend:OnnxBackend",
+    "litert": "fwdllm.device_runtime.litert_backend:LiteRTBackend",
+    "llama.cpp": "fwdllm.device_runtime.llama_backend:LlamaBackend",
+}
+
+#: backend name -> graph format it runs, and the graph role holding θ.
+BACKEND_FORMATS = {"onnxruntime": ("onnx", "full"), "litert": ("tflite", "full"), "llama.cpp": ("gguf", "base")}
+
+
+def backend_class(name: str) -> type[Backend]:
+    if name not in BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
+    module, cls = BACKENDS[name].split(":")
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as exc:
+        raise BackendError(
+            f"backend {name} is not installed here ({exc}); install `fwdllm[device]` (or `fwdllm[device,llama]`)"
+        ) from exc
+
+
+def select_graph(manifest: Manifest, name: str, precision: str | None = None) -> GraphSpec:
+    """The manifest entry a backend runs: its full/base graph, else the suffix of a cut export."""
+    if name not in BACKEND_FORMATS:
+        raise BackendError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
+    fmt, role = BACKEND_FORMATS[name]
+    try:
+        return manifest.graph(fmt, role, precision)
+    except BundleError:
+        if role == "full" and any(g.format == fmt and g.role == "suffix" for g in manifest.graphs):
+            return manifest.graph(fmt, "suffix", precision)
+        raise
+
+
+def open_backend(bundle_dir: str | Path, name: str, precision: str | None = None,
+                 options: dict[str, Any] | None = None, manifest: Manifest | None = None) -> Backend:
+    """Load a bundle (checking checksums unless a manifest is given) and open one backend on it."""
+    manifest = manifest or load_manifest(Path(bundle_dir))
+    graph = select_graph(manifest, name, precision)
+    return backend_class(name)(bundle_dir, manifest, graph, options or {})
