@@ -31,5 +31,12 @@ test: setup
 test-slow: setup
 	$(BIN)/pytest -m "slow" $(PYTEST_FLAGS)
 
+# BENCHMARKS.md from scratch on this machine (< 60 min on 2 cores); bench-quick is the smoke run CI executes.
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+bench-quick: setup
+	$(BIN)/python bench/run_all.py --quick --out bench/results/BENCHMARKS-quick.md
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
