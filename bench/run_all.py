@@ -22,6 +22,7 @@ from bench.report import RESULTS_DIR, machine  # noqa: E402
 # (section title, script, result names it writes, quick-mode arguments, full-mode arguments)
 SECTIONS = [
     ("Seeded perturbation generator", "perturbation.py", ["perturbation"], ["--values", "1000000", "--repeats", "3"], []),
+    ("Communication per device per step", "communication.py", ["communication"], [], []),
 ]
 
 
