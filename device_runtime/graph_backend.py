@@ -1,0 +1,166 @@
+"""What the ONNX Runtime and LiteRT backends share: graphs that take θ as an input.
+
+A subclass only loads a graph file and runs it on named numpy inputs. This class maps the
+bundle's graph contract (export/BUNDLE.md) onto that: fixed batch and perturbation axes
+(TFLite) are met by splitting and padding, and when the bundle was cut at a layer the
+frozen prefix runs once per batch while every θ row goes through the suffix.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fwdllm.device_runtime.backend import Backend, BackendError, Batch
+from fwdllm.proto.manifest import GraphSpec, Manifest
+
+#: Prefix outputs kept per backend; a task reuses its batch for every wave of perturbations.
+PREFIX_CACHE_BATCHES = 4
+
+
+class GraphBackend(Backend):
+    """Runs a bundle's ``full`` graph, or its ``prefix`` + ``suffix`` pair with prefix reuse.
+
+    Option ``prefix_reuse`` (default True) uses the cut graphs when the bundle has them.
+    """
+
+    def __init__(self, bundle_dir: str | Path, manifest: Manifest, graph: GraphSpec, options: dict[str, Any]):
+        super().__init__(bundle_dir, manifest, graph, options)
+        prefix = self._sibling("prefix")
+        suffix = graph if graph.role == "suffix" else self._sibling("suffix")
+        self.cut = bool(prefix and suffix) and (graph.role == "suffix" or bool(options.get("prefix_reuse", True)))
+        if graph.role == "suffix" and not self.cut:
+            raise BackendError(f"the bundle has a {graph.format} suffix graph but no matching prefix; re-export it")
+        self.specs = {"prefix": prefix, "suffix": suffix} if self.cut else {"full": graph}
+        self.graph = suffix if self.cut else graph
+        self._handles = {role: self._load(spec, self.bundle_dir / spec.file) for role, spec in self.specs.items()}
+        self._hidden: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.prefix_runs = 0  # how often the prefix actually ran (tests and benchmarks read it)
+
+    def _sibling(self, role: str) -> GraphSpec | None:
+        found = [g for g in self.manifest.graphs
+                 if g.format == self.graph.format and g.role == role and g.precision == self.graph.precision]
+        return found[0] if found else None
+
+    # ----- what a runtime implements -----
+    @abstractmethod
+    def _load(self, spec: GraphSpec, path: Path) -> Any:
+        """Open one graph file; raise BackendError when it is corrupt or disagrees with ``spec``."""
+
+    @abstractmethod
+    def _run(self, handle: Any, spec: GraphSpec, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run a graph on inputs named as in ``spec.inputs``; return outputs named as in ``spec.outputs``."""
+
+    # ----- the Backend interface -----
+    def losses(self, batch: Batch, thetas: np.ndarray) -> np.ndarray:
+        thetas = self.check_thetas(thetas)
+        self._check_batch(batch)
+        total = np.zeros(thetas.shape[0], dtype=np.float64)
+        weight = 0
+        for chunk in self._chunks(batch):
+            w = chunk.loss_weight()
+            if w:
+                total += w * self._over_thetas(chunk, thetas, "loss").astype(np.float64)
+                weight += w
+        if not weight:
+            raise BackendError("the batch has no labelled examples or target tokens, so it has no loss")
+        return (total / weight).astype(np.float32)
+
+    def logits(self, batch: Batch, theta: np.ndarray) -> np.ndarray:
+        thetas = self.check_thetas(np.asarray(theta).reshape(1, -1))
+        self._check_batch(batch)
+        if self.manifest.model.task != "seq-cls":
+            raise BackendError("logits() is for seq-cls bundles; causal-lm graphs return only the loss")
+        parts = [self._over_thetas(chunk, thetas, "logits")[0] for chunk in self._chunks(batch)]
+        return np.concatenate(parts)[: batch.size]
+
+    # ----- helpers -----
+    def _check_batch(self, batch: Batch) -> None:
+        if self.graph.seq_len and batch.seq_len != self.graph.seq_len:
+            raise BackendError(f"this graph was exported for sequence length {self.graph.seq_len}, the batch has "
+                               f"{batch.seq_len}; build batches with backend.tokenizer()")
+
+    def _chunks(self, batch: Batch):
+        """The batch in pieces the graph accepts: all at once, or fixed-size with padding rows."""
+        step = self.batch_size or batch.size
+        if step == batch.size:
+            yield batch
+            return
+        for start in range(0, batch.size, step):
+            yield batch.rows(start, min(start + step, batch.size), pad_to=self.batch_size)
+
+    def _over_thetas(self, chunk: Batch, thetas: np.ndarray, output: str) -> np.ndarray:
+        """One output for every θ row, in calls of the graph's P (the last call padded)."""
+        p = self.max_perturbations or thetas.shape[0]
+        parts = []
+        for start in range(0, thetas.shape[0], p):
+            rows = thetas[start : start + p]
+            k = rows.shape[0]
+            if k < p:
+                rows = np.concatenate([rows, np.repeat(rows[-1:], p - k, axis=0)])
+            parts.append(self._evaluate(chunk, rows)[output][:k])
+        return np.concatenate(parts)
+
+    def _evaluate(self, chunk: Batch, thetas: np.ndarray) -> dict[str, np.ndarray]:
+        values = {"input_ids": chunk.input_ids, "attention_mask": chunk.attention_mask,
+                  "labels": chunk.labels, "theta": thetas}
+        if self.cut:
+            values["hidden"] = self._prefix_hidden(chunk)
+            return self._call("suffix", values)
+        return self._call("full", values)
+
+    def _prefix_hidden(self, chunk: Batch) -> np.ndarray:
+        hidden = self._hidden.get(chunk.key)
+        if hidden is None:
+            hidden = self._call("prefix", {"input_ids": chunk.input_ids, "attention_mask": chunk.attention_mask})["hidden"]
+            self.prefix_runs += 1
+            self._hidden[chunk.key] = hidden
+            while len(self._hidden) > PREFIX_CACHE_BATCHES:
+                self._hidden.popitem(last=False)
+        else:
+            self._hidden.move_to_end(chunk.key)
+        return hidden
+
+    def _call(self, role: str, values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = self.specs[role]
+        missing = [t.name for t in spec.inputs if t.name not in values]
+        if missing:
+            raise BackendError(f"the manifest's {role} graph wants inputs {missing} that fwdllm does not know; "
+                               "the manifest does not match this fwdllm's graph contract, re-export the bundle")
+        return self._run(self._handles[role], spec, {t.name: values[t.name] for t in spec.inputs})
+
+    def clear_cache(self) -> None:
+        """Forget cached prefix outputs (benchmarks measure the uncached cost)."""
+        self._hidden.clear()
+
+    def graph_info(self) -> dict[str, Any]:
+        return {
+            "graphs": {role: spec.file for role, spec in self.specs.items()},
+            "precision": self.graph.precision,
+            "prefix_reuse": self.cut,
+            "cut_layer": self.manifest.cut_layer if self.cut else None,
+            "max_perturbations": self.max_perturbations,
+            "batch_size": self.batch_size,
+            "seq_len": self.seq_len,
+        }
+
+
+def check_io(spec: GraphSpec, inputs: list[str], outputs: list[str], path: Path, by_name: bool) -> None:
+    """The graph file's own inputs/outputs must be the manifest's: by name (ONNX) or by count (TFLite)."""
+    for kind, have, want in (("inputs", inputs, [t.name for t in spec.inputs]),
+                             ("outputs", outputs, [t.name for t in spec.outputs])):
+        if (sorted(have) != sorted(want)) if by_name else (len(have) != len(want)):
+            raise BackendError(f"{path.name} has {kind} {have} but the manifest says {want}: "
+                               "the manifest does not match the graph; re-export the bundle")
+
+
+def check_theta_dim(spec: GraphSpec, shape: list[Any], dim: int, path: Path) -> None:
+    """A graph whose θ input has another length than the manifest's layout cannot be fed."""
+    last = shape[-1] if shape else None
+    if spec.theta_channel == "input" and isinstance(last, (int, np.integer)) and last > 0 and int(last) != dim:
+        raise BackendError(f"{path.name} takes θ of length {last}, the manifest's layout has {dim}: "
+                           "the manifest does not match the graph; re-export the bundle")
