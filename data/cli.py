@@ -59,7 +59,7 @@ def _show(args: argparse.Namespace) -> int:
     from fwdllm.data.partition import PARTITION_FILE, read_partition
 
     if (Path(args.data) / PARTITION_FILE).exists():
-        info = read_partition(Path(args.data))
+        info = read_partition(Path(args.data)).info
         sizes = [c["size"] for c in info["clients"]]
         print(f"partition of {info['dataset']}: {info['num_clients']} clients, {info['scheme']}"
               f"{' α=' + str(info['alpha']) if info['alpha'] is not None else ''}, {info['sizes']} sizes, seed {info['seed']}")
@@ -86,12 +86,14 @@ def _partition(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fwdllm.data.datasets import CAUSAL_LM
-    from fwdllm.data.partition import DEFAULT_ALPHA, write_partition
+    from fwdllm.data.partition import DEFAULT_ALPHA, federate, write_partition
 
     data = load_from_args(args)
     unlabelled = args.alpha is None and data.task == CAUSAL_LM  # nothing to skew: IID unless asked otherwise
     alpha = None if args.iid or unlabelled else (args.alpha if args.alpha is not None else DEFAULT_ALPHA)
-    info = write_partition(data, args.clients, Path(args.out), alpha=alpha, seed=args.seed, sizes=args.sizes)
+    fed = federate(data, args.clients, alpha=alpha, seed=args.seed, sizes=args.sizes)
+    write_partition(fed, Path(args.out))
+    info = fed.info
     sizes = [c["size"] for c in info["clients"]]
     print(f"wrote {args.clients} clients ({min(sizes)}–{max(sizes)} examples each, label skew {info['label_skew']:.3f}) "
           f"and {info['heldout']['size']} held-out examples to {args.out}")

@@ -48,12 +48,17 @@ class Dataset:
     source: str = ""  # the file or folder it was read from
 
     def label_ids(self, examples: list[dict]) -> np.ndarray:
-        lookup = {name: i for i, name in enumerate(self.labels)}
-        return np.array([lookup[e["label"]] for e in examples], dtype=np.int64)
+        return label_ids(self.labels, examples)
 
     def histogram(self, examples: list[dict]) -> dict[str, int]:
         counts = Counter(e["label"] for e in examples)
         return {name: counts.get(name, 0) for name in self.labels}
+
+
+def label_ids(labels: list[str], examples: list[dict]) -> np.ndarray:
+    """Label indices (int64) of examples whose ``label`` is a name from ``labels``."""
+    lookup = {name: i for i, name in enumerate(labels)}
+    return np.array([lookup[e["label"]] for e in examples], dtype=np.int64)
 
 
 @dataclass

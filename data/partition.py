@@ -17,11 +17,12 @@ The folder a partition is written to is what devices are given: ``client-00000.j
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fwdllm.data.datasets import CAUSAL_LM, Dataset, DataError
+from fwdllm.data.datasets import CAUSAL_LM, Dataset, DataError, LoadOptions, label_ids, load_dataset
 
 DEFAULT_ALPHA = 0.5
 SIZES = ("equal", "natural")
@@ -103,24 +104,30 @@ def label_skew(histograms: np.ndarray) -> float:
     return float(0.5 * np.abs(mixes - overall).sum(1).mean())
 
 
-def write_partition(data: Dataset, num_clients: int, out: Path, *, alpha: float | None = DEFAULT_ALPHA,
-                    seed: int = 0, sizes: str = "equal") -> dict:
-    """Partition ``data.train`` over ``num_clients`` and write the folder; returns what partition.json holds."""
+@dataclass
+class FederatedData:
+    """A data set spread over clients: what the simulator and the baselines train on."""
+
+    spec: str
+    task: str
+    labels: list[str]
+    clients: list[list[dict]]
+    heldout: list[dict]
+    info: dict  # what partition.json holds
+
+    def label_ids(self, examples: list[dict]) -> np.ndarray:
+        return label_ids(self.labels, examples)
+
+
+def federate(data: Dataset, num_clients: int, *, alpha: float | None = DEFAULT_ALPHA, seed: int = 0,
+             sizes: str = "equal") -> FederatedData:
+    """Partition ``data.train`` over ``num_clients`` (``alpha=None``: IID)."""
     if data.task == CAUSAL_LM and alpha is not None:
         raise DataError(f"{data.spec} has no labels to skew; partition it with --iid")
     labels = data.label_ids(data.train) if data.task != CAUSAL_LM else np.zeros(len(data.train), dtype=np.int64)
     parts = partition_indices(labels, max(len(data.labels), 1), num_clients, alpha=alpha, seed=seed, sizes=sizes)
-    out.mkdir(parents=True, exist_ok=True)
-    if (out / PARTITION_FILE).exists():
-        (out / PARTITION_FILE).unlink()  # the folder is not a partition while it is rewritten
-    for stale in out.glob("client-*.jsonl"):
-        stale.unlink()
-    clients = []
-    for i, part in enumerate(parts):
-        examples = [data.train[j] for j in part]
-        _write_jsonl(out / client_file(i), examples)
-        clients.append({"file": client_file(i), "size": len(examples), "histogram": data.histogram(examples) if data.labels else {}})
-    _write_jsonl(out / HELDOUT_FILE, data.heldout)
+    clients = [[data.train[j] for j in part] for part in parts]
+    hist = (lambda xs: data.histogram(xs)) if data.labels else (lambda xs: {})
     info = {
         "dataset": data.spec,
         "task": data.task,
@@ -131,20 +138,51 @@ def write_partition(data: Dataset, num_clients: int, out: Path, *, alpha: float 
         "sizes": sizes,
         "seed": seed,
         "train_size": len(data.train),
-        "label_skew": label_skew([list(c["histogram"].values()) for c in clients]) if data.labels else 0.0,
-        "heldout": {"file": HELDOUT_FILE, "size": len(data.heldout), "histogram": data.histogram(data.heldout) if data.labels else {}},
-        "clients": clients,
+        "label_skew": label_skew([list(hist(c).values()) for c in clients]) if data.labels else 0.0,
+        "heldout": {"file": HELDOUT_FILE, "size": len(data.heldout), "histogram": hist(data.heldout)},
+        "clients": [{"file": client_file(i), "size": len(c), "histogram": hist(c)} for i, c in enumerate(clients)],
     }
-    (out / PARTITION_FILE).write_text(json.dumps(info, indent=1) + "\n")
-    return info
+    return FederatedData(data.spec, data.task, data.labels, clients, data.heldout, info)
 
 
-def read_partition(folder: Path) -> dict:
-    """partition.json of a partition folder, checked to exist."""
-    file = Path(folder) / PARTITION_FILE
+def write_partition(fed: FederatedData, out: Path) -> None:
+    """Write the partition folder; partition.json goes last, so a folder with it is complete."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / PARTITION_FILE).exists():
+        (out / PARTITION_FILE).unlink()  # the folder is not a partition while it is rewritten
+    for stale in out.glob("client-*.jsonl"):
+        stale.unlink()
+    for meta, examples in zip(fed.info["clients"], fed.clients):
+        _write_jsonl(out / meta["file"], examples)
+    _write_jsonl(out / HELDOUT_FILE, fed.heldout)
+    (out / PARTITION_FILE).write_text(json.dumps(fed.info, indent=1) + "\n")
+
+
+def read_partition(folder: Path) -> FederatedData:
+    """A partition folder written by `fwdllm data partition`, read back."""
+    folder = Path(folder)
+    file = folder / PARTITION_FILE
     if not file.exists():
         raise DataError(f"{folder} is not a partition folder (no {PARTITION_FILE}); write one with `fwdllm data partition`")
-    return json.loads(file.read_text())
+    info = json.loads(file.read_text())
+    clients = [read_examples(folder / c["file"]) for c in info["clients"]]
+    return FederatedData(info["dataset"], info["task"], info["labels"], clients, read_examples(folder / HELDOUT_FILE), info)
+
+
+def open_federated(data: str, num_clients: int, *, alpha: float | None = DEFAULT_ALPHA, seed: int = 0,
+                   sizes: str = "equal", options: LoadOptions | None = None) -> FederatedData:
+    """``data`` is a partition folder (used as it is) or a data set spec (partitioned here)."""
+    if (Path(data) / PARTITION_FILE).exists():
+        fed = read_partition(Path(data))
+        if len(fed.clients) != num_clients:
+            raise DataError(f"partition {data} has {len(fed.clients)} clients, not {num_clients}; "
+                            f"pass --clients {len(fed.clients)} or partition it again")
+        return fed
+    dataset = load_dataset(data, options)
+    if dataset.task == CAUSAL_LM:
+        alpha = None
+    return federate(dataset, num_clients, alpha=alpha, seed=seed, sizes=sizes)
 
 
 def read_examples(file: Path) -> list[dict]:

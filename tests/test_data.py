@@ -10,7 +10,8 @@ import pytest
 
 from fwdllm.cli import main
 from fwdllm.data.datasets import CAUSAL_LM, DataError, LoadOptions, load_dataset, seeded_split
-from fwdllm.data.partition import label_skew, partition_indices, read_examples, read_partition, write_partition
+from fwdllm.data.partition import (federate, label_skew, open_federated, partition_indices, read_examples, read_partition,
+                                   write_partition)
 
 AG_NEWS = Path("/work/shared/data/ag_news/test.csv")
 
@@ -186,8 +187,14 @@ def test_partition_errors_name_the_fix(bbc):
 
 
 def test_partition_folder_is_what_devices_read(bbc, tmp_path):
-    info = write_partition(bbc, 12, tmp_path, alpha=0.5, seed=1)
-    assert read_partition(tmp_path) == info
+    fed = federate(bbc, 12, alpha=0.5, seed=1)
+    write_partition(fed, tmp_path)
+    info = fed.info
+    back = read_partition(tmp_path)
+    assert back.info == info and back.clients == fed.clients and back.heldout == bbc.heldout
+    assert open_federated(str(tmp_path), 12).clients == fed.clients
+    with pytest.raises(DataError, match="--clients 12"):
+        open_federated(str(tmp_path), 10)
     seen = []
     for c in info["clients"]:
         lines = read_examples(tmp_path / c["file"])
@@ -202,7 +209,7 @@ def test_partition_folder_is_what_devices_read(bbc, tmp_path):
 def test_cli_partition_and_show(tmp_path, capsys):
     out = tmp_path / "part"
     assert main(["data", "partition", "--data", "bbc", "--clients", "20", "--iid", "--seed", "3", "--out", str(out)]) == 0
-    info = read_partition(out)
+    info = read_partition(out).info
     assert info["scheme"] == "iid" and len(info["clients"]) == 20 and sum(c["size"] for c in info["clients"]) == 1781
     assert main(["data", "show", str(out)]) == 0
     assert "20 clients, iid" in capsys.readouterr().out
