@@ -8,7 +8,10 @@ TFLite (fixed B, S, P). `TinyModel.loss` is the PyTorch reference the tests diff
 
 from __future__ import annotations
 
+import atexit
+import functools
 import shutil
+import tempfile
 from importlib.resources import files
 from pathlib import Path
 
@@ -153,3 +156,19 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@functools.lru_cache(maxsize=None)
+def shared_bundle() -> tuple[Path, TinyModel]:
+    """The stand-in bundle, built once per test process (several test modules use it)."""
+    out = Path(tempfile.mkdtemp(prefix="fwdllm-standin-"))
+    atexit.register(shutil.rmtree, out, True)
+    return build_bundle(out)
+
+
+@functools.lru_cache(maxsize=None)
+def shared_backend(name: str, prefix_reuse: bool = True):
+    """One opened backend per (name, prefix_reuse) for the process, single-threaded."""
+    from fwdllm.device_runtime.backend import open_backend
+
+    return open_backend(shared_bundle()[0], name, options={"prefix_reuse": prefix_reuse, "threads": 1})
