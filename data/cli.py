@@ -17,11 +17,17 @@ def add_data_arguments(p: argparse.ArgumentParser, *, positional: bool = False) 
     p.add_argument("--split-seed", type=int, default=0, help="seed of that held-out split (default 0)")
 
 
-def load_from_args(args: argparse.Namespace):
-    from fwdllm.data.datasets import LoadOptions, load_dataset
+def options_from_args(args: argparse.Namespace):
+    from fwdllm.data.datasets import LoadOptions
 
-    return load_dataset(args.data, LoadOptions(text_column=args.text_column, label_column=args.label_column,
-                                               heldout_fraction=args.heldout_fraction, seed=args.split_seed))
+    return LoadOptions(text_column=args.text_column, label_column=args.label_column,
+                       heldout_fraction=args.heldout_fraction, seed=args.split_seed)
+
+
+def load_from_args(args: argparse.Namespace):
+    from fwdllm.data.datasets import load_dataset
+
+    return load_dataset(args.data, options_from_args(args))
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

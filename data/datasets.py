@@ -136,7 +136,7 @@ def seeded_split(examples: list[dict], fraction: float, seed: int, key: str | No
         heldout_idx.extend(idx[: int(round(len(idx) * fraction))].tolist())
     held = set(heldout_idx)
     train = [examples[i] for i in rng.permutation(len(examples)) if i not in held]
-    heldout = [examples[i] for i in sorted(heldout_idx)]
+    heldout = [examples[i] for i in rng.permutation(heldout_idx)]  # shuffled: any prefix is a fair sample
     return train, heldout
 
 
