@@ -1,0 +1,129 @@
+"""`fwdllm coordinator serve|token|status` and `fwdllm plot`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("coordinator", help="run and inspect the federated server",
+                              description="The gRPC coordinator: rounds, seeds, aggregation, optimiser, persistence.")
+    sub = p.add_subparsers(dest="coordinator_command", metavar="ACTION", required=True)
+
+    s = sub.add_parser("serve", help="serve a run (resumes from --state if it holds one)")
+    s.add_argument("--bundle", required=True, type=Path, help="the bundle folder (`fwdllm export`)")
+    s.add_argument("--state", required=True, type=Path, help="folder for the database, checkpoints and metrics")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    s.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
+    s.add_argument("--config", type=Path, help="TOML or JSON settings (see coordinator/config.py)")
+    s.add_argument("--tls-cert", type=Path, help="PEM server certificate (with --tls-key)")
+    s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    s.add_argument("--token", action="append", default=[],
+                   help="also accept this enrolment token (repeatable; stored like `coordinator token`)")
+    s.add_argument("--exit-when-finished", action="store_true", help="stop serving once the last step is applied")
+    s.set_defaults(handler=_serve)
+
+    t = sub.add_parser("token", help="issue (or revoke) an enrolment token")
+    t.add_argument("--state", required=True, type=Path, help="the coordinator's --state folder")
+    t.add_argument("--revoke", metavar="TOKEN", help="revoke this token and end its clients' sessions")
+    t.add_argument("--label", default="", help="a note stored with a new token")
+    t.set_defaults(handler=_token)
+
+    st = sub.add_parser("status", help="print a running coordinator's progress and counters")
+    st.add_argument("--address", required=True, help="host:port of the coordinator")
+    st.add_argument("--tls-ca", type=Path, help="PEM certificate to trust (for a TLS server)")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    st.set_defaults(handler=_status)
+
+    pl = subparsers.add_parser("plot", help="draw a run's metrics.jsonl as a PNG")
+    pl.add_argument("metrics", type=Path, help="metrics.jsonl from the coordinator's --state folder")
+    pl.add_argument("--out", required=True, type=Path, help="PNG file to write")
+    pl.add_argument("--title", default="")
+    pl.set_defaults(handler=_plot)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from .config import load_config
+    from .evaluation import evaluator_from_config
+    from .rounds import Coordinator
+    from .server import serve_forever, start
+
+    cfg = load_config(args.config)
+    evaluator = evaluator_from_config(cfg.eval, args.bundle)
+    coordinator = Coordinator(args.bundle, args.state, cfg, evaluator=evaluator)
+    for token in args.token:
+        if coordinator.store.token_state(token) == "unknown":
+            coordinator.store.add_token(token, "serve --token")
+    running = start(coordinator, args.host, args.port, args.tls_cert, args.tls_key)
+    logging.getLogger("fwdllm.coordinator").warning(
+        "serving %s on %s:%d (step %d of %d, state %s)", args.bundle, args.host, running.port, coordinator.step,
+        cfg.run.steps, args.state)
+    print(f"fwdllm coordinator: listening on {args.host}:{running.port}", flush=True)
+    serve_forever(running, args.state / "endpoint", exit_when_finished=args.exit_when_finished)
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    import secrets
+
+    from fwdllm.errors import UserError
+
+    from .state import Store
+
+    store = Store(args.state)
+    try:
+        if args.revoke:
+            if not store.revoke_token(args.revoke):
+                raise UserError("no such token in this state folder; nothing revoked")
+            print("revoked")
+        else:
+            token = secrets.token_urlsafe(24)
+            store.add_token(token, args.label)
+            print(token)
+    finally:
+        store.close()
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import grpc
+    from google.protobuf.json_format import MessageToDict
+
+    from fwdllm.errors import UserError
+    from fwdllm.proto.v1 import fwdllm_pb2 as pb
+    from fwdllm.proto.v1 import fwdllm_pb2_grpc as pb_grpc
+
+    if args.tls_ca:
+        channel = grpc.secure_channel(args.address, grpc.ssl_channel_credentials(args.tls_ca.read_bytes()))
+    else:
+        channel = grpc.insecure_channel(args.address)
+    try:
+        reply = pb_grpc.FwdLLMStub(channel).GetStatus(pb.GetStatusRequest(), timeout=10)
+    except grpc.RpcError as exc:
+        raise UserError(f"no coordinator answered at {args.address} ({exc.code().name}: {exc.details()})") from exc
+    finally:
+        channel.close()
+    if args.json:
+        print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
+        return 0
+    print(f"step {reply.step}  theta version {reply.theta_version}  {'finished' if reply.finished else 'running'}")
+    print(f"clients: {reply.clients_registered} registered, {reply.clients_active} active")
+    print(f"model {reply.model_fingerprint[:16]}")
+    for name in sorted(reply.metrics):
+        print(f"  {name:<18} {reply.metrics[name]:.6g}")
+    for name in sorted(reply.counters):
+        print(f"  {name:<24} {reply.counters[name]}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .metrics import plot, read_jsonl
+
+    out = plot(read_jsonl(args.metrics), args.out, args.title)
+    print(out, file=sys.stdout)
+    return 0

@@ -1,0 +1,152 @@
+"""Coordinator settings: one dataclass per section of the TOML or JSON file given to `serve --config`.
+
+Every field has a default, so a file names only what it changes; an unknown section or key
+is an error naming the known ones (a typo never silently keeps a default).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from fwdllm.errors import UserError
+
+from .optimizer import OptimizerConfig
+
+
+@dataclass
+class RunConfig:
+    steps: int = 300  # optimisation steps T (also the T of the linear decay)
+    clients_per_step: int = 10  # results that complete a wave
+    perturbations_per_client: int = 1  # seeds per task
+    over_select: float = 0.2  # hand out this fraction more tasks than needed to absorb stragglers
+    min_clients: int = 1  # active clients needed before a wave opens
+    min_results: int = 1  # results that let a wave close at its deadline
+    selection: str = "random"  # random | weighted (by past reliability and cpu count)
+    epsilon: float = 0.01
+    scheme: str = "central"  # central | forward
+    distribution: str = "gaussian"  # gaussian | rademacher
+    batch_size: int = 8
+    deadline_s: float = 120.0  # per wave; results after a task's deadline are rejected
+    seed: int = 0  # client selection randomness
+
+
+@dataclass
+class AggregationConfig:
+    clip: float = 1e4  # bound on |jvp| of one perturbation; 0 for none
+    method: str = "mean"  # mean | trimmed | median (the last two: across per-client estimates)
+    trim: float = 0.1
+    chunk: int = 1 << 15
+    threads: int = 0  # 0: up to 8 (cpu count)
+
+
+@dataclass
+class VarianceConfig:
+    mode: str = "off"  # off | fixed | threshold | relative
+    probe: str = "all"  # a theta tensor name, or "all"
+    threshold: float = 0.1  # mode threshold: absolute split-half variance
+    relative: float = 0.25  # mode relative: fraction of step 0's first-wave variance
+    max_waves: int = 8  # budget per step
+    fixed_waves: int = 1  # mode fixed: waves per step
+
+
+@dataclass
+class SamplerConfig:
+    enabled: bool = False
+    pool_factor: int = 10  # candidates drawn per perturbation handed out
+
+
+@dataclass
+class ServerConfig:
+    max_message_bytes: int = 4 << 20
+    rate_per_s: float = 20.0  # per-client requests per second (token bucket)
+    rate_burst: int = 40
+    heartbeat_ms: int = 5000
+    active_window_s: float = 60.0  # a client seen this recently counts as active
+    workers: int = 32
+    checkpoints_keep: int = 5
+    history_keep: int = 1000  # update records kept for FetchHistory
+    fetch_chunk_values: int = 1 << 18
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # evaluate every k steps (and after the last); 0: never
+    data: str = ""  # held-out examples, JSONL as for devices
+    backend: str = "onnxruntime"
+    batch_size: int = 32
+    limit: int = 0  # evaluate at most this many examples; 0: all
+
+
+@dataclass
+class CoordinatorConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    aggregation: AggregationConfig = field(default_factory=AggregationConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    variance: VarianceConfig = field(default_factory=VarianceConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> None:
+        r = self.run
+        _choice("run.selection", r.selection, ("random", "weighted"))
+        _choice("run.scheme", r.scheme, ("central", "forward"))
+        _choice("run.distribution", r.distribution, ("gaussian", "rademacher"))
+        _choice("aggregation.method", self.aggregation.method, ("mean", "trimmed", "median"))
+        _choice("variance.mode", self.variance.mode, ("off", "fixed", "threshold", "relative"))
+        for name, value in [("run.steps", r.steps), ("run.clients_per_step", r.clients_per_step),
+                            ("run.perturbations_per_client", r.perturbations_per_client), ("run.batch_size", r.batch_size),
+                            ("run.min_results", r.min_results), ("variance.max_waves", self.variance.max_waves),
+                            ("variance.fixed_waves", self.variance.fixed_waves), ("sampler.pool_factor", self.sampler.pool_factor)]:
+            if int(value) < 1:
+                raise UserError(f"{name} must be at least 1, got {value}")
+        if not r.epsilon > 0 or not r.deadline_s > 0 or r.over_select < 0:
+            raise UserError("run.epsilon and run.deadline_s must be positive and run.over_select non-negative")
+        if r.steps >= 1 << 32:
+            raise UserError("run.steps must be below 2^32 (seeds give the step 32 bits)")
+        self.optimizer.check()
+
+    def to_json(self) -> dict:
+        return {f.name: vars(getattr(self, f.name)) for f in fields(self)}
+
+
+def _choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise UserError(f"{name} is {value!r}; use one of {list(allowed)}")
+
+
+def from_dict(data: dict) -> CoordinatorConfig:
+    cfg = CoordinatorConfig()
+    sections = {f.name for f in fields(cfg)}
+    for section, values in data.items():
+        if section not in sections:
+            raise UserError(f"unknown config section [{section}]; sections are {sorted(sections)}")
+        target = getattr(cfg, section)
+        known = {f.name for f in fields(target)}
+        if not isinstance(values, dict):
+            raise UserError(f"config section [{section}] must be a table of keys")
+        for key, value in values.items():
+            if key not in known:
+                raise UserError(f"unknown config key {section}.{key}; [{section}] has {sorted(known)}")
+            setattr(target, key, value)
+    cfg.check()
+    return cfg
+
+
+def load_config(path: str | Path | None) -> CoordinatorConfig:
+    """Read a TOML (``.toml``) or JSON file; None gives the defaults."""
+    if path is None:
+        cfg = CoordinatorConfig()
+        cfg.check()
+        return cfg
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}") from exc
+    return from_dict(data)
