@@ -1,0 +1,91 @@
+"""How fwdllm walks a Hugging Face model, one small spec per architecture (arch_*.py).
+
+The exporter never calls a model's top-level ``forward``: it runs the model as a list of
+*stages* (stage 0 = embeddings, stage i = transformer layer i-1) so that it can cut the
+model between layers (prefix/suffix graphs) and widen the batch to ``P * B`` at the first
+stage that holds a trainable tensor. A spec says where the stages are, how to call one,
+which Linears are the attention and FFN outputs (where adapters go) and what the default
+LoRA targets are. Adding an architecture is one new module registered in ``ARCHS``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from fwdllm.errors import UserError
+
+
+def get_module(root: nn.Module, path: str) -> nn.Module:
+    return root.get_submodule(path) if path else root
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Encoder architectures (bidirectional attention, mean pooling head)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    embeddings: str  # module path of the embeddings stage
+    layers: str  # module path of the layer list
+    attention_output: str  # Linear inside a layer whose output gets the attention adapter
+    ffn_output: str  # Linear inside a layer whose output gets the FFN adapter
+    lora_targets: tuple[str, ...]  # default LoRA target leaf names (query/value)
+    hf_prefix: str  # attribute of *ForSequenceClassification holding the base model
+    causal: bool = False
+
+    # ----- stages -----
+    def num_layers(self, model: nn.Module) -> int:
+        return len(get_module(model, self.layers))
+
+    def layer_module(self, model: nn.Module, i: int) -> nn.Module:
+        return get_module(model, self.layers)[i]
+
+    def layer_path(self, model: nn.Module, i: int) -> str:
+        return f"{self.layers}.{i}"
+
+    def stage_modules(self, model: nn.Module) -> list[list[nn.Module]]:
+        """Modules each stage runs; a module shared by stages belongs to the first."""
+        first = [get_module(model, self.embeddings)]
+        return [first] + [[self.layer_module(model, i)] for i in range(self.num_layers(model))]
+
+    def embed(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+        return get_module(model, self.embeddings)(input_ids=input_ids)
+
+    def context(self, model: nn.Module, attention_mask: torch.Tensor, hidden: torch.Tensor) -> dict[str, Any]:
+        """What every layer call needs besides the hidden states (here: the additive mask)."""
+        m = attention_mask.to(hidden.dtype)[:, None, None, :]
+        return {"attention_mask": (1.0 - m) * torch.finfo(hidden.dtype).min}
+
+    def run_layer(self, model: nn.Module, i: int, hidden: torch.Tensor, ctx: dict[str, Any]) -> torch.Tensor:
+        out = self.layer_module(model, i)(hidden, ctx["attention_mask"])
+        return out[0] if isinstance(out, tuple) else out
+
+    def final(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden
+
+    def max_positions(self, config: Any) -> int:
+        return int(config.max_position_embeddings)
+
+    def hidden_size(self, config: Any) -> int:
+        return int(config.hidden_size)
+
+
+def _registry() -> dict[str, ArchSpec]:
+    from fwdllm.export import arch_albert, arch_bert, arch_distilbert, arch_llama, arch_roberta
+
+    specs = [m.SPEC for m in (arch_bert, arch_distilbert, arch_albert, arch_roberta, arch_llama)]
+    return {t: s for s in specs for t in s.model_types}
+
+
+def spec_for(model_type: str) -> ArchSpec:
+    archs = _registry()
+    if model_type not in archs:
+        raise UserError(
+            f"architecture {model_type!r} is not supported; fwdllm exports {sorted(archs)}. "
+            "Add a spec module export/arch_<name>.py for it, or pass a checkpoint of a supported architecture."
+        )
+    return archs[model_type]

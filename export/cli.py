@@ -1,0 +1,93 @@
+"""`fwdllm export`, `fwdllm inspect` and `fwdllm export-peft`."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "export", help="turn a Hugging Face checkpoint + PEFT choice into a bundle (BUNDLE.md)",
+        description="Export a model whose PEFT parameters θ are a graph input with a perturbation axis, "
+        "validate every graph against PyTorch, and write a bundle.",
+    )
+    p.add_argument("--model", required=True, help="Hugging Face checkpoint folder, or a shipped default: minilm | smollm2")
+    p.add_argument("--task", required=True, choices=["seq-cls", "causal-lm"])
+    p.add_argument("--labels", type=int, help="number of classes (seq-cls)")
+    p.add_argument("--label-names", type=_csv, help="class names, comma-separated (seq-cls; sets --labels)")
+    p.add_argument("--peft", default="lora", choices=["head", "bitfit", "adapter", "lora"], help="trainable parameters (default lora)")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-targets", type=_csv, default=[], help="Linear names, comma-separated (default: the architecture's query/value)")
+    p.add_argument("--adapter-reduction", type=int, default=16, help="adapter bottleneck = hidden / this (default 16)")
+    p.add_argument("--trainable-layers", default="all", help="head | top:K | all (default all); head or top:K also write prefix/suffix graphs")
+    p.add_argument("--from-peft-adapter", metavar="DIR", help="start θ from an existing peft LoRA adapter folder")
+    p.add_argument("--format", type=_csv, default=["onnx"], help="onnx,tflite,gguf (default onnx)")
+    p.add_argument("--precision", type=_csv, help="e.g. fp32,int8,fp16,f16,q8_0,q4_0; each format takes those it supports")
+    p.add_argument("--seq-len", type=int, default=64, help="sequence length (fixed in TFLite graphs; default 64)")
+    p.add_argument("--batch-size", type=int, default=8, help="batch size fixed in TFLite graphs (default 8)")
+    p.add_argument("--perturbations", type=int, default=8, help="θ rows P fixed in TFLite graphs (default 8)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial LoRA/adapter values")
+    p.add_argument("--out", required=True, help="bundle folder to create")
+    p.set_defaults(handler=_export)
+
+    q = subparsers.add_parser("inspect", help="print a bundle's manifest for people")
+    q.add_argument("bundle")
+    q.add_argument("--json", action="store_true", help="the manifest as JSON")
+    q.set_defaults(handler=_inspect)
+
+    r = subparsers.add_parser(
+        "export-peft", help="write a trained θ as a Hugging Face peft adapter or merged checkpoint",
+    )
+    r.add_argument("bundle")
+    r.add_argument("--theta", required=True, help="θ safetensors (the bundle's layout), e.g. a coordinator checkpoint")
+    r.add_argument("--out", required=True)
+    r.add_argument("--merged", action="store_true", help="write a merged checkpoint instead of a peft adapter")
+    r.set_defaults(handler=_export_peft)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fwdllm.export.pipeline import ExportRequest, export
+    from fwdllm.export.plan import PeftOptions
+
+    req = ExportRequest(
+        model=args.model, task=args.task, out=Path(args.out), formats=args.format, precisions=args.precision,
+        num_labels=args.labels, label_names=args.label_names,
+        peft=PeftOptions(method=args.peft, trainable_layers=args.trainable_layers, lora_r=args.lora_r,
+                         lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+                         adapter_reduction=args.adapter_reduction, from_peft_adapter=args.from_peft_adapter, seed=args.seed),
+        seq_len=args.seq_len, batch_size=args.batch_size, perturbations=args.perturbations,
+    )
+    manifest = export(req)
+    from fwdllm.export.inspect_bundle import describe
+
+    print(describe(manifest, Path(args.out)))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from fwdllm.export.inspect_bundle import describe
+    from fwdllm.proto.manifest import load_manifest
+
+    manifest = load_manifest(Path(args.bundle))
+    print(json.dumps(manifest.to_json(), indent=2) if args.json else describe(manifest, Path(args.bundle)))
+    return 0
+
+
+def _export_peft(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fwdllm.export.peft_out import export_peft
+
+    written = export_peft(Path(args.bundle), Path(args.theta), Path(args.out), merged=args.merged)
+    print(f"wrote {', '.join(sorted(p.name for p in written))} to {args.out}")
+    return 0

@@ -1,0 +1,44 @@
+"""`fwdllm inspect`: a bundle's manifest as a short human-readable report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fwdllm.proto.manifest import Manifest
+
+
+def _shape(dims) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
+
+
+def describe(m: Manifest, bundle: Path) -> str:
+    mi, pi = m.model, m.peft
+    lines = [
+        f"bundle {bundle}  (schema {m.schema_version}, fwdllm {m.fwdllm_version}, {m.created})",
+        f"fingerprint {m.fingerprint()[:16]}",
+        f"model  {mi.source}: {mi.architecture}, {mi.num_layers} layers, hidden {mi.hidden_size}, task {mi.task}, seq len {mi.max_seq_len}",
+    ]
+    if mi.task == "seq-cls":
+        lines.append(f"labels {mi.num_labels}" + (f": {', '.join(mi.labels)}" if mi.labels else ""))
+    lines.append(f"peft   {pi.method}, trainable layers {pi.trainable_layers} {pi.config or ''}".rstrip())
+    lines.append(f"theta  d = {m.theta.dim:,} float32 in {len(m.theta.tensors)} tensors ({m.theta_file})")
+    for s in m.theta.tensors[:4]:
+        lines.append(f"         {s.offset:>10,}  {s.name} {_shape(s.shape)}")
+    if len(m.theta.tensors) > 4:
+        lines.append(f"         ... {len(m.theta.tensors) - 4} more; `fwdllm inspect --json` lists all")
+    if m.cut_layer is not None:
+        lines.append(f"cut    prefix graphs run embeddings + {m.cut_layer} layers; suffix graphs take θ")
+    lines.append("graphs")
+    for g in m.graphs:
+        size = (bundle / g.file).stat().st_size / 2**20 if (bundle / g.file).exists() else float("nan")
+        sig = ", ".join(f"{t.name}{_shape(t.shape)}" for t in g.inputs) + " -> " + ", ".join(f"{t.name}{_shape(t.shape)}" for t in g.outputs)
+        lines.append(f"  {g.format:6} {g.role:6} {g.precision:5} {g.file} ({size:.1f} MiB)  θ via {g.theta_channel}")
+        if g.inputs:
+            lines.append(f"         {sig}")
+        v = g.validation
+        if "max_rel_err" in v:
+            lines.append(f"         validated: rel err {v['max_rel_err']:.2e} (tolerance {v.get('tolerance', '?')})")
+        d = g.delegation
+        if d:
+            lines.append(f"         delegation: " + ", ".join(f"{k} {v}" for k, v in d.items()))
+    return "\n".join(lines)

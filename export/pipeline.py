@@ -1,0 +1,214 @@
+"""`fwdllm export`: checkpoint + PEFT choice -> a validated bundle, written beside --out and renamed at the end."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fwdllm import __version__
+from fwdllm.errors import UserError
+from fwdllm.export.graphs import errors, sample_batch
+from fwdllm.export.plan import PeftOptions, build_plan
+from fwdllm.proto.manifest import THETA_FILE, Manifest, ModelInfo, PeftInfo, save_theta, write_manifest
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "tflite", "gguf")
+DEFAULT_PRECISIONS = {"onnx": ["fp32"], "tflite": ["fp32", "int8"], "gguf": ["f16", "q8_0", "q4_0"]}
+VALIDATION_ROWS = 3  # θ rows (P) in the validation batch
+
+
+class ValidationError(UserError):
+    """An exported graph disagrees with PyTorch beyond its tolerance; no bundle is written."""
+
+
+@dataclass
+class ExportRequest:
+    model: str
+    task: str
+    out: Path
+    formats: list[str] = field(default_factory=lambda: ["onnx"])
+    precisions: list[str] | None = None
+    num_labels: int | None = None
+    label_names: list[str] | None = None
+    peft: PeftOptions = field(default_factory=PeftOptions)
+    seq_len: int = 64
+    batch_size: int = 8
+    perturbations: int = 8
+    validation_seq_len: int = 16
+
+
+@dataclass
+class ExportContext:
+    """What a format exporter needs: the traced model, samples, the reference and a validator."""
+
+    dir: Path
+    req: ExportRequest
+    loaded: object
+    plan: object
+    pm: object
+    cut: bool
+    hidden_size: int
+    sample: dict  # validation batch (P = VALIDATION_ROWS)
+    want: dict  # reference outputs for `sample`
+    trace_sample: dict
+    trace_hidden: np.ndarray | None
+    timings: dict = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def step(self, name: str):
+        t0 = time.perf_counter()
+        log.info("%s ...", name)
+        yield
+        self.timings[name] = round(time.perf_counter() - t0, 3)
+
+    def validate(self, run: Callable[[str, dict], dict], roles: list[str], tol: float, what: str) -> dict[str, dict]:
+        """Run the graphs on the validation batch; compare full (and prefix->suffix) with PyTorch.
+
+        Raises ValidationError beyond ``tol`` (scale-relative, graphs.errors).
+        """
+        full = run("full", self.sample)
+        err = errors(full, self.want)
+        result = {"full": dict(err, tolerance=tol, theta_rows=VALIDATION_ROWS, reference="transformers+peft (PyTorch)")}
+        if "prefix" in roles:
+            hidden = run("prefix", self.sample)["hidden"]
+            split = run("suffix", dict(self.sample, hidden=hidden))
+            serr = errors(split, self.want)
+            vs_full = errors(split, {k: v for k, v in full.items()})
+            serr["max_rel_err_vs_full"] = vs_full["max_rel_err"]
+            result["suffix"] = dict(serr, tolerance=tol, theta_rows=VALIDATION_ROWS, reference="prefix then suffix vs PyTorch")
+            result["prefix"] = {"checked_through": "suffix"}
+            err = {"max_rel_err": max(err["max_rel_err"], serr["max_rel_err"])}
+        if not err["max_rel_err"] <= tol:
+            raise ValidationError(
+                f"{what}: the exported graph differs from PyTorch by {err['max_rel_err']:.3g} (relative), "
+                f"beyond the tolerance {tol:g}; the bundle was not written. This is an exporter bug for "
+                f"{self.plan.spec.name}/{self.req.peft.method}: report it with the command line"
+            )
+        return result
+
+
+FORMAT_MODULES = {"onnx": "fwdllm.export.onnx_graphs", "tflite": "fwdllm.export.tflite_graphs", "gguf": "fwdllm.export.gguf_bridge"}
+
+
+def _exporters(formats: list[str]):
+    """Each requested format's module (PRECISIONS, export_all), imported only when asked for."""
+    import importlib
+
+    return {f: importlib.import_module(FORMAT_MODULES[f]) for f in formats}
+
+
+def _precisions_for(fmt: str, supported: tuple[str, ...], requested: list[str] | None) -> list[str]:
+    if requested is None:
+        return DEFAULT_PRECISIONS[fmt]
+    chosen = [p for p in requested if p in supported]
+    if not chosen:
+        raise UserError(f"--precision {','.join(requested)} has nothing {fmt} supports; {fmt} takes {list(supported)}")
+    return chosen
+
+
+def check_request(req: ExportRequest) -> None:
+    unknown = [f for f in req.formats if f not in FORMATS]
+    if unknown or not req.formats:
+        raise UserError(f"--format {','.join(req.formats)}: choose from {list(FORMATS)}")
+    if req.task not in ("seq-cls", "causal-lm"):
+        raise UserError(f"--task {req.task!r}: choose seq-cls or causal-lm")
+    for name in ("seq_len", "batch_size", "perturbations"):
+        if getattr(req, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if req.label_names is not None:
+        if req.num_labels is not None and req.num_labels != len(req.label_names):
+            raise UserError(f"--labels {req.num_labels} disagrees with the {len(req.label_names)} --label-names; give one of them")
+        req.num_labels = len(req.label_names)
+    if req.task == "seq-cls" and (req.num_labels is None or req.num_labels < 2):
+        raise UserError(f"a classifier needs at least 2 labels, got {req.num_labels}; pass --labels N (N >= 2) or --label-names a,b")
+    out = Path(req.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"--out {out} already exists and is not empty; choose a new folder or delete it")
+
+
+def export(req: ExportRequest) -> Manifest:
+    """Write a bundle to ``req.out``; on any failure nothing is left there."""
+    check_request(req)
+    out = Path(req.out).absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        manifest = _export_into(tmp, req)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _export_into(tmp: Path, req: ExportRequest) -> Manifest:
+    from fwdllm.export.materialize import reference
+    from fwdllm.export.models import load
+    from fwdllm.export.perturbable import PerturbableModel
+
+    torch.manual_seed(0)
+    t_start = time.perf_counter()
+    loaded = load(req.model, req.task)
+    plan = build_plan(loaded.model, req.task, req.num_labels, req.peft)
+    spec = plan.spec
+    max_pos = spec.max_positions(loaded.config)
+    if req.seq_len > max_pos:
+        raise UserError(f"--seq-len {req.seq_len} is above this model's {max_pos} positions; use --seq-len {max_pos} or less")
+    exporters = _exporters(req.formats)
+    precisions = {f: _precisions_for(f, exporters[f].PRECISIONS, req.precisions) for f in req.formats}
+    pm = PerturbableModel(loaded.model, plan).eval()
+    theta0 = plan.theta0().numpy()
+    save_theta(tmp / THETA_FILE, plan.layout, theta0)
+    shutil.copyfile(loaded.tokenizer_file, tmp / "tokenizer.json")
+    vocab = int(loaded.config.vocab_size)
+    seq = min(req.validation_seq_len, req.seq_len)
+    sample = sample_batch(plan, vocab, 2, seq, VALIDATION_ROWS, theta0, seed=1)
+    trace_sample = sample_batch(plan, vocab, 2, seq, 2, theta0, seed=2)
+    want_loss, want_logits = reference(loaded.model, plan, sample["theta"], sample["input_ids"], sample["attention_mask"], sample["labels"])
+    cut = req.peft.trainable_layers != "all" and plan.cut_layer is not None
+    with torch.no_grad():
+        trace_hidden = pm.prefix(torch.from_numpy(trace_sample["input_ids"]), torch.from_numpy(trace_sample["attention_mask"])).numpy() if cut else None
+    ctx = ExportContext(
+        dir=tmp, req=req, loaded=loaded, plan=plan, pm=pm, cut=cut, hidden_size=spec.hidden_size(loaded.config),
+        sample=sample, want={"loss": want_loss, "logits": want_logits}, trace_sample=trace_sample, trace_hidden=trace_hidden,
+    )
+    graphs = []
+    for fmt in req.formats:
+        graphs += exporters[fmt].export_all(ctx, precisions[fmt])
+    cfg = loaded.config
+    manifest = Manifest(
+        model=ModelInfo(
+            source=loaded.source, architecture=spec.name, task=req.task, max_seq_len=req.seq_len,
+            tokenizer="tokenizer.json", num_labels=plan.num_labels, labels=req.label_names,
+            num_layers=plan.num_layers, hidden_size=ctx.hidden_size,
+            pad_token_id=getattr(cfg, "pad_token_id", None),
+            extra={"model_type": cfg.model_type, "max_position_embeddings": max_pos, "vocab_size": vocab,
+                   "pooling": "mean" if req.task == "seq-cls" else None,
+                   "head": "Linear(hidden, labels) on mean-pooled last hidden states" if req.task == "seq-cls" else "lm_head (frozen)"},
+        ),
+        peft=PeftInfo(method=req.peft.method, trainable_layers=req.peft.trainable_layers, config=req.peft.config()),
+        theta=plan.layout,
+        graphs=graphs,
+        cut_layer=plan.cut_layer if cut else None,
+        fwdllm_version=__version__,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    ctx.timings["total"] = round(time.perf_counter() - t_start, 3)
+    manifest.model.extra["export_timings_s"] = ctx.timings
+    write_manifest(tmp, manifest)
+    return manifest

@@ -1,0 +1,116 @@
+"""Decide what is trainable: PEFT sites, θ layout, initial θ and the cut layer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fwdllm.errors import UserError
+from fwdllm.export.archs import ArchSpec, spec_for
+from fwdllm.export.methods import Site, methods, parse_trainable_layers
+from fwdllm.export.perturbable import Plan
+from fwdllm.proto.manifest import ThetaLayout
+
+
+@dataclass
+class PeftOptions:
+    method: str = "lora"
+    trainable_layers: str = "all"
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=list)
+    adapter_reduction: int = 16
+    from_peft_adapter: str | None = None
+    seed: int = 0
+
+    def config(self) -> dict:
+        if self.method == "lora":
+            return {"r": self.lora_r, "alpha": self.lora_alpha, "targets": list(self.lora_targets)}
+        if self.method == "adapter":
+            return {"reduction": self.adapter_reduction, "activation": "relu", "placement": "attention-output,ffn-output"}
+        return {}
+
+
+def _stage_of(model: nn.Module, spec: ArchSpec) -> dict[int, int]:
+    """id(module) -> the first stage that runs it."""
+    owner: dict[int, int] = {}
+    for stage, roots in enumerate(spec.stage_modules(model)):
+        for root in roots:
+            for m in root.modules():
+                owner.setdefault(id(m), stage)
+    return owner
+
+
+def _apply_peft_adapter(folder: str, opts: PeftOptions) -> dict[str, torch.Tensor]:
+    """Take r, alpha and targets from an existing peft LoRA adapter; return its tensors by module path."""
+    d = Path(folder)
+    cfg_file, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
+    if not cfg_file.is_file() or not weights.is_file():
+        raise UserError(f"--from-peft-adapter {folder}: needs adapter_config.json and adapter_model.safetensors (a peft save_pretrained folder)")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise UserError(f"--from-peft-adapter {folder}: peft type {cfg.get('peft_type')!r} is not supported; only LORA adapters start a LoRA export")
+    opts.method = "lora"
+    opts.lora_r, opts.lora_alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    targets = cfg.get("target_modules") or []
+    opts.lora_targets = [targets] if isinstance(targets, str) else list(targets)
+    from safetensors.torch import load_file
+
+    return load_file(str(weights))
+
+
+def _adapter_value(tensors: dict[str, torch.Tensor], name: str, hf_prefix: str) -> torch.Tensor | None:
+    """Find ``path.lora_A.weight`` among peft's keys (``base_model.model.[prefix.]path.lora_A.weight``)."""
+    for key, value in tensors.items():
+        k = key.replace(".default", "")
+        if k.endswith("." + name) or k == name:
+            stem = k[: -len(name)].rstrip(".").split(".")
+            if stem[-2:] in (["base_model", "model"], ["model", hf_prefix]) or stem[-1:] in (["model"], [hf_prefix]) or stem == [""]:
+                return value
+    return None
+
+
+def build_plan(model: nn.Module, task: str, num_labels: int | None, opts: PeftOptions) -> Plan:
+    spec = spec_for(model.config.model_type)
+    num_layers = spec.num_layers(model)
+    start = _apply_peft_adapter(opts.from_peft_adapter, opts) if opts.from_peft_adapter else None
+    if opts.method == "head" or opts.trainable_layers == "head":
+        if task == "causal-lm":
+            raise UserError("--task causal-lm has no classification head to train; choose --peft bitfit|adapter|lora")
+        opts.method, opts.trainable_layers = "head", "head"
+    table = methods()
+    if opts.method not in table:
+        raise UserError(f"--peft {opts.method!r} is not one of {sorted(table)}")
+    if opts.method == "lora" and not opts.lora_targets:
+        opts.lora_targets = list(spec.lora_targets)
+    stages = set(parse_trainable_layers(opts.trainable_layers, num_layers))
+    owner = _stage_of(model, spec)
+    modules = [(p, m) for p, m in model.named_modules() if p and owner.get(id(m), -1) in stages]
+    sites: list[Site] = table[opts.method](model, spec, modules, {
+        "lora_r": opts.lora_r, "lora_alpha": opts.lora_alpha, "lora_targets": opts.lora_targets,
+        "adapter_reduction": opts.adapter_reduction, "seed": opts.seed,
+    })
+    if start is not None:
+        for site in sites:
+            for i, (suffix, init) in enumerate(site.tensors):
+                value = _adapter_value(start, f"{site.path}.{suffix}", spec.hf_prefix)
+                if value is None:
+                    raise UserError(f"--from-peft-adapter: no tensor for {site.path}.{suffix} in adapter_model.safetensors")
+                if tuple(value.shape) != tuple(init.shape):
+                    raise UserError(f"--from-peft-adapter: {site.path}.{suffix} has shape {tuple(value.shape)}, the model needs {tuple(init.shape)}")
+                site.tensors[i] = (suffix, value.float())
+    modules_by_path = dict(model.named_modules())
+    expand = min((owner[id(modules_by_path[s.path])] for s in sites), default=num_layers + 1)
+    if task == "seq-cls":
+        if num_labels is None or num_labels < 2:
+            raise UserError(f"a classifier needs at least 2 labels, got {num_labels}; pass --labels N (N >= 2) or --label-names a,b")
+        hidden = spec.hidden_size(model.config)
+        sites.append(Site("", "head", [("classifier.weight", torch.zeros(num_labels, hidden)), ("classifier.bias", torch.zeros(num_labels))]))
+    if not sites:
+        raise UserError(f"--peft {opts.method} with --trainable-layers {opts.trainable_layers} leaves nothing trainable")
+    layout = ThetaLayout.from_shapes([(n, tuple(t.shape)) for s in sites for n, (_, t) in zip(s.names(), s.tensors)])
+    return Plan(spec, sites, layout, num_layers, expand, task, num_labels)

