@@ -1,0 +1,392 @@
+"""The device client: join a coordinator, pull tasks, compute forward gradients, submit them.
+
+It survives coordinator restarts and network drops: every call is retried with exponential
+backoff and jitter, a lost session is re-joined under the same client id, and results
+that were not acknowledged are kept (in memory, and in ``state_file`` when given) and
+resubmitted. The coordinator deduplicates by task_id, and a result is dropped from the
+queue only once the coordinator has accepted it, called it a duplicate, or refused it for
+good, so no result is ever accepted twice. One log line per task.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import grpc
+import numpy as np
+
+from fwdllm import __version__
+from fwdllm.device_runtime.backend import Backend, load_examples, open_backend, select
+from fwdllm.device_runtime.engine import Cancelled, forward_gradients
+from fwdllm.errors import UserError
+from fwdllm.proto.manifest import load_manifest
+from fwdllm.proto.perturbation import generate
+from fwdllm.proto.v1 import fwdllm_pb2 as pb
+from fwdllm.proto.v1 import fwdllm_pb2_grpc as pb_grpc
+
+log = logging.getLogger("fwdllm.device")
+
+SCHEME = {pb.CENTRAL: "central", pb.FORWARD: "forward", pb.DIFFERENCE_SCHEME_UNSPECIFIED: "central"}
+DIST = {pb.GAUSSIAN: "gaussian", pb.RADEMACHER: "rademacher", pb.DISTRIBUTION_UNSPECIFIED: "gaussian"}
+DEFAULT_EPSILON = 0.01
+#: Codes that mean "try again later"; anything else is the coordinator's final answer.
+TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
+             grpc.StatusCode.UNKNOWN}
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+def _transport_timeout(exc: grpc.RpcError) -> bool:
+    """gRPC's own call timeout, as opposed to the coordinator refusing a late result (same status code)."""
+    return exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and exc.details() == "Deadline Exceeded"
+
+
+class ClientError(UserError):
+    """The device cannot take part in this run (wrong bundle, bad token, ...); the message says why."""
+
+
+@dataclass
+class ClientConfig:
+    coordinator: str
+    bundle: Path
+    data: Path
+    backend: str = "onnxruntime"
+    precision: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    token: str = ""
+    tls_ca: Path | None = None
+    name: str = ""
+    state_file: Path | None = None
+    max_seeds: int = 4096  # the most seeds one task may ask for
+    replay_max_seeds: int = 4096  # replay history instead of downloading θ when it needs at most this many seeds
+    rpc_timeout_s: float = 30.0
+    backoff_s: tuple[float, float] = (0.5, 30.0)  # first and largest wait between retries
+
+
+def task_seeds(task: pb.Task) -> list[int]:
+    """The task's seeds in order: the explicit ones, then each range."""
+    seeds = [int(s) for s in task.seeds]
+    for r in task.seed_ranges:
+        seeds.extend(range(int(r.start), int(r.start) + int(r.count)))
+    return seeds
+
+
+def capabilities(backend: Backend) -> pb.Capabilities:
+    info = backend.info()
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = 0
+    return pb.Capabilities(
+        backend=backend.name, delegates=list(info.get("providers") or info.get("delegates") or []),
+        precision=backend.graph.precision, memory_bytes=memory, abi=platform.machine(),
+        os=f"{platform.system()} {platform.release()}", cpu_count=os.cpu_count() or 1,
+        max_perturbations_per_call=backend.max_perturbations or 0,
+        versions={"fwdllm": __version__, backend.name: str(info.get("version", ""))},
+    )
+
+
+class DeviceClient:
+    def __init__(self, cfg: ClientConfig, backend: Backend | None = None):
+        self.cfg = cfg
+        self.manifest = load_manifest(cfg.bundle)
+        self.fingerprint = self.manifest.fingerprint()
+        self.backend = backend or open_backend(cfg.bundle, cfg.backend, cfg.precision, cfg.options, self.manifest)
+        self.examples = load_examples(cfg.data, self.manifest)
+        self.tokenizer = self.backend.tokenizer()
+        self.client_id, self.session = "", ""
+        self.heartbeat_s = 5.0
+        self.theta: np.ndarray | None = None
+        self.theta_version = 0
+        self.pending: dict[str, pb.SubmitRequest] = {}
+        self.settled: set[str] = set()  # task ids the coordinator has answered for good
+        self.cancelled: set[str] = set()
+        self.current_task = ""
+        self.stats = {"tasks": 0, "accepted": 0, "duplicate": 0, "rejected": 0, "failed": 0, "cancelled": 0,
+                      "retries": 0, "rejoins": 0, "theta_fetches": 0, "theta_replays": 0}
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._load_state()
+        self.channel = self._channel()
+        self.stub = pb_grpc.FwdLLMStub(self.channel)
+
+    # ------------------------------------------------------------ connection
+    def _channel(self) -> grpc.Channel:
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.initial_reconnect_backoff_ms", int(self.cfg.backoff_s[0] * 1000)),
+                   ("grpc.max_reconnect_backoff_ms", int(self.cfg.backoff_s[1] * 1000))]
+        if self.cfg.tls_ca:
+            ca = Path(self.cfg.tls_ca)
+            if not ca.is_file():
+                raise ClientError(f"--tls-ca {ca} does not exist; pass the coordinator's CA certificate (PEM)")
+            return grpc.secure_channel(self.cfg.coordinator, grpc.ssl_channel_credentials(ca.read_bytes()), options)
+        return grpc.insecure_channel(self.cfg.coordinator, options)
+
+    def _call(self, method: str, make: Callable[[], Any], final: frozenset = frozenset()):
+        """One unary call, retried until the coordinator answers (see ``_retry``)."""
+        return self._retry(method, lambda: getattr(self.stub, method)(make(), timeout=self.cfg.rpc_timeout_s), final)
+
+    def _retry(self, method: str, attempt: Callable[[], Any], final: frozenset = frozenset()):
+        """Back off on transient failures, re-join a lost session; codes in ``final`` and others are raised."""
+        delay = self.cfg.backoff_s[0]
+        while True:
+            try:
+                return attempt()
+            except grpc.RpcError as exc:
+                code = exc.code()
+                if code in final and not _transport_timeout(exc):
+                    raise
+                if code == grpc.StatusCode.UNAUTHENTICATED and method != "Join":
+                    log.info("%s: session not known to the coordinator (%s); joining again", method, exc.details())
+                    self.stats["rejoins"] += 1
+                    self.join()
+                    continue
+                if (code not in TRANSIENT and not _transport_timeout(exc)) or self._stop.is_set():
+                    raise
+                self.stats["retries"] += 1
+                wait = delay * random.uniform(0.5, 1.0)
+                log.warning("%s failed (%s: %s); retrying in %.1f s", method, code.name, exc.details(), wait)
+                self._stop.wait(wait)
+                delay = min(delay * 2, self.cfg.backoff_s[1])
+
+    def join(self) -> pb.JoinResponse:
+        def request():
+            return pb.JoinRequest(protocol_version=pb.PROTOCOL_VERSION_1, enrolment_token=self.cfg.token,
+                                  client_name=self.cfg.name or platform.node(), capabilities=capabilities(self.backend),
+                                  model_fingerprint=self.fingerprint, num_examples=len(self.examples),
+                                  previous_client_id=self.client_id)
+
+        try:
+            resp = self._call("Join", request)
+        except grpc.RpcError as exc:
+            raise ClientError(f"the coordinator refused to let this device join ({exc.code().name}): {exc.details()}")
+        if resp.model_fingerprint and resp.model_fingerprint != self.fingerprint:
+            raise ClientError(f"bundle {self.cfg.bundle} (fingerprint {self.fingerprint[:12]}) is not the model this "
+                              f"coordinator trains ({resp.model_fingerprint[:12]}); install the run's bundle")
+        if resp.theta_dim and resp.theta_dim != self.manifest.theta.dim:
+            raise ClientError(f"the coordinator's θ has {resp.theta_dim} values, this bundle's {self.manifest.theta.dim}")
+        self.client_id, self.session = resp.client_id, resp.session_token
+        self.heartbeat_s = max(0.05, (resp.heartbeat_interval_ms or 5000) / 1000)
+        self._save_state()
+        log.info("joined %s as %s (θ version %d, heartbeat %.1f s)", self.cfg.coordinator, self.client_id,
+                 resp.theta_version, self.heartbeat_s)
+        return resp
+
+    # ------------------------------------------------------------ the loop
+    def run(self, max_tasks: int | None = None) -> int:
+        """Serve tasks until the run finishes (or ``max_tasks`` were handled); returns an exit code."""
+        try:
+            return self._serve(max_tasks)
+        except grpc.RpcError as exc:
+            raise ClientError(f"the coordinator refused this device ({exc.code().name}): {exc.details()}") from None
+
+    def _serve(self, max_tasks: int | None) -> int:
+        self.join()
+        beat = threading.Thread(target=self._heartbeats, name="fwdllm-heartbeat", daemon=True)
+        beat.start()
+        handled = 0
+        try:
+            while not self._stop.is_set() and (max_tasks is None or handled < max_tasks):
+                self._submit_pending()
+                resp = self._call("PullTask", lambda: pb.PullTaskRequest(
+                    client_id=self.client_id, session_token=self.session, theta_version=self.theta_version))
+                outcome = resp.WhichOneof("outcome")
+                if outcome == "run_finished":
+                    log.info("the run is finished; leaving")
+                    self._leave("run finished")
+                    return 0
+                if outcome == "task":
+                    self._handle(resp.task)
+                    handled += 1
+                else:
+                    self._stop.wait(max(resp.retry_after_ms, 50) / 1000)
+            self._submit_pending()
+            return 0
+        finally:
+            self._stop.set()
+            beat.join(timeout=2)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _leave(self, reason: str) -> None:
+        try:
+            self.stub.Leave(pb.LeaveRequest(client_id=self.client_id, session_token=self.session, reason=reason),
+                            timeout=self.cfg.rpc_timeout_s)
+        except grpc.RpcError as exc:
+            log.info("leave failed (%s); the coordinator will time this device out", exc.code().name)
+
+    def _heartbeats(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                resp = self.stub.Heartbeat(pb.HeartbeatRequest(client_id=self.client_id, session_token=self.session,
+                                                               task_id=self.current_task), timeout=self.heartbeat_s * 2)
+            except grpc.RpcError as exc:  # the main loop handles reconnection; a missed beat is harmless
+                log.debug("heartbeat failed: %s", exc.code().name)
+                continue
+            with self._lock:
+                self.cancelled.update(resp.cancel_task_ids)
+
+    # ------------------------------------------------------------ one task
+    def _handle(self, task: pb.Task) -> None:
+        self.stats["tasks"] += 1
+        tid = task.task_id
+        head = f"task {tid[:12]} step {task.step} wave {task.wave}"
+        if tid in self.settled or tid in self.pending:
+            self._submit_pending()
+            log.info("%s: already computed; result resubmitted", head)
+            return
+        deadline_s = task.deadline_unix_ms / 1000 if task.deadline_unix_ms else None
+
+        def should_stop() -> bool:
+            with self._lock:
+                gone = tid in self.cancelled
+            return gone or self._stop.is_set() or (deadline_s is not None and time.time() > deadline_s)
+
+        started = time.perf_counter()
+        self.current_task = tid
+        try:
+            if should_stop():
+                raise Cancelled()
+            seeds = task_seeds(task)
+            theta = self._theta_at(task.theta_version)
+            batch = self.tokenizer.batch(select(self.examples, task.batch.start, task.batch.size))
+            result = forward_gradients(self.backend, batch, theta, seeds, epsilon=task.epsilon or DEFAULT_EPSILON,
+                                       scheme=SCHEME.get(task.scheme, "?"), distribution=DIST.get(task.distribution, "?"),
+                                       max_seeds=self.cfg.max_seeds, should_stop=should_stop)
+        except Cancelled:
+            self.stats["cancelled"] += 1
+            why = "cancelled by the coordinator" if tid in self.cancelled else "deadline passed"
+            log.info("%s: %s; not submitted", head, why)
+            return
+        except (UserError, grpc.RpcError) as exc:  # this task cannot be computed; the device keeps serving
+            self.stats["failed"] += 1
+            detail = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.RpcError) else str(exc)
+            log.warning("%s: failed: %s", head, detail)
+            return
+        finally:
+            self.current_task = ""
+        elapsed_ms = int((time.perf_counter() - started) * 1000)
+        request = pb.SubmitRequest(
+            task_id=tid, step=task.step, seeds=seeds, jvp=result.jvp.tolist(), nonfinite=result.nonfinite,
+            loss=pb.LossStats(mean=result.loss_mean, min=result.loss_min, max=result.loss_max, base=result.loss_base),
+            num_examples=task.batch.size, compute_time_ms=elapsed_ms)
+        self.pending[tid] = request
+        self._save_state()
+        outcome = self._submit_pending().get(tid, "kept for resubmission")
+        log.info("%s: %d seeds, %d non-finite, loss %.4f, %d ms, %d calls -> %s", head, len(seeds),
+                 len(result.nonfinite), result.loss_mean, elapsed_ms, result.calls, outcome)
+
+    def _submit_pending(self) -> dict[str, str]:
+        """Send every unacknowledged result; returns task id -> outcome for those settled now."""
+        outcomes = {}
+        final = frozenset(c for c in grpc.StatusCode if c not in TRANSIENT and c != grpc.StatusCode.UNAUTHENTICATED)
+        for tid, request in list(self.pending.items()):
+            def make(request=request):
+                request.client_id, request.session_token = self.client_id, self.session
+                return request
+
+            try:
+                resp = self._call("Submit", make, final=final)
+                outcome = "duplicate (already accepted)" if resp.duplicate else ("accepted" if resp.accepted
+                                                                                 else f"refused: {resp.message}")
+                self.stats["duplicate" if resp.duplicate else "accepted" if resp.accepted else "rejected"] += 1
+            except grpc.RpcError as exc:
+                if exc.code() not in final:
+                    raise
+                outcome = f"rejected ({exc.code().name}: {exc.details()})"
+                self.stats["rejected"] += 1
+            outcomes[tid] = outcome
+            self.settled.add(tid)
+            del self.pending[tid]
+            self._save_state()
+        return outcomes
+
+    # ------------------------------------------------------------ θ
+    def _theta_at(self, version: int) -> np.ndarray:
+        if self.theta is not None and version in (self.theta_version, 0):
+            return self.theta
+        if self.theta is not None and 0 < self.theta_version < version and self._replay(version):
+            return self.theta
+        self._fetch(version)
+        return self.theta
+
+    def _replay(self, version: int) -> bool:
+        """Catch up by replaying updates when the coordinator keeps them and that costs few seeds."""
+        resp = self._call("FetchHistory", lambda: pb.FetchHistoryRequest(
+            client_id=self.client_id, session_token=self.session, from_version=self.theta_version, to_version=version))
+        total = sum(len(u.seeds) for u in resp.updates)
+        if not resp.available or not resp.updates or total > self.cfg.replay_max_seeds:
+            return False
+        if [u.version for u in resp.updates] != list(range(self.theta_version + 1, version + 1)):
+            return False
+        theta = self.theta.astype(np.float64)
+        d = theta.shape[0]
+        for update in resp.updates:
+            step = np.zeros(d, dtype=np.float64)
+            for seed, coeff in zip(update.seeds, update.coefficients):
+                step += np.float64(coeff) * generate(int(seed), 0, d, DIST.get(update.distribution, "gaussian"))
+            theta -= np.float64(update.lr) * step
+            theta = theta.astype(np.float32).astype(np.float64)  # the coordinator stores each version in float32
+        self.theta, self.theta_version = theta.astype(np.float32), version
+        self.stats["theta_replays"] += 1
+        log.info("θ version %d rebuilt from %d updates (%d seeds) instead of downloading it", version,
+                 len(resp.updates), total)
+        return True
+
+    def _fetch(self, version: int) -> None:
+        d = self.manifest.theta.dim
+        for attempt in range(3):
+            buf, digest, got_version, filled = bytearray(4 * d), "", 0, 0
+            chunks = self._retry("FetchParameters", lambda: list(self.stub.FetchParameters(pb.FetchParametersRequest(
+                client_id=self.client_id, session_token=self.session, version=version), timeout=self.cfg.rpc_timeout_s)))
+            for chunk in chunks:
+                if chunk.total != d or chunk.offset + len(chunk.values) // 4 > d or len(chunk.values) % 4:
+                    raise ClientError(f"the coordinator sent θ of length {chunk.total}; this bundle's is {d}")
+                buf[4 * chunk.offset : 4 * chunk.offset + len(chunk.values)] = chunk.values
+                filled += len(chunk.values) // 4
+                got_version, digest = chunk.version, chunk.sha256 or digest
+            if filled == d and digest == hashlib.sha256(bytes(buf)).hexdigest():
+                theta = np.frombuffer(bytes(buf), dtype="<f4").astype(np.float32)
+                if not np.isfinite(theta).all():
+                    raise ClientError(f"θ version {got_version} from the coordinator contains NaN/Inf")
+                self.theta, self.theta_version = theta, got_version
+                self.stats["theta_fetches"] += 1
+                return
+            log.warning("θ download %d was incomplete or corrupt (sha256 mismatch); fetching again", attempt + 1)
+        raise ClientError("θ downloads keep failing their sha256 check; check the network path to the coordinator")
+
+    # ------------------------------------------------------------ state across restarts
+    def _load_state(self) -> None:
+        path = self.cfg.state_file
+        if not path or not Path(path).is_file():
+            return
+        try:
+            state = json.loads(Path(path).read_text())
+            if state.get("fingerprint") == self.fingerprint:
+                self.client_id = state.get("client_id", "")
+                for tid, blob in state.get("pending", {}).items():
+                    self.pending[tid] = pb.SubmitRequest.FromString(base64.b64decode(blob))
+        except (json.JSONDecodeError, ValueError) as exc:
+            log.warning("ignoring unreadable device state %s (%s)", path, exc)
+
+    def _save_state(self) -> None:
+        path = self.cfg.state_file
+        if not path:
+            return
+        state = {"fingerprint": self.fingerprint, "client_id": self.client_id,
+                 "pending": {t: base64.b64encode(r.SerializeToString()).decode() for t, r in self.pending.items()}}
+        tmp = Path(str(path) + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(path)
