@@ -23,6 +23,7 @@ ROLE_CLIS = (
     "fwdllm.coordinator.cli",
     "fwdllm.data.cli",
     "fwdllm.android_harness.cli",
+    "fwdllm.train_cli",
 )
 
 
