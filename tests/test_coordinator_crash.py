@@ -35,19 +35,23 @@ class Server:
         self.proc, self.port, self.starts = None, None, 0
 
     def start(self) -> int:
+        """Launch and wait until it listens; a launch the test's own SIGKILL hit during start-up is retried."""
         endpoint = self.state / "endpoint"
-        endpoint.unlink(missing_ok=True)
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "fwdllm.cli", "coordinator", "serve", "--bundle", str(self.bundle), "--state",
-             str(self.state), "--port", "0", "--config", str(self.config), "--token", "tok"],
-            stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 60
-        while not endpoint.exists():
-            assert self.proc.poll() is None, "the server exited at start-up; see server.log"
-            assert time.monotonic() < deadline, "the server did not start"
-            time.sleep(0.05)
+        while True:
+            endpoint.unlink(missing_ok=True)
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fwdllm.cli", "coordinator", "serve", "--bundle", str(self.bundle), "--state",
+                 str(self.state), "--port", "0", "--config", str(self.config), "--token", "tok"],
+                stdout=self.log, stderr=self.log)
+            self.starts += 1
+            deadline = time.monotonic() + 60
+            while not endpoint.exists() and self.proc.poll() is None:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.05)
+            if self.proc.poll() != -signal.SIGKILL:
+                break
+        assert self.proc.poll() in (None, -signal.SIGKILL), "the server exited at start-up; see server.log"
         self.port = int(endpoint.read_text())
-        self.starts += 1
         return self.port
 
     def kill(self) -> None:
