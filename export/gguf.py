@@ -58,14 +58,16 @@ def export_gguf(
     peft_info: PeftInfo,
     out_dir: Path,
     precisions=PRECISIONS,
-    tokenizer_gguf: Path | None = None,
+    tokenizer: Path | None = None,
 ) -> list[GraphSpec]:
     """Write ``base.<precision>.gguf`` for each precision into ``out_dir``; return their graph specs.
 
     ``hf_model`` is a transformers llama (optionally wrapped by peft: its LoRA tensors are
-    left out, they are θ). The tokenizer is copied from ``tokenizer_gguf`` (default: the
-    shipped SmolLM2 GGUF, whose vocabulary the default model shares), so llama.cpp tokenizes
-    as the source model did. θ0 is checked by writing it as an adapter once.
+    left out, they are θ). ``tokenizer`` is a GGUF whose ``tokenizer.*`` keys are copied
+    (default: the shipped SmolLM2 GGUF, the default model's own) or a byte-level BPE
+    ``tokenizer.json``. llama.cpp needs a vocabulary to load a model, but a device feeds it
+    token ids from the bundle's tokenizer.json, so its own tokenizer is never used here.
+    θ0 is checked by writing it as an adapter once.
     """
     bad = [p for p in precisions if p not in PRECISIONS]
     if bad or not precisions:
@@ -84,7 +86,7 @@ def export_gguf(
         )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_gguf = Path(tokenizer_gguf) if tokenizer_gguf else smollm2_gguf()
+    tokenizer = Path(tokenizer) if tokenizer else smollm2_gguf()
 
     # θ0 must map onto the model's projections before any big file is written.
     writer = LoraAdapterWriter(layout, lora_alpha(peft_info.config), cfg.num_attention_heads, cfg.num_key_value_heads)
@@ -93,7 +95,7 @@ def export_gguf(
     specs = []
     f16 = out_dir / gguf_file_name("f16")
     t0 = time.perf_counter()
-    _write_f16(model, tokenizer_gguf, f16)
+    _write_f16(model, tokenizer, f16)
     log.info("wrote %s in %.1f s", f16.name, time.perf_counter() - t0)
     for precision in precisions:
         path = out_dir / gguf_file_name(precision)
@@ -134,7 +136,61 @@ def _rope_theta(cfg) -> float:
     return float(theta if theta is not None else getattr(cfg, "rope_theta", 10000.0))
 
 
-def _write_f16(model, tokenizer_gguf: Path, path: Path) -> None:
+def _tokenizer_keys(path: Path, vocab_size: int) -> dict[str, tuple]:
+    """``tokenizer.*`` GGUF keys -> (value, type, array element type), from a GGUF or a tokenizer.json."""
+    import gguf
+
+    T = gguf.GGUFValueType
+    if not path.is_file():
+        raise UserError(f"tokenizer {path} does not exist; pass a GGUF with a tokenizer or a tokenizer.json")
+    if path.suffix == ".gguf":
+        fields = gguf.GGUFReader(str(path)).fields
+        keys = {k: (f.contents(), f.types[0], f.types[-1] if f.types[0] == T.ARRAY else None)
+                for k, f in fields.items() if k.startswith("tokenizer.")}
+        if "tokenizer.ggml.tokens" not in keys:
+            raise UserError(f"{path} holds no tokenizer (tokenizer.ggml.tokens); pass a GGUF that has one")
+    else:
+        keys = _bpe_keys(path, vocab_size)
+    n = len(keys["tokenizer.ggml.tokens"][0])
+    if n != vocab_size:
+        raise UserError(f"the tokenizer in {path} has {n} tokens, the model {vocab_size}: pass the tokenizer that belongs to this model")
+    return keys
+
+
+def _bpe_keys(path: Path, vocab_size: int) -> dict[str, tuple]:
+    """A byte-level BPE tokenizer.json as GGUF keys (model gpt2, llama.cpp's default pre-tokenizer)."""
+    import json
+
+    import gguf
+
+    T, Tok = gguf.GGUFValueType, gguf.TokenType
+    try:
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        model = spec["model"]
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"{path} is not a tokenizers JSON file ({exc}); pass the model's tokenizer.json") from exc
+    if model.get("type") != "BPE":
+        raise UserError(f"{path} is a {model.get('type')} tokenizer; the GGUF export writes byte-level BPE vocabularies only")
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    types = [int(Tok.UNUSED)] * vocab_size
+    for text, i in model["vocab"].items():
+        if i < vocab_size:
+            tokens[i], types[i] = text, int(Tok.NORMAL)
+    for added in spec.get("added_tokens", []):
+        if added["id"] < vocab_size:
+            tokens[added["id"]] = added["content"]
+            types[added["id"]] = int(Tok.CONTROL if added.get("special") else Tok.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {
+        "tokenizer.ggml.model": ("gpt2", T.STRING, None),
+        "tokenizer.ggml.pre": ("default", T.STRING, None),
+        "tokenizer.ggml.tokens": (tokens, T.ARRAY, T.STRING),
+        "tokenizer.ggml.token_type": (types, T.ARRAY, T.INT32),
+        "tokenizer.ggml.merges": (merges, T.ARRAY, T.STRING),
+    }
+
+
+def _write_f16(model, tokenizer: Path, path: Path) -> None:
     import gguf
     import torch
     from tqdm import tqdm
@@ -142,15 +198,7 @@ def _write_f16(model, tokenizer_gguf: Path, path: Path) -> None:
     cfg = model.config
     n_layer, n_head, n_head_kv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
-    tokenizer = gguf.GGUFReader(str(tokenizer_gguf))
-    vocab = tokenizer.fields.get("tokenizer.ggml.tokens")
-    if vocab is None:
-        raise UserError(f"{tokenizer_gguf} holds no tokenizer (tokenizer.ggml.tokens); pass a GGUF that has one")
-    if len(vocab.data) != cfg.vocab_size:
-        raise UserError(
-            f"the tokenizer in {tokenizer_gguf} has {len(vocab.data)} tokens, the model {cfg.vocab_size}: "
-            "pass the GGUF tokenizer that belongs to this model"
-        )
+    tokenizer_keys = _tokenizer_keys(tokenizer, cfg.vocab_size)
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_type(gguf.GGUFType.MODEL)
@@ -168,10 +216,12 @@ def _write_f16(model, tokenizer_gguf: Path, path: Path) -> None:
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
-    for key, field in tokenizer.fields.items():
-        if key.startswith("tokenizer."):
-            array = field.types[0] == gguf.GGUFValueType.ARRAY
-            w.add_key_value(key, field.contents(), field.types[0], field.types[-1] if array else None)
+    for key, (value, vtype, sub_type) in tokenizer_keys.items():
+        w.add_key_value(key, value, vtype, sub_type)
+    for attr, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
+        token = getattr(cfg, attr, None)
+        if isinstance(token, int) and f"tokenizer.ggml.{key}" not in tokenizer_keys:
+            w.add_uint32(f"tokenizer.ggml.{key}", token)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
