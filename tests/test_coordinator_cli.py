@@ -1,0 +1,111 @@
+"""Operator paths: TLS, `fwdllm coordinator token|status`, `fwdllm plot`, config errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import grpc
+import numpy as np
+import pytest
+
+from fwdllm.cli import main
+from fwdllm.coordinator.config import from_dict, load_config
+from fwdllm.coordinator.rounds import Coordinator
+from fwdllm.coordinator.server import start
+from fwdllm.coordinator.state import Store
+from fwdllm.errors import UserError
+from fwdllm.proto.manifest import Manifest, ModelInfo, PeftInfo, save_theta, write_manifest
+from fwdllm.proto.v1 import fwdllm_pb2 as pb
+from fwdllm.proto.v1 import fwdllm_pb2_grpc as pb_grpc
+from test_coordinator_fixtures import LAYOUT, QuadraticDevice, make_bundle
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory):
+    if shutil.which("openssl") is None:
+        pytest.fail("the TLS test needs the openssl command (or the cryptography package)")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "key.pem"),
+                    "-out", str(d / "cert.pem"), "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    return d / "cert.pem", d / "key.pem"
+
+
+def test_tls_server_with_a_self_signed_certificate(tmp_path, self_signed, capsys):
+    cert, key = self_signed
+    coordinator = Coordinator(make_bundle(tmp_path / "b"), tmp_path / "s", from_dict({"run": {"steps": 2}}))
+    coordinator.store.add_token("tok")
+    server = start(coordinator, "127.0.0.1", 0, tls_cert=cert, tls_key=key)
+    try:
+        secure = grpc.secure_channel(f"localhost:{server.port}", grpc.ssl_channel_credentials(cert.read_bytes()))
+        device = QuadraticDevice(secure, 0)
+        assert device.join("tok", coordinator.fingerprint).theta_dim == coordinator.dim
+        plain = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.FwdLLMStub(plain).GetStatus(pb.GetStatusRequest(), timeout=3)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert main(["coordinator", "status", "--address", f"localhost:{server.port}", "--tls-ca", str(cert),
+                     "--json"]) == 0
+        status = json.loads(capsys.readouterr().out)
+        assert status["clients_registered"] == 1 and status["theta_version"] == "1"
+        secure.close(), plain.close()
+    finally:
+        server.stop(0)
+
+
+def test_token_issue_and_revoke(tmp_path, capsys):
+    assert main(["coordinator", "token", "--state", str(tmp_path)]) == 0
+    token = capsys.readouterr().out.strip()
+    store = Store(tmp_path)
+    assert store.token_state(token) == "valid"
+    assert main(["coordinator", "token", "--state", str(tmp_path), "--revoke", token]) == 0
+    assert store.token_state(token) == "revoked"
+    assert main(["coordinator", "token", "--state", str(tmp_path), "--revoke", "nope"]) == 2
+    assert "no such token" in capsys.readouterr().err
+
+
+def test_status_of_nothing_is_a_clear_error(capsys):
+    assert main(["coordinator", "status", "--address", "127.0.0.1:1"]) == 2
+    assert "no coordinator answered" in capsys.readouterr().err
+
+
+def test_plot_draws_the_metrics(tmp_path):
+    rows = [{"step": i, "loss": 1.0 / (i + 1), "accuracy": 0.5 + i / 40, "perturbations": 10 + i, "variance": 0.1,
+             "lr": 0.01} for i in range(10)]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "curves.png"
+    assert main(["plot", str(metrics), "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5_000
+    assert main(["plot", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
+
+
+def test_config_files_and_their_errors(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('[run]\nsteps = 7\n[optimizer]\nname = "adam"\ngroups = [{match = "*.bias", lr_scale = 0.1}]\n')
+    cfg = load_config(toml)
+    assert cfg.run.steps == 7 and cfg.optimizer.name == "adam" and cfg.optimizer.groups[0]["lr_scale"] == 0.1
+    for bad, message in [({"run": {"stepz": 1}}, "unknown config key run.stepz"),
+                         ({"runn": {}}, "unknown config section"),
+                         ({"optimizer": {"name": "lion"}}, "optimizer.name"),
+                         ({"variance": {"mode": "sometimes"}}, "variance.mode"),
+                         ({"run": {"clients_per_step": 0}}, "at least 1")]:
+        with pytest.raises(UserError, match=message):
+            from_dict(bad)
+    (tmp_path / "broken.toml").write_text("[run\n")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_config(tmp_path / "broken.toml")
+
+
+def test_state_of_another_bundle_is_refused(tmp_path):
+    Coordinator(make_bundle(tmp_path / "b"), tmp_path / "s", from_dict({})).close()
+    other = make_bundle(tmp_path / "b2")
+    (other / "theta.safetensors").unlink()
+    save_theta(other / "theta.safetensors", LAYOUT, np.zeros(LAYOUT.dim, np.float32))
+    write_manifest(other, Manifest(model=ModelInfo(source="x", architecture="q", task="seq-cls", max_seq_len=8,
+                                                   tokenizer="tokenizer.json"),
+                                   peft=PeftInfo(method="bitfit", trainable_layers="all"), theta=LAYOUT, graphs=[]))
+    with pytest.raises(UserError, match="belongs to another bundle"):
+        Coordinator(other, tmp_path / "s", from_dict({}))
