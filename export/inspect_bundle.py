@@ -32,7 +32,7 @@ def describe(m: Manifest, bundle: Path) -> str:
     for g in m.graphs:
         size = (bundle / g.file).stat().st_size / 2**20 if (bundle / g.file).exists() else float("nan")
         sig = ", ".join(f"{t.name}{_shape(t.shape)}" for t in g.inputs) + " -> " + ", ".join(f"{t.name}{_shape(t.shape)}" for t in g.outputs)
-        lines.append(f"  {g.format:6} {g.role:6} {g.precision:5} {g.file} ({size:.1f} MiB)  θ via {g.theta_channel}")
+        lines.append(f"  {g.format:6} {g.role:6} {g.precision:5} {g.file} ({size:.1f} MiB)" + ("  θ via " + g.theta_channel if any(t.name == "theta" for t in g.inputs) or g.role == "base" else ""))
         if g.inputs:
             lines.append(f"         {sig}")
         v = g.validation
@@ -40,5 +40,7 @@ def describe(m: Manifest, bundle: Path) -> str:
             lines.append(f"         validated: rel err {v['max_rel_err']:.2e} (tolerance {v.get('tolerance', '?')})")
         d = g.delegation
         if d:
-            lines.append(f"         delegation: " + ", ".join(f"{k} {v}" for k, v in d.items()))
+            left = ", ".join(f"{op}×{n}" for op, n in sorted(d.get("builtin", {}).items()))
+            lines.append(f"         XNNPACK takes {d['xnnpack']} of {d['ops']} ops in {d['xnnpack_partitions']} partition(s)"
+                         + (f"; builtin kernels run {left}" if left else ""))
     return "\n".join(lines)

@@ -32,7 +32,7 @@ def export_role(pm: PerturbableModel, role: str, sample: dict[str, np.ndarray], 
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            GraphModule(pm, role).eval(), args, str(path),
+            GraphModule(pm, role, names, outs).eval(), args, str(path),
             input_names=list(names), output_names=list(outs),
             dynamic_axes={n: axes[n] for n in (*names, *outs)},
             opset_version=OPSET, dynamo=False, do_constant_folding=True,

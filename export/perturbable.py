@@ -214,11 +214,19 @@ class PerturbableModel(nn.Module):
 
 
 class GraphModule(nn.Module):
-    """One role of a PerturbableModel as a plain ``forward`` for tracing exporters."""
+    """One role of a PerturbableModel as a plain ``forward`` for tracing exporters.
 
-    def __init__(self, pm: PerturbableModel, role: str):
+    Takes the role's inputs positionally (ONNX) or by name (litert-torch names the TFLite
+    signature's inputs after the keywords); returns ``{output name: tensor}``.
+    """
+
+    def __init__(self, pm: PerturbableModel, role: str, inputs: tuple[str, ...], outputs: tuple[str, ...]):
         super().__init__()
-        self.pm, self.role = pm, role
+        self.pm, self.role, self.inputs, self.outputs = pm, role, inputs, outputs
 
-    def forward(self, *args):
-        return getattr(self.pm, self.role)(*args)
+    def forward(self, *args, **kwargs):
+        if kwargs:
+            args = tuple(kwargs[n] for n in self.inputs)
+        result = getattr(self.pm, self.role)(*args)
+        result = result if isinstance(result, tuple) else (result,)
+        return dict(zip(self.outputs, result))

@@ -59,10 +59,10 @@ class ExportContext:
     pm: object
     cut: bool
     hidden_size: int
-    sample: dict  # validation batch (P = VALIDATION_ROWS)
-    want: dict  # reference outputs for `sample`
-    trace_sample: dict
-    trace_hidden: np.ndarray | None
+    sample: dict = field(default_factory=dict)  # validation batch (P = VALIDATION_ROWS)
+    want: dict = field(default_factory=dict)  # reference outputs for `sample`
+    trace_sample: dict = field(default_factory=dict)
+    trace_hidden: np.ndarray | None = None
     timings: dict = field(default_factory=dict)
 
     @contextlib.contextmanager
@@ -72,18 +72,31 @@ class ExportContext:
         yield
         self.timings[name] = round(time.perf_counter() - t0, 3)
 
-    def validate(self, run: Callable[[str, dict], dict], roles: list[str], tol: float, what: str) -> dict[str, dict]:
-        """Run the graphs on the validation batch; compare full (and prefix->suffix) with PyTorch.
+    def batch(self, batch: int, seq: int, rows: int, seed: int) -> tuple[dict, dict]:
+        """A random batch of fixed shape with P = ``rows`` θ rows, its reference outputs, and the prefix's hidden states."""
+        from fwdllm.export.materialize import reference
+
+        sample = sample_batch(self.plan, int(self.loaded.config.vocab_size), batch, seq, rows, self.plan.theta0().numpy(), seed)
+        loss, logits = reference(self.loaded.model, self.plan, sample["theta"], sample["input_ids"], sample["attention_mask"], sample["labels"])
+        if self.cut:
+            with torch.no_grad():
+                sample["hidden"] = self.pm.prefix(torch.from_numpy(sample["input_ids"]), torch.from_numpy(sample["attention_mask"])).numpy()
+        return sample, {"loss": loss, "logits": logits}
+
+    def validate(self, run: Callable[[str, dict], dict], roles: list[str], tol: float, what: str,
+                 sample: dict | None = None, want: dict | None = None) -> dict[str, dict]:
+        """Run the graphs on a validation batch (default: the P=3 one); compare full (and prefix->suffix) with PyTorch.
 
         Raises ValidationError beyond ``tol`` (scale-relative, graphs.errors).
         """
-        full = run("full", self.sample)
-        err = errors(full, self.want)
+        sample, want = (sample, want) if sample is not None else (self.sample, self.want)
+        full = run("full", sample)
+        err = errors(full, want)
         result = {"full": dict(err, tolerance=tol, theta_rows=VALIDATION_ROWS, reference="transformers+peft (PyTorch)")}
         if "prefix" in roles:
-            hidden = run("prefix", self.sample)["hidden"]
-            split = run("suffix", dict(self.sample, hidden=hidden))
-            serr = errors(split, self.want)
+            hidden = run("prefix", sample)["hidden"]
+            split = run("suffix", dict(sample, hidden=hidden))
+            serr = errors(split, want)
             vs_full = errors(split, {k: v for k, v in full.items()})
             serr["max_rel_err_vs_full"] = vs_full["max_rel_err"]
             result["suffix"] = dict(serr, tolerance=tol, theta_rows=VALIDATION_ROWS, reference="prefix then suffix vs PyTorch")
@@ -157,7 +170,6 @@ def export(req: ExportRequest) -> Manifest:
 
 
 def _export_into(tmp: Path, req: ExportRequest) -> Manifest:
-    from fwdllm.export.materialize import reference
     from fwdllm.export.models import load
     from fwdllm.export.perturbable import PerturbableModel
 
@@ -177,16 +189,12 @@ def _export_into(tmp: Path, req: ExportRequest) -> Manifest:
     shutil.copyfile(loaded.tokenizer_file, tmp / "tokenizer.json")
     vocab = int(loaded.config.vocab_size)
     seq = min(req.validation_seq_len, req.seq_len)
-    sample = sample_batch(plan, vocab, 2, seq, VALIDATION_ROWS, theta0, seed=1)
-    trace_sample = sample_batch(plan, vocab, 2, seq, 2, theta0, seed=2)
-    want_loss, want_logits = reference(loaded.model, plan, sample["theta"], sample["input_ids"], sample["attention_mask"], sample["labels"])
     cut = req.peft.trainable_layers != "all" and plan.cut_layer is not None
+    ctx = ExportContext(dir=tmp, req=req, loaded=loaded, plan=plan, pm=pm, cut=cut, hidden_size=spec.hidden_size(loaded.config))
+    ctx.sample, ctx.want = ctx.batch(2, seq, VALIDATION_ROWS, seed=1)
+    ctx.trace_sample = sample_batch(plan, vocab, 2, seq, 2, theta0, seed=2)
     with torch.no_grad():
-        trace_hidden = pm.prefix(torch.from_numpy(trace_sample["input_ids"]), torch.from_numpy(trace_sample["attention_mask"])).numpy() if cut else None
-    ctx = ExportContext(
-        dir=tmp, req=req, loaded=loaded, plan=plan, pm=pm, cut=cut, hidden_size=spec.hidden_size(loaded.config),
-        sample=sample, want={"loss": want_loss, "logits": want_logits}, trace_sample=trace_sample, trace_hidden=trace_hidden,
-    )
+        ctx.trace_hidden = pm.prefix(torch.from_numpy(ctx.trace_sample["input_ids"]), torch.from_numpy(ctx.trace_sample["attention_mask"])).numpy() if cut else None
     graphs = []
     for fmt in req.formats:
         graphs += exporters[fmt].export_all(ctx, precisions[fmt])

@@ -55,3 +55,29 @@ def random_batch(manifest, rows: int, seed: int, batch: int = 3, seq: int = 12):
 
 def rel_err(got, want) -> float:
     return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)))
+
+
+def export_bundle(out, model, task="seq-cls", **kw):
+    from fwdllm.export.pipeline import ExportRequest, export
+    from fwdllm.export.plan import PeftOptions
+
+    peft = PeftOptions(**{k: kw.pop(k) for k in list(kw) if k in PeftOptions.__dataclass_fields__})
+    return export(ExportRequest(model=str(model), task=task, out=out, peft=peft, num_labels=kw.pop("num_labels", 3 if task == "seq-cls" else None), **kw))
+
+
+def hf_reference(model_dir, manifest, batch, task="seq-cls"):
+    """The HF model's own forward with θ applied (peft LoRA, hooks, HF attention masks)."""
+    from fwdllm.export.materialize import reference
+    from fwdllm.export.models import load
+    from fwdllm.export.plan import PeftOptions, build_plan
+
+    loaded = load(str(model_dir), task)
+    p = manifest.peft
+    opts = PeftOptions(method=p.method, trainable_layers=p.trainable_layers)
+    if p.method == "lora":
+        opts.lora_r, opts.lora_alpha, opts.lora_targets = p.config["r"], p.config["alpha"], p.config["targets"]
+    if p.method == "adapter":
+        opts.adapter_reduction = p.config["reduction"]
+    plan = build_plan(loaded.model, task, manifest.model.num_labels, opts)
+    assert plan.layout == manifest.theta
+    return reference(loaded.model, plan, batch["theta"], batch["input_ids"], batch["attention_mask"], batch["labels"])

@@ -1,45 +1,20 @@
-"""ONNX bundles vs PyTorch: MiniLM (one LoRA top:2 export, reused) and tiny random configs of every architecture × PEFT method."""
+"""MiniLM bundles vs PyTorch: one LoRA top:2 export with ONNX and TFLite at fp32 and int8, reused by every test."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from export_helpers import MINILM, random_batch, rel_err, tiny_checkpoint
+from export_helpers import MINILM, export_bundle as _export, hf_reference as _reference, random_batch, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-def _export(out, model, task="seq-cls", **kw):
-    from fwdllm.export.pipeline import ExportRequest, export
-    from fwdllm.export.plan import PeftOptions
-
-    peft = PeftOptions(**{k: kw.pop(k) for k in list(kw) if k in PeftOptions.__dataclass_fields__})
-    return export(ExportRequest(model=str(model), task=task, out=out, peft=peft, num_labels=kw.pop("num_labels", 3 if task == "seq-cls" else None), **kw))
-
-
-def _reference(model_dir, manifest, batch, task="seq-cls"):
-    """The HF model's own forward with θ applied (peft LoRA, hooks, HF attention masks)."""
-    from fwdllm.export.materialize import reference
-    from fwdllm.export.models import load
-    from fwdllm.export.plan import PeftOptions, build_plan
-
-    loaded = load(str(model_dir), task)
-    p = manifest.peft
-    opts = PeftOptions(method=p.method, trainable_layers=p.trainable_layers)
-    if p.method == "lora":
-        opts.lora_r, opts.lora_alpha, opts.lora_targets = p.config["r"], p.config["alpha"], p.config["targets"]
-    if p.method == "adapter":
-        opts.adapter_reduction = p.config["reduction"]
-    plan = build_plan(loaded.model, task, manifest.model.num_labels, opts)
-    assert plan.layout == manifest.theta
-    return reference(loaded.model, plan, batch["theta"], batch["input_ids"], batch["attention_mask"], batch["labels"])
 
 
 @pytest.fixture(scope="session")
 def minilm_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("minilm") / "bundle"
-    manifest = _export(out, "minilm", method="lora", trainable_layers="top:2", precisions=["fp32", "int8"], num_labels=4)
+    manifest = _export(out, "minilm", method="lora", trainable_layers="top:2", formats=["onnx", "tflite"],
+                       precisions=["fp32", "int8"], num_labels=4, batch_size=3, seq_len=12, perturbations=3)
     return out, manifest
 
 
@@ -125,44 +100,44 @@ def test_lora_sites_are_the_ones_peft_picks(minilm_bundle):
     assert ours == peft_names
 
 
-ARCH_METHODS = [(a, m) for a in ("bert", "distilbert", "albert", "roberta") for m in ("bitfit", "adapter", "lora", "head")]
 
 
-@pytest.fixture(scope="session")
-def tiny_dirs(tmp_path_factory):
-    cache = {}
+def test_tflite_graphs_match_pytorch_and_onnx(minilm_bundle, minilm_reference):
+    from fwdllm.export import tflite_graphs
 
-    def get(arch):
-        if arch not in cache:
-            cache[arch] = tiny_checkpoint(arch, tmp_path_factory.mktemp(f"tiny-{arch}"))
-        return cache[arch]
-
-    return get
-
-
-@pytest.mark.parametrize("arch,method", ARCH_METHODS)
-def test_tiny_architectures_match_pytorch(arch, method, tiny_dirs, tmp_path):
-    from fwdllm.export.onnx_graphs import run
-
-    layers = "top:1" if method != "head" and arch != "albert" else "all"
-    manifest = _export(tmp_path / "b", tiny_dirs(arch), method=method, trainable_layers=layers)
-    batch = random_batch(manifest, rows=2, seed=5)
-    loss, logits = _reference(tiny_dirs(arch), manifest, batch)
-    got = run(tmp_path / "b" / manifest.graph("onnx", "full").file, batch)
+    out, manifest = minilm_bundle
+    batch, (loss, logits) = minilm_reference
+    g = manifest.graph("tflite", "full", "fp32")
+    assert (g.batch_size, g.seq_len, g.perturbations) == (3, 12, 3)
+    assert [t.dtype for t in g.inputs[:3]] == ["int32"] * 3
+    got = tflite_graphs.run(out / g.file, batch)
     assert rel_err(got["loss"], loss) <= 1e-4
     assert rel_err(got["logits"], logits) <= 1e-4
-    if manifest.cut_layer is not None:
-        hidden = run(tmp_path / "b" / manifest.graph("onnx", "prefix").file, batch)["hidden"]
-        split = run(tmp_path / "b" / manifest.graph("onnx", "suffix").file, dict(batch, hidden=hidden))
-        np.testing.assert_allclose(split["loss"], got["loss"], rtol=1e-5, atol=1e-6)
+    q = tflite_graphs.run(out / manifest.graph("tflite", "full", "int8").file, batch)
+    assert rel_err(q["logits"], logits) <= tflite_graphs.TOLERANCE["int8"]
+    hidden = tflite_graphs.run(out / manifest.graph("tflite", "prefix", "fp32").file, batch)["hidden"]
+    split = tflite_graphs.run(out / manifest.graph("tflite", "suffix", "fp32").file, dict(batch, hidden=hidden))
+    np.testing.assert_allclose(split["loss"], got["loss"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(split["logits"], got["logits"], rtol=1e-5, atol=1e-6)
 
 
-def test_tiny_llama_causal_lm_loss(tiny_dirs, tmp_path):
-    from fwdllm.export.onnx_graphs import run
+def test_tflite_xnnpack_takes_the_frozen_matmuls(minilm_bundle):
+    """All frozen FULLY_CONNECTED ops are delegated; only glue (lookup, casts, the label gather) is left."""
+    _, manifest = minilm_bundle
+    for role in ("full", "prefix", "suffix"):
+        d = manifest.graph("tflite", role, "fp32").delegation
+        assert d["xnnpack"] >= 0.9 * d["ops"]
+        assert "FULLY_CONNECTED" not in d["builtin"] and "BATCH_MATMUL" not in d["builtin"]
 
-    manifest = _export(tmp_path / "b", tiny_dirs("llama"), task="causal-lm", method="lora", lora_targets=["q_proj", "v_proj", "o_proj"])
-    assert [o.name for o in manifest.graph("onnx").outputs] == ["loss"]
-    batch = random_batch(manifest, rows=2, seed=3)
-    loss, _ = _reference(tiny_dirs("llama"), manifest, batch, task="causal-lm")
-    got = run(tmp_path / "b" / manifest.graph("onnx").file, batch)
-    assert rel_err(got["loss"], loss) <= 1e-4
+
+def test_inspect_prints_graphs_and_delegation(minilm_bundle, capsys):
+    from fwdllm.cli import main
+
+    out, manifest = minilm_bundle
+    assert main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "XNNPACK takes" in text and "cut    prefix graphs run embeddings + 4 layers" in text
+    assert main(["inspect", str(out), "--json"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["theta"]["dim"] == manifest.theta.dim

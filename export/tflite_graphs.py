@@ -1,0 +1,121 @@
+"""TFLite graphs via litert-torch (B, S and P fixed at export, ids int32), int8 dynamic range by ai-edge-quantizer.
+
+Also measures how much of each graph XNNPACK takes (the delegate that needs constant
+weights): see ``delegation``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fwdllm.export.graphs import ROLE_INPUTS, outputs, roles, tensor_specs
+from fwdllm.export.perturbable import GraphModule, PerturbableModel
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("fp32", "int8")
+# Scale-relative error vs PyTorch (graphs.errors). int8 = dynamic range (int8 weights, float
+# activations quantized per call); like ONNX int8 it is dominated by noise in the pooled features.
+TOLERANCE = {"fp32": 1e-4, "int8": 0.4}
+
+
+def convert_role(pm: PerturbableModel, role: str, feeds: dict[str, np.ndarray], path: Path) -> None:
+    import litert_torch
+
+    names, outs = ROLE_INPUTS[role], outputs(pm.plan, role)
+    kwargs = {n: torch.from_numpy(np.asarray(feeds[n])) for n in names}
+    with torch.no_grad():
+        litert_torch.convert(GraphModule(pm, role, names, outs).eval(), sample_kwargs=kwargs).export(str(path))
+
+
+def quantize_int8(src: Path, dst: Path) -> None:
+    """int8 weights (per channel) and float activations, quantized dynamically at run time."""
+    from ai_edge_quantizer import quantizer, recipe
+
+    q = quantizer.Quantizer(str(src))
+    q.load_quantization_recipe(recipe.dynamic_wi8_afp32())
+    q.quantize().export_model(str(dst), overwrite=True)
+
+
+def interpreter(path: Path, threads: int = 1, xnnpack: bool = True):
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    kw = {} if xnnpack else {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
+    return Interpreter(model_path=str(path), num_threads=threads, **kw)
+
+
+def run(path: Path, feeds: dict[str, np.ndarray], threads: int = 1, xnnpack: bool = True) -> dict[str, np.ndarray]:
+    """Call the graph's signature by input names (ints are fed as int32, as the graph declares)."""
+    runner = interpreter(path, threads, xnnpack).get_signature_runner()
+    details = runner.get_input_details()
+    out = runner(**{n: np.asarray(feeds[n]).astype(d["dtype"]) for n, d in details.items()})
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def delegation(path: Path) -> dict:
+    """Ops XNNPACK takes: trace the executed graph back from the outputs (delegate nodes replace
+    the ops they took); what is reached outside a delegate node runs on builtin kernels."""
+    it = interpreter(path)
+    it.allocate_tensors()
+    ops = it._get_ops_details()
+    originals = [o for o in ops if o["op_name"] != "DELEGATE"]
+    producer = {}
+    for o in ops:  # delegate nodes come last, so they win for the tensors they produce
+        for t in o["outputs"]:
+            producer[int(t)] = o
+    seen, stack = set(), [int(d["index"]) for d in it.get_output_details()]
+    while stack:
+        o = producer.get(stack.pop())
+        if o is None or o["index"] in seen:
+            continue
+        seen.add(o["index"])
+        stack.extend(int(t) for t in o["inputs"] if t >= 0)
+    reached = [o for o in ops if o["index"] in seen]
+    builtin = [o["op_name"] for o in reached if o["op_name"] != "DELEGATE"]
+    return {
+        "ops": len(originals),
+        "xnnpack": len(originals) - len(builtin),
+        "xnnpack_partitions": sum(1 for o in reached if o["op_name"] == "DELEGATE"),
+        "builtin": dict(Counter(builtin)),
+    }
+
+
+def export_all(ctx, precisions: list[str]) -> list:
+    from fwdllm.proto.manifest import GraphSpec
+
+    req = ctx.req
+    fixed = {"B": req.batch_size, "S": req.seq_len, "P": req.perturbations}
+    with ctx.step("tflite: reference batch"):
+        sample, want = ctx.batch(req.batch_size, req.seq_len, req.perturbations, seed=3)
+    role_list = roles(ctx.plan, ctx.cut)
+    fp32 = {}
+    for role in role_list:
+        fp32[role] = ctx.dir / f"{role}.tflite"
+        with ctx.step(f"tflite {role}: convert"):
+            convert_role(ctx.pm, role, sample, fp32[role])
+    specs = []
+    for precision in precisions:
+        files = {}
+        for role in role_list:
+            files[role] = fp32[role] if precision == "fp32" else ctx.dir / f"{role}.{precision}.tflite"
+            if precision != "fp32":
+                with ctx.step(f"tflite {role}: quantize {precision}"):
+                    quantize_int8(fp32[role], files[role])
+        with ctx.step(f"tflite {precision}: validate"):
+            validation = ctx.validate(lambda role, feeds: run(files[role], feeds), role_list, TOLERANCE[precision],
+                                      f"tflite {precision}", sample, want)
+        for role in role_list:
+            ins, outs = tensor_specs(ctx.plan, role, ctx.hidden_size, "int32", fixed)
+            specs.append(GraphSpec(role=role, format="tflite", precision=precision, file=files[role].name,
+                                   inputs=ins, outputs=outs, perturbations=req.perturbations if role != "prefix" else None,
+                                   batch_size=req.batch_size, seq_len=req.seq_len,
+                                   validation=validation[role], delegation=delegation(files[role])))
+    if "fp32" not in precisions:
+        for path in fp32.values():
+            path.unlink()
+    return specs
