@@ -1,0 +1,162 @@
+"""`fwdllm device info`, `fwdllm device run` and `fwdllm bench`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _backend_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "litert", "llama.cpp"])
+    p.add_argument("--precision", help="graph precision to run (default: the first the bundle has)")
+    p.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
+    p.add_argument("--provider", type=_csv, help="onnxruntime providers in fallback order, e.g. nnapi,xnnpack,cpu "
+                   "(default: every accelerator this build has, then cpu)")
+    p.add_argument("--optimization", default="all", choices=["disable", "basic", "extended", "all"],
+                   help="onnxruntime graph optimisation level")
+    p.add_argument("--kernels", default="xnnpack", choices=["xnnpack", "builtin", "reference"],
+                   help="LiteRT kernels: XNNPACK (default), builtin without XNNPACK, or the reference kernels")
+    p.add_argument("--delegate", action="append", default=[], metavar="LIB.so",
+                   help="LiteRT external delegate library (repeatable); one that fails to load falls back to CPU")
+    p.add_argument("--delegate-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option passed to every --delegate (repeatable)")
+    p.add_argument("--no-prefix-reuse", action="store_true", help="run the full graph even when the bundle is cut")
+
+
+def backend_options(args: argparse.Namespace) -> dict:
+    from fwdllm.errors import UserError
+
+    opts = {"threads": args.threads, "prefix_reuse": not args.no_prefix_reuse}
+    if args.backend == "onnxruntime":
+        opts.update(optimization=args.optimization, **({"providers": args.provider} if args.provider else {}))
+    elif args.backend == "litert":
+        bad = [o for o in args.delegate_option if "=" not in o]
+        if bad:
+            raise UserError(f"--delegate-option needs KEY=VALUE, got {bad}")
+        dopts = dict(o.split("=", 1) for o in args.delegate_option)
+        opts.update(kernels=args.kernels, delegates=[{"path": d, "options": dopts} for d in args.delegate])
+    return opts
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("device", help="run a device: what it can do, and serving a coordinator")
+    sub = p.add_subparsers(dest="device_command", metavar="SUBCOMMAND", required=True)
+
+    q = sub.add_parser("info", help="backends, providers/delegates, threads and ABI of this machine")
+    q.add_argument("--bundle", type=Path, help="also open every backend on this bundle and show what it uses")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(handler=_info)
+
+    r = sub.add_parser("run", help="join a coordinator and compute forward gradients until the run ends")
+    r.add_argument("--coordinator", required=True, metavar="HOST:PORT")
+    r.add_argument("--bundle", type=Path, required=True, help="the bundle of the run (`fwdllm export`)")
+    r.add_argument("--data", type=Path, required=True, help="this device's JSONL examples (`fwdllm data partition`)")
+    r.add_argument("--token", default="", help="enrolment token (`fwdllm coordinator token`)")
+    r.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) of a TLS coordinator")
+    r.add_argument("--name", default="", help="a name for operators (default: the host name)")
+    r.add_argument("--state", type=Path, help="file keeping the client id and unacknowledged results across restarts")
+    r.add_argument("--max-seeds", type=int, default=4096, help="refuse tasks with more seeds than this")
+    r.add_argument("--max-tasks", type=int, help="stop after this many tasks (default: until the run ends)")
+    _backend_args(r)
+    r.set_defaults(handler=_run)
+
+    b = subparsers.add_parser("bench", help="benchmark every backend x delegate x precision of a bundle")
+    b.add_argument("--bundle", type=Path, required=True)
+    b.add_argument("--backend", type=_csv, help="backends to include (default: all the bundle has)")
+    b.add_argument("--delegate", type=_csv, help="delegates/providers to include, e.g. cpu,xnnpack,builtin or LIB.so")
+    b.add_argument("--precision", type=_csv, help="precisions to include")
+    b.add_argument("--perturbations", type=int, default=8, help="θ rows per call where the graph's P is dynamic")
+    b.add_argument("--seeds", type=int, default=16, help="seeds per measured task (default 16)")
+    b.add_argument("--batch", type=int, default=8, help="examples per batch (default 8)")
+    b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--runs", type=int, default=10, help="timed runs per figure (medians)")
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--no-backprop", action="store_true", help="skip the PyTorch LoRA + AdamW memory reference")
+    b.add_argument("--json", type=Path, metavar="OUT", help="write all figures as JSON")
+    b.add_argument("--markdown", type=Path, metavar="OUT", help="write the table as Markdown")
+    b.set_defaults(handler=_bench)
+
+
+def _info(args: argparse.Namespace) -> int:
+    import os
+    import platform
+
+    from fwdllm.device_runtime.backend import BACKENDS, open_backend
+    from fwdllm.errors import UserError
+
+    report = {"abi": platform.machine(), "os": f"{platform.system()} {platform.release()}",
+              "cpu_count": os.cpu_count(), "backends": {}}
+    try:
+        from fwdllm.device_runtime.onnx_backend import available_providers
+        import onnxruntime
+
+        report["backends"]["onnxruntime"] = {"version": onnxruntime.__version__, "providers": available_providers()}
+    except ImportError as exc:
+        report["backends"]["onnxruntime"] = {"error": str(exc)}
+    try:
+        import ai_edge_litert
+
+        report["backends"]["litert"] = {"version": getattr(ai_edge_litert, "__version__", ""),
+                                        "kernels": ["xnnpack", "builtin", "reference"],
+                                        "external_delegates": "by path (--delegate LIB.so)"}
+    except ImportError as exc:
+        report["backends"]["litert"] = {"error": str(exc)}
+    try:
+        import llama_cpp
+
+        report["backends"]["llama.cpp"] = {"version": llama_cpp.__version__,
+                                           "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
+    except ImportError as exc:
+        report["backends"]["llama.cpp"] = {"error": str(exc)}
+    if args.bundle:
+        report["bundle"] = {}
+        for name in BACKENDS:
+            try:
+                backend = open_backend(args.bundle, name)
+                report["bundle"][name] = backend.info()
+                backend.close()
+            except UserError as exc:
+                report["bundle"][name] = {"unavailable": str(exc)}
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(f"{report['abi']}, {report['os']}, {report['cpu_count']} CPUs")
+        for name, info in report["backends"].items():
+            print(f"  {name:12s} {json.dumps(info, default=str)}")
+        for name, info in report.get("bundle", {}).items():
+            print(f"  bundle/{name}: {json.dumps(info, default=str)}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fwdllm.device_runtime.client import ClientConfig, DeviceClient
+
+    cfg = ClientConfig(coordinator=args.coordinator, bundle=args.bundle, data=args.data, backend=args.backend,
+                       precision=args.precision, options=backend_options(args), token=args.token, tls_ca=args.tls_ca,
+                       name=args.name, state_file=args.state, max_seeds=args.max_seeds)
+    client = DeviceClient(cfg)
+    code = client.run(max_tasks=args.max_tasks)
+    print(json.dumps(client.stats))
+    return code
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from fwdllm.device_runtime.bench import bench, table
+
+    result = bench(args.bundle, args.backend, args.delegate, args.precision, args.perturbations, args.threads,
+                   args.batch, args.seeds, args.runs, args.warmup, backprop=not args.no_backprop)
+    result["command"] = "fwdllm bench " + " ".join(
+        f"--{k.replace('_', '-')} {','.join(v) if isinstance(v, list) else v}"
+        for k, v in vars(args).items() if k in ("bundle", "backend", "delegate", "precision", "perturbations",
+                                                  "seeds", "batch", "threads", "runs") and v)
+    print(table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if args.markdown:
+        args.markdown.write_text(f"# fwdllm bench\n\n`{result['command']}`\n\n{table(result, markdown=True)}\n")
+    return 0
