@@ -1,12 +1,51 @@
-"""`fwdllm baseline`: backprop federated fine-tuning in PyTorch, measured like a fwdllm run."""
+"""`fwdllm simulate` (a federated run through real processes on loopback) and `fwdllm baseline` (backprop FedAvg)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from fwdllm.data.cli import add_data_arguments
+
+    s = subparsers.add_parser(
+        "simulate", help="a federated run on this machine: real coordinator and device processes over loopback gRPC",
+        description="Partitions the data, starts `fwdllm coordinator serve` and device worker processes (each hosting "
+                    "several virtual clients), shows progress, and writes OUT/convergence.png, OUT/report.md and the "
+                    "final OUT/theta.safetensors. Ctrl-C stops it; --resume continues it.",
+    )
+    s.add_argument("--out", required=True, type=Path, help="run folder")
+    s.add_argument("--resume", action="store_true", help="continue the stopped simulation in --out (other settings come from it)")
+    s.add_argument("--bundle", help="bundle folder (`fwdllm export`)")
+    s.add_argument("--data", metavar="DATA", help="data set spec (NAME or NAME:PATH) or a partition folder")
+    s.add_argument("--text-column", help="csv/tsv/jsonl: the text column")
+    s.add_argument("--label-column", help="csv/tsv/jsonl: the label column")
+    s.add_argument("--heldout-fraction", type=float, default=0.2, help="share held out where the data has no split")
+    s.add_argument("--split-seed", type=int, default=0, help="seed of that held-out split")
+    s.add_argument("--clients", type=int, default=100, help="virtual clients (default 100)")
+    s.add_argument("--per-step", type=int, default=10, help="clients per step (default 10)")
+    s.add_argument("--steps", type=int, default=100, help="optimisation steps (default 100)")
+    s.add_argument("--workers", type=int, default=2, help="device processes hosting the clients (default 2)")
+    s.add_argument("--backend", default="onnxruntime", help="device backend (default onnxruntime)")
+    s.add_argument("--perturbations", type=int, default=1, help="perturbations per client per step (default 1)")
+    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--epsilon", type=float, default=0.01, help="finite-difference step (default 0.01)")
+    s.add_argument("--optimizer", choices=["sgd", "momentum", "adam"], default="sgd")
+    s.add_argument("--lr", type=float, default=0.01)
+    s.add_argument("--schedule", default="linear", help="learning-rate schedule (default linear decay, as FwdLLM)")
+    s.add_argument("--clip-norm", type=float, default=None, help="clip the gradient estimate to this L2 norm")
+    s.add_argument("--variance", choices=["off", "fixed", "threshold", "relative"], default="off",
+                   help="variance control: more waves of perturbations while the estimate is noisy (default off)")
+    s.add_argument("--max-waves", type=int, default=8, help="waves per step at most, with variance control")
+    s.add_argument("--sampler", action="store_true", help="FwdLLM's discriminative perturbation sampler")
+    skew = s.add_mutually_exclusive_group()
+    skew.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew (default 0.5)")
+    skew.add_argument("--iid", action="store_true", help="IID clients")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations (default 10)")
+    s.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N held-out examples (default all)")
+    s.set_defaults(handler=_simulate)
 
     p = subparsers.add_parser(
         "baseline", help="backprop federated fine-tuning (FedAvg of PEFT parameters) in PyTorch",
@@ -37,8 +76,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_baseline)
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from fwdllm.data.cli import options_from_args
+    from fwdllm.errors import UserError
+    from fwdllm.simulate import SimConfig, simulate
+
+    cfg = None
+    if not args.resume:
+        if not args.bundle or not args.data:
+            raise UserError("--bundle and --data are required (unless --resume continues a run in --out)")
+        cfg = SimConfig(
+            bundle=args.bundle, data=args.data, clients=args.clients, per_step=args.per_step, steps=args.steps,
+            workers=args.workers, backend=args.backend, perturbations=args.perturbations, batch_size=args.batch_size,
+            epsilon=args.epsilon, optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, clip_norm=args.clip_norm,
+            variance=args.variance, max_waves=args.max_waves, sampler=args.sampler, alpha=None if args.iid else args.alpha,
+            seed=args.seed, eval_every=args.eval_every, eval_limit=args.eval_limit,
+        )
+    s = simulate(cfg, args.out, resume=args.resume, options=None if args.resume else options_from_args(args))
+    before, after = s["before"], s["after"]
+    print(f"held-out accuracy {_pct(before.get('accuracy'))} -> {_pct(after.get('accuracy'))}, "
+          f"loss {before.get('eval_loss', float('nan')):.3f} -> {after.get('eval_loss', float('nan')):.3f} "
+          f"after {s['steps']} steps ({s['wall_s']:.0f} s)")
+    print(f"devices uploaded {s['bytes_up']:,} bytes ({s['perturbations']:,} perturbations)")
+    print(f"plot: {s['plot']}\nreport: {s['report']}")
+    return 0
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
 def _baseline(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from fwdllm.baselines import BaselineConfig, run_baseline, summarize
     from fwdllm.data.cli import options_from_args
