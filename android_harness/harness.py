@@ -440,7 +440,7 @@ def run_client(adb: Adb, port: int, remote_dir: str = DEFAULT_REMOTE_DIR, client
                echo=print) -> int:
     """Forward the coordinator port into the device, run `fwdllm device run` there, stream its log, stop it cleanly.
 
-    Returns the client's exit status (143 when it was stopped after ``duration`` seconds).
+    Returns the client's exit status (130 when it was stopped, by Ctrl-C here or after ``duration`` seconds).
     """
     info = probe(adb)
     R = remote_dir.rstrip("/")
@@ -453,7 +453,7 @@ def run_client(adb: Adb, port: int, remote_dir: str = DEFAULT_REMOTE_DIR, client
         args += ["--data", f"{R}/data/{data.name}"]
     args += list(client_args or [])
     pidfile = f"{R}/client.pid"
-    command = (f"cd {shlex.quote(R)} && echo $$ > {pidfile} && exec {shlex.quote(state['python'])} -u -m fwdllm.cli "
+    command = (f"cd {shlex.quote(R)} && echo $$ > {pidfile} && exec {shlex.quote(state['python'])} -u -m fwdllm.cli -v "
                + " ".join(shlex.quote(a) for a in args))
     adb.reverse(f"tcp:{port}", f"tcp:{port}")
     log = open(log_path, "a", encoding="utf-8") if log_path else None
@@ -484,16 +484,17 @@ def run_client(adb: Adb, port: int, remote_dir: str = DEFAULT_REMOTE_DIR, client
         adb.shell(f"rm -f {pidfile}", check=False)
         if log:
             log.close()
-    return 143 if stopped.is_set() and code != 0 else code
+    return 130 if stopped.is_set() and code != 0 else code
 
 
 def _stop_remote(adb: Adb, pidfile: str, grace: float = 10.0) -> None:
-    """SIGTERM the device client (it leaves the federation), then SIGKILL if it lingers."""
-    adb.shell(f"[ -f {pidfile} ] && kill -TERM $(cat {pidfile}) 2>/dev/null; true", check=False)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline:
-        alive = adb.shell(f"[ -f {pidfile} ] && kill -0 $(cat {pidfile}) 2>/dev/null && echo alive; true", check=False)
-        if b"alive" not in alive.stdout:
-            return
-        time.sleep(0.5)
+    """SIGINT the device client (Ctrl-C: it stops between RPCs), then SIGTERM, then SIGKILL if it lingers."""
+    for sig in ("INT", "TERM"):
+        adb.shell(f"[ -f {pidfile} ] && kill -{sig} $(cat {pidfile}) 2>/dev/null; true", check=False)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            alive = adb.shell(f"[ -f {pidfile} ] && kill -0 $(cat {pidfile}) 2>/dev/null && echo alive; true", check=False)
+            if b"alive" not in alive.stdout:
+                return
+            time.sleep(0.5)
     adb.shell(f"[ -f {pidfile} ] && kill -KILL $(cat {pidfile}) 2>/dev/null; true", check=False)

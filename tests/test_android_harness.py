@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import reference_philox
-from device_standin import build_bundle
+from device_standin import TEXTS, shared_bundle, write_jsonl
 from fwdllm.android_harness import harness
 from fwdllm.android_harness.adb import Adb, AdbError
 from fwdllm.cli import main
@@ -32,9 +32,8 @@ PHONE_PROPS = {
 
 
 @pytest.fixture(scope="session")
-def bundle(tmp_path_factory):
-    path, _ = build_bundle(tmp_path_factory.mktemp("android") / "bundle", formats=("tflite",))
-    return path
+def bundle():
+    return shared_bundle()[0]
 
 
 @pytest.fixture(scope="session")
@@ -238,3 +237,53 @@ def test_bench_cli_and_unknown_delegate(deployed, tmp_path, bundle, capsys, monk
 def test_bench_before_deploy_says_deploy(one_phone, tmp_path, bundle):
     with pytest.raises(Exception, match="fwdllm android deploy"):
         harness.bench(one_phone.adb(), bundle, remote(tmp_path), ("cpu",))
+
+
+# ---------------------------------------------------------------- run-client
+
+
+def _coordinator(bundle, state, steps):
+    from fwdllm.coordinator.config import from_dict
+    from fwdllm.coordinator.rounds import Coordinator
+    from fwdllm.coordinator.server import start
+
+    config = from_dict({"run": {"steps": steps, "clients_per_step": 1, "perturbations_per_client": 2, "min_clients": 1,
+                                "over_select": 0.0, "batch_size": 4, "deadline_s": 60},
+                        "optimizer": {"name": "sgd", "lr": 0.1}, "aggregation": {"threads": 1},
+                        "server": {"heartbeat_ms": 200}})
+    coordinator = Coordinator(bundle, state, config)
+    coordinator.store.add_token("tok")
+    return coordinator, start(coordinator, "127.0.0.1", 0)
+
+
+def test_run_client_through_adb_reverse(deployed, bundle, tmp_path):
+    shim, _ = deployed
+    coordinator, server = _coordinator(bundle, tmp_path / "state", steps=2)
+    data = write_jsonl(tmp_path / "local.jsonl", [{"text": t, "label": lab} for t, lab in TEXTS])
+    lines = []
+    try:
+        code = harness.run_client(shim.adb(), server.port, remote(shim.tmp), ["--token", "tok", "--name", "phone"],
+                                  data=data, log_path=tmp_path / "client.log", echo=lines.append)
+        assert code == 0 and coordinator.meta("finished")
+        assert coordinator.store.query("SELECT count(*) FROM history")[0][0] == 2  # two steps applied
+    finally:
+        server.stop(0)
+    assert any("joined 127.0.0.1:" in line for line in lines) and any("run is finished" in line for line in lines)
+    assert (tmp_path / "client.log").read_text().splitlines() == lines  # streamed back and kept
+    assert shim.adb().run("reverse", "--list").stdout.strip() == b""  # the forward is removed again
+    assert not (Path(remote(shim.tmp)) / "client.pid").exists()
+
+
+def test_run_client_is_stopped_cleanly(deployed, bundle, tmp_path):
+    shim, _ = deployed
+    coordinator, server = _coordinator(bundle, tmp_path / "state", steps=10_000)
+    data = write_jsonl(tmp_path / "local.jsonl", [{"text": t, "label": lab} for t, lab in TEXTS])
+    lines = []
+    try:
+        code = harness.run_client(shim.adb(), server.port, remote(shim.tmp), ["--token", "tok"], data=data,
+                                  duration=8, echo=lines.append)
+        assert code == 130 and any("interrupted" in line for line in lines)
+        assert not coordinator.meta("finished")
+    finally:
+        server.stop(0)
+    assert not (Path(remote(shim.tmp)) / "client.pid").exists()
