@@ -114,3 +114,25 @@ def build_plan(model: nn.Module, task: str, num_labels: int | None, opts: PeftOp
         raise UserError(f"--peft {opts.method} with --trainable-layers {opts.trainable_layers} leaves nothing trainable")
     layout = ThetaLayout.from_shapes([(n, tuple(t.shape)) for s in sites for n, (_, t) in zip(s.names(), s.tensors)])
     return Plan(spec, sites, layout, num_layers, expand, task, num_labels)
+
+
+def options_from_manifest(peft_info) -> PeftOptions:
+    """The PeftOptions a bundle was exported with (its manifest's ``peft`` entry)."""
+    cfg = peft_info.config
+    opts = PeftOptions(method=peft_info.method, trainable_layers=peft_info.trainable_layers)
+    if peft_info.method == "lora":
+        opts.lora_r, opts.lora_alpha, opts.lora_targets = int(cfg["r"]), float(cfg["alpha"]), list(cfg["targets"])
+    if peft_info.method == "adapter":
+        opts.adapter_reduction = int(cfg["reduction"])
+    return opts
+
+
+def plan_from_manifest(model: nn.Module, manifest) -> Plan:
+    """Rebuild a bundle's plan on its frozen model; fails when the model is not the one exported."""
+    from fwdllm.proto.manifest import BundleError
+
+    plan = build_plan(model, manifest.model.task, manifest.model.num_labels, options_from_manifest(manifest.peft))
+    if plan.layout != manifest.theta:
+        raise BundleError(f"the model at {manifest.model.source} does not give this bundle's θ layout; "
+                          "point the bundle's model source at the checkpoint it was exported from")
+    return plan
