@@ -19,8 +19,8 @@ import numpy as np
 from fwdllm.errors import UserError
 from fwdllm.proto.perturbation import Distribution, generate
 
-DEFAULT_CHUNK = 1 << 15
-DEFAULT_SEED_GROUP = 64
+DEFAULT_CHUNK = 1 << 14
+DEFAULT_SEED_GROUP = 32
 ROBUST_METHODS = ("mean", "trimmed", "median")
 
 

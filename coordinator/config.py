@@ -38,7 +38,7 @@ class AggregationConfig:
     clip: float = 1e4  # bound on |jvp| of one perturbation; 0 for none
     method: str = "mean"  # mean | trimmed | median (the last two: across per-client estimates)
     trim: float = 0.1
-    chunk: int = 1 << 15
+    chunk: int = 1 << 14  # values per column chunk (cache-sized blocks of seed_group x chunk)
     threads: int = 0  # 0: up to 8 (cpu count)
 
 

@@ -139,7 +139,7 @@ class Coordinator:
                 for key, value in {"fingerprint": self.fingerprint, "step": 0, "wave": 0, "wave_open": False,
                                    "wave_deadline_ms": 0, "next_ordinal": 0, "finished": False, "var0": None,
                                    "wave_variances": [], "step_started_ms": now_ms()}.items():
-                    Store.put(db, key, value)
+                    self.store.put(db, key, value)
         elif fp != self.fingerprint:
             raise UserError(f"the state folder {self.store.dir} belongs to another bundle (fingerprint {fp[:12]}, "
                             f"this bundle {self.fingerprint[:12]}); use a new --state folder for a new model")
@@ -260,7 +260,7 @@ class Coordinator:
         if use_sampler:
             seeds, _ = sampler.select(seeds, self.prev_grad, k, self.cfg.run.distribution,
                                       threads=self.cfg.aggregation.threads or None)
-        Store.put(db, "next_ordinal", ordinal + drawn)
+        self.store.put(db, "next_ordinal", ordinal + drawn)
         return seeds, use_sampler
 
     def _create_task(self, db, client_id: str, now: int) -> TaskRow:
@@ -417,7 +417,7 @@ class Coordinator:
                 self._close_wave(now)
             elif now >= deadline:
                 with self.store.transaction() as db:
-                    Store.put(db, "wave_deadline_ms", now + int(self.cfg.run.deadline_s * 1000))
+                    self.store.put(db, "wave_deadline_ms", now + int(self.cfg.run.deadline_s * 1000))
                     Store.bump(db, "waves_extended")
         if not self.store.get("wave_open") and not self.store.get("finished"):
             self._open_wave(now)
@@ -433,8 +433,8 @@ class Coordinator:
             active = preferred if len(preferred) >= self.cfg.run.min_results else active
         chosen = self._select(active, self._issue_count(), wave)
         with self.store.transaction() as db:
-            Store.put(db, "wave_open", True)
-            Store.put(db, "wave_deadline_ms", now + int(self.cfg.run.deadline_s * 1000))
+            self.store.put(db, "wave_open", True)
+            self.store.put(db, "wave_deadline_ms", now + int(self.cfg.run.deadline_s * 1000))
             for client_id in chosen:
                 self._create_task(db, client_id, now)
 
@@ -449,7 +449,7 @@ class Coordinator:
         with self.store.transaction() as db:
             n = db.execute("UPDATE tasks SET status='cancelled' WHERE step=? AND status='open'", (self.step,)).rowcount
             Store.bump(db, "tasks_cancelled", n)
-            Store.put(db, "wave_open", False)
+            self.store.put(db, "wave_open", False)
         scalars, rows = self._step_scalars()
         vc = self.cfg.variance
         variance = float("nan")
@@ -468,10 +468,10 @@ class Coordinator:
             limit = vc.threshold if vc.mode == "threshold" else vc.relative * var0
             more = variance > limit
         with self.store.transaction() as db:
-            Store.put(db, "wave_variances", variances)
-            Store.put(db, "var0", var0 if var0 is None or math.isfinite(var0) else None)
+            self.store.put(db, "wave_variances", variances)
+            self.store.put(db, "var0", var0 if var0 is None or math.isfinite(var0) else None)
             if more:
-                Store.put(db, "wave", wave + 1)
+                self.store.put(db, "wave", wave + 1)
                 Store.bump(db, "extra_waves")
         if more:
             log.info("step %d wave %d: variance %.3g above the limit, another wave", self.step, wave, variance)
@@ -510,7 +510,7 @@ class Coordinator:
             db.execute("DELETE FROM results WHERE step=?", (self.step,))
             for key, value in {"step": self.step + 1, "wave": 0, "wave_open": False, "next_ordinal": 0,
                                "finished": last, "wave_variances": [], "step_started_ms": now}.items():
-                Store.put(db, key, value)
+                self.store.put(db, key, value)
             Store.bump(db, "steps")
         self.theta, self.prev_grad, self.step, self.bytes_down = theta, grad, self.step + 1, 0
         self.metrics_log.append(row)

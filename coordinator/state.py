@@ -72,17 +72,24 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        # meta is read on every request: served from memory, written through, updated on commit only.
+        self._meta = {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
+        self._pending: dict = {}
 
     @contextmanager
     def transaction(self):
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
+            self._pending = {}
             try:
                 yield self.db
             except BaseException:
                 self.db.execute("ROLLBACK")
+                self._pending = {}
                 raise
             self.db.execute("COMMIT")
+            self._meta.update(self._pending)
+            self._pending = {}
 
     def query(self, sql: str, args=()) -> list[tuple]:
         with self.lock:
@@ -90,12 +97,15 @@ class Store:
 
     # ----- meta and counters -----
     def get(self, key: str, default=None):
-        rows = self.query("SELECT value FROM meta WHERE key=?", (key,))
-        return json.loads(rows[0][0]) if rows else default
+        with self.lock:  # the thread inside a transaction reads its own writes; others wait for the commit
+            if key in self._pending:
+                return self._pending[key]
+            return self._meta.get(key, default)
 
-    @staticmethod
-    def put(db, key: str, value) -> None:
+    def put(self, db, key: str, value) -> None:
+        """Set a meta value inside a ``transaction``; readers see it once that commits."""
         db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+        self._pending[key] = json.loads(json.dumps(value))
 
     @staticmethod
     def bump(db, name: str, by: int = 1) -> None:
