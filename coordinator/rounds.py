@@ -47,6 +47,7 @@ Evaluator = Callable[[np.ndarray], dict]
 DIST = {"gaussian": pb.GAUSSIAN, "rademacher": pb.RADEMACHER}
 SCHEME = {"central": pb.CENTRAL, "forward": pb.FORWARD}
 RETRY_MS = 200
+LAST_SEEN_FLUSH_MS = 5000
 
 
 class Reject(Exception):
@@ -115,7 +116,8 @@ class Coordinator:
         self.metrics_log = MetricsLog(Path(state_dir))
         self.lock = threading.RLock()
         self.limiter = TokenBucket(cfg.server.rate_per_s, cfg.server.rate_burst)
-        self.last_seen: dict[str, int] = {}
+        self.last_seen: dict[str, int] = {}  # counts as active only once seen by this process
+        self._last_flush_ms = 0
         self.bytes_down = 0
         self._restore_or_init(Path(bundle))
 
@@ -394,10 +396,20 @@ class Coordinator:
 
     # ------------------------------------------------------------ waves and steps
     def tick(self) -> None:
-        """Deadlines and waiting waves move on even when no device calls; the server runs this periodically."""
+        """Deadlines and waiting waves move on even when no device calls; the server runs this periodically.
+
+        It also writes the registry's last-seen times, kept in memory between ticks so that a
+        poll costs no write.
+        """
         with self.lock:
+            now = now_ms()
             if not self.store.get("finished"):
-                self._advance(now_ms())
+                self._advance(now)
+            if now - self._last_flush_ms >= LAST_SEEN_FLUSH_MS:
+                seen = [(t, c) for c, t in self.last_seen.items()]
+                with self.store.transaction() as db:
+                    db.executemany("UPDATE clients SET last_seen_ms=? WHERE client_id=?", seen)
+                self._last_flush_ms = now
 
     def _advance(self, now: int) -> None:
         """Expire overdue tasks, close a finished wave, open the next one when clients are there."""
