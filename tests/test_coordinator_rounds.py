@@ -1,0 +1,124 @@
+"""Round mechanics without the network: over-selection, deadlines, stragglers, leaving, selection, versions."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from fwdllm.coordinator.config import from_dict
+from fwdllm.coordinator.rounds import Coordinator, Reject
+from fwdllm.proto.v1 import fwdllm_pb2 as pb
+from test_coordinator_fixtures import dense_v, make_bundle, task_seeds
+
+
+def setup(tmp_path, run: dict, clients: int = 3, **sections):
+    cfg = from_dict({"run": {"steps": 3, "perturbations_per_client": 2, "deadline_s": 30, **run},
+                     "aggregation": {"threads": 1}, **sections})
+    c = Coordinator(make_bundle(tmp_path / "b"), tmp_path / "s", cfg)
+    c.store.add_token("tok")
+    ids = []
+    for i in range(clients):
+        r = c.join(pb.JoinRequest(protocol_version=pb.PROTOCOL_VERSION_1, enrolment_token="tok",
+                                  model_fingerprint=c.fingerprint,
+                                  capabilities=pb.Capabilities(cpu_count=1 + 3 * i)))
+        ids.append((r.client_id, r.session_token))
+    return c, ids
+
+
+def pull(c, ident):
+    return c.pull_task(pb.PullTaskRequest(client_id=ident[0], session_token=ident[1]))
+
+
+def submit(c, ident, task, value=0.5):
+    seeds = task_seeds(task)
+    return c.submit(pb.SubmitRequest(client_id=ident[0], session_token=ident[1], task_id=task.task_id,
+                                     step=task.step, seeds=seeds, jvp=[value] * len(seeds),
+                                     loss=pb.LossStats(mean=1.0), num_examples=8), 100)
+
+
+def reject_code(fn) -> grpc.StatusCode:
+    with pytest.raises(Reject) as info:
+        fn()
+    return info.value.code
+
+
+def test_over_selection_cancels_the_extra_task(tmp_path):
+    c, ids = setup(tmp_path, {"clients_per_step": 2, "over_select": 0.5, "min_clients": 3})
+    tasks = [pull(c, i).task for i in ids]
+    assert all(t.task_id for t in tasks) and len({t.task_id for t in tasks}) == 3
+    submit(c, ids[0], tasks[0]), submit(c, ids[1], tasks[1])
+    assert c.step == 1
+    beat = c.heartbeat(pb.HeartbeatRequest(client_id=ids[2][0], session_token=ids[2][1]))
+    assert tasks[2].task_id in beat.cancel_task_ids
+    assert reject_code(lambda: submit(c, ids[2], tasks[2])) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_deadline_closes_a_wave_with_the_results_that_arrived(tmp_path):
+    c, ids = setup(tmp_path, {"clients_per_step": 3, "over_select": 0.0, "min_clients": 3, "deadline_s": 0.2})
+    tasks = [pull(c, i).task for i in ids]
+    submit(c, ids[0], tasks[0], value=2.0)
+    time.sleep(0.3)
+    c.tick()
+    assert c.step == 1
+    row = c.store.query("SELECT row FROM metrics")[0][0]
+    assert '"perturbations": 2' in row and '"clients_failed": 2' in row
+    # The update used exactly the one result: theta0 - lr * mean(2.0 * v).
+    theta0 = np.linspace(-1, 1, c.dim, dtype=np.float32).astype(np.float64)
+    want = theta0 - 0.01 * (2.0 * dense_v(task_seeds(tasks[0]))).mean(axis=0)
+    np.testing.assert_allclose(c.theta, want, atol=1e-6)
+    assert reject_code(lambda: submit(c, ids[1], tasks[1])) == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_stragglers_expire_and_their_slots_are_handed_out_again(tmp_path):
+    c, ids = setup(tmp_path, {"clients_per_step": 2, "over_select": 0.0, "min_clients": 2, "min_results": 2,
+                              "deadline_s": 0.2}, clients=3)
+    first = [pull(c, i) for i in ids]
+    holders = [i for i, r in zip(ids, first) if r.WhichOneof("outcome") == "task"]
+    idle = [i for i, r in zip(ids, first) if r.WhichOneof("outcome") != "task"]
+    assert len(holders) == 2 and len(idle) == 1
+    submit(c, holders[0], [r.task for r in first if r.WhichOneof("outcome") == "task"][0])
+    time.sleep(0.3)
+    c.tick()  # one result < min_results: the overdue task expires and the wave waits longer
+    assert c.step == 0 and c.store.counters()["tasks_expired"] == 1 and c.store.counters()["waves_extended"] == 1
+    late = pull(c, idle[0]).task  # the freed slot goes to another client
+    submit(c, idle[0], late)
+    assert c.step == 1
+
+
+def test_leaving_frees_the_task_and_needs_a_new_join(tmp_path):
+    c, ids = setup(tmp_path, {"clients_per_step": 1, "over_select": 0.0, "min_clients": 1}, clients=2)
+    replies = [pull(c, i) for i in ids]
+    assert sorted(r.WhichOneof("outcome") for r in replies) == ["retry_after_ms", "task"]
+    holder, other = (ids[0], ids[1]) if replies[0].WhichOneof("outcome") == "task" else (ids[1], ids[0])
+    task = replies[ids.index(holder)].task
+    c.leave(pb.LeaveRequest(client_id=holder[0], session_token=holder[1]))
+    assert pull(c, other).WhichOneof("outcome") == "task"
+    assert reject_code(lambda: submit(c, holder, task)) == grpc.StatusCode.UNAUTHENTICATED
+    again = c.join(pb.JoinRequest(protocol_version=pb.PROTOCOL_VERSION_1, enrolment_token="tok",
+                                  model_fingerprint=c.fingerprint, previous_client_id=holder[0]))
+    assert again.client_id == holder[0]
+
+
+def test_weighted_selection_prefers_reliable_clients(tmp_path):
+    c, ids = setup(tmp_path, {"selection": "weighted"}, clients=2)
+    with c.store.transaction() as db:
+        db.execute("UPDATE clients SET answered=50, failed=0 WHERE client_id=?", (ids[0][0],))
+        db.execute("UPDATE clients SET answered=0, failed=50 WHERE client_id=?", (ids[1][0],))
+    candidates = c.store.query("SELECT client_id, answered, failed, capabilities FROM clients")
+    picks = [c._select(candidates, 1, wave)[0] for wave in range(200)]
+    assert picks.count(ids[0][0]) > 170
+
+
+def test_old_theta_versions_are_served_from_checkpoints(tmp_path):
+    c, ids = setup(tmp_path, {"clients_per_step": 1, "over_select": 0.0, "steps": 2}, clients=1)
+    for _ in range(2):
+        submit(c, ids[0], pull(c, ids[0]).task)
+    assert c.theta_version == 3
+    v1 = c.theta_at(1)[1]
+    np.testing.assert_array_equal(v1, np.linspace(-1, 1, c.dim, dtype=np.float32))
+    assert c.theta_at(0)[0] == 3
+    assert reject_code(lambda: c.theta_at(9)) == grpc.StatusCode.NOT_FOUND
+    assert pull(c, ids[0]).run_finished
