@@ -64,6 +64,7 @@ class ServerConfig:
     rate_per_s: float = 20.0  # per-client requests per second (token bucket)
     rate_burst: int = 40
     heartbeat_ms: int = 5000
+    retry_ms: int = 500  # how long a device without a task waits before pulling again
     active_window_s: float = 60.0  # a client seen this recently counts as active
     workers: int = 32
     checkpoints_keep: int = 5

@@ -46,7 +46,6 @@ log = logging.getLogger("fwdllm.coordinator")
 Evaluator = Callable[[np.ndarray], dict]
 DIST = {"gaussian": pb.GAUSSIAN, "rademacher": pb.RADEMACHER}
 SCHEME = {"central": pb.CENTRAL, "forward": pb.FORWARD}
-RETRY_MS = 200
 LAST_SEEN_FLUSH_MS = 5000
 
 
@@ -297,23 +296,25 @@ class Coordinator:
             if self.store.get("finished"):
                 return pb.PullTaskResponse(run_finished=True)
             now = now_ms()
-            self._advance(now)
+            if not self.store.get("wave_open"):  # an open wave moves on by submits and ticks: polls stay cheap
+                self._advance(now)
             if self.store.get("finished"):
                 return pb.PullTaskResponse(run_finished=True)
+            retry = pb.PullTaskResponse(retry_after_ms=self.cfg.server.retry_ms)
             if not self.store.get("wave_open"):
-                return pb.PullTaskResponse(retry_after_ms=RETRY_MS)
+                return retry
             wave = self.store.get("wave")
             mine = self._tasks("step=? AND wave=? AND client_id=? AND status IN ('open','accepted')",
                                (self.step, wave, req.client_id))
             if mine:
                 if mine[0].status == "accepted":
-                    return pb.PullTaskResponse(retry_after_ms=RETRY_MS)
+                    return retry
                 response = pb.PullTaskResponse(task=self.task_message(mine[0]))
             else:
                 issued = self.store.query("SELECT COUNT(*) FROM tasks WHERE step=? AND wave=? AND status IN "
                                           "('open','accepted')", (self.step, wave))[0][0]
                 if issued >= self._issue_count():
-                    return pb.PullTaskResponse(retry_after_ms=RETRY_MS)
+                    return retry
                 with self.store.transaction() as db:
                     task = self._create_task(db, req.client_id, now)
                 response = pb.PullTaskResponse(task=self.task_message(task))

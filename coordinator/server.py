@@ -8,6 +8,7 @@ INTERNAL. A bug in one request is answered INTERNAL and logged; the server keeps
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -19,6 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from tqdm import tqdm
 
 from fwdllm.errors import UserError
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
@@ -172,10 +174,20 @@ def serve_forever(running: RunningServer, endpoint_file: Path | None = None, exi
         tmp.write_text(f"{running.port}\n")
         tmp.replace(endpoint_file)
     finished_since = None
+    c = running.coordinator
+    bar = tqdm(total=c.cfg.run.steps, initial=c.step, desc="steps", unit="step", disable=None)
     while not done.wait(0.5):
-        if exit_when_finished and running.coordinator.store.get("finished"):
+        if c.step != bar.n:
+            bar.update(c.step - bar.n)
+            last = c.store.query("SELECT row FROM metrics ORDER BY step DESC LIMIT 1")
+            if last:
+                row = json.loads(last[0][0])
+                bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "accuracy", "perturbations")
+                                 if isinstance(row.get(k), (int, float))})
+        if exit_when_finished and c.store.get("finished"):
             # Give devices a few heartbeats to hear run_finished before the port closes.
             finished_since = finished_since or time.monotonic()
             if time.monotonic() - finished_since > 2 * running.coordinator.cfg.server.heartbeat_ms / 1000:
                 break
+    bar.close()
     running.stop()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
+import time
 
 import grpc
 import numpy as np
@@ -16,10 +18,10 @@ from fwdllm.coordinator.rounds import Coordinator
 from fwdllm.coordinator.server import start
 from fwdllm.coordinator.state import Store
 from fwdllm.errors import UserError
-from fwdllm.proto.manifest import Manifest, ModelInfo, PeftInfo, save_theta, write_manifest
+from fwdllm.proto.manifest import Manifest, ModelInfo, PeftInfo, load_manifest, save_theta, write_manifest
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
 from fwdllm.proto.v1 import fwdllm_pb2_grpc as pb_grpc
-from test_coordinator_fixtures import LAYOUT, QuadraticDevice, make_bundle
+from test_coordinator_fixtures import LAYOUT, QuadraticDevice, make_bundle, write_config
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +111,29 @@ def test_state_of_another_bundle_is_refused(tmp_path):
                                    peft=PeftInfo(method="bitfit", trainable_layers="all"), theta=LAYOUT, graphs=[]))
     with pytest.raises(UserError, match="belongs to another bundle"):
         Coordinator(other, tmp_path / "s", from_dict({}))
+
+
+def test_serve_process_runs_to_the_end_and_exits(tmp_path):
+    bundle = make_bundle(tmp_path / "b")
+    config = write_config(tmp_path / "c.json", {"run": {"steps": 2, "clients_per_step": 1, "over_select": 0.0},
+                                                "server": {"heartbeat_ms": 100}})
+    proc = subprocess.Popen([sys.executable, "-m", "fwdllm.cli", "coordinator", "serve", "--bundle", str(bundle),
+                             "--state", str(tmp_path / "s"), "--port", "0", "--config", str(config), "--token", "t",
+                             "--exit-when-finished"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        while not (tmp_path / "s" / "endpoint").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            time.sleep(0.05)
+        channel = grpc.insecure_channel(f"127.0.0.1:{int((tmp_path / 's' / 'endpoint').read_text())}")
+        device = QuadraticDevice(channel, 0)
+        device.join("t", load_manifest(bundle).fingerprint())
+        while not (reply := device.pull()).run_finished:
+            if reply.WhichOneof("outcome") == "task":
+                assert device.submit(reply.task, device.compute(reply.task)).accepted
+        channel.close()
+        assert proc.wait(timeout=30) == 0
+        assert "listening on 127.0.0.1:" in proc.stdout.read().decode()
+        assert len((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()) == 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
