@@ -23,6 +23,7 @@ from bench.report import RESULTS_DIR, machine  # noqa: E402
 SECTIONS = [
     ("Seeded perturbation generator", "perturbation.py", ["perturbation"], ["--values", "1000000", "--repeats", "3"], []),
     ("Communication per device per step", "communication.py", ["communication"], [], []),
+    ("Export time and bundle size", "export.py", ["export"], ["--quick"], []),
 ]
 
 
