@@ -31,6 +31,11 @@ test: setup
 test-slow: setup
 	$(BIN)/pytest -m "slow" $(PYTEST_FLAGS)
 
+# The ARM path on emulated aarch64 (root; ~4 min for the rootfs and ~4 min for the first deploy, both cached).
+test-arm64: setup
+	PYTHON=$(BIN)/python android_harness/rootfs.sh
+	$(BIN)/pytest -m arm64 -s $(PYTEST_FLAGS) tests/test_android_arm64.py
+
 # BENCHMARKS.md from scratch on this machine (< 60 min on 2 cores); bench-quick is the smoke run CI executes.
 bench: setup
 	$(BIN)/python bench/run_all.py
