@@ -79,6 +79,8 @@ class EvalConfig:
     backend: str = "onnxruntime"
     batch_size: int = 32
     limit: int = 0  # evaluate at most this many examples; 0: all
+    patience: int = 0  # stop after this many evaluations without a better eval_loss; 0: never
+    restore_best: bool = True  # on such a stop, end on the best theta seen (use a validation split as data)
 
 
 @dataclass

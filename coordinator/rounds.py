@@ -47,6 +47,7 @@ Evaluator = Callable[[np.ndarray], dict]
 DIST = {"gaussian": pb.GAUSSIAN, "rademacher": pb.RADEMACHER}
 SCHEME = {"central": pb.CENTRAL, "forward": pb.FORWARD}
 LAST_SEEN_FLUSH_MS = 5000
+BEST_FILE = "best.safetensors"
 
 
 class Reject(Exception):
@@ -508,13 +509,24 @@ class Coordinator:
                "dropped_nonfinite": scalars.dropped_nonfinite, "clipped": scalars.clipped}
         last = self.step + 1 >= run.steps
         every = self.cfg.eval.every
+        version = self.step + 2
+        early = {}
         if self.evaluator is not None and every > 0 and ((self.step + 1) % every == 0 or last):
             row.update(self.evaluator(theta))
-        version = self.step + 2
+            early = self._early_stopping(row, theta, version)
+            if early.get("early_stop"):
+                last = True
+                row["early_stopped"] = True
+                if self.cfg.eval.restore_best and early["best_version"] != version:
+                    theta = self.store.load_named(BEST_FILE, self.layout)
+                    row["restored_version"] = early["best_version"]
+        restored = "restored_version" in row
         self.store.save_checkpoint(version, self.layout, theta, {**self.optimizer.state, "prev_grad": grad},
                                    self.cfg.server.checkpoints_keep)
         with self.store.transaction() as db:
-            if self.optimizer.replayable and a.method == "mean" and scalars.seeds.size:
+            for key, value in early.items():
+                self.store.put(db, key, value)
+            if self.optimizer.replayable and a.method == "mean" and scalars.seeds.size and not restored:
                 coeffs = scalars.jvp / np.float32(scalars.seeds.size) * np.float32(info["grad_scale"])
                 db.execute("INSERT OR REPLACE INTO history VALUES (?,?,?,?)",
                            (version, info["lr"], scalars.seeds.astype("<u8").tobytes(), coeffs.astype("<f4").tobytes()))
@@ -529,6 +541,24 @@ class Coordinator:
         self.metrics_log.append(row)
         log.info("step %d applied: %d perturbations, loss %s, lr %.3g", row["step"], row["perturbations"],
                  row["loss"], row["lr"])
+
+    def _early_stopping(self, row: dict, theta: np.ndarray, version: int) -> dict:
+        """Track the best held-out loss; the meta updates to commit, with early_stop when patience ran out.
+
+        A forward-gradient run can collapse late (calibration-bbc.md: BitFit 91.5% -> 31%), so
+        the run may stop when ``eval.patience`` evaluations in a row did not improve the
+        held-out loss, and (``restore_best``) end on the best theta seen.
+        """
+        patience, loss = self.cfg.eval.patience, row.get("eval_loss")
+        if patience <= 0 or loss is None or not math.isfinite(loss):
+            return {}
+        best = self.store.get("best_eval_loss")
+        if best is None or loss < best:
+            self.store.save_named(BEST_FILE, self.layout, theta)
+            return {"best_eval_loss": loss, "best_version": version, "evals_since_best": 0}
+        since = int(self.store.get("evals_since_best", 0)) + 1
+        return {"evals_since_best": since, "best_version": self.store.get("best_version"),
+                "early_stop": since >= patience}
 
     # ------------------------------------------------------------ model distribution
     def theta_at(self, version: int) -> tuple[int, np.ndarray]:

@@ -135,21 +135,32 @@ class Store:
     def checkpoint_path(self, version: int) -> Path:
         return self.dir / CHECKPOINT_DIR / f"theta-v{version:08d}.safetensors"
 
-    def save_checkpoint(self, version: int, layout: ThetaLayout, theta: np.ndarray,
-                        extra: dict[str, np.ndarray], keep: int) -> None:
-        """Write theta (named tensors, like a bundle's theta.safetensors) plus optimiser state, atomically."""
+    def _write(self, path: Path, layout: ThetaLayout, theta: np.ndarray, extra: dict[str, np.ndarray]) -> None:
+        """theta as named tensors (like a bundle's theta.safetensors) plus extra arrays, written atomically."""
         from safetensors.numpy import save_file
 
         tensors = {k: np.ascontiguousarray(v) for k, v in layout.split(np.asarray(theta, dtype=np.float32)).items()}
         tensors.update({f"__state__.{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in extra.items()})
-        path = self.checkpoint_path(version)
         tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"version": str(version)})
+        save_file(tensors, str(tmp))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         tmp.replace(path)
+
+    def save_checkpoint(self, version: int, layout: ThetaLayout, theta: np.ndarray,
+                        extra: dict[str, np.ndarray], keep: int) -> None:
+        """theta of ``version`` plus optimiser state; only the last ``keep`` versions stay."""
+        self._write(self.checkpoint_path(version), layout, theta, extra)
         for old in sorted((self.dir / CHECKPOINT_DIR).glob("theta-v*.safetensors"))[:-keep]:
             old.unlink(missing_ok=True)
+
+    def save_named(self, name: str, layout: ThetaLayout, theta: np.ndarray) -> None:
+        self._write(self.dir / name, layout, theta, {})
+
+    def load_named(self, name: str, layout: ThetaLayout) -> np.ndarray:
+        from safetensors.numpy import load_file
+
+        return layout.flatten(load_file(str(self.dir / name)))
 
     def load_checkpoint(self, version: int, layout: ThetaLayout) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         from safetensors.numpy import load_file

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import grpc
@@ -122,3 +123,27 @@ def test_old_theta_versions_are_served_from_checkpoints(tmp_path):
     assert c.theta_at(0)[0] == 3
     assert reject_code(lambda: c.theta_at(9)) == grpc.StatusCode.NOT_FOUND
     assert pull(c, ids[0]).run_finished
+
+
+def test_early_stopping_ends_on_the_best_theta(tmp_path):
+    script = iter([3.0, 2.0, 2.5, 2.6, 1.0])
+    seen = []
+
+    def evaluator(theta):
+        seen.append(theta.copy())
+        return {"eval_loss": next(script), "accuracy": 0.5}
+
+    cfg = from_dict({"run": {"steps": 10, "clients_per_step": 1, "over_select": 0.0},
+                     "eval": {"every": 1, "patience": 2}, "aggregation": {"threads": 1}})
+    c = Coordinator(make_bundle(tmp_path / "b"), tmp_path / "s", cfg, evaluator=evaluator)
+    c.store.add_token("tok")
+    r = c.join(pb.JoinRequest(protocol_version=pb.PROTOCOL_VERSION_1, enrolment_token="tok",
+                              model_fingerprint=c.fingerprint))
+    ident = (r.client_id, r.session_token)
+    while not (reply := pull(c, ident)).run_finished:
+        submit(c, ident, reply.task, value=1.0)
+    assert c.step == 4 and len(seen) == 4  # stopped after two evaluations without improvement
+    np.testing.assert_array_equal(c.theta, seen[1])  # the best (eval_loss 2.0) theta is the final one
+    np.testing.assert_array_equal(c.theta_at(5)[1], seen[1])
+    last = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert last["early_stopped"] and last["restored_version"] == 3
