@@ -66,8 +66,6 @@ class Servicer:
 
         def unary(method, fn, request_type):
             def behaviour(request, context):
-                if method == "Submit" and not isinstance(request, Malformed):
-                    return self._unary(method, lambda r: c.submit(r, r.ByteSize()), request, context)
                 return self._unary(method, fn, request, context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -85,7 +83,7 @@ class Servicer:
         handlers = {
             "Join": unary("Join", c.join, pb.JoinRequest),
             "PullTask": unary("PullTask", c.pull_task, pb.PullTaskRequest),
-            "Submit": unary("Submit", None, pb.SubmitRequest),
+            "Submit": unary("Submit", lambda r: c.submit(r, r.ByteSize()), pb.SubmitRequest),
             "Heartbeat": unary("Heartbeat", c.heartbeat, pb.HeartbeatRequest),
             "Leave": unary("Leave", c.leave, pb.LeaveRequest),
             "FetchHistory": unary("FetchHistory", c.fetch_history, pb.FetchHistoryRequest),
