@@ -125,16 +125,18 @@ class Batch:
     attention_mask: np.ndarray
     labels: np.ndarray
     key: str = field(default="", compare=False)  # content hash, the prefix cache key
+    real_rows: int | None = field(default=None, compare=False)  # rows before padding; None: all are real
 
     @classmethod
-    def of(cls, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray) -> "Batch":
+    def of(cls, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray,
+           real_rows: int | None = None) -> "Batch":
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         lab = np.ascontiguousarray(labels, dtype=np.int64)
         if ids.ndim != 2 or ids.shape != mask.shape or lab.shape[0] != ids.shape[0]:
             raise BackendError(f"inconsistent batch shapes: ids {ids.shape}, mask {mask.shape}, labels {lab.shape}")
         digest = hashlib.sha256(ids.tobytes() + mask.tobytes() + str(ids.shape).encode()).hexdigest()
-        return cls(ids, mask, lab, digest)
+        return cls(ids, mask, lab, digest, real_rows)
 
     @property
     def size(self) -> int:
@@ -144,21 +146,32 @@ class Batch:
     def seq_len(self) -> int:
         return int(self.input_ids.shape[1])
 
+    @property
+    def padded(self) -> bool:
+        return self.real_rows is not None and self.real_rows < self.size
+
     def loss_weight(self) -> int:
-        """How many terms the graph's mean loss averages over (rows, or shifted labelled tokens)."""
+        """How many terms the mean loss averages over: real rows (seq-cls) or shifted labelled tokens."""
         if self.labels.ndim == 1:
-            return int((self.labels != IGNORE_INDEX).sum())
+            return self.size if self.real_rows is None else self.real_rows
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
     def rows(self, start: int, stop: int, pad_to: int | None = None) -> "Batch":
-        """Rows [start, stop), padded to ``pad_to`` rows with copies of the first row that carry no loss."""
+        """Rows [start, stop), padded to ``pad_to`` rows with copies of the first row.
+
+        Padding rows carry no loss: causal-lm labels are IGNORE_INDEX; seq-cls labels are a
+        valid class (graphs average over every row), and backends take the loss of a padded
+        seq-cls batch from the logits of its real rows.
+        """
         ids, mask, lab = self.input_ids[start:stop], self.attention_mask[start:stop], self.labels[start:stop]
-        missing = (pad_to or 0) - ids.shape[0]
+        real = ids.shape[0]
+        missing = (pad_to or 0) - real
         if missing > 0:
             ids = np.concatenate([ids, np.repeat(ids[:1], missing, 0)])
             mask = np.concatenate([mask, np.repeat(mask[:1], missing, 0)])
-            lab = np.concatenate([lab, np.full((missing, *lab.shape[1:]), IGNORE_INDEX, dtype=np.int64)])
-        return Batch.of(ids, mask, lab)
+            fill = np.full((missing, *lab.shape[1:]), IGNORE_INDEX, dtype=np.int64) if lab.ndim > 1 else np.repeat(lab[:1], missing)
+            lab = np.concatenate([lab, fill])
+        return Batch.of(ids, mask, lab, real if missing > 0 else None)
 
 
 class Tokenizer:

@@ -64,7 +64,7 @@ class GraphBackend(Backend):
         for chunk in self._chunks(batch):
             w = chunk.loss_weight()
             if w:
-                total += w * self._over_thetas(chunk, thetas, "loss").astype(np.float64)
+                total += w * self._chunk_losses(chunk, thetas)
                 weight += w
         if not weight:
             raise BackendError("the batch has no labelled examples or target tokens, so it has no loss")
@@ -92,6 +92,17 @@ class GraphBackend(Backend):
             return
         for start in range(0, batch.size, step):
             yield batch.rows(start, min(start + step, batch.size), pad_to=self.batch_size)
+
+    def _chunk_losses(self, chunk: Batch, thetas: np.ndarray) -> np.ndarray:
+        """Mean loss of the chunk's real rows per θ row (float64)."""
+        if not (chunk.padded and chunk.labels.ndim == 1):
+            return self._over_thetas(chunk, thetas, "loss").astype(np.float64)
+        # seq-cls graphs average over all B rows: take the real rows' cross-entropy from the logits
+        logits = self._over_thetas(chunk, thetas, "logits")[:, : chunk.real_rows].astype(np.float64)
+        top = logits.max(-1, keepdims=True)
+        logz = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+        picked = np.take_along_axis(logits, chunk.labels[None, : chunk.real_rows, None], -1)[..., 0]
+        return (logz - picked).mean(1)
 
     def _over_thetas(self, chunk: Batch, thetas: np.ndarray, output: str) -> np.ndarray:
         """One output for every θ row, in calls of the graph's P (the last call padded)."""

@@ -102,7 +102,7 @@ class MiniCoordinator(pb_grpc.FwdLLMServicer):
         self._auth(request, context)
         version = request.version or max(self.versions)
         data = self.versions[version].astype("<f4").tobytes()
-        chunk = 40  # values per chunk, so θ (67 values) takes several messages
+        chunk = 40  # values per chunk, so θ takes several messages
         for offset in range(0, len(data) // 4, chunk):
             last = offset + chunk >= len(data) // 4
             yield pb.ParameterChunk(version=version, offset=offset, total=len(data) // 4,
@@ -156,15 +156,12 @@ def run_in_thread(client, **kw):
 
 
 def autograd_jvp(model, batch, theta, seeds):
+    """∇f(θ)·v(seed) in float64: autograd's gradient (one backward pass) dotted with each perturbation."""
     ids, mask, labels = (torch.tensor(x) for x in (batch.input_ids, batch.attention_mask, batch.labels))
-    model = model.double()
-    t = torch.tensor(theta, dtype=torch.float64)
-
-    def f(x):
-        return model.loss(ids, mask, labels, x[None])[0][0]
-
-    return np.array([torch.func.jvp(f, (t,), (torch.tensor(generate(s, 0, t.numel()), dtype=torch.float64),))[1].item()
-                     for s in seeds])
+    model = model.double()  # a float64 copy
+    grad = torch.func.grad(lambda x: model.loss(ids, mask, labels, x[None])[0][0])(
+        torch.tensor(theta, dtype=torch.float64)).numpy()
+    return np.array([generate(s, 0, grad.size).astype(np.float64) @ grad for s in seeds])
 
 
 def test_client_serves_tasks_replays_history_and_matches_autograd(bundle, data, caplog):
@@ -194,7 +191,7 @@ def test_client_serves_tasks_replays_history_and_matches_autograd(bundle, data, 
         seeds = list(task.seeds) + [task.seed_ranges[0].start + i for i in range(task.seed_ranges[0].count)]
         assert list(got.seeds) == seeds and got.num_examples == task.batch.size and list(got.nonfinite) == []
         batch = client.tokenizer.batch(select(examples, task.batch.start, task.batch.size))
-        np.testing.assert_allclose(got.jvp, autograd_jvp(bundle[1], batch, theta, seeds), rtol=0, atol=3e-3)
+        np.testing.assert_allclose(got.jvp, autograd_jvp(bundle[1], batch, theta, seeds), rtol=0, atol=1.5e-2)
         assert np.isnan(got.loss.base) and got.loss.min <= got.loss.mean <= got.loss.max
 
 
@@ -259,7 +256,7 @@ def test_refuses_a_bundle_of_another_model(bundle, data):
 def test_cancelled_late_and_bad_tasks_are_not_submitted_and_serving_continues(bundle, data, caplog):
     fingerprint = load_manifest(bundle[0]).fingerprint()
     huge = initial_theta()
-    huge[16:64] = 3e38  # logits overflow: every loss is NaN
+    huge[:] = 3e38  # activations overflow: every loss is NaN
     tasks = [
         make_task("late", 1, seeds=[1], deadline_ms=int(time.time() * 1000) - 1000),
         make_task("cancelled", 1, seeds=[2]),

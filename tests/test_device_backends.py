@@ -136,8 +136,9 @@ def test_manifest_that_does_not_match_the_graph(standin, name):
 def test_theta_of_wrong_length(opened, name):
     backend = opened(name, False)
     batch = backend.tokenizer().batch(examples()[:2])
-    with pytest.raises(BackendError, match=r"θ must have shape \[P, 67\]"):
-        backend.losses(batch, np.zeros((2, 66), np.float32))
+    d = backend.theta_dim
+    with pytest.raises(BackendError, match=rf"θ must have shape \[P, {d}\]"):
+        backend.losses(batch, np.zeros((2, d - 1), np.float32))
 
 
 def test_local_data_loader(standin, tmp_path):

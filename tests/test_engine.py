@@ -1,10 +1,11 @@
-"""The forward-gradient engine against autograd (torch.func.jvp in float64 on the same weights).
+"""The forward-gradient engine against autograd (torch.func.jvp in float64 on the exporter's model).
 
-Tolerances, from measurement on the stand-in bundle (|∇f·v| up to 1.3, 200 seeds):
-central differences have truncation error O(ε²): the max |jvp − ∇f·v| was 0.108 at ε=0.1,
-1.08e-3 at ε=0.01 (both runtimes alike), then float32 rounding of the loss takes over
-(~1e-4 at ε=1e-3, ≈ ulp(loss)/ε). Forward differences are O(ε): 4.5e-2 at ε=0.01. Each
-test allows about 3× the measured error, so a wrong sign, scale or seed order fails.
+Tolerances, from measurement on the test bundle (tiny BERT, BitFit top layer, d = 387;
+|∇f·v| up to 1.8 over 40 seeds): central differences have truncation error O(ε²): the
+max |jvp − ∇f·v| was 0.48 at ε=0.1 and 5.2e-3 at ε=0.01 (ONNX Runtime and LiteRT alike),
+then float32 rounding of the loss takes over (~1e-4 at ε=1e-3, ≈ ulp(loss)/ε). Forward
+differences are O(ε): 0.25 at ε=0.01, 0.025 at ε=1e-3. Each test allows about 3× the
+measured error, so a wrong sign, scale or seed order fails.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from device_standin import LABELS, TEXTS, TinyModel, initial_theta, shared_backend
+from device_standin import LABELS, TEXTS, initial_theta, shared_backend, shared_bundle, theta_dim
 from fwdllm.device_runtime.engine import Cancelled, EngineError, forward_gradients
 from fwdllm.proto.perturbation import generate
 
@@ -28,7 +29,7 @@ def opened():
 
 @pytest.fixture(scope="module")
 def reference():
-    return TinyModel().eval().double()
+    return shared_bundle()[1].double()
 
 
 def batch_of(backend):
@@ -38,16 +39,12 @@ def batch_of(backend):
 
 
 def autograd(model, batch, theta, seeds, dist="gaussian"):
-    """∇f(θ)·v(seed) for each seed, and ∇f(θ), in float64."""
+    """∇f(θ)·v(seed) for each seed, and ∇f(θ), in float64 (one backward pass, then dot products)."""
     ids, mask, labels = (torch.tensor(x) for x in (batch.input_ids, batch.attention_mask, batch.labels))
-    t = torch.tensor(theta, dtype=torch.float64)
-
-    def f(x):
-        return model.loss(ids, mask, labels, x[None])[0][0]
-
-    jvps = [torch.func.jvp(f, (t,), (torch.tensor(generate(s, 0, t.numel(), dist), dtype=torch.float64),))[1].item()
-            for s in seeds]
-    return np.array(jvps), torch.func.grad(f)(t).numpy()
+    grad = torch.func.grad(lambda x: model.loss(ids, mask, labels, x[None])[0][0])(
+        torch.tensor(theta, dtype=torch.float64)).numpy()
+    jvps = np.array([generate(s, 0, grad.size, dist).astype(np.float64) @ grad for s in seeds])
+    return jvps, grad
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -58,7 +55,7 @@ def test_central_jvp_equals_autograd_directional_derivative(opened, reference, n
     coarse = forward_gradients(backend, batch, theta, SEEDS, epsilon=0.1)
     fine = forward_gradients(backend, batch, theta, SEEDS, epsilon=0.01)
     assert fine.nonfinite == [] and fine.seeds == SEEDS and fine.evaluations == 2 * len(SEEDS)
-    np.testing.assert_allclose(fine.jvp, want, rtol=0, atol=3e-3)
+    np.testing.assert_allclose(fine.jvp, want, rtol=0, atol=1.5e-2)
     # second order: 10× smaller ε gives ~100× smaller error (not merely 10×)
     ratio = np.abs(coarse.jvp - want).max() / np.abs(fine.jvp - want).max()
     assert ratio > 50
@@ -70,10 +67,10 @@ def test_forward_scheme_and_rademacher(opened, reference, name):
     backend = opened(name, False)
     batch, theta = batch_of(backend), initial_theta(3)
     want, _ = autograd(reference, batch, theta, SEEDS[:12], "rademacher")
-    got = forward_gradients(backend, batch, theta, SEEDS[:12], epsilon=0.01, scheme="forward",
+    got = forward_gradients(backend, batch, theta, SEEDS[:12], epsilon=1e-3, scheme="forward",
                             distribution="rademacher")
     assert got.evaluations == 13 and np.isfinite(got.loss_base)
-    np.testing.assert_allclose(got.jvp, want, rtol=0, atol=0.15)
+    np.testing.assert_allclose(got.jvp, want, rtol=0, atol=0.075)
 
 
 def test_average_of_jvp_times_v_approaches_the_gradient(opened, reference):
@@ -87,9 +84,9 @@ def test_average_of_jvp_times_v_approaches_the_gradient(opened, reference):
         estimate += j * generate(s, 0, theta.size)
         if i in (10, 100, 2000):
             cosines[i] = float(estimate @ grad / np.linalg.norm(estimate) / np.linalg.norm(grad))
-    # theory for Gaussian v: cos ≈ sqrt(n / (n + d + 1)) with d = 67
+    # theory for Gaussian v: cos ≈ sqrt(n / (n + d + 1)) with d = 387: 0.16, 0.45, 0.92
     assert cosines[10] < cosines[100] < cosines[2000]
-    assert cosines[2000] > 0.95 and cosines[10] < 0.7
+    assert cosines[2000] > 0.85 and cosines[10] < 0.5
 
 
 @pytest.mark.parametrize("name", BACKENDS)
@@ -106,7 +103,7 @@ def test_nonfinite_losses_are_reported_never_sent_as_numbers(opened, name):
     backend = opened(name, False)
     batch = batch_of(backend)
     theta = initial_theta()
-    theta[16:64] = 3e38  # head weights near float32 max: logits overflow to inf, the loss is NaN
+    theta[:] = 3e38  # every θ entry near float32 max: activations overflow to inf, the loss is NaN
     result = forward_gradients(backend, batch, theta, SEEDS[:5])
     assert result.nonfinite == [0, 1, 2, 3, 4]
     assert np.all(result.jvp == 0) and np.isnan(result.loss_mean)
@@ -126,7 +123,7 @@ def test_bad_requests_are_clear_errors(opened):
     for kwargs, message in cases:
         with pytest.raises(EngineError, match=message):
             forward_gradients(backend, batch, theta, **kwargs)
-    with pytest.raises(EngineError, match="length 67"):
+    with pytest.raises(EngineError, match=f"length {theta_dim()}"):
         forward_gradients(backend, batch, theta[:-1], SEEDS[:2])
     bad = theta.copy()
     bad[0] = np.nan
