@@ -223,6 +223,20 @@ def test_bench_per_delegate_with_perturbed_theta(deployed, bundle, tmp_path):
     assert "| xnnpack | ok |" in table and "| qnn | failed |" in table
 
 
+def test_bench_with_a_deployed_benchmark_binary(one_phone, tmp_path, bundle, capsys):
+    # A benchmark_model stand-in for this x86-64 "phone": a script (not ELF, so no ABI check) running our runner.
+    tool = tmp_path / "benchmark_model"
+    tool.write_text(f"#!/bin/sh\nexec {sys.executable} -m fwdllm.android_harness.benchmark_model \"$@\"\n")
+    assert main(["android", "deploy", "--remote-dir", remote(tmp_path), "--no-runtime"]) == 2
+    assert "nothing to deploy" in capsys.readouterr().err
+    assert main(["android", "deploy", "--remote-dir", remote(tmp_path), "--no-runtime",
+                 "--benchmark-model", str(tool)]) == 0
+    assert os.access(Path(remote(tmp_path)) / "bin" / "benchmark_model", os.X_OK)
+    doc = harness.bench(one_phone.adb(), bundle, remote(tmp_path), ("xnnpack",), num_runs=2, warmup_runs=1)
+    assert doc["runner"] == f"{remote(tmp_path)}/bin/benchmark_model"
+    assert doc["rows"][0]["status"] == "ok"
+
+
 def test_bench_cli_and_unknown_delegate(deployed, tmp_path, bundle, capsys, monkeypatch):
     shim, _ = deployed
     monkeypatch.setenv("FWDLLM_ADB_SHIM_CONFIG", str(shim.config))
