@@ -46,6 +46,7 @@ if [ ! -e "$ROOTFS/.fwdllm-rootfs-ready" ]; then
             | awk '{print $2}' | grep -m1 -E 'debian/?$' || true)"
   mirror="${mirror:-http://deb.debian.org/debian}"
   log "debootstrap --arch=arm64 $SUITE into $ROOTFS from $mirror"
+  for m in proc dev sys; do umount "$ROOTFS.partial/$m" "$ROOTFS/$m" 2>/dev/null || true; done
   rm -rf "$ROOTFS.partial"
   mkdir -p "$(dirname "$ROOTFS")"
   debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,python3-pip \
@@ -55,10 +56,10 @@ if [ ! -e "$ROOTFS/.fwdllm-rootfs-ready" ]; then
   touch "$ROOTFS/.fwdllm-rootfs-ready"
 fi
 
-# 4. Mounts the device side needs: /proc (Python, cpuinfo) and /dev (urandom, null).
+# 4. The one mount the device side needs: /proc (Python, /proc/meminfo). debootstrap made the
+#    /dev nodes (null, zero, urandom); host /dev and /sys stay out, so deleting the root is safe
+#    once /proc is unmounted (`umount ROOTFS/proc`).
 mountpoint -q "$ROOTFS/proc" || mount -t proc proc "$ROOTFS/proc"
-mountpoint -q "$ROOTFS/dev" || mount --bind /dev "$ROOTFS/dev"
-mountpoint -q "$ROOTFS/sys" || mount --bind /sys "$ROOTFS/sys"
 
 # 5. aarch64 wheels of the device extra, pinned like the host (constraints.txt), for an
 #    offline install on the device. Several manylinux tags: the newest alone misses wheels.
