@@ -121,6 +121,23 @@ def _choice(name: str, value, allowed) -> None:
         raise UserError(f"{name} is {value!r}; use one of {list(allowed)}")
 
 
+def _check_type(name: str, default, value) -> None:
+    """The value must have the default's type (an int is fine where a float is expected)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, bool):
+        ok, want = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, want = number and isinstance(value, int), "an integer"
+    elif isinstance(default, float) or default is None:
+        ok, want = number or (default is None and value is None), "a number"
+    elif isinstance(default, str):
+        ok, want = isinstance(value, str), "a string"
+    else:
+        ok, want = isinstance(value, type(default)), type(default).__name__
+    if not ok:
+        raise UserError(f"config key {name} must be {want}, got {value!r}")
+
+
 def from_dict(data: dict) -> CoordinatorConfig:
     cfg = CoordinatorConfig()
     sections = {f.name for f in fields(cfg)}
@@ -134,6 +151,7 @@ def from_dict(data: dict) -> CoordinatorConfig:
         for key, value in values.items():
             if key not in known:
                 raise UserError(f"unknown config key {section}.{key}; [{section}] has {sorted(known)}")
+            _check_type(f"{section}.{key}", getattr(target, key), value)
             setattr(target, key, value)
     cfg.check()
     return cfg

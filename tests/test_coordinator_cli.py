@@ -93,7 +93,10 @@ def test_config_files_and_their_errors(tmp_path):
                          ({"runn": {}}, "unknown config section"),
                          ({"optimizer": {"name": "lion"}}, "optimizer.name"),
                          ({"variance": {"mode": "sometimes"}}, "variance.mode"),
-                         ({"run": {"clients_per_step": 0}}, "at least 1")]:
+                         ({"run": {"clients_per_step": 0}}, "at least 1"),
+                         ({"run": {"steps": "ten"}}, "run.steps must be an integer"),
+                         ({"sampler": {"enabled": 1}}, "true or false"),
+                         ({"optimizer": {"groups": "bias"}}, "optimizer.groups must be list")]:
         with pytest.raises(UserError, match=message):
             from_dict(bad)
     (tmp_path / "broken.toml").write_text("[run\n")
