@@ -125,3 +125,20 @@ def test_llama_lora_round_trip_loss(tmp_path_factory, tmp_path):
     with torch.no_grad():
         loss = model(input_ids=ids, attention_mask=mask, labels=torch.from_numpy(batch["labels"])).loss.numpy()
     assert rel_err(_graph(tmp_path / "b", manifest, batch, theta)["loss"][0], loss) <= 1e-4
+
+
+def test_export_starts_from_a_written_peft_adapter(tiny_bert, tmp_path):
+    """export -> export-peft -> export --from-peft-adapter gives back θ's LoRA tensors and config."""
+    from fwdllm.export.peft_out import export_peft
+    from fwdllm.proto.manifest import load_manifest, load_theta
+
+    manifest = export_bundle(tmp_path / "b", tiny_bert, method="lora", trainable_layers="top:2", lora_r=4, lora_alpha=8.0)
+    theta = _trained_theta(manifest, tmp_path / "theta.safetensors")
+    export_peft(tmp_path / "b", tmp_path / "theta.safetensors", tmp_path / "hf")
+    again = export_bundle(tmp_path / "b2", tiny_bert, from_peft_adapter=str(tmp_path / "hf"), trainable_layers="top:2")
+    assert again.peft.config["r"] == 4 and again.peft.config["alpha"] == 8.0
+    assert again.theta == manifest.theta
+    start = load_theta(tmp_path / "b2", load_manifest(tmp_path / "b2"))
+    lora = [s for s in manifest.theta.tensors if ".lora_" in s.name]
+    for s in lora:
+        np.testing.assert_array_equal(start[s.offset : s.offset + s.size], theta[s.offset : s.offset + s.size])
