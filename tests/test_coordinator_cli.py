@@ -119,7 +119,7 @@ def test_state_of_another_bundle_is_refused(tmp_path):
 def test_serve_process_runs_to_the_end_and_exits(tmp_path):
     bundle = make_bundle(tmp_path / "b")
     config = write_config(tmp_path / "c.json", {"run": {"steps": 2, "clients_per_step": 1, "over_select": 0.0},
-                                                "server": {"heartbeat_ms": 100}})
+                                                "server": {"heartbeat_ms": 100, "rate_per_s": 1000}})
     proc = subprocess.Popen([sys.executable, "-m", "fwdllm.cli", "coordinator", "serve", "--bundle", str(bundle),
                              "--state", str(tmp_path / "s"), "--port", "0", "--config", str(config), "--token", "t",
                              "--exit-when-finished"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)

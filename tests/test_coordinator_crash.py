@@ -30,7 +30,7 @@ class Server:
             "run": {"steps": STEPS, "clients_per_step": 3, "perturbations_per_client": 2, "min_clients": 3,
                     "over_select": 0.0, "deadline_s": 60},
             "optimizer": {"name": "momentum", "lr": 0.05, "momentum": 0.5, "schedule": "constant"},
-            "aggregation": {"threads": 1}})
+            "aggregation": {"threads": 1}, "server": {"rate_per_s": 1000, "rate_burst": 2000}})
         self.log = open(tmp_path / "server.log", "ab")
         self.proc, self.port, self.starts = None, None, 0
 

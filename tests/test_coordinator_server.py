@@ -21,7 +21,7 @@ from test_coordinator_fixtures import LAYOUT, QuadraticDevice, dense_v, make_bun
 BASE = {"run": {"steps": 3, "clients_per_step": 3, "perturbations_per_client": 4, "min_clients": 3,
                 "over_select": 0.0, "deadline_s": 30},
         "optimizer": {"name": "sgd", "lr": 0.05, "schedule": "linear"},
-        "aggregation": {"threads": 1}}
+        "aggregation": {"threads": 1}, "server": {"rate_per_s": 1000, "rate_burst": 2000}}  # devices poll fast here
 
 
 def merged(**sections):
