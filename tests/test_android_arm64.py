@@ -115,7 +115,12 @@ def test_bench_on_aarch64(device, tmp_path):
     doc = harness.bench(adb, shared_bundle()[0], R, ("cpu", "xnnpack", "gpu"), num_runs=5, warmup_runs=1)
     rows = {r["delegate"]: r for r in doc["rows"]}
     print("\n" + harness.bench_markdown(doc))
-    assert rows["cpu"]["status"] == "ok" and rows["xnnpack"]["status"] == "ok"
+    assert rows["cpu"]["status"] == "ok" and rows["cpu"]["avg_us"] > 0
+    # Under qemu-user, cpuinfo cannot read /sys (left unmounted: host sysfs crashes onnxruntime), and
+    # XNNPACK then declines every node: the row must say so rather than pass CPU timings off as XNNPACK's.
+    assert rows["xnnpack"]["status"] in ("ok", "not-applied") and rows["xnnpack"]["avg_us"] > 0
+    if rows["xnnpack"]["status"] == "not-applied":
+        assert "took no part" in rows["xnnpack"]["message"]
     assert rows["gpu"]["status"] == "not-applied"
 
 
