@@ -149,6 +149,12 @@ class Coordinator:
         self.theta, extra = self.store.load_checkpoint(self.step + 1, self.layout)
         self.prev_grad = extra.pop("prev_grad", None)
         self.optimizer.load_state(extra)
+        if self.evaluator is not None and self.cfg.eval.every > 0 and not self.store.query("SELECT 1 FROM metrics"):
+            # The starting point of the curves: the bundle's theta, recorded as step -1.
+            row = {"step": -1, "theta_version": 1, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   **self.evaluator(self.theta)}
+            with self.store.transaction() as db:
+                db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?)", (-1, json.dumps(row)))
         self.metrics_log.rewrite([json.loads(r[0]) for r in self.store.query("SELECT row FROM metrics ORDER BY step")])
         log.info("coordinator at step %d (theta version %d), d=%d", self.step, self.step + 1, self.dim)
 

@@ -46,10 +46,11 @@ def test_real_devices_complete_steps_with_evaluation(tmp_path):
             t.join(timeout=120)
         assert codes == [0, 0, 0] and coordinator.meta("finished")
         metrics = [json.loads(line) for line in (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()]
-        assert [m["step"] for m in metrics] == [0, 1, 2]
-        assert all(m["perturbations"] == 6 and m["clients_answered"] == 3 for m in metrics)
-        assert all(0.0 <= m["accuracy"] <= 1.0 and np.isfinite(m["eval_loss"]) and np.isfinite(m["loss"])
-                   for m in metrics)
+        assert [m["step"] for m in metrics] == [-1, 0, 1, 2]  # -1: the bundle's theta, before training
+        assert all(m["perturbations"] == 6 and m["clients_answered"] == 3 for m in metrics[1:])
+        assert all(0.0 <= m["accuracy"] <= 1.0 and np.isfinite(m["eval_loss"]) for m in metrics)
+        assert all(np.isfinite(m["loss"]) for m in metrics[1:])
+        assert metrics[0]["accuracy"] == evaluator(load_theta(bundle, load_manifest(bundle)))["accuracy"]
         # Theta equals the initial theta minus the recorded updates, summed densely here.
         manifest = load_manifest(bundle)
         theta = load_theta(bundle, manifest).astype(np.float64)

@@ -126,7 +126,7 @@ def test_old_theta_versions_are_served_from_checkpoints(tmp_path):
 
 
 def test_early_stopping_ends_on_the_best_theta(tmp_path):
-    script = iter([3.0, 2.0, 2.5, 2.6, 1.0])
+    script = iter([5.0, 3.0, 2.0, 2.5, 2.6, 1.0])  # the first is the initial theta (step -1)
     seen = []
 
     def evaluator(theta):
@@ -142,8 +142,8 @@ def test_early_stopping_ends_on_the_best_theta(tmp_path):
     ident = (r.client_id, r.session_token)
     while not (reply := pull(c, ident)).run_finished:
         submit(c, ident, reply.task, value=1.0)
-    assert c.step == 4 and len(seen) == 4  # stopped after two evaluations without improvement
-    np.testing.assert_array_equal(c.theta, seen[1])  # the best (eval_loss 2.0) theta is the final one
-    np.testing.assert_array_equal(c.theta_at(5)[1], seen[1])
+    assert c.step == 4 and len(seen) == 5  # stopped after two evaluations without improvement
+    np.testing.assert_array_equal(c.theta, seen[2])  # the best (eval_loss 2.0) theta is the final one
+    np.testing.assert_array_equal(c.theta_at(5)[1], seen[2])
     last = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["early_stopped"] and last["restored_version"] == 3
