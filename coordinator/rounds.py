@@ -421,6 +421,10 @@ class Coordinator:
 
     def _advance(self, now: int) -> None:
         """Expire overdue tasks, close a finished wave, open the next one when clients are there."""
+        if self.store.get("step_ready"):  # decided before a crash, not yet applied
+            self._apply_step(now)
+            if self.store.get("finished"):
+                return
         wave = int(self.store.get("wave"))
         if self.store.get("wave_open"):
             overdue = self.store.query("SELECT task_id, client_id FROM tasks WHERE step=? AND status='open' AND "
@@ -465,12 +469,13 @@ class Coordinator:
         return clean(contributions, self.cfg.aggregation.clip or None), rows
 
     def _close_wave(self, now: int) -> None:
+        """Decide (variance control) between another wave and the update, and commit that decision at once.
+
+        The commit marks the step ``step_ready`` when it is to be applied, so a crash before
+        the update is written resumes by applying it, never by reopening the closed wave.
+        """
         wave = int(self.store.get("wave"))
-        with self.store.transaction() as db:
-            n = db.execute("UPDATE tasks SET status='cancelled' WHERE step=? AND status='open'", (self.step,)).rowcount
-            Store.bump(db, "tasks_cancelled", n)
-            self.store.put(db, "wave_open", False)
-        scalars, rows = self._step_scalars()
+        scalars, _ = self._step_scalars()
         vc = self.cfg.variance
         variance = float("nan")
         if vc.mode in ("threshold", "relative"):
@@ -488,17 +493,24 @@ class Coordinator:
             limit = vc.threshold if vc.mode == "threshold" else vc.relative * var0
             more = variance > limit
         with self.store.transaction() as db:
+            n = db.execute("UPDATE tasks SET status='cancelled' WHERE step=? AND status='open'", (self.step,)).rowcount
+            Store.bump(db, "tasks_cancelled", n)
+            self.store.put(db, "wave_open", False)
             self.store.put(db, "wave_variances", variances)
             self.store.put(db, "var0", var0 if var0 is None or math.isfinite(var0) else None)
             if more:
                 self.store.put(db, "wave", wave + 1)
                 Store.bump(db, "extra_waves")
+            else:
+                self.store.put(db, "step_ready", True)
         if more:
             log.info("step %d wave %d: variance %.3g above the limit, another wave", self.step, wave, variance)
             return
-        self._apply_step(scalars, rows, variances, now)
+        self._apply_step(now)
 
-    def _apply_step(self, scalars: CleanedScalars, rows: list, variances: list, now: int) -> None:
+    def _apply_step(self, now: int) -> None:
+        scalars, rows = self._step_scalars()
+        variances = list(self.store.get("wave_variances") or [float("nan")])
         a, run = self.cfg.aggregation, self.cfg.run
         grad = aggregate(scalars, self.dim, run.distribution, method=a.method, trim=a.trim, chunk=a.chunk,
                          threads=a.threads or None)
@@ -540,7 +552,8 @@ class Coordinator:
             db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?)", (self.step, json.dumps(row)))
             db.execute("DELETE FROM results WHERE step=?", (self.step,))
             for key, value in {"step": self.step + 1, "wave": 0, "wave_open": False, "next_ordinal": 0,
-                               "finished": last, "wave_variances": [], "step_started_ms": now}.items():
+                               "finished": last, "wave_variances": [], "step_started_ms": now,
+                               "step_ready": False}.items():
                 self.store.put(db, key, value)
             Store.bump(db, "steps")
         self.theta, self.prev_grad, self.step, self.bytes_down = theta, grad, self.step + 1, 0

@@ -147,3 +147,25 @@ def test_early_stopping_ends_on_the_best_theta(tmp_path):
     np.testing.assert_array_equal(c.theta_at(5)[1], seen[2])
     last = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()][-1]
     assert last["early_stopped"] and last["restored_version"] == 3
+
+
+def test_a_crash_between_the_decision_and_the_update_applies_it_on_restart(tmp_path, monkeypatch):
+    c, ids = setup(tmp_path, {"clients_per_step": 2, "over_select": 0.0, "min_clients": 2}, clients=2)
+    tasks = [pull(c, i).task for i in ids]
+    submit(c, ids[0], tasks[0], value=1.0)
+
+    def crash(self, now):
+        raise KeyboardInterrupt("killed before the update was written")
+
+    monkeypatch.setattr(Coordinator, "_apply_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        submit(c, ids[1], tasks[1], value=-1.0)
+    issued = c.store.counters()["tasks_issued"]
+    c.close()
+    monkeypatch.undo()
+    restarted = Coordinator(tmp_path / "b", tmp_path / "s", c.cfg)
+    restarted.tick()
+    assert restarted.step == 1 and restarted.store.counters()["tasks_issued"] == issued  # no wave was reopened
+    v = dense_v(task_seeds(tasks[0]) + task_seeds(tasks[1]))
+    want = np.linspace(-1, 1, c.dim, dtype=np.float32) - 0.01 * (np.array([1, 1, -1, -1]) @ v) / 4
+    np.testing.assert_allclose(restarted.theta, want, atol=1e-6)
