@@ -78,6 +78,7 @@ async def load_test(port: int, fingerprint: str, clients: int, steps: int) -> di
     stub = pb_grpc.FwdLLMStub(channel)
     latencies: list[float] = []
     submit_span = [float("inf"), 0.0]
+    requests = [0]
 
     async def one_client(i: int) -> None:
         joined = await stub.Join(pb.JoinRequest(protocol_version=pb.PROTOCOL_VERSION_1, enrolment_token="bench",
@@ -86,6 +87,7 @@ async def load_test(port: int, fingerprint: str, clients: int, steps: int) -> di
         done = set()
         while len(done) < steps:
             reply = await stub.PullTask(pb.PullTaskRequest(client_id=cid, session_token=tok), timeout=300)
+            requests[0] += 1
             if reply.run_finished:
                 return
             if reply.WhichOneof("outcome") != "task" or reply.task.task_id in done:
@@ -102,6 +104,7 @@ async def load_test(port: int, fingerprint: str, clients: int, steps: int) -> di
             end = time.perf_counter()
             submit_span[1] = max(submit_span[1], end)
             latencies.append(end - start)
+            requests[0] += 1
             done.add(task.task_id)
 
     wall = time.perf_counter()
@@ -109,9 +112,14 @@ async def load_test(port: int, fingerprint: str, clients: int, steps: int) -> di
     wall = time.perf_counter() - wall
     await channel.close()
     lat = sorted(latencies)
-    return {"submits": len(lat), "wall_s": wall, "submits/s": len(lat) / (submit_span[1] - submit_span[0]),
+    return {"submits": len(lat), "requests": requests[0] + clients, "wall_s": wall, "submits/s": len(lat) / (submit_span[1] - submit_span[0]),
             "p50 ms": 1000 * lat[len(lat) // 2], "p99 ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
             "mean ms": 1000 * statistics.fmean(lat)}
+
+
+def _process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def bench_load(dim: int, clients: int, steps: int) -> list[dict]:
@@ -133,7 +141,10 @@ def bench_load(dim: int, clients: int, steps: int) -> list[dict]:
                     raise SystemExit(f"the server failed to start:\n{(tmp / 'server.log').read_text()}")
                 time.sleep(0.1)
             port = int((tmp / "state" / "endpoint").read_text())
+            cpu_before = _process_cpu_s(proc.pid)
             result = asyncio.run(load_test(port, load_manifest(bundle).fingerprint(), clients, steps))
+            # Server CPU per request (joins, pulls, submits): robust to the machine's other load.
+            result["server CPU ms/request"] = 1000 * (_process_cpu_s(proc.pid) - cpu_before) / result.pop("requests")
         finally:
             proc.terminate()
             proc.wait(timeout=60)
@@ -208,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = (f"python bench/aggregation.py --dim {args.dim} --seeds {args.seeds} --clients {args.clients} "
            f"--steps {args.steps} --repeats {args.repeats}")
     columns = ["part", "what", "d", "N", "Mvalues/s", "ratio to raw", "submits/s", "p50 ms", "p99 ms",
+               "server CPU ms/request",
                "history bytes", "theta bytes", "replay device s", "download s at 10 Mbit/s", "mean cosine",
                "cosine spread"]
     path = write_results("aggregation", cmd, rows, columns, notes=(
