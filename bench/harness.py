@@ -19,6 +19,8 @@ from __future__ import annotations
 import copy
 import json
 import secrets
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,8 +29,33 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fwdllm.data.datasets import LoadOptions, seeded_split
+from fwdllm.data.datasets import AGNEWS_LABELS, LoadOptions, seeded_split
 from fwdllm.simulate import SimConfig
+
+CACHE = Path(__file__).resolve().parents[1] / ".cache" / "bench-bundles"
+BBC_LABELS = ["business", "entertainment", "politics", "sports", "tech"]
+
+
+def bundle(peft: str, layers: str = "all", seq_len: int = 64, labels: list[str] = BBC_LABELS,
+           model: str = "minilm", formats: str = "onnx", precision: str = "fp32", task: str = "seq-cls") -> Path:
+    """A bundle made by `fwdllm export`, cached under .cache/ (exports take minutes).
+
+    The export runs in a child process so this one never loads torch: a process's ru_maxrss
+    starts at its parent's resident size (fork copies the high-water mark), which would
+    inflate every memory measurement spawned from here.
+    """
+    name = f"{model}-{task}-{peft}-{layers.replace(':', '')}-s{seq_len}-{len(labels)}-{formats}-{precision}"
+    out = CACHE / name.replace(",", "_")
+    if not (out / "manifest.json").is_file():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        args = ["export", "--model", model, "--task", task, "--peft", peft, "--trainable-layers", layers,
+                "--format", formats, "--precision", precision, "--seq-len", str(seq_len), "--out", str(out)]
+        if task == "seq-cls":
+            args += ["--label-names", ",".join(labels)]
+        proc = subprocess.run([sys.executable, "-m", "fwdllm.cli", *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"fwdllm {' '.join(args)} failed: {proc.stderr.strip()[-500:]}")
+    return out
 
 
 @dataclass

@@ -1,0 +1,145 @@
+"""Peak memory of one device step: plain inference, fwdllm per backend, PyTorch backprop (issue 8 item 1).
+
+    python bench/memory.py            # MiniLM-L6 and SmolLM2-135M, sequence 64 and 128
+    python bench/memory.py --quick    # MiniLM-L6, sequence 64
+
+Every configuration runs in a fresh process and reports its own peak RSS (ru_maxrss), so no
+configuration inherits another's allocations (measured-spikes.md). Batch 8 throughout.
+
+- plain: one forward pass of the bundle in ONNX Runtime (what inference alone costs);
+- fwdllm/<backend>: one real task through the device engine (16 seeds, θ ± εv rows batched
+  per call) with `fwdllm bench`'s worker (device_runtime/bench.py);
+- backprop/<peft>: two AdamW steps (forward, backward, update) of the exporter's own model
+  with θ trainable (fwdllm/baselines.py TrainableModel: same PEFT sites and head); ``full``
+  also trains every weight.
+
+A device process never imports torch; a backprop process must, and torch's own resident
+size is part of what backprop costs on a device. Ratios are to backprop LoRA of the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench import harness  # noqa: E402
+from bench.report import write_results  # noqa: E402
+
+PAPER = "FwdLLM paper (memory table, §5): FwdLLM at 14–37% of backprop's peak memory for BERT-family models."
+BACKPROP = ("full", "lora", "adapter", "bitfit")
+LABELS = ["a", "b"]  # SmolLM2 as a 2-class seq-cls model: the same model for every column
+
+
+def backprop_child(spec: dict) -> dict:
+    """Two AdamW steps of the exporter's model with ``spec['peft']`` trainable; peak RSS of this process."""
+    import torch
+
+    from fwdllm.baselines import TrainableModel
+    from fwdllm.device_runtime.bench import sample_texts
+
+    torch.set_num_threads(1)
+    model = TrainableModel(spec["model"], spec["peft"], spec["labels"], seed=0)
+    opt = torch.optim.AdamW(model.params, lr=1e-4)
+    ids, mask = model.encode(sample_texts(spec["batch"]), spec["seq"])
+    labels = torch.arange(spec["batch"]) % len(spec["labels"])
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        loss, _ = model.loss_logits(ids, mask, labels)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        times.append(time.perf_counter() - start)
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "step_ms": 1000 * min(times),
+            "trainable": model.num_trainable}
+
+
+def _backprop(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, str(Path(__file__)), "--child", json.dumps(spec)], capture_output=True,
+                          text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not lines:
+        return {"error": ((proc.stderr.strip().splitlines() or ["no output"])[-1])[:300]}
+    return json.loads(lines[-1])
+
+
+def _bundle(**kw) -> Path | dict:
+    try:
+        return harness.bundle(**kw)
+    except Exception as exc:  # an export that fails here is a row with its error, not a missing table
+        return {"error": f"export failed: {exc}"[:300]}
+
+
+def measure(model: str, seq: int, quick: bool) -> list[dict]:
+    from fwdllm.device_runtime.bench import _subprocess
+
+    labels = harness.BBC_LABELS if model == "minilm" else LABELS
+    formats = "onnx" if quick else "onnx,tflite"
+    device = _bundle(peft="lora", seq_len=seq, labels=labels, model=model, formats=formats)
+    base = {"batch": 8, "perturbations": 8, "seeds": 16, "runs": 2, "warmup": 1}
+    rows = []
+
+    def add(kind: str, what: str, out: dict) -> None:
+        rows.append({"model": model, "seq": seq, "kind": kind, "configuration": what, **out})
+
+    configs = [("plain", "ONNX Runtime, one forward", "onnxruntime", "plain"),
+               ("fwdllm", "onnxruntime (LoRA θ)", "onnxruntime", "perturbed")]
+    if not quick:
+        configs.append(("fwdllm", "litert xnnpack (LoRA θ)", "litert", "perturbed"))
+    for kind, what, backend, mode in configs:
+        if isinstance(device, dict):
+            add(kind, what, device)
+            continue
+        options = {"threads": 1, "kernels": "xnnpack"} if backend == "litert" else {"threads": 1}
+        add(kind, what, _subprocess("worker", {**base, "bundle": str(device), "backend": backend, "precision": "fp32",
+                                               "options": options, "mode": mode}))
+    if model == "smollm2" and not quick:
+        gguf = _bundle(peft="lora", seq_len=seq, model=model, formats="gguf", precision="q8_0", task="causal-lm")
+        add("fwdllm", "llama.cpp q8_0 (causal-lm LoRA θ)", gguf if isinstance(gguf, dict) else _subprocess(
+            "worker", {**base, "bundle": str(gguf), "backend": "llama.cpp", "precision": "q8_0",
+                       "options": {"threads": 1}, "mode": "perturbed"}))
+    for peft in BACKPROP:
+        add("backprop", f"PyTorch {peft} + AdamW",
+            _backprop({"model": model, "peft": peft, "labels": labels, "seq": seq, "batch": 8}))
+    lora = next((r.get("peak_rss_mb") for r in rows if r["configuration"] == "PyTorch lora + AdamW"), None)
+    for r in rows:
+        if lora and r.get("peak_rss_mb"):
+            r["vs backprop LoRA"] = r["peak_rss_mb"] / lora
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="MiniLM at sequence 64 only, ONNX Runtime only")
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        print(json.dumps(backprop_child(json.loads(args.child))))
+        return 0
+    from tqdm import tqdm
+
+    cases = [("minilm", 64)] if args.quick else [("minilm", 64), ("minilm", 128), ("smollm2", 64), ("smollm2", 128)]
+    rows = []
+    for model, seq in tqdm(cases, desc="memory"):
+        rows += measure(model, seq, args.quick)
+    for r in rows:
+        if "error" in r:
+            r["peak_rss_mb"] = f"error: {r['error']}"
+    columns = ["model", "seq", "kind", "configuration", "peak_rss_mb", "vs backprop LoRA"]
+    notes = (f"Peak RSS (MiB) of a fresh process per row, batch 8, one thread. {PAPER} Ours compares whole "
+             "processes: the device rows hold ONNX Runtime/LiteRT/llama.cpp and the bundle, the backprop rows hold "
+             "torch itself, the fp32 model, activations kept for backward, gradients and AdamW state.")
+    write_results("memory", "python bench/memory.py" + (" --quick" if args.quick else ""), rows, columns, notes)
+    print((ROOT / "bench" / "results" / "memory.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

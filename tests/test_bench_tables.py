@@ -1,0 +1,42 @@
+"""bench/time_to_accuracy.py and bench/recipe.py: how curves become the report's cells and verdicts."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.recipe import summarise  # noqa: E402
+from bench.time_to_accuracy import first_reaching, target_rows, verdict  # noqa: E402
+
+
+def _pts(*triples):
+    return [{"step": s, "accuracy": a, "device_seconds": sec, "bytes": b} for s, a, sec, b in triples]
+
+
+CURVES = {
+    "fwdllm head": _pts((0, 0.25, 0, 0), (5, 0.72, 10.0, 2_000), (10, 0.81, 20.0, 4_000)),
+    "backprop head": _pts((0, 0.25, 0, 0), (2, 0.83, 4.0, 400_000)),
+}
+
+
+def test_first_reaching_takes_the_first_evaluation_at_or_above_the_target():
+    assert first_reaching(CURVES["fwdllm head"], 0.72)["step"] == 5
+    assert first_reaching(CURVES["fwdllm head"], 0.80)["step"] == 10
+    assert first_reaching(CURVES["fwdllm head"], 0.90) is None
+
+
+def test_target_cells_and_verdict_state_where_fwdllm_loses_and_wins():
+    row = target_rows("fwdllm head", CURVES["fwdllm head"], targets=(0.7, 0.9))
+    assert row["≥0.7"] == "5 steps, 10 s, 0.00 MB" and row["≥0.9"] == "not reached" and row["final acc"] == 0.81
+    text = verdict(CURVES)
+    # 0.8: fwdllm 20 s vs backprop 4 s (5x the compute) but 4 kB vs 400 kB (0.01x the bytes)
+    assert "≥0.8: fwdllm (fwdllm head) needs 5.0× the device seconds and 0.01× the bytes of backprop head" in text
+    assert "≥0.875" not in text  # nobody reached it: no claim
+
+
+def test_recipe_summary_is_judged_on_final_accuracy_not_the_best_seen():
+    runs = [{"config": "c", "seed": s, "final_accuracy": f, "best_accuracy": 0.95, "steps_run": 10, "perturbations": 100,
+             "wall_s": 1.0, "cpu_s": 1.0} for s, f in enumerate([0.9, 0.3, 0.6])]
+    (row,) = summarise(runs)
+    assert row["seeds"] == 3 and abs(row["final acc mean"] - 0.6) < 1e-12 and row["final acc min"] == 0.3
+    assert abs(row["final acc sd"] - 0.3) < 1e-12 and row["best seen (mean)"] == 0.95
