@@ -437,10 +437,11 @@ def write_bench(doc: dict, out_dir: Path) -> tuple[Path, Path]:
 
 def run_client(adb: Adb, port: int, remote_dir: str = DEFAULT_REMOTE_DIR, client_args: list[str] | None = None,
                data: Path | None = None, log_path: Path | None = None, duration: float | None = None,
-               echo=print) -> int:
+               echo=print, stop: threading.Event | None = None) -> int:
     """Forward the coordinator port into the device, run `fwdllm device run` there, stream its log, stop it cleanly.
 
-    Returns the client's exit status (130 when it was stopped, by Ctrl-C here or after ``duration`` seconds).
+    The client is stopped on Ctrl-C here, after ``duration`` seconds, or when ``stop`` is set (e.g.
+    by an ``echo`` callback that saw a log line). Returns the client's exit status, 130 when stopped.
     """
     info = probe(adb)
     R = remote_dir.rstrip("/")
@@ -458,11 +459,19 @@ def run_client(adb: Adb, port: int, remote_dir: str = DEFAULT_REMOTE_DIR, client
     adb.reverse(f"tcp:{port}", f"tcp:{port}")
     log = open(log_path, "a", encoding="utf-8") if log_path else None
     proc = adb.popen_shell(command)
-    stopped = threading.Event()
-    timer = None
-    if duration is not None:
-        timer = threading.Timer(duration, lambda: (stopped.set(), _stop_remote(adb, pidfile)))
-        timer.start()
+    stop = stop or threading.Event()
+    done, stopped = threading.Event(), threading.Event()
+
+    def watch() -> None:
+        deadline = None if duration is None else time.monotonic() + duration
+        while not done.wait(0.2):
+            if stop.is_set() or (deadline is not None and time.monotonic() >= deadline):
+                stopped.set()
+                _stop_remote(adb, pidfile)
+                return
+
+    watcher = threading.Thread(target=watch, name="fwdllm-run-client-stop", daemon=True)
+    watcher.start()
     try:
         for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
@@ -476,8 +485,8 @@ def run_client(adb: Adb, port: int, remote_dir: str = DEFAULT_REMOTE_DIR, client
         _stop_remote(adb, pidfile)
         code = proc.wait(timeout=30)
     finally:
-        if timer:
-            timer.cancel()
+        done.set()
+        watcher.join(timeout=60)
         if proc.poll() is None:
             proc.kill()
         adb.reverse_remove(f"tcp:{port}")

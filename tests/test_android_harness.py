@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -292,11 +293,17 @@ def test_run_client_is_stopped_cleanly(deployed, bundle, tmp_path):
     shim, _ = deployed
     coordinator, server = _coordinator(bundle, tmp_path / "state", steps=10_000)
     data = write_jsonl(tmp_path / "local.jsonl", [{"text": t, "label": lab} for t, lab in TEXTS])
-    lines = []
+    lines, joined = [], threading.Event()
+
+    def echo(line):  # stop once the client is serving, however long this loaded machine takes to get there
+        lines.append(line)
+        if "joined 127.0.0.1:" in line:
+            joined.set()
+
     try:
         code = harness.run_client(shim.adb(), server.port, remote(shim.tmp), ["--token", "tok"], data=data,
-                                  duration=8, echo=lines.append)
-        assert code == 130 and any("interrupted" in line for line in lines)
+                                  echo=echo, stop=joined)
+        assert code == 130 and any("interrupted" in line for line in lines), "\n".join(lines[-20:])
         assert not coordinator.meta("finished")
     finally:
         server.stop(0)
