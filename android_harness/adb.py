@@ -121,9 +121,6 @@ class Adb:
     def shell_text(self, command: str, check: bool = True) -> str:
         return self.shell(command, check=check).stdout.decode(errors="replace").strip()
 
-    def getprop(self, key: str) -> str:
-        return self.run("shell", "getprop", key, check=False).stdout.decode(errors="replace").strip()
-
     def getprops(self) -> dict[str, str]:
         """All system properties (``getprop`` lists ``[key]: [value]`` lines); empty off Android."""
         text = self.run("shell", "getprop", check=False).stdout.decode(errors="replace")
@@ -131,9 +128,6 @@ class Adb:
 
     def push(self, local: str, remote: str) -> None:
         self.run("push", local, remote)
-
-    def pull(self, remote: str, local: str) -> None:
-        self.run("pull", remote, local)
 
     def reverse(self, remote: str, local: str) -> None:
         self.run("reverse", remote, local)

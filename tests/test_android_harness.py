@@ -127,6 +127,24 @@ def test_missing_adb(capsys):
     assert "apt-get install adb" in capsys.readouterr().err
 
 
+def test_shim_speaks_adb(one_phone, tmp_path):
+    """The executable itself: getprop KEY, shell exit status, push/pull round trip, reverse bookkeeping."""
+    adb = one_phone.adb()
+    assert adb.run("shell", "getprop", "ro.soc.model").stdout.strip() == b"Tensor G3"
+    assert adb.shell("exit 7", check=False).returncode == 7
+    src = tmp_path / "blob.bin"
+    src.write_bytes(os.urandom(5000))
+    adb.push(str(src), f"{remote(tmp_path)}/x/blob.bin")
+    adb.run("pull", f"{remote(tmp_path)}/x/blob.bin", str(tmp_path / "back.bin"))
+    assert (tmp_path / "back.bin").read_bytes() == src.read_bytes()
+    adb.reverse("tcp:6000", "tcp:6000")
+    assert adb.run("reverse", "--list").stdout.split()[1:] == [b"tcp:6000", b"tcp:6000"]
+    adb.reverse_remove("tcp:6000")
+    assert adb.run("reverse", "--list").stdout == b""
+    with pytest.raises(AdbError, match="same port"):
+        adb.reverse("tcp:6000", "tcp:6001")
+
+
 # ---------------------------------------------------------------- deploy
 
 
