@@ -150,17 +150,21 @@ class LlamaBackend(Backend):
     def losses(self, batch: Batch, thetas: np.ndarray) -> np.ndarray:
         """Mean token cross-entropy over the labelled tokens of ``batch``, one per row of ``thetas``."""
         thetas = self.check_thetas(thetas)
-        sequences = self._sequences(batch)
+        sequences = self.sequences(batch)
         out = np.empty(len(thetas), dtype=np.float32)
         for p, theta in enumerate(thetas):
             self.set_theta(theta)
-            total, count = 0.0, 0
-            for tokens, where, targets in sequences:
-                nll = self.token_nll(tokens, where, targets)
-                total += float(nll.sum())
-                count += nll.size
-            out[p] = total / count
+            out[p] = self.mean_nll(sequences)
         return out
+
+    def mean_nll(self, sequences: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> float:
+        """Mean token NLL of ``sequences()`` under the adapters the context holds now (one decode each)."""
+        total, count = 0.0, 0
+        for tokens, where, targets in sequences:
+            nll = self.token_nll(tokens, where, targets)
+            total += float(nll.sum())
+            count += nll.size
+        return total / count
 
     def logits(self, batch: Batch, theta: np.ndarray) -> np.ndarray:
         """float32 [B, vocab]: next-token logits after each row's last real token, at one θ."""
@@ -179,7 +183,7 @@ class LlamaBackend(Backend):
             raise BackendError(f"a token id is outside the model's vocabulary of {self.n_vocab}; is the tokenizer the bundle's?")
         return tokens, batch.labels[i][keep]
 
-    def _sequences(self, batch: Batch) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    def sequences(self, batch: Batch) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per sequence: its tokens, the positions whose logits predict a label, and those labels."""
         if batch.labels.ndim != 2:
             raise BackendError("the llama.cpp backend runs causal-LM batches (labels [B, S]); this batch is for classification")
