@@ -280,3 +280,38 @@ def test_cancelled_late_and_bad_tasks_are_not_submitted_and_serving_continues(bu
     text = caplog.text
     assert "deadline passed" in text and "cancelled by the coordinator" in text and "at most 8" in text
     assert client.stats["failed"] == 1 and client.stats["cancelled"] == 2
+
+
+def test_fwdllm_device_run_against_fwdllm_coordinator_serve(bundle, data, tmp_path):
+    """The two real commands end to end: `fwdllm coordinator serve` and `fwdllm device run`, separate processes."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({
+        "run": {"steps": 2, "clients_per_step": 1, "perturbations_per_client": 4, "min_clients": 1,
+                "over_select": 0.0, "batch_size": 4, "deadline_s": 60},
+        "optimizer": {"name": "sgd", "lr": 0.1}, "aggregation": {"threads": 1}, "server": {"heartbeat_ms": 200}}))
+    fwdllm = [sys.executable, "-m", "fwdllm.cli"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen([*fwdllm, "coordinator", "serve", "--bundle", str(bundle[0]), "--state",
+                               str(tmp_path / "state"), "--port", "0", "--config", str(config), "--token", TOKEN,
+                               "--exit-when-finished"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                              env=env)
+    try:
+        line = server.stdout.readline()
+        assert "listening on" in line, line
+        address = line.strip().rsplit(" ", 1)[-1]
+        device = subprocess.run([*fwdllm, "device", "run", "--coordinator", address, "--bundle", str(bundle[0]),
+                                 "--data", str(data), "--token", TOKEN], capture_output=True, text=True, env=env,
+                                timeout=300)
+        assert device.returncode == 0, device.stderr[-2000:]
+        stats = json.loads(device.stdout.strip().splitlines()[-1])
+        assert stats["accepted"] == 2 and stats["rejected"] == 0 and stats["failed"] == 0
+        assert server.wait(timeout=60) == 0
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
