@@ -30,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fwdllm.android_harness.adb import Adb, AdbError
-from fwdllm.android_harness.benchparse import DELEGATE_NAMES, DelegateResult, parse_benchmark_output
+from fwdllm.android_harness.benchparse import DelegateResult, parse_benchmark_output
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import MANIFEST_FILE, load_manifest, load_theta, sha256_file
 

@@ -10,6 +10,8 @@ x86-64 machine computes for the same seeds, batch and θ.
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -95,9 +97,6 @@ def test_jvp_scalars_match_x86(device, backend):
     arm = json.loads(adb.shell_text(f"cd {R} && {R}/venv/bin/python jvp_check.py {R}/bundle {R}/data/local.jsonl "
                                     f"{backend} {','.join(map(str, seeds))}").splitlines()[-1])
     script = tmp / "jvp_check.py"
-    import subprocess
-    import sys
-
     host = json.loads(subprocess.run([sys.executable, str(script), str(shared_bundle()[0]), str(data), backend,
                                       ",".join(map(str, seeds))], capture_output=True, text=True,
                                      check=True).stdout.splitlines()[-1])
