@@ -24,6 +24,13 @@ SECTIONS = [
     ("Seeded perturbation generator", "perturbation.py", ["perturbation"], ["--values", "1000000", "--repeats", "3"], []),
     ("Communication per device per step", "communication.py", ["communication"], [], []),
     ("Export time and bundle size", "export.py", ["export"], ["--quick"], []),
+    ("Coordinator aggregation and load", "aggregation.py", ["aggregation"],
+     ["--seeds", "64", "--clients", "100", "--repeats", "2"], []),
+    ("Device memory: fwdllm vs backprop", "memory.py", ["memory"], ["--quick"], []),
+    ("Training recipe (issue 9): BBC News, final accuracy over 3 seeds", "recipe.py", ["recipe"], ["--quick"], ["--lean"]),
+    ("Time to accuracy: AG News, fwdllm vs backprop", "time_to_accuracy.py", ["time_to_accuracy"], ["--quick"], []),
+    ("Scaling with clients per step", "scaling.py", ["scaling"], ["--quick"], []),
+    ("llama.cpp: θ channels (LoRA file, control vector) vs plain evaluation", "llama_channels.py", ["llama_channels"], ["--quick"], []),
 ]
 
 
