@@ -81,10 +81,13 @@ class TrainableModel:
         self.pm = PerturbableModel(loaded.model, plan)
         self.layout = plan.layout
         self.theta = torch.nn.Parameter(plan.theta0().unsqueeze(0))
-        if peft == "full":
-            for p in self.pm.model.parameters():
+        self.params = [self.theta]
+        if peft == "full":  # every weight the stages run (an unused pooler stays out: it would upload zeros)
+            stages = plan.spec.stage_modules(self.pm.model)
+            weights = {id(p): p for roots in stages for root in roots for p in root.parameters()}
+            for p in weights.values():
                 p.requires_grad_(True)
-        self.params = [self.theta] + [p for p in self.pm.model.parameters() if p.requires_grad]
+            self.params += list(weights.values())
         self.num_trainable = sum(p.numel() for p in self.params)
         from transformers import AutoTokenizer
 

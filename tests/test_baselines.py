@@ -84,3 +84,13 @@ def test_bad_config_names_the_flag(tmp_path):
         run_baseline(BaselineConfig(data="bbc", clients=5, per_step=6), tmp_path)
     with pytest.raises(UserError, match="--peft"):
         run_baseline(BaselineConfig(data="bbc", peft="prefix"), tmp_path)
+
+
+def test_full_finetuning_trains_every_used_weight(bbc, tmp_path):
+    fed = FederatedData("bbc", "seq-cls", bbc.labels, [bbc.train[i : i + 4] for i in (0, 4)], bbc.heldout[:8], {})
+    cfg = BaselineConfig(data="bbc", peft="full", clients=2, per_step=2, steps=1, batch_size=4, seq_len=16, eval_limit=8)
+    records = run_baseline(cfg, tmp_path, fed, progress=False)
+    config = json.loads((tmp_path / "config.json").read_text())
+    # all MiniLM weights except the pooler (384*384 + 384), plus the 5-way head
+    assert config["num_trainable"] == 22_713_216 - 147_840 + 5 * 384 + 5
+    assert records[-1]["bytes_up"] == 2 * config["num_trainable"] * 4
