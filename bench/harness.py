@@ -117,7 +117,7 @@ def run(sim: SimConfig, overrides: dict | None = None, *, validation_fraction: f
     from fwdllm.device_runtime.backend import load_examples, open_backend, select
     from fwdllm.device_runtime.client import DIST, SCHEME, capabilities
     from fwdllm.device_runtime.engine import forward_gradients
-    from fwdllm.proto.manifest import load_manifest, load_theta
+    from fwdllm.proto.manifest import load_manifest
     from fwdllm.proto.v1 import fwdllm_pb2 as pb
 
     sim.check()
@@ -145,9 +145,7 @@ def run(sim: SimConfig, overrides: dict | None = None, *, validation_fraction: f
         coord_cfg = _merge(sim.coordinator_config(data / "heldout.jsonl"),
                            {"server": {"rate_per_s": 1e9, "rate_burst": 1 << 30, "active_window_s": 1e9}})
         cfg = from_dict(_merge(coord_cfg, overrides or {}))
-        theta0 = load_theta(bundle, manifest)
-        before = evaluator(theta0)
-        coordinator = Coordinator(bundle, root / "state", cfg, evaluator=evaluator)
+        coordinator = Coordinator(bundle, root / "state", cfg, evaluator=evaluator)  # evaluates θ0 as step -1
         token = secrets.token_urlsafe(16)
         coordinator.store.add_token(token, "harness")
         caps = capabilities(backend)
@@ -200,6 +198,7 @@ def run(sim: SimConfig, overrides: dict | None = None, *, validation_fraction: f
         bar.close()
         wall = time.perf_counter() - started
         rows = [json.loads(r[0]) for r in coordinator.store.query("SELECT row FROM metrics ORDER BY step")]
+        before = rows.pop(0) if rows and rows[0]["step"] == -1 else {}
         for row in rows:
             row["device_seconds"] = spent.get(row["step"], 0.0)
         theta = coordinator.theta.copy()

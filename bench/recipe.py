@@ -39,13 +39,14 @@ SEQ = 64
 # name -> (bundle (peft, layers), SimConfig fields, coordinator overrides, validation fraction)
 HEAD = ("head", "head")
 BITFIT = ("bitfit", "all")
+TOP1 = ("bitfit", "top:1")  # BitFit in the last encoder layer + head: prefix reuse applies
 BITFIT_STEPS = 500  # 10k forward passes: where plain SGD had collapsed (calibration-bbc.md)
 CONFIGS: dict[str, tuple] = {
     # head only, prefix reuse: the encoder runs once per task, every perturbation only through the head
-    "head sgd lr 2": (HEAD, {"perturbations": 100, "lr": 2.0, "steps": 30}, {}, 0.0),
-    "head sgd lr 2 + variance control": (HEAD, {"perturbations": 100, "lr": 2.0, "steps": 30, "variance": "relative",
+    "head sgd lr 2": (HEAD, {"perturbations": 100, "lr": 2.0, "steps": 20}, {}, 0.0),
+    "head sgd lr 2 + variance control": (HEAD, {"perturbations": 100, "lr": 2.0, "steps": 20, "variance": "relative",
                                                 "max_waves": 4}, {}, 0.0),
-    "head sgd lr 2 + sampler": (HEAD, {"perturbations": 100, "lr": 2.0, "steps": 30, "sampler": True}, {}, 0.0),
+    "head sgd lr 2 + sampler": (HEAD, {"perturbations": 100, "lr": 2.0, "steps": 20, "sampler": True}, {}, 0.0),
     # BitFit over all layers, 1 perturbation per client: every perturbation reruns the encoder
     "bitfit sgd constant lr 0.01 (FwdLLM plain)": (BITFIT, {"lr": 0.01, "schedule": "constant"}, {}, 0.0),
     "bitfit sgd constant lr 0.01 + early stop (10% validation)": (BITFIT, {"lr": 0.01, "schedule": "constant"},
@@ -55,6 +56,9 @@ CONFIGS: dict[str, tuple] = {
     "bitfit sgd linear lr 0.01, encoder biases x0.1": (BITFIT, {"lr": 0.01}, {"optimizer": {"groups": [
         {"match": "classifier.*", "lr_scale": 1.0}, {"match": "*", "lr_scale": 0.1}]}}, 0.0),
     "bitfit adam lr 3e-3 linear": (BITFIT, {"optimizer": "adam", "lr": 3e-3}, {}, 0.0),
+    "bitfit top-1 sgd constant lr 0.01 (FwdLLM plain)": (TOP1, {"lr": 0.01, "schedule": "constant", "steps": 300}, {}, 0.0),
+    "bitfit top-1 sgd linear lr 0.01": (TOP1, {"lr": 0.01, "steps": 300}, {}, 0.0),
+    "bitfit top-1 normalised lr 1 linear": (TOP1, {"lr": 1.0, "steps": 300}, {"optimizer": {"normalize": True}}, 0.0),
 }
 LEAN = ["head sgd lr 2", "bitfit normalised lr 1 linear"]
 
@@ -145,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--lean", action="store_true", help="the recommended recipes only")
     p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--first-seed", type=int, default=0, help="run seeds first-seed .. first-seed+seeds-1")
     p.add_argument("--configs", nargs="*", help="names from CONFIGS (default: all, or the lean set)")
     p.add_argument("--no-estimate", action="store_true", help="skip part 1")
     p.add_argument("--estimate-only", action="store_true", help="part 1 only")
@@ -175,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 estimate.append(cached or remember(estimate_noise(peft, layers, n, 2 if args.quick else 4)))
     runs = []
     for name in names:
-        for seed in range(seeds):
+        for seed in range(args.first_seed, args.first_seed + seeds):
             cached = next((r for r in done if r["part"] == "run" and r["config"] == name and r["seed"] == seed), None)
             runs.append(cached or remember(study_run(name, seed, args.quick)))
     rows = summarise(runs)
