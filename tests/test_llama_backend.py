@@ -245,3 +245,22 @@ def test_tokenizer_json_gives_the_gguf_vocabulary(smollm2):
     from_json = _tokenizer_keys(bundle / "tokenizer.json", 49152)
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
         assert from_json[key][0] == from_gguf[key][0], key
+
+
+@pytest.mark.slow
+def test_fwdllm_export_writes_a_validated_gguf_bundle(tmp_path, bbc_batch):
+    """`fwdllm export --format gguf` end to end: three validated base graphs a device opens by name."""
+    from fwdllm.cli import main
+
+    out = tmp_path / "bundle"
+    assert main(["export", "--model", "smollm2", "--task", "causal-lm", "--peft", "lora", "--format", "gguf",
+                 "--seq-len", str(SEQ), "--out", str(out)]) == 0
+    manifest = load_manifest(out)
+    graphs = {g.precision: g for g in manifest.graphs}
+    assert sorted(graphs) == ["f16", "q4_0", "q8_0"]
+    for g in graphs.values():
+        assert (g.role, g.format, g.theta_channel) == ("base", "gguf", "lora-adapter")
+        assert g.validation["max_rel_err"] <= g.validation["tolerance"]
+    theta = np.zeros((1, manifest.theta.dim), np.float32)
+    with open_backend(out, "llama.cpp", "q8_0", {"threads": 1}) as backend:
+        assert np.isfinite(backend.losses(bbc_batch, theta)).all()
