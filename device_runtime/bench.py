@@ -4,7 +4,8 @@ Each configuration runs in a fresh process, so init time and peak RSS are its ow
 configuration: init time, first/warm-up/plain inference latency (one θ row, the names of
 TFLite's benchmark_model), the cost of one perturbed evaluation inside a real task (seeds
 → perturbations → θ ± εv → losses, prefix once per task), perturbations/s, the ratio
-perturbed/plain, a P-row call against P one-row calls, peak RSS, and the share of ops
+perturbed/plain (only where the graph's P is dynamic or 1: a fixed-P graph's cheapest call
+already evaluates P rows), a P-row call against P one-row calls, peak RSS, and the share of ops
 delegated. A plain-inference-only process and (with torch installed) a PyTorch LoRA +
 AdamW backprop process give the memory references of the issue's targets.
 """
@@ -117,7 +118,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
         def task():
             clear()
-            evals.append(forward_gradients(backend, batch, theta, seeds, group=max(1, p // 2)).evaluations)
+            evals.append(forward_gradients(backend, batch, theta, seeds).evaluations)  # as the client runs it
 
         out["call_ms"] = _median_ms(p_call, spec["runs"])
         if not backend.max_perturbations or backend.max_perturbations == 1:
@@ -125,8 +126,12 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         task_ms = _median_ms(task, max(1, spec["runs"] // 2))
         out["perturbed_eval_ms"] = task_ms / evals[-1]
         out["perturbations_per_s"] = len(seeds) / (task_ms / 1000)
-        out["perturbed_plain_ratio"] = out["perturbed_eval_ms"] / out["inference_avg_ms"]
+        fixed = backend.max_perturbations or 1
+        # A graph with a fixed P > 1 has no plain inference: its cheapest call evaluates P rows.
+        out["plain_rows"] = fixed
+        out["perturbed_plain_ratio"] = out["perturbed_eval_ms"] / out["inference_avg_ms"] if fixed == 1 else None
         out["perturbations"] = p
+        out["rows_per_call"] = backend.rows_per_call
         info = backend.info()
         out["delegated_share"] = info.get("delegated_share")
         out["delegates"] = info.get("providers") or info.get("delegates")

@@ -21,9 +21,6 @@ from fwdllm.proto.perturbation import Distribution, generate
 
 SCHEMES = ("central", "forward")
 
-#: Seeds per call when the graph's perturbation axis is dynamic (central: 16 θ rows per call).
-DEFAULT_GROUP = 8
-
 
 class EngineError(UserError):
     """A task the engine cannot compute as asked (bad ε, scheme, seeds or θ)."""
@@ -50,12 +47,11 @@ class GradientResult:
 
 
 def group_size(backend: Backend, scheme: str, requested: int | None = None) -> int:
-    """Seeds per backend call: fill the graph's fixed perturbation axis, else ``requested``."""
-    p = backend.max_perturbations
-    if p:
-        per_seed = 2 if scheme == "central" else 1
-        return max(1, p // per_seed)
-    return max(1, int(requested or DEFAULT_GROUP))
+    """Seeds per backend call: ``requested``, else as many as fill the backend's rows per call."""
+    if requested:
+        return max(1, int(requested))
+    per_seed = 2 if scheme == "central" else 1
+    return max(1, backend.rows_per_call // per_seed)
 
 
 def forward_gradients(
