@@ -88,7 +88,8 @@ class SimConfig:
             "optimizer": optimizer,
             "variance": {"mode": self.variance, "max_waves": self.max_waves},
             "sampler": {"enabled": self.sampler},
-            "server": {"heartbeat_ms": 2000, "rate_per_s": 100.0, "rate_burst": 200},
+            # Hundreds of idle virtual clients poll: 1 s between pulls keeps that below a tenth of a core.
+            "server": {"heartbeat_ms": 3000, "retry_ms": 1000, "rate_per_s": 100.0, "rate_burst": 200},
             "eval": {"every": self.eval_every, "data": str(heldout), "backend": self.backend, "limit": self.eval_limit},
         }
 
@@ -121,9 +122,8 @@ class Simulation:
         if fed.labels and labels and list(labels) != list(fed.labels):
             raise UserError(f"the bundle's labels {labels} differ from the data's {fed.labels}; export with "
                             f"--label-names {','.join(fed.labels)}")
-        before = sim._evaluate_initial()
-        (out / SIM_FILE).write_text(json.dumps({"config": asdict(cfg), "token": secrets.token_urlsafe(24),
-                                                "before": before, "wall_s": 0.0}, indent=1) + "\n")
+        (out / SIM_FILE).write_text(json.dumps({"config": asdict(cfg), "token": secrets.token_urlsafe(24), "wall_s": 0.0},
+                                               indent=1) + "\n")
         return sim
 
     @classmethod
@@ -136,14 +136,6 @@ class Simulation:
 
     def _meta(self) -> dict:
         return json.loads((self.out / SIM_FILE).read_text())
-
-    def _evaluate_initial(self) -> dict:
-        from fwdllm.coordinator.evaluation import BackendEvaluator
-        from fwdllm.proto.manifest import load_manifest, load_theta
-
-        bundle = Path(self.cfg.bundle)
-        evaluator = BackendEvaluator(bundle, self.data / "heldout.jsonl", self.cfg.backend, limit=self.cfg.eval_limit)
-        return evaluator(load_theta(bundle, load_manifest(bundle)))
 
     # ----- processes -----
     def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
@@ -215,7 +207,7 @@ class Simulation:
             self._start()
             coordinator = self.procs[0][1]
             while True:
-                rows = _rows(metrics)
+                rows = _steps(_rows(metrics))
                 if len(rows) > bar.n:
                     last_eval = next((r for r in reversed(rows) if r.get("accuracy") is not None), {})
                     bar.set_postfix(loss=_fmt(rows[-1].get("loss")), acc=_fmt(last_eval.get("accuracy")), refresh=False)
@@ -249,9 +241,11 @@ class Simulation:
         from fwdllm.coordinator.state import Store
         from fwdllm.proto.manifest import load_manifest
 
-        rows = _rows(self.state / "metrics.jsonl")
+        all_rows = _rows(self.state / "metrics.jsonl")
+        rows = _steps(all_rows)
         if not rows:
             raise UserError(f"the run in {self.out} has applied no step yet; see {self.logs}/coordinator.log")
+        initial = next((r for r in all_rows if r["step"] < 0), {})  # the coordinator evaluates θ0 as step -1
         manifest = load_manifest(Path(self.cfg.bundle))
         store = Store(self.state)
         try:
@@ -259,19 +253,18 @@ class Simulation:
         finally:
             store.close()
         save_file({k: v.copy() for k, v in manifest.theta.split(theta).items()}, str(self.out / "theta.safetensors"))
-        png = plot(rows, self.out / "convergence.png", title=f"{self.cfg.data}: {self.cfg.clients} clients, {self.cfg.per_step} per step")
-        meta = self._meta()
+        png = plot(all_rows, self.out / "convergence.png", title=f"{self.cfg.data}: {self.cfg.clients} clients, {self.cfg.per_step} per step")
         after = next((r for r in reversed(rows) if r.get("accuracy") is not None or r.get("eval_loss") is not None), {})
         summary = {
-            "steps": len(rows), "before": meta["before"],
+            "steps": len(rows), "before": {k: initial.get(k) for k in ("accuracy", "eval_loss") if initial.get(k) is not None},
             "after": {k: after.get(k) for k in ("accuracy", "eval_loss") if after.get(k) is not None},
             "bytes_up": int(sum(r.get("bytes_up", 0) for r in rows)),
             "bytes_down": int(sum(r.get("bytes_down", 0) for r in rows)),
             "perturbations": int(sum(r.get("perturbations", 0) for r in rows)),
-            "wall_s": meta["wall_s"], "plot": str(png), "report": str(self.out / "report.md"),
+            "wall_s": self._meta()["wall_s"], "plot": str(png), "report": str(self.out / "report.md"),
             "theta": str(self.out / "theta.safetensors"),
         }
-        (self.out / "report.md").write_text(_report(self.cfg, summary, rows))
+        (self.out / "report.md").write_text(_report(self.cfg, summary, all_rows))
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
 
@@ -286,6 +279,11 @@ def _rows(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 break
     return rows
+
+
+def _steps(rows: list[dict]) -> list[dict]:
+    """The rows of applied steps (the coordinator's step -1 row is the initial evaluation)."""
+    return [r for r in rows if r["step"] >= 0]
 
 
 def _fmt(value) -> str:

@@ -46,6 +46,8 @@ def test_simulation_learns_through_real_processes(minilm_head_bundle, tmp_path):
     assert s["after"]["eval_loss"] < s["before"]["eval_loss"] - 0.1
     assert s["after"]["accuracy"] > s["before"]["accuracy"] + 0.1
     rows = [json.loads(line) for line in (tmp_path / "run" / "state" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == -1 and rows[0]["accuracy"] == s["before"]["accuracy"]  # θ0, evaluated by the coordinator
+    rows = rows[1:]
     assert all(r["clients_answered"] == 3 for r in rows)  # every step heard three distinct device clients
     assert s["bytes_up"] == sum(r["bytes_up"] for r in rows) > 0
     assert (tmp_path / "run" / "convergence.png").stat().st_size > 1000
@@ -56,19 +58,20 @@ def test_simulation_learns_through_real_processes(minilm_head_bundle, tmp_path):
 
 
 def _rows(run):
+    """Applied steps so far (the step -1 row is the initial evaluation)."""
     path = run / "state" / "metrics.jsonl"
-    return path.read_text().splitlines() if path.exists() else []
+    return [line for line in path.read_text().splitlines() if '"step": -1' not in line] if path.exists() else []
 
 
 def test_interrupted_run_resumes_to_the_same_theta(tiny_head_bundle, tmp_path):
-    settings = dict(bundle=str(tiny_head_bundle), data="bbc", clients=6, per_step=3, steps=30, workers=2,
-                    perturbations=4, lr=0.05, alpha=0.5, eval_every=30, eval_limit=40)
+    settings = dict(bundle=str(tiny_head_bundle), data="bbc", clients=6, per_step=3, steps=16, workers=2,
+                    perturbations=4, lr=0.05, alpha=0.5, eval_every=16, eval_limit=40)
     whole = simulate(SimConfig(**settings), tmp_path / "whole", progress=False)
 
     run = tmp_path / "interrupted"
     cmd = [sys.executable, "-m", "fwdllm.cli", "simulate", "--out", str(run), "--bundle", settings["bundle"], "--data", "bbc",
-           "--clients", "6", "--per-step", "3", "--steps", "30", "--workers", "2", "--perturbations", "4", "--lr", "0.05",
-           "--alpha", "0.5", "--eval-every", "30", "--eval-limit", "40"]
+           "--clients", "6", "--per-step", "3", "--steps", "16", "--workers", "2", "--perturbations", "4", "--lr", "0.05",
+           "--alpha", "0.5", "--eval-every", "16", "--eval-limit", "40"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     deadline = time.monotonic() + 240
@@ -79,15 +82,16 @@ def test_interrupted_run_resumes_to_the_same_theta(tiny_head_bundle, tmp_path):
     assert proc.returncode == 130, err
     assert "--resume" in err
     stopped_at = len(_rows(run))
-    assert 3 <= stopped_at < 30
+    assert 3 <= stopped_at < 16
 
     resumed = simulate(None, run, resume=True, progress=False)
-    assert resumed["steps"] == 30
+    assert resumed["steps"] == 16
     got = load_file(str(run / "theta.safetensors"))
     want = load_file(str(tmp_path / "whole" / "theta.safetensors"))
     assert np.abs(want["classifier.weight"]).max() > 1e-3  # θ moved away from its zero start
-    for name in want:  # equal up to float32 summation order
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    scale = max(np.abs(v).max() for v in want.values())
+    for name in want:  # equal up to float32 rounding: the coordinator sums a wave's results in task-id order
+        np.testing.assert_allclose(got[name], want[name], rtol=0, atol=2e-5 * scale, err_msg=name)
     assert resumed["after"]["eval_loss"] == pytest.approx(whole["after"]["eval_loss"], rel=1e-4)
 
 
