@@ -14,7 +14,7 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 def minilm_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("minilm") / "bundle"
     manifest = _export(out, "minilm", method="lora", trainable_layers="top:2", formats=["onnx", "tflite"],
-                       precisions=["fp32", "int8"], num_labels=4, batch_size=3, seq_len=12, perturbations=3)
+                       precisions=["fp32", "fp16", "int8"], num_labels=4, batch_size=3, seq_len=12, perturbations=3)
     return out, manifest
 
 
@@ -113,8 +113,10 @@ def test_tflite_graphs_match_pytorch_and_onnx(minilm_bundle, minilm_reference):
     got = tflite_graphs.run(out / g.file, batch)
     assert rel_err(got["loss"], loss) <= 1e-4
     assert rel_err(got["logits"], logits) <= 1e-4
-    q = tflite_graphs.run(out / manifest.graph("tflite", "full", "int8").file, batch)
-    assert rel_err(q["logits"], logits) <= tflite_graphs.TOLERANCE["int8"]
+    for precision in ("fp16", "int8"):
+        q = tflite_graphs.run(out / manifest.graph("tflite", "full", precision).file, batch)
+        assert rel_err(q["logits"], logits) <= tflite_graphs.TOLERANCE[precision]
+        assert rel_err(q["logits"], logits) > 0  # really a different graph
     hidden = tflite_graphs.run(out / manifest.graph("tflite", "prefix", "fp32").file, batch)["hidden"]
     split = tflite_graphs.run(out / manifest.graph("tflite", "suffix", "fp32").file, dict(batch, hidden=hidden))
     np.testing.assert_allclose(split["loss"], got["loss"], rtol=1e-5, atol=1e-6)
