@@ -19,9 +19,6 @@ class AlbertSpec(ArchSpec):
     def layer_module(self, model, i):
         return model.encoder.albert_layer_groups[self._group(model, i)]
 
-    def layer_path(self, model, i):
-        return f"encoder.albert_layer_groups.{self._group(model, i)}"
-
     def stage_modules(self, model):
         stages = super().stage_modules(model)
         stages[0].append(model.encoder.embedding_hidden_mapping_in)

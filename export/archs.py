@@ -44,9 +44,6 @@ class ArchSpec:
     def layer_module(self, model: nn.Module, i: int) -> nn.Module:
         return get_module(model, self.layers)[i]
 
-    def layer_path(self, model: nn.Module, i: int) -> str:
-        return f"{self.layers}.{i}"
-
     def stage_modules(self, model: nn.Module) -> list[list[nn.Module]]:
         """Modules each stage runs; a module shared by stages belongs to the first."""
         first = [get_module(model, self.embeddings)]

@@ -28,8 +28,8 @@ def _adapter_hook(down_w, down_b, up_w, up_b):
     return hook
 
 
-def materialize(model: nn.Module, plan: Plan, theta_row: np.ndarray, lora_via_peft: bool = True) -> nn.Module:
-    """A copy of ``model`` with one θ row applied. LoRA sites become a peft model (``lora_via_peft``)."""
+def materialize(model: nn.Module, plan: Plan, theta_row: np.ndarray) -> nn.Module:
+    """A copy of ``model`` with one θ row applied; LoRA sites become peft LoRA layers."""
     model = copy.deepcopy(model).eval()
     t = _tensors(plan, theta_row)
     lora_sites = [s for s in plan.sites if s.kind == "lora"]

@@ -17,9 +17,6 @@ from torch import nn
 
 from fwdllm.errors import UserError
 
-SITE_KINDS = ("bias", "lora", "adapter")
-
-
 @dataclass
 class Site:
     """One place where θ enters the graph. ``tensors`` are (suffix, initial value) in θ order."""

@@ -22,7 +22,6 @@ class Loaded:
     model: object  # AutoModel (seq-cls) or LlamaForCausalLM (causal-lm), eval, float32
     config: object
     source: str
-    folder: Path  # the HF folder (with tokenizer.json)
     tokenizer_file: Path
 
 
@@ -103,4 +102,4 @@ def load(model: str, task: str) -> Loaded:
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the weights in {folder}: {exc}") from exc
     hf.eval()
-    return Loaded(hf, hf.config, source, folder, tok)
+    return Loaded(hf, hf.config, source, tok)
