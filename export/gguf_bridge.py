@@ -8,7 +8,6 @@ reference within ``TOLERANCE`` before the graph counts.
 
 from __future__ import annotations
 
-from fwdllm.errors import UserError
 from fwdllm.proto.manifest import Manifest, ModelInfo, PeftInfo
 
 PRECISIONS = ("f16", "q8_0", "q4_0")
@@ -21,8 +20,6 @@ TOLERANCE = {"f16": 1e-3, "q8_0": 2e-2, "q4_0": 0.15}
 
 def export_all(ctx, precisions: list[str]) -> list:
     """Base GGUFs at each precision, each validated on llama.cpp against the PyTorch reference."""
-    if ctx.plan.task != "causal-lm":
-        raise UserError("--format gguf is for llama decoders (--task causal-lm); export encoders with --format onnx,tflite")
     from fwdllm.device_runtime.backend import Batch
     from fwdllm.device_runtime.llama_backend import LlamaBackend
     from fwdllm.export.gguf import export_gguf, smollm2_gguf

@@ -136,6 +136,8 @@ def check_request(req: ExportRequest) -> None:
         raise UserError(f"--format {','.join(req.formats)}: choose from {list(FORMATS)}")
     if req.task not in ("seq-cls", "causal-lm"):
         raise UserError(f"--task {req.task!r}: choose seq-cls or causal-lm")
+    if "gguf" in req.formats and req.task != "causal-lm":
+        raise UserError("--format gguf is for llama decoders (--task causal-lm); export encoders with --format onnx,tflite")
     for name in ("seq_len", "batch_size", "perturbations"):
         if getattr(req, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")

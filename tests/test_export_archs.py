@@ -101,3 +101,20 @@ def test_smollm2_lora_onnx_matches_pytorch(tmp_path):
     batch["labels"] = np.where(batch["attention_mask"] == 1, batch["input_ids"], -100)
     loss, _ = _reference("smollm2", manifest, batch, task="causal-lm")
     assert rel_err(run(tmp_path / "b" / manifest.graph("onnx").file, batch)["loss"], loss) <= 1e-4
+
+
+def test_cli_export_then_inspect(tiny_dirs, tmp_path, capsys):
+    from fwdllm.cli import main
+    from fwdllm.proto.manifest import load_manifest
+
+    out = tmp_path / "b"
+    argv = ["export", "--model", str(tiny_dirs("distilbert")), "--task", "seq-cls", "--label-names", "neg,neu,pos",
+            "--peft", "bitfit", "--trainable-layers", "top:1", "--out", str(out)]
+    assert main(argv) == 0
+    assert "cut    prefix graphs run embeddings + 2 layers" in capsys.readouterr().out
+    m = load_manifest(out)
+    assert m.model.labels == ["neg", "neu", "pos"] and m.model.num_labels == 3 and m.cut_layer == 2
+    assert sorted(g.role for g in m.graphs) == ["full", "prefix", "suffix"]
+    assert main(["export", "--model", str(tiny_dirs("distilbert")), "--task", "seq-cls", "--labels", "2",
+                 "--format", "gguf", "--out", str(tmp_path / "g")]) == 2
+    assert "--task causal-lm" in capsys.readouterr().err
