@@ -46,6 +46,14 @@ class GraphBackend(Backend):
                  if g.format == self.graph.format and g.role == role and g.precision == self.graph.precision]
         return found[0] if found else None
 
+    @property
+    def rows_per_call(self) -> int:
+        """Above a cut, large calls amortise the per-call overhead: 64 rows through a head-only
+        suffix, 8 through suffix layers (their activations grow with the rows)."""
+        if self.max_perturbations or "rows_per_call" in self.options or not self.cut:
+            return super().rows_per_call
+        return 64 if (self.manifest.cut_layer or 0) >= (self.manifest.model.num_layers or 0) else 8
+
     # ----- what a runtime implements -----
     @abstractmethod
     def _load(self, spec: GraphSpec, path: Path) -> Any:
