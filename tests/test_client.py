@@ -315,3 +315,27 @@ def test_fwdllm_device_run_against_fwdllm_coordinator_serve(bundle, data, tmp_pa
         if server.poll() is None:
             server.kill()
             server.wait()
+
+
+def test_client_over_tls_with_the_coordinators_ca(bundle, data, tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.fail("the TLS test needs the openssl command")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "key.pem"),
+                    "-out", str(tmp_path / "cert.pem"), "-days", "2", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    coord = MiniCoordinator(load_manifest(bundle[0]).fingerprint(), {1: initial_theta()}, [make_task("t0", 1, seeds=[1])])
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_FwdLLMServicer_to_server(coord, server)
+    creds = grpc.ssl_server_credentials([((tmp_path / "key.pem").read_bytes(), (tmp_path / "cert.pem").read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", creds)
+    server.start()
+    try:
+        client = client_for(bundle, data, port, tls_ca=tmp_path / "cert.pem")
+        assert client.run() == 0 and sorted(coord.results) == ["t0"]
+        with pytest.raises(ClientError, match="--tls-ca"):
+            client_for(bundle, data, port, tls_ca=tmp_path / "absent.pem")
+    finally:
+        server.stop(0)
