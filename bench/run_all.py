@@ -31,6 +31,8 @@ SECTIONS = [
     ("Time to accuracy: AG News, fwdllm vs backprop", "time_to_accuracy.py", ["time_to_accuracy"], ["--quick"], []),
     ("Scaling with clients per step", "scaling.py", ["scaling"], ["--quick"], []),
     ("llama.cpp: θ channels (LoRA file, control vector) vs plain evaluation", "llama_channels.py", ["llama_channels"], ["--quick"], []),
+    ("Device runtime: perturbed vs plain inference, P batching, memory, prefix reuse (MiniLM, 8×64)", "device.py",
+     ["device"], ["--quick"], []),
 ]
 
 
