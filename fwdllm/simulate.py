@@ -106,7 +106,7 @@ class Simulation:
     # ----- set-up -----
     @classmethod
     def create(cls, cfg: SimConfig, out: Path, options=None) -> "Simulation":
-        """A new run folder: settings, partition (``options``: how to read the data), token, initial evaluation."""
+        """A new run folder: settings, partition (``options``: how to read the data) and enrolment token."""
         from fwdllm.data.partition import open_federated, write_partition
 
         cfg.check()
