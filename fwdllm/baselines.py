@@ -91,7 +91,7 @@ class TrainableModel:
         self.num_trainable = sum(p.numel() for p in self.params)
         from transformers import AutoTokenizer
 
-        self.tokenizer = AutoTokenizer.from_pretrained(str(loaded.folder))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(loaded.tokenizer_file.parent))
 
     def encode(self, texts: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         enc = self.tokenizer(texts, truncation=True, max_length=seq_len, padding="max_length", return_tensors="pt")
