@@ -22,6 +22,7 @@ class Loaded:
     model: object  # AutoModel (seq-cls) or LlamaForCausalLM (causal-lm), eval, float32
     config: object
     source: str
+    folder: Path  # the HF checkpoint folder (fwdllm.baselines reloads trainable copies from it)
     tokenizer_file: Path
 
 
@@ -102,4 +103,4 @@ def load(model: str, task: str) -> Loaded:
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the weights in {folder}: {exc}") from exc
     hf.eval()
-    return Loaded(hf, hf.config, source, tok)
+    return Loaded(hf, hf.config, source, folder, tok)
