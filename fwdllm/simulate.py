@@ -72,6 +72,10 @@ class SimConfig:
         for name in ("steps", "perturbations", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        from fwdllm.device_runtime.backend import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise UserError(f"--backend {self.backend!r} is not one of {sorted(BACKENDS)}")
         if not Path(self.bundle, "manifest.json").is_file():
             raise UserError(f"--bundle {self.bundle} is not a bundle (no manifest.json); create one with `fwdllm export`")
 

@@ -104,5 +104,7 @@ def test_run_folder_mistakes_name_the_fix(tiny_head_bundle, tmp_path):
         simulate(SimConfig(bundle=str(tiny_head_bundle), data="bbc", clients=4, per_step=2), tmp_path / "taken")
     with pytest.raises(UserError, match="--per-step"):
         simulate(SimConfig(bundle=str(tiny_head_bundle), data="bbc", clients=4, per_step=5), tmp_path / "x")
+    with pytest.raises(UserError, match="--backend"):
+        simulate(SimConfig(bundle=str(tiny_head_bundle), data="bbc", backend="tensorrt"), tmp_path / "z")
     with pytest.raises(UserError, match="not a bundle"):
         simulate(SimConfig(bundle=str(tmp_path), data="bbc"), tmp_path / "y")
