@@ -92,7 +92,7 @@ def _format(name: str, *, needs_path: bool, help: str):
 
 def describe_formats() -> str:
     """One line per registered format, for --help texts."""
-    return "\n".join(f"  {f.name}{':PATH' if f.needs_path else ''}  {f.help}" for f in FORMATS.values())
+    return "\n".join(f"  {f.name + (':PATH' if f.needs_path else ''):<14}{f.help}" for f in FORMATS.values())
 
 
 def load_dataset(spec: str, options: LoadOptions | None = None) -> Dataset:
