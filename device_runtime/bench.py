@@ -106,9 +106,14 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     p = backend.max_perturbations or spec["perturbations"]
     rows = np.repeat(theta[None], p, 0)
 
-    def p_call():
+    def p_call():  # all P rows in one runtime call, whatever the backend's default rows per call
         clear()
-        backend.losses(batch, rows)
+        default = backend.options.get("rows_per_call")
+        backend.options["rows_per_call"] = p
+        try:
+            backend.losses(batch, rows)
+        finally:
+            backend.options.pop("rows_per_call") if default is None else backend.options.update(rows_per_call=default)
 
     def p_single():
         clear()

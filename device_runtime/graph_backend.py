@@ -113,8 +113,8 @@ class GraphBackend(Backend):
         return (logz - picked).mean(1)
 
     def _over_thetas(self, chunk: Batch, thetas: np.ndarray, output: str) -> np.ndarray:
-        """One output for every θ row, in calls of the graph's P (the last call padded)."""
-        p = self.max_perturbations or thetas.shape[0]
+        """One output for every θ row, in calls of ``rows_per_call`` rows (a fixed P's last call padded)."""
+        p = self.rows_per_call
         parts = []
         for start in range(0, thetas.shape[0], p):
             rows = thetas[start : start + p]

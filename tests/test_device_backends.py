@@ -56,8 +56,8 @@ def test_losses_and_logits_match_pytorch(opened, standin, name, reuse):
 
 
 @pytest.mark.parametrize("name", BACKENDS)
-def test_p_batched_equals_single(opened, name):
-    backend = opened(name, False)
+def test_p_batched_equals_single(standin, name):
+    backend = open_backend(standin[0], name, options={"prefix_reuse": False, "rows_per_call": 8})
     batch = backend.tokenizer().batch(examples()[:4])
     th = thetas(8)
     batched = backend.losses(batch, th)
