@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", nargs="*", help="names from CONFIGS (default: all, or the lean set)")
     p.add_argument("--no-estimate", action="store_true", help="skip part 1")
     p.add_argument("--estimate-only", action="store_true", help="part 1 only")
+    p.add_argument("--table-only", action="store_true", help="write the table from the runs in --log; run nothing")
     p.add_argument("--log", type=Path, default=RESULTS_DIR / "recipe-runs.jsonl", help="finished runs are appended here")
     p.add_argument("--resume", action="store_true", help="reuse the runs in --log (a long study in several processes)")
     args = p.parse_args(argv)
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
     seeds = 1 if args.quick else args.seeds
-    done = [json.loads(x) for x in args.log.read_text().splitlines()] if args.resume and args.log.exists() else []
+    done = [json.loads(x) for x in args.log.read_text().splitlines()] if (args.resume or args.table_only) and args.log.exists() else []
 
     def remember(entry: dict) -> dict:
         if not args.quick:
@@ -177,15 +178,17 @@ def main(argv: list[str] | None = None) -> int:
         return entry
 
     estimate = []
-    if not args.no_estimate:
+    if args.table_only:
+        estimate = [e for e in done if e["part"] == "estimate"]
+    elif not args.no_estimate:
         cases = [("head", "head"), ("bitfit", "top:1"), ("bitfit", "all")]
         for peft, layers in tqdm(cases[:2] if args.quick else cases, desc="estimate noise"):
             for n in ([16] if args.quick else [10, 100]):
                 label = f"{peft} ({layers} layers)"
                 cached = next((e for e in done if e["part"] == "estimate" and e["config"] == label and e["N"] == n), None)
                 estimate.append(cached or remember(estimate_noise(peft, layers, n, 2 if args.quick else 4)))
-    runs = []
-    for name in names:
+    runs = [r for r in done if r["part"] == "run"] if args.table_only else []
+    for name in [] if args.table_only else names:
         for seed in range(args.first_seed, args.first_seed + seeds):
             cached = next((r for r in done if r["part"] == "run" and r["config"] == name and r["seed"] == seed), None)
             runs.append(cached or remember(study_run(name, seed, args.quick)))
@@ -203,11 +206,12 @@ def main(argv: list[str] | None = None) -> int:
              "only its ‖g‖ part points downhill; the rest is a random direction. At a constant learning rate those "
              "random parts add up like a random walk (displacement ∝ lr·‖ĝ‖·√T) while the useful part grows ∝ lr·‖g‖²·T, "
              "and for all-layer BitFit (d≈27.7k, N=10: ‖ĝ‖≈53‖g‖) the walk through the encoder biases eventually "
-             "wrecks the features. Remedies measured above: decay (the walk stops growing), a normalised or clipped "
+             "wrecks the features. The remedies CONFIGS runs (a configuration missing from the table above was not run in this report): decay (the walk stops growing), a normalised or clipped "
              "step (a loss spike cannot make a larger step), smaller rates for the encoder biases, more perturbations "
              "per step (variance control), and early stopping on a validation split. ‖g‖ n/a: the pooled estimate of "
              "‖g‖² came out negative (too few perturbations for that d).")
-    cmd = "python bench/recipe.py" + (" --quick" if args.quick else " --lean" if args.lean else "")
+    cmd = "python bench/recipe.py" + (" --quick" if args.quick else " --lean" if args.lean else
+                                      " (runs in separate processes with --resume, then --table-only)" if args.table_only else "")
     write_results("recipe", cmd, rows, columns, notes)
     (RESULTS_DIR / "recipe-detail.json").write_text(json.dumps({"command": cmd, "estimate": estimate, "runs": runs},
                                                                 indent=1) + "\n")
