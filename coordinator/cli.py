@@ -82,7 +82,7 @@ def _token(args: argparse.Namespace) -> int:
                 raise UserError("no such token in this state folder; nothing revoked")
             print("revoked")
         else:
-            token = secrets.token_urlsafe(24)
+            token = secrets.token_hex(24)  # hex: never starts with "-", which argparse would take for an option
             store.add_token(token, args.label)
             print(token)
     finally:
