@@ -115,6 +115,19 @@ def measure(model: str, seq: int, quick: bool) -> list[dict]:
     return rows
 
 
+def paper_comparison(rows: list[dict]) -> list[str]:
+    """Per model and length: fwdllm's peak as a share of backprop's, lowest to highest pairing."""
+    out = []
+    for model, seq in dict.fromkeys((r["model"], r["seq"]) for r in rows):
+        mine = [r for r in rows if (r["model"], r["seq"]) == (model, seq) and isinstance(r.get("peak_rss_mb"), float)]
+        fwd = [r["peak_rss_mb"] for r in mine if r["kind"] == "fwdllm"]
+        bp = [r["peak_rss_mb"] for r in mine if r["kind"] == "backprop"]
+        if fwd and bp:
+            out.append(f"{model} seq {seq}: fwdllm at {100 * min(fwd) / max(bp):.0f}–{100 * max(fwd) / min(bp):.0f}% "
+                       "of backprop's peak")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="MiniLM at sequence 64 only, ONNX Runtime only")
@@ -129,11 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model, seq in tqdm(cases, desc="memory"):
         rows += measure(model, seq, args.quick)
+    summary = paper_comparison(rows)
     for r in rows:
         if "error" in r:
             r["peak_rss_mb"] = f"error: {r['error']}"
     columns = ["model", "seq", "kind", "configuration", "peak_rss_mb", "vs backprop LoRA"]
-    notes = (f"Peak RSS (MiB) of a fresh process per row, batch 8, one thread. {PAPER} Ours compares whole "
+    notes = (f"Peak RSS (MiB) of a fresh process per row, batch 8, one thread. {PAPER} Measured here: "
+             f"{'; '.join(summary) or 'no complete pair'} (range over fwdllm backends and backprop methods). Ours compares whole "
              "processes: the device rows hold ONNX Runtime/LiteRT/llama.cpp and the bundle, the backprop rows hold "
              "torch itself, the fp32 model, activations kept for backward, gradients and AdamW state.")
     write_results("memory", "python bench/memory.py" + (" --quick" if args.quick else ""), rows, columns, notes)

@@ -40,3 +40,12 @@ def test_recipe_summary_is_judged_on_final_accuracy_not_the_best_seen():
     (row,) = summarise(runs)
     assert row["seeds"] == 3 and abs(row["final acc mean"] - 0.6) < 1e-12 and row["final acc min"] == 0.3
     assert abs(row["final acc sd"] - 0.3) < 1e-12 and row["best seen (mean)"] == 0.95
+
+
+def test_memory_states_fwdllm_as_a_share_of_backprop_per_model_and_length():
+    from bench.memory import paper_comparison
+
+    rows = [{"model": "minilm", "seq": 64, "kind": k, "peak_rss_mb": v} for k, v in
+            [("plain", 200.0), ("fwdllm", 210.0), ("fwdllm", 300.0), ("backprop", 600.0), ("backprop", 1000.0)]]
+    rows.append({"model": "minilm", "seq": 128, "kind": "backprop", "peak_rss_mb": "error: export failed"})
+    assert paper_comparison(rows) == ["minilm seq 64: fwdllm at 21–50% of backprop's peak"]
