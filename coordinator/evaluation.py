@@ -3,7 +3,8 @@
 The coordinator accepts any callable ``theta -> {metric: value}``; this module builds the
 standard one from the ``[eval]`` config: held-out examples in the devices' JSONL format,
 evaluated with ``fwdllm.device_runtime.backend.open_backend`` (seq-cls: held-out loss and
-accuracy from the logits; causal-lm: held-out loss).
+accuracy from the logits; causal-lm: held-out loss, and where every held-out target is one
+token, as in an instruction task answered by a label word, restricted-choice accuracy).
 """
 
 from __future__ import annotations
@@ -29,8 +30,16 @@ class BackendEvaluator:
         self.task = manifest.model.task
         fixed = self.backend.batch_size
         self.batch_size = fixed or batch_size
+        # Next-token logits: llama.cpp only (the ONNX/TFLite causal-lm graphs return just the loss). The candidates
+        # come from the whole held-out file, so a --limit prefix missing a label still chooses among all of them.
+        next_token = self.task != "seq-cls" and self.backend.name == "llama.cpp"
+        self.choices = single_token_targets(self.backend.tokenizer(), examples) if next_token else None
+        if self.choices is not None:
+            self.choices = (self.choices[0], self.choices[1][: len(self.examples)])
 
     def __call__(self, theta: np.ndarray) -> dict:
+        if self.choices is not None:
+            return self._choice(theta)
         tok = self.backend.tokenizer()
         losses, weights, correct = [], [], 0
         starts = range(0, len(self.examples), self.batch_size)
@@ -55,6 +64,51 @@ class BackendEvaluator:
         if self.task == "seq-cls":
             out["accuracy"] = correct / len(self.examples)
         return out
+
+    def _choice(self, theta: np.ndarray) -> dict:
+        """A single-token-target task from one pass over the prompts: the next-token logits
+        after each prompt give the target's cross-entropy (the causal-lm loss) and the
+        restricted-choice prediction."""
+        from fwdllm.device_runtime.backend import Example
+
+        tok, (candidates, targets) = self.backend.tokenizer(), self.choices
+        logits = []
+        starts = range(0, len(self.examples), self.batch_size)
+        for start in tqdm(starts, desc="evaluate", leave=False, disable=len(starts) < 20):
+            chunk = [Example(prompt=e.prompt) for e in self.examples[start : start + self.batch_size]]
+            batch = tok.batch(chunk)
+            if self.backend.batch_size and batch.size < self.backend.batch_size:
+                batch = batch.rows(0, batch.size, pad_to=self.backend.batch_size)
+            logits.append(np.asarray(self.backend.logits(batch, theta), dtype=np.float64)[: len(chunk)])
+        logits = np.concatenate(logits)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        nll = np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(len(targets)), targets]
+        return {"eval_loss": float(nll.mean()), "accuracy": choice_accuracy(logits, candidates, targets),
+                "eval_examples": len(self.examples)}
+
+
+def single_token_targets(tok, examples) -> tuple[np.ndarray, np.ndarray] | None:
+    """(candidate token ids, each example's target id) when every target is one token and
+    there are at least two distinct ones; else None (free text: no accuracy)."""
+    from fwdllm.device_runtime.backend import IGNORE_INDEX, Example
+
+    ids = []
+    for start in range(0, len(examples), 256):
+        labels = tok.batch([Example(target=e.target) for e in examples[start : start + 256]]).labels
+        for row in labels:
+            row = row[row != IGNORE_INDEX]
+            if row.size != 1:
+                return None
+            ids.append(int(row[0]))
+    targets = np.array(ids, dtype=np.int64)
+    candidates = np.unique(targets)
+    return (candidates, targets) if candidates.size >= 2 else None
+
+
+def choice_accuracy(logits: np.ndarray, candidates: np.ndarray, targets: np.ndarray) -> float:
+    """Share of rows whose highest logit among the ``candidates`` token ids is the target's."""
+    picked = candidates[np.asarray(logits)[:, candidates].argmax(axis=1)]
+    return float((picked == targets).mean())
 
 
 def evaluator_from_config(cfg: EvalConfig, bundle: Path):
