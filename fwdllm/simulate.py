@@ -325,11 +325,19 @@ def _report(cfg: SimConfig, s: dict, rows: list[dict]) -> str:
 def simulate(cfg: SimConfig | None, out: Path, resume: bool = False, progress: bool = True, options=None) -> dict:
     """Start (or with ``resume`` continue) a simulation in ``out``; returns its summary."""
     sim = Simulation.resume(out) if resume else Simulation.create(cfg, out, options)
+    # SIGTERM takes Ctrl-C's path, so the coordinator and workers (own sessions) are stopped too.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return sim.run(progress)
     except KeyboardInterrupt:
         print(f"stopped; continue with: fwdllm simulate --out {out} --resume", file=sys.stderr)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 # ---------------------------------------------------------------- a device worker process

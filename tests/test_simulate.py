@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
@@ -93,6 +95,36 @@ def test_interrupted_run_resumes_to_the_same_theta(tiny_head_bundle, tmp_path):
     for name in want:  # equal up to float32 rounding: the coordinator sums a wave's results in task-id order
         np.testing.assert_allclose(got[name], want[name], rtol=0, atol=2e-5 * scale, err_msg=name)
     assert resumed["after"]["eval_loss"] == pytest.approx(whole["after"]["eval_loss"], rel=1e-4)
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def test_sigterm_stops_the_coordinator_and_workers_too(tiny_head_bundle, tmp_path):
+    run = tmp_path / "terminated"
+    cmd = [sys.executable, "-m", "fwdllm.cli", "simulate", "--out", str(run), "--bundle", str(tiny_head_bundle), "--data", "bbc",
+           "--clients", "4", "--per-step", "2", "--steps", "200", "--workers", "2", "--perturbations", "2", "--eval-every", "200"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 240
+    while not _rows(run) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _processes_mentioning(str(run)), "the coordinator and workers should be running"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    deadline = time.monotonic() + 30
+    while _processes_mentioning(str(run)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_mentioning(str(run)) == []
 
 
 def test_run_folder_mistakes_name_the_fix(tiny_head_bundle, tmp_path):
