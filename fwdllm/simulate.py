@@ -126,7 +126,7 @@ class Simulation:
         if fed.labels and labels and list(labels) != list(fed.labels):
             raise UserError(f"the bundle's labels {labels} differ from the data's {fed.labels}; export with "
                             f"--label-names {','.join(fed.labels)}")
-        (out / SIM_FILE).write_text(json.dumps({"config": asdict(cfg), "token": secrets.token_urlsafe(24), "wall_s": 0.0},
+        (out / SIM_FILE).write_text(json.dumps({"config": asdict(cfg), "token": secrets.token_hex(24), "wall_s": 0.0},
                                                indent=1) + "\n")
         return sim
 
@@ -170,7 +170,7 @@ class Simulation:
         (self.state / "endpoint").unlink(missing_ok=True)
         coord = self._spawn("coordinator", ["-m", "fwdllm.cli", "coordinator", "serve", "--bundle", cfg.bundle,
                                             "--state", str(self.state), "--port", "0", "--config", str(config_file),
-                                            "--token", meta["token"], "--exit-when-finished"])
+                                            f"--token={meta['token']}", "--exit-when-finished"])
         self._wait_for(self.state / "endpoint", coord, "coordinator")
         address = f"127.0.0.1:{(self.state / 'endpoint').read_text().strip()}"
         self.devices.mkdir(parents=True, exist_ok=True)
@@ -180,7 +180,7 @@ class Simulation:
             ready.unlink(missing_ok=True)
             worker = self._spawn(f"worker-{k}", ["-m", "fwdllm.simulate", "--coordinator", address, "--bundle", cfg.bundle,
                                                  "--partition", str(self.data), "--first", str(bounds[k]),
-                                                 "--count", str(bounds[k + 1] - bounds[k]), "--token", meta["token"],
+                                                 "--count", str(bounds[k + 1] - bounds[k]), f"--token={meta['token']}",
                                                  "--devices", str(self.devices), "--backend", cfg.backend,
                                                  "--ready", str(ready)])
             self._wait_for(ready, worker, f"worker-{k}")  # in order: the coordinator sees a fixed join order

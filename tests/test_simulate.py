@@ -127,6 +127,15 @@ def test_sigterm_stops_the_coordinator_and_workers_too(tiny_head_bundle, tmp_pat
     assert _processes_mentioning(str(run)) == []
 
 
+def test_a_token_that_starts_with_a_dash_still_starts_the_processes(tiny_head_bundle, tmp_path, monkeypatch):
+    import fwdllm.simulate as sim_module
+
+    monkeypatch.setattr(sim_module.secrets, "token_hex", lambda n: "-looks-like-an-option")
+    summary = simulate(SimConfig(bundle=str(tiny_head_bundle), data="bbc", clients=4, per_step=2, steps=2, workers=1,
+                                 perturbations=2, eval_every=2, eval_limit=20), tmp_path / "dash", progress=False)
+    assert summary["steps"] == 2
+
+
 def test_run_folder_mistakes_name_the_fix(tiny_head_bundle, tmp_path):
     with pytest.raises(UserError, match="no simulation to resume"):
         simulate(None, tmp_path / "none", resume=True)
