@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
+import sys
 from pathlib import Path
 
 
@@ -140,6 +142,14 @@ def _run(args: argparse.Namespace) -> int:
                        precision=args.precision, options=backend_options(args), token=args.token, tls_ca=args.tls_ca,
                        name=args.name, state_file=args.state, max_seeds=args.max_seeds)
     client = DeviceClient(cfg)
+
+    def stop(signum, _frame):  # first Ctrl-C / SIGTERM: leave cleanly; a second one interrupts at once
+        print(f"{signal.Signals(signum).name}: submitting what is computed and leaving the run", file=sys.stderr)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        client.stop()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, stop)
     code = client.run(max_tasks=args.max_tasks)
     print(json.dumps(client.stats))
     return code

@@ -211,13 +211,17 @@ class DeviceClient:
                     handled += 1
                 else:
                     self._stop.wait(max(resp.retry_after_ms, 50) / 1000)
+            stopped = self._stop.is_set()
             self._submit_pending()
+            if stopped:  # asked to stop (a signal): say so, so the coordinator reassigns at once instead of timing out
+                self._leave("stopped")
             return 0
         finally:
             self._stop.set()
             beat.join(timeout=2)
 
     def stop(self) -> None:
+        """Finish serving: the task in hand is abandoned, computed results are submitted, then Leave."""
         self._stop.set()
 
     def _leave(self, reason: str) -> None:

@@ -8,6 +8,7 @@ cancellation, deadlines and bad tasks. Submitted jvps are checked against autogr
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -339,3 +340,34 @@ def test_client_over_tls_with_the_coordinators_ca(bundle, data, tmp_path):
             client_for(bundle, data, port, tls_ca=tmp_path / "absent.pem")
     finally:
         server.stop(0)
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_signal_makes_fwdllm_device_run_submit_and_leave(bundle, data, signum):
+    """Ctrl-C or SIGTERM: the device leaves the run (the coordinator reassigns its work at once) and exits 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    fingerprint = load_manifest(bundle[0]).fingerprint()
+    coord = MiniCoordinator(fingerprint, {1: initial_theta(5)}, [make_task(f"t{i}", 1, seeds=[i]) for i in range(500)])
+    coord.pull_delay_s = 0.05
+    server, port = serve(coord)
+    try:
+        device = subprocess.Popen([sys.executable, "-m", "fwdllm.cli", "device", "run", "--coordinator",
+                                   f"127.0.0.1:{port}", "--bundle", str(bundle[0]), "--data", str(data), "--token", TOKEN],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        deadline = time.time() + 120
+        while not coord.results and time.time() < deadline and device.poll() is None:
+            time.sleep(0.05)
+        assert coord.results, "the device never submitted a result"
+        device.send_signal(getattr(signal, signum))
+        out, err = device.communicate(timeout=60)
+    finally:
+        server.stop(0)
+    assert device.returncode == 0, err[-2000:]
+    assert coord.left, "the device stopped without Leave"
+    assert 0 < len(coord.results) < 500
+    assert json.loads(out.strip().splitlines()[-1])["accepted"] == len(coord.results)
