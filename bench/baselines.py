@@ -3,7 +3,7 @@ steps, device compute seconds and bytes uploaded, and peak memory: the anchors f
 
 Each PEFT runs `fwdllm baseline` in a fresh process, so its peak RSS is its own.
 
-    python bench/baselines.py                 # bitfit, lora, adapter, full; 30 rounds of 10 clients
+    python bench/baselines.py                 # head, bitfit, lora, adapter, full; 60 rounds of 10 clients
     python bench/baselines.py --quick         # bitfit, 4 rounds: checks the script still runs
 """
 
@@ -22,6 +22,8 @@ from bench.report import RESULTS_DIR, write_results  # noqa: E402
 
 AG_NEWS = Path("/work/shared/data/ag_news/test.csv")
 TARGETS = (0.80, 0.875)  # 0.875: FwdLLM's AG News target
+RUNS = RESULTS_DIR / "baselines"  # one folder per PEFT: config.json + metrics.jsonl (time_to_accuracy.py reuses them)
+STEPS = 60
 
 
 def run_one(peft: str, args, out: Path) -> list[dict]:
@@ -73,23 +75,22 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--data", default=f"agnews:{AG_NEWS}")
-    p.add_argument("--pefts", default="bitfit,lora,adapter,full")
+    p.add_argument("--pefts", default="head,bitfit,lora,adapter,full")
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--per-step", type=int, default=10)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--eval-every", type=int, default=5)
-    p.add_argument("--eval-limit", type=int, default=760, help="held-out examples per evaluation (AG News split: 1,520)")
+    p.add_argument("--eval-limit", type=int, default=500, help="held-out examples per evaluation (AG News split: 1,520)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.quick:
         args.pefts, args.clients, args.per_step, args.steps, args.eval_every, args.eval_limit = "bitfit", 20, 2, 4, 2, 64
-    runs = RESULTS_DIR / "baselines"
     curves, rows = {}, []
     for peft in args.pefts.split(","):
-        out = runs / peft
+        out = RUNS / peft
         curves[peft] = run_one(peft, args, out)
         rows.append(row_for(peft, curves[peft], json.loads((out / "config.json").read_text())))
-    png = figure(curves, ROOT / "bench" / "figures" / "baselines.png")
+    png = figure(curves, ROOT / "bench" / "figures" / ("baselines-quick.png" if args.quick else "baselines.png"))
     columns = list(rows[0])
     notes = (f"MiniLM-L6 (mean pooling, new linear head), {args.data.split(':')[0]}, {args.clients} Dirichlet(0.5) clients, "
              f"{args.per_step} per round, batch 8, sequence 64, one local SGD step and server Adam per round (FedSGD). "

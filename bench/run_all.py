@@ -5,36 +5,60 @@
 
 Each section is one script in bench/ that writes bench/results/<name>.json and .md through
 bench.report.write_results; a script that fails is reported in its section, never hidden.
+
+Sections whose numbers are times or throughputs run first, one at a time on an otherwise idle
+machine. The rest report accuracy, steps, bytes or peak memory, which another process on the
+other core does not change; they run side by side, --jobs at a time (each is single-threaded),
+which is what keeps the full report inside its hour on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.report import RESULTS_DIR, machine  # noqa: E402
 
-# (section title, script, result names it writes, quick-mode arguments, full-mode arguments)
+LOGS_DIR = RESULTS_DIR / "logs"  # each section's stderr
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    script: str
+    results: list[str]  # result names it writes
+    quick_args: list[str] = field(default_factory=list)
+    full_args: list[str] = field(default_factory=list)
+    timed: bool = False  # its numbers are times: run it alone
+    after: tuple[str, ...] = ()  # scripts whose results it reads
+
+
 SECTIONS = [
-    ("Seeded perturbation generator", "perturbation.py", ["perturbation"], ["--values", "1000000", "--repeats", "3"], []),
-    ("Communication per device per step", "communication.py", ["communication"], [], []),
-    ("Export time and bundle size", "export.py", ["export"], ["--quick"], []),
-    ("Coordinator aggregation and load", "aggregation.py", ["aggregation"],
-     ["--seeds", "64", "--clients", "100", "--repeats", "2"], []),
-    ("Device memory: fwdllm vs backprop", "memory.py", ["memory"], ["--quick"], []),
-    ("Backprop baselines: FedAvg of PEFT parameters in PyTorch", "baselines.py", ["baselines"], ["--quick"], []),
-    ("Training recipe (issue 9): BBC News, final accuracy over 3 seeds", "recipe.py", ["recipe"], ["--quick"], ["--lean"]),
-    ("Time to accuracy: AG News, fwdllm vs backprop", "time_to_accuracy.py", ["time_to_accuracy"], ["--quick"], []),
-    ("Scaling with clients per step", "scaling.py", ["scaling"], ["--quick"], []),
-    ("llama.cpp: θ channels (LoRA file, control vector) vs plain evaluation", "llama_channels.py", ["llama_channels"], ["--quick"], []),
-    ("Device runtime: perturbed vs plain inference, P batching, memory, prefix reuse (MiniLM, 8×64)", "device.py",
-     ["device"], ["--quick"], []),
+    Section("Seeded perturbation generator", "perturbation.py", ["perturbation"], ["--values", "1000000", "--repeats", "3"],
+            timed=True),
+    Section("Communication per device per step", "communication.py", ["communication"]),
+    Section("Export time and bundle size", "export.py", ["export"], ["--quick"], timed=True),
+    Section("Coordinator aggregation and load", "aggregation.py", ["aggregation"],
+            ["--seeds", "64", "--clients", "100", "--repeats", "2"], timed=True),
+    Section("Device memory: fwdllm vs backprop", "memory.py", ["memory"], ["--quick"]),
+    Section("Backprop baselines: FedAvg of PEFT parameters in PyTorch", "baselines.py", ["baselines"], ["--quick"]),
+    Section("Training recipe (issue 9): BBC News, final accuracy over 3 seeds", "recipe.py", ["recipe"], ["--quick"],
+            ["--lean"]),
+    Section("Time to accuracy: AG News, fwdllm vs backprop", "time_to_accuracy.py", ["time_to_accuracy"], ["--quick"],
+            after=("baselines.py", "memory.py")),
+    Section("Scaling with clients per step", "scaling.py", ["scaling"], ["--quick"]),
+    Section("llama.cpp: θ channels (LoRA file, control vector) vs plain evaluation", "llama_channels.py",
+            ["llama_channels"], ["--quick"], timed=True),
+    Section("Device runtime: perturbed vs plain inference, P batching, memory, prefix reuse (MiniLM, 8×64)", "device.py",
+            ["device"], ["--quick"], timed=True),
 ]
 
 
@@ -44,40 +68,81 @@ def _stamped(name: str) -> str:
     return f"*Measured {doc['machine']['date']}.*\n\n" + (RESULTS_DIR / f"{name}.md").read_text()
 
 
+def run_sections(sections: list[Section], quick: bool, jobs: int) -> dict[str, tuple[int, str, float]]:
+    """Run the timed sections one by one, then the others up to ``jobs`` at a time: script -> (exit, stderr, seconds)."""
+    done: dict[str, tuple[int, str, float]] = {}
+
+    def start(sec: Section) -> tuple[subprocess.Popen, float]:
+        # stderr (progress bars included) goes to a file: a pipe nobody reads would fill and stall the script
+        log = LOGS_DIR / f"{Path(sec.script).stem}.log"
+        cmd = [sys.executable, str(ROOT / "bench" / sec.script), *(sec.quick_args if quick else sec.full_args)]
+        with open(log, "w") as err:
+            return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT), time.perf_counter()
+
+    def finish(sec: Section, proc: subprocess.Popen, began: float) -> None:
+        proc.wait()
+        stderr = (LOGS_DIR / f"{Path(sec.script).stem}.log").read_text(errors="replace")
+        done[sec.script] = (proc.returncode, stderr, time.perf_counter() - began)
+        ok = proc.returncode == 0
+        print(f"{'ok' if ok else 'FAILED'} {sec.script} ({done[sec.script][2]:.0f} s)" + ("" if ok else f"\n{stderr[-3000:]}"),
+              file=sys.stdout if ok else sys.stderr, flush=True)
+
+    LOGS_DIR.mkdir(parents=True, exist_ok=True)
+    for sec in (s for s in sections if s.timed):
+        finish(sec, *start(sec))
+    waiting = [s for s in sections if not s.timed]
+    running: list[tuple[Section, subprocess.Popen, float]] = []
+    while waiting or running:
+        ready = [s for s in waiting if all(a in done for a in s.after if any(x.script == a for x in sections))]
+        while ready and len(running) < jobs:
+            sec = ready.pop(0)
+            waiting.remove(sec)
+            running.append((sec, *start(sec)))
+        time.sleep(1)
+        for entry in [r for r in running if r[1].poll() is not None]:
+            running.remove(entry)
+            finish(*entry)
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats: checks the scripts still run")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--from-results", action="store_true",
                         help="run nothing: assemble the report from bench/results as the scripts last wrote them")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="untimed sections run this many at a time (default: the number of cores)")
+    parser.add_argument("--sections", nargs="*", metavar="SCRIPT",
+                        help="run only these scripts (e.g. recipe.py); the report takes the others' last results")
     args = parser.parse_args(argv)
+    unknown = sorted(set(args.sections or []) - {s.script for s in SECTIONS})
+    if unknown:
+        parser.error(f"unknown section script(s) {unknown}; known: {[s.script for s in SECTIONS]}")
 
     info = machine()
+    started = time.perf_counter()
+    selected = [] if args.from_results else [s for s in SECTIONS if args.sections is None or s.script in args.sections]
+    outcomes = run_sections(selected, args.quick, max(1, args.jobs))
+    flags = "".join(f for f, on in ((" --quick", args.quick), (" --from-results", args.from_results)) if on)
     parts = [
         "# fwdllm benchmarks\n",
-        f"Generated by `python bench/run_all.py{' --quick' if args.quick else ''}{' --from-results' if args.from_results else ''}` "
-        f"on {info['date']}: {info['cpu']}, {info['cores']} cores, Python {info['python']}, numpy {info['numpy']}, "
-        f"{info['platform']}. Medians over repeated runs; compare ratios measured in the same run, not absolute times.\n",
+        f"Generated by `python bench/run_all.py{flags}` on {info['date']} in {(time.perf_counter() - started) / 60:.0f} min: "
+        f"{info['cpu']}, {info['cores']} cores, Python {info['python']}, numpy {info['numpy']}, {info['platform']}. "
+        "Timed sections ran alone; the others (accuracy, bytes, peak memory) ran side by side, one per core. Medians "
+        "over repeated runs; compare ratios measured in the same run, not absolute times.\n",
     ]
     failed = 0
-    for title, script, names, quick_args, full_args in SECTIONS:
-        parts.append(f"\n## {title}\n")
-        if args.from_results:
-            missing = [n for n in names if not (RESULTS_DIR / f"{n}.md").is_file()]
-            parts.append(f"Not measured yet: run `python bench/{script}`.\n" if missing else
-                         "\n".join(_stamped(n) for n in names))
-            continue
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *(quick_args if args.quick else full_args)],
-                              capture_output=True, text=True, cwd=ROOT)
-        elapsed = time.perf_counter() - start
-        if proc.returncode != 0:
+    for sec in SECTIONS:
+        parts.append(f"\n## {sec.title}\n")
+        code, stderr, _ = outcomes.get(sec.script, (0, "", 0.0))
+        if code != 0:
             failed += 1
-            parts.append(f"**`bench/{script}` failed** (exit {proc.returncode}):\n\n```\n{proc.stderr[-3000:]}\n```\n")
-            print(f"FAILED {script} ({elapsed:.0f} s)\n{proc.stderr[-3000:]}", file=sys.stderr)
-            continue
-        parts.append("\n".join(_stamped(n) for n in names))
-        print(f"ok {script} ({elapsed:.0f} s)")
+            parts.append(f"**`bench/{sec.script}` failed** (exit {code}):\n\n```\n{stderr[-3000:]}\n```\n")
+        elif any(not (RESULTS_DIR / f"{n}.md").is_file() for n in sec.results):
+            parts.append(f"Not measured yet: run `python bench/{sec.script}`.\n")
+        else:
+            parts.append("\n".join(_stamped(n) for n in sec.results))
     args.out.write_text("\n".join(parts))
     print(f"wrote {args.out}")
     return 1 if failed else 0

@@ -19,30 +19,45 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import harness  # noqa: E402
-from bench.report import write_results  # noqa: E402
+from bench.baselines import RUNS as BASELINE_RUNS, STEPS as BACKPROP_STEPS  # noqa: E402
+from bench.recipe import ALL_LAYER, CONFIGS as RECIPES  # noqa: E402
+from bench.report import RESULTS_DIR, write_results  # noqa: E402
 from fwdllm.simulate import SimConfig  # noqa: E402
 
 AGNEWS = "agnews:/work/shared/data/ag_news/test.csv"
 FIGURES = ROOT / "bench" / "figures"
 TARGETS = (0.70, 0.80, 0.85, 0.875)  # 0.875: the paper's AG News target
-HEAD_RECIPE = {"perturbations": 100, "lr": 2.0}
-FWD_VARIANTS = {  # name -> (bundle (peft, layers), SimConfig fields, coordinator overrides)
+HEAD_RECIPE = {"perturbations": 100, "lr": 2.0, "steps": 40}
+_, ALL_LAYER_FIELDS, ALL_LAYER_OVERRIDES, _ = RECIPES[ALL_LAYER]
+ALL_LAYER_RUN = {**ALL_LAYER_FIELDS, "steps": 300, "eval_every": 25}
+# name -> (bundle (peft, layers), SimConfig fields, coordinator overrides)
+FWD_VARIANTS = {
     "fwdllm head, fixed count": (("head", "head"), HEAD_RECIPE, {}),
     "fwdllm head, variance control": (("head", "head"), {**HEAD_RECIPE, "variance": "relative", "max_waves": 4}, {}),
     "fwdllm head, variance control + sampler": (("head", "head"), {**HEAD_RECIPE, "variance": "relative",
                                                                    "max_waves": 4, "sampler": True}, {}),
-    "fwdllm BitFit (normalised)": (("bitfit", "all"), {"perturbations": 1, "lr": 0.3}, {"optimizer": {"normalize": True}}),
+    # all layers: every perturbation reruns the encoder, so one per client; the recipe of bench/recipe.py
+    "fwdllm BitFit (all layers)": (("bitfit", "all"), ALL_LAYER_RUN, ALL_LAYER_OVERRIDES),
+    "fwdllm LoRA (all layers)": (("lora", "all"), ALL_LAYER_RUN, ALL_LAYER_OVERRIDES),
+    # MeZO (Malladi et al. 2023): one two-sided perturbation per step, plain SGD at a constant rate: one client per step
+    "MeZO-style, head, 1 perturbation per step": (("head", "head"), {"perturbations": 1, "per_step": 1, "lr": 0.05,
+                                                                     "schedule": "constant", "steps": 2000,
+                                                                     "eval_every": 200}, {}),
 }
 BACKPROP = ("head", "bitfit", "lora")
-# make bench's < 60 min budget: the rest run with --variants (BitFit's 400 steps alone take ~5 CPU-minutes)
-DEFAULT_FWD = ["fwdllm head, fixed count", "fwdllm head, variance control + sampler"]
+DEFAULT_FWD = [*FWD_VARIANTS]
 
 
-def curve_fwdllm(name: str, variant: tuple, data: str, labels: list[str], steps: int, common: dict,
+def curve_fwdllm(name: str, variant: tuple, data: str, labels: list[str], steps: int | None, common: dict,
                  progress: bool = True) -> list[dict]:
-    """(step, accuracy, cumulative device seconds, cumulative bytes) at every evaluation of a harness run."""
+    """(step, accuracy, cumulative device seconds, cumulative bytes) at every evaluation of a harness run.
+
+    ``steps`` (with ``common``'s evaluation interval) overrides the variant's own length: quick runs.
+    """
     (peft, layers), fields, overrides = variant
-    sim = SimConfig(bundle=str(harness.bundle(peft, layers, 64, labels)), data=data, steps=steps, **{**common, **fields})
+    settings = {**common, **fields} if steps is None else {**common, **fields, "steps": steps,
+                                                            "eval_every": common["eval_every"]}
+    sim = SimConfig(bundle=str(harness.bundle(peft, layers, 64, labels)), data=data, **settings)
     res = harness.run(sim, overrides, progress=progress, desc=name)
     points = [{"step": 0, "accuracy": res.before["test_accuracy"], "device_seconds": 0.0, "bytes": 0,
                "perturbations": 0}]
@@ -58,6 +73,9 @@ def curve_fwdllm(name: str, variant: tuple, data: str, labels: list[str], steps:
 
 
 def curve_backprop(peft: str, fed, steps: int, common: dict, progress: bool = True) -> list[dict]:
+    """FedAvg's curve; bench/baselines.py's run of the same configuration is reused when there is one."""
+    import dataclasses
+    import json
     import tempfile
 
     from fwdllm.baselines import BaselineConfig, run_baseline
@@ -65,11 +83,35 @@ def curve_backprop(peft: str, fed, steps: int, common: dict, progress: bool = Tr
     cfg = BaselineConfig(data=AGNEWS, peft=peft, clients=common["clients"], per_step=common["per_step"], steps=steps,
                          alpha=common["alpha"], eval_every=common["eval_every"], eval_limit=common["eval_limit"] or None,
                          seed=common["seed"])
-    with tempfile.TemporaryDirectory() as out:
-        records = run_baseline(cfg, Path(out), fed=fed, progress=progress)
+    earlier = BASELINE_RUNS / peft
+    if (earlier / "config.json").is_file():
+        saved = json.loads((earlier / "config.json").read_text())
+        if all(saved.get(k) == v for k, v in dataclasses.asdict(cfg).items()):
+            records = [json.loads(line) for line in (earlier / "metrics.jsonl").read_text().splitlines()]
+            return _backprop_points(records)
+    with tempfile.TemporaryDirectory() as out:  # in this process: its RSS is not one device's
+        return [{**p, "peak_rss_mib": None} for p in _backprop_points(run_baseline(cfg, Path(out), fed=fed, progress=progress))]
+
+
+def _backprop_points(records: list[dict]) -> list[dict]:
     # FedAvg: each sampled client downloads and uploads every trainable value as float32.
     return [{"step": r["step"], "accuracy": r["heldout_accuracy"], "device_seconds": r["device_seconds"],
-             "bytes": 2 * r["bytes_up"]} for r in records]
+             "bytes": 2 * r["bytes_up"], "peak_rss_mib": r.get("peak_rss_mib")} for r in records]
+
+
+def peak_device_memory(name: str, points: list[dict]) -> float | None:
+    """Peak RSS of one device: backprop's from its own fresh-process run, fwdllm's from bench/memory.py's step.
+
+    fwdllm runs here share one process with the coordinator, so their own RSS is not a device's.
+    """
+    if name.startswith("backprop"):
+        return points[-1].get("peak_rss_mib")
+    import json
+
+    path = RESULTS_DIR / "memory.json"
+    rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+    return next((r["peak_rss_mb"] for r in rows if (r["model"], r["seq"], r["kind"]) == ("minilm", 64, "fwdllm")
+                 and r["configuration"].startswith("onnxruntime")), None)
 
 
 def first_reaching(points: list[dict], target: float) -> dict | None:
@@ -77,7 +119,9 @@ def first_reaching(points: list[dict], target: float) -> dict | None:
 
 
 def target_rows(name: str, points: list[dict], targets=TARGETS) -> dict:
-    row = {"variant": name, "final acc": points[-1]["accuracy"], "steps run": points[-1]["step"]}
+    peak = peak_device_memory(name, points)
+    row = {"variant": name, "final acc": points[-1]["accuracy"], "steps run": points[-1]["step"],
+           "peak device MiB": "see memory section" if peak is None else round(peak)}
     for t in targets:
         hit = first_reaching(points, t)
         row[f"≥{t:g}"] = "not reached" if hit is None else (
@@ -139,10 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     from fwdllm.data.partition import open_federated
 
     common = {"clients": 100, "per_step": 10, "alpha": 0.5, "seed": 0, "eval_every": 5, "eval_limit": 500}
-    head_steps, bitfit_steps, bp_steps = 60, 400, 30
+    fwd_steps, bp_steps = None, BACKPROP_STEPS
     if args.quick:
         common.update(clients=20, per_step=4, eval_every=2, eval_limit=64)
-        head_steps, bitfit_steps, bp_steps = 4, 4, 2
+        fwd_steps, bp_steps = 4, 2
     fed = open_federated(AGNEWS, common["clients"], alpha=common["alpha"], seed=common["seed"])
     wanted = args.variants or ([*FWD_VARIANTS][:1] + ["backprop head"] if args.quick
                                else [*DEFAULT_FWD, *(f"backprop {b}" for b in BACKPROP)])
@@ -151,21 +195,23 @@ def main(argv: list[str] | None = None) -> int:
         if name.startswith("backprop "):
             curves[name] = curve_backprop(name.split()[1], fed, bp_steps, common)
         else:
-            variant = FWD_VARIANTS[name]
-            steps = bitfit_steps if variant[0][0] == "bitfit" else head_steps
-            curves[name] = curve_fwdllm(name, variant, AGNEWS, fed.labels, steps, common)
+            curves[name] = curve_fwdllm(name, FWD_VARIANTS[name], AGNEWS, fed.labels, fwd_steps, common)
     rows = [target_rows(n, pts) for n, pts in curves.items()]
     figure = plot(curves, FIGURES / ("time_to_accuracy-quick.png" if args.quick else "time_to_accuracy.png"),
                   f"AG News, MiniLM-L6: {common['clients']} clients (α={common['alpha']}), {common['per_step']} per step")
     notes = (f"AG News test.csv (7,600 articles, seeded 80/20 split), MiniLM-L6, sequence 64, batch 8, "
-             f"{common['clients']} non-IID clients (Dirichlet α={common['alpha']}), {common['per_step']} per step; accuracy on "
-             f"the first {common['eval_limit']} held-out articles every {common['eval_every']} steps. Each cell: steps, device "
+             f"{common['clients']} non-IID clients (Dirichlet α={common['alpha']}), {common['per_step']} per step (MeZO-style: 1); "
+             f"accuracy on the first {common['eval_limit']} held-out articles every {common['eval_every']} steps (all-layer "
+             "fwdllm: every 25; MeZO-style: every 200), so a cell is rounded up to that grid. Each cell: steps, device "
              "compute seconds and bytes (up + down, all clients) when the target was first reached. fwdllm bytes are the "
              "coordinator's counts (tasks, θ downloads, scalar uploads); backprop bytes are FedAvg's dense up- and "
-             "download of the trainable values. 0.875 is the paper's AG News target (reached there by larger models "
-             "on GPUs). " + verdict(curves) +
+             "download of the trainable values. Peak device MiB: backprop's from its own fresh-process run "
+             "(bench/baselines.py); fwdllm's is one device step of the same model from the memory section (the harness "
+             "runs the coordinator in the same process). MeZO-style: one client per step, one two-sided perturbation, "
+             "SGD at a constant rate, as MeZO (Malladi et al. 2023) on the same PEFT parameters. 0.875 is the paper's "
+             "AG News target (reached there by larger models on GPUs). " + verdict(curves) +
              f"\n\n![time to accuracy]({figure.relative_to(ROOT)})")
-    columns = ["variant", *(f"≥{t:g}" for t in TARGETS), "final acc", "steps run"]
+    columns = ["variant", *(f"≥{t:g}" for t in TARGETS), "final acc", "steps run", "peak device MiB"]
     write_results("time_to_accuracy", "python bench/time_to_accuracy.py" + (" --quick" if args.quick else ""), rows,
                   columns, notes)
     print((ROOT / "bench" / "results" / "time_to_accuracy.md").read_text())
