@@ -3,7 +3,7 @@ steps, device compute seconds and bytes uploaded, and peak memory: the anchors f
 
 Each PEFT runs `fwdllm baseline` in a fresh process, so its peak RSS is its own.
 
-    python bench/baselines.py                 # head, bitfit, lora, adapter, full; 60 rounds of 10 clients
+    python bench/baselines.py                 # head, bitfit, lora, adapter, fedadapter, full; 60 rounds of 10 clients
     python bench/baselines.py --quick         # bitfit, 4 rounds: checks the script still runs
 """
 
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--data", default=f"agnews:{AG_NEWS}")
-    p.add_argument("--pefts", default="head,bitfit,lora,adapter,full")
+    p.add_argument("--pefts", default="head,bitfit,lora,adapter,fedadapter,full")
     p.add_argument("--clients", type=int, default=100)
     p.add_argument("--per-step", type=int, default=10)
     p.add_argument("--steps", type=int, default=STEPS)
@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
              f"Accuracy on {args.eval_limit} held-out examples every {args.eval_every} rounds, so 'steps to' is rounded up "
              "to that grid. Device seconds: wall time of the clients' forward+backward, summed; MiB up: trainable "
              f"parameters x 4 bytes per client per round. Peak RSS: the whole process (all clients, one at a time). "
+             "fedadapter is FedAdapter (Cai et al. 2022) with a fixed schedule, not the paper's trial groups of clients: "
+             "adapters on the top 2, 4, then 6 layers, 8, 16, then 32 wide, in three equal stages of the rounds (server Adam "
+             "restarts at each upgrade); its 'trainable' is the first stage's, its MiB up counts each stage's own. "
              f"Figure: `{png.relative_to(ROOT)}`.")
     command = "python bench/baselines.py" + (" --quick" if args.quick else "")
     write_results("baselines", command, rows, columns, notes)

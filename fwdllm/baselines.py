@@ -10,6 +10,13 @@ starts from the global parameters, runs ``local_steps`` SGD steps on its own bat
 uploads its change; the server averages the changes (weighted by client examples) and applies
 them as a gradient with SGD or Adam. With one local step and local lr 1 this is the
 reference's FedSGD baseline with a server Adam.
+
+``fedadapter`` is FedAdapter (Cai et al., MobiCom'22) with a *fixed* progressive schedule instead of
+the paper's trial groups of clients: bottleneck adapters on the top ``depth`` layers, ``width``
+wide, growing in equal stages over the rounds (``fedadapter_schedule``). An upgrade keeps every
+trained value and adds new ones that leave the model's function unchanged (``grow``); the
+server Adam restarts then (zero moments for every value: the new values would otherwise share the
+old ones' step count and skip Adam's bias correction). Uploads count the current stage's values.
 """
 
 from __future__ import annotations
@@ -28,9 +35,10 @@ from tqdm import tqdm
 from fwdllm.data.partition import DEFAULT_ALPHA, FederatedData, open_federated
 from fwdllm.errors import UserError
 
-PEFTS = ("head", "bitfit", "adapter", "lora", "full")
+PEFTS = ("head", "bitfit", "adapter", "fedadapter", "lora", "full")
 #: Server learning rates (Adam) that reach the calibration accuracies on BBC in a few rounds.
-DEFAULT_LR = {"head": 1e-2, "bitfit": 1e-3, "adapter": 1e-3, "lora": 1e-3, "full": 5e-5}
+DEFAULT_LR = {"head": 1e-2, "bitfit": 1e-3, "adapter": 1e-3, "fedadapter": 1e-3, "lora": 1e-3, "full": 5e-5}
+FEDADAPTER_WIDTHS = (8, 16, 32)  # bottleneck sizes of the stages; depths are 1/3, 2/3 and all of the layers
 METRICS_FILE = "metrics.jsonl"
 THETA_FILE = "theta.safetensors"  # the final θ, named as in a bundle (full fine-tuning: the head only)
 
@@ -70,14 +78,26 @@ class BaselineConfig:
 class TrainableModel:
     """The exporter's perturbable model with θ (and, for full fine-tuning, every weight) trainable."""
 
-    def __init__(self, model: str, peft: str, labels: list[str], seed: int):
+    def __init__(self, model: str, peft: str, labels: list[str], seed: int, stage: tuple[int, int] | None = None):
+        """``stage``: fedadapter's (depth, width); None = the schedule's first stage."""
         from fwdllm.export import models
+        from fwdllm.export.archs import spec_for
         from fwdllm.export.perturbable import PerturbableModel
         from fwdllm.export.plan import PeftOptions, build_plan
 
         loaded = models.load(model, "seq-cls")
-        method = "head" if peft == "full" else peft
-        plan = build_plan(loaded.model, "seq-cls", len(labels), PeftOptions(method=method, trainable_layers="all", seed=seed))
+        options = PeftOptions(method={"full": "head", "fedadapter": "adapter"}.get(peft, peft), trainable_layers="all", seed=seed)
+        self.stage: dict[str, int] = {}  # fedadapter: the depth and width of this model's adapters
+        if peft == "fedadapter":
+            spec = spec_for(loaded.model.config.model_type)
+            self.schedule = fedadapter_schedule(spec.num_layers(loaded.model))
+            depth, width = stage or self.schedule[0]
+            hidden = spec.hidden_size(loaded.model.config)
+            if hidden % width:
+                raise UserError(f"fedadapter width {width} does not divide the hidden size {hidden}; use a divisor of {hidden}")
+            options.trainable_layers, options.adapter_reduction = f"top:{depth}", hidden // width
+            self.stage = {"depth": depth, "width": width}
+        plan = build_plan(loaded.model, "seq-cls", len(labels), options)
         self.pm = PerturbableModel(loaded.model, plan)
         self.layout = plan.layout
         self.theta = torch.nn.Parameter(plan.theta0().unsqueeze(0))
@@ -108,6 +128,28 @@ class TrainableModel:
         with torch.no_grad():
             for p, v in zip(self.params, values):
                 p.copy_(v)
+
+
+def fedadapter_schedule(num_layers: int) -> list[tuple[int, int]]:
+    """FedAdapter's (depth, width) per stage: adapters on the top third, two thirds, then all layers."""
+    n = len(FEDADAPTER_WIDTHS)
+    return [(max(1, round(num_layers * (i + 1) / n)), width) for i, width in enumerate(FEDADAPTER_WIDTHS)]
+
+
+def grow(old: TrainableModel, model: str, labels: list[str], seed: int, stage: tuple[int, int]) -> TrainableModel:
+    """The fedadapter model of ``stage``, computing the same function as ``old``.
+
+    Each tensor of ``old`` fills the leading corner of its new tensor: a wider adapter keeps its down
+    rows and up columns, its extra down rows start as the adapter method initialises them and its
+    extra up columns at zero; a newly adapted layer has up = 0; the head is kept. So the extra
+    values change nothing until they are trained.
+    """
+    new = TrainableModel(model, "fedadapter", labels, seed, stage)
+    values = new.layout.split(new.theta.detach()[0].numpy().copy())
+    for name, value in old.layout.split(old.theta.detach()[0].numpy()).items():
+        values[name][tuple(slice(0, n) for n in value.shape)] = value
+    new.load([torch.from_numpy(new.layout.flatten(values)).unsqueeze(0)])
+    return new
 
 
 class _Encoded:
@@ -163,6 +205,7 @@ def run_baseline(cfg: BaselineConfig, out: Path, fed: FederatedData | None = Non
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps({**asdict(cfg), "lr": lr, "num_trainable": model.num_trainable,
+                                                 **({"stages": model.schedule} if model.stage else {}),
                                                  "partition": {k: v for k, v in fed.info.items() if k != "clients"}}, indent=1) + "\n")
     records: list[dict] = []
     device_seconds, bytes_up, t0 = 0.0, 0, time.perf_counter()
@@ -171,7 +214,7 @@ def run_baseline(cfg: BaselineConfig, out: Path, fed: FederatedData | None = Non
         loss, acc = evaluate(model, heldout)
         rec = {"step": step, "heldout_loss": loss, "heldout_accuracy": acc, "train_loss": train_loss,
                "device_seconds": device_seconds, "bytes_up": bytes_up, "peak_rss_mib": peak_rss_mib(),
-               "wall_seconds": time.perf_counter() - t0}
+               "wall_seconds": time.perf_counter() - t0, **model.stage}
         records.append(rec)
         with open(out / METRICS_FILE, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
@@ -181,6 +224,11 @@ def run_baseline(cfg: BaselineConfig, out: Path, fed: FederatedData | None = Non
     bar = tqdm(total=cfg.steps, desc=f"baseline {cfg.peft}", unit="step", disable=not progress)
     record(0, None)
     for step in range(1, cfg.steps + 1):
+        if model.stage:  # fedadapter: equal stages over the rounds
+            stage = model.schedule[(step - 1) * len(model.schedule) // cfg.steps]
+            if stage != (model.stage["depth"], model.stage["width"]):
+                model = grow(model, cfg.model, fed.labels, cfg.seed, stage)
+                server_opt = opt_cls(model.params, lr=lr)
         start = model.state()
         chosen = np.sort(rng.choice(len(clients), cfg.per_step, replace=False))
         delta_sum = [torch.zeros_like(v) for v in start]

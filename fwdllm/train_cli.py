@@ -54,7 +54,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "evaluation), OUT/config.json and the final OUT/theta.safetensors.",
     )
     add_data_arguments(p)
-    p.add_argument("--peft", choices=["head", "bitfit", "adapter", "lora", "full"], default="bitfit")
+    p.add_argument("--peft", choices=["head", "bitfit", "adapter", "fedadapter", "lora", "full"], default="bitfit")
     p.add_argument("--model", default="minilm", help="checkpoint folder or shipped default (default minilm)")
     p.add_argument("--clients", type=int, default=100, help="clients the training data is spread over (default 100)")
     p.add_argument("--per-step", type=int, default=10, help="clients sampled per round (default 10)")

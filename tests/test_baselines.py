@@ -94,3 +94,52 @@ def test_full_finetuning_trains_every_used_weight(bbc, tmp_path):
     # all MiniLM weights except the pooler (384*384 + 384), plus the 5-way head
     assert config["num_trainable"] == 22_713_216 - 147_840 + 5 * 384 + 5
     assert records[-1]["bytes_up"] == 2 * config["num_trainable"] * 4
+
+
+def _adapter_count(depth: int, width: int, hidden: int = 384, labels: int = 5) -> int:
+    """Trainable values of a fedadapter stage: two adapters (2·h·m + m + h) per adapted layer, plus the head."""
+    return depth * 2 * (2 * hidden * width + width + hidden) + labels * hidden + labels
+
+
+def test_fedadapter_upgrade_keeps_the_function(bbc):
+    from fwdllm.baselines import TrainableModel, grow
+
+    small = TrainableModel("minilm", "fedadapter", bbc.labels, seed=0, stage=(2, 8))
+    with torch.no_grad():  # trained-looking values: non-zero up projections and head
+        small.theta.copy_(torch.randn(small.theta.shape, generator=torch.Generator().manual_seed(3)) * 0.05)
+    ids, mask = small.encode([e["text"] for e in bbc.heldout[:4]], 24)
+    labels = torch.zeros(4, dtype=torch.long)
+    before = small.loss_logits(ids, mask, labels)[1].detach()
+    big = grow(small, "minilm", bbc.labels, 0, (4, 16))
+    assert big.num_trainable == _adapter_count(4, 16) > small.num_trainable == _adapter_count(2, 8)
+    after = big.loss_logits(ids, mask, labels)[1].detach()
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=0)
+    assert before.abs().max() > 1e-2  # the logits carry the adapters and head, not zeros
+    old, new = small.layout.split(small.theta.detach()[0].numpy()), big.layout.split(big.theta.detach()[0].numpy())
+    name = next(n for n in old if n.endswith("adapter.down.weight"))
+    np.testing.assert_array_equal(new[name][:8], old[name])
+    assert np.abs(new[name][8:]).max() > 0  # new down rows are initialised, new up columns are zero
+    assert not new[name.replace("down", "up")][:, 8:].any()
+
+
+def test_fedadapter_schedule_and_bytes_up(bbc, tmp_path):
+    fed = FederatedData("bbc", "seq-cls", bbc.labels, [bbc.train[i : i + 4] for i in (0, 4, 8)], bbc.heldout[:8], {})
+    cfg = BaselineConfig(data="bbc", peft="fedadapter", clients=3, per_step=2, steps=6, batch_size=4, seq_len=16,
+                         eval_every=1, eval_limit=8)
+    records = run_baseline(cfg, tmp_path, fed, progress=False)
+    # the record after round r (1-based step r+1) was trained by round r's stage; step 0 shows the first stage
+    stages = [(2, 8), (2, 8), (2, 8), (4, 16), (4, 16), (6, 32), (6, 32)]
+    assert [(r["depth"], r["width"]) for r in records] == stages
+    sent = 0
+    for r, stage in zip(records[1:], stages[1:]):
+        sent += _adapter_count(*stage) * 4 * cfg.per_step
+        assert r["bytes_up"] == sent
+    assert sum(v.size for v in load_file(str(tmp_path / "theta.safetensors")).values()) == _adapter_count(6, 32)
+
+
+def test_short_fedadapter_run_lowers_heldout_loss(bbc, tmp_path):
+    fed = federate(bbc, 20, alpha=0.5, seed=1)
+    cfg = BaselineConfig(data="bbc", peft="fedadapter", clients=20, per_step=3, steps=6, seq_len=32, eval_every=3, eval_limit=80)
+    records = run_baseline(cfg, tmp_path, fed, progress=False)
+    assert records[-1]["heldout_loss"] < records[0]["heldout_loss"] - 0.05
+    assert records[-1]["heldout_accuracy"] > records[0]["heldout_accuracy"]
