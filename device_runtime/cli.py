@@ -143,16 +143,20 @@ def _run(args: argparse.Namespace) -> int:
                        name=args.name, state_file=args.state, max_seeds=args.max_seeds)
     client = DeviceClient(cfg)
 
+    stopped_by: list[int] = []
+
     def stop(signum, _frame):  # first Ctrl-C / SIGTERM: leave cleanly; a second one interrupts at once
-        print(f"{signal.Signals(signum).name}: submitting what is computed and leaving the run", file=sys.stderr)
+        print(f"fwdllm device run: interrupted ({signal.Signals(signum).name}); submitting what is computed and "
+              "leaving the run", file=sys.stderr)
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+        stopped_by.append(signum)
         client.stop()
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, stop)
     code = client.run(max_tasks=args.max_tasks)
     print(json.dumps(client.stats))
-    return code
+    return 128 + stopped_by[0] if stopped_by else code  # the shell's convention for a process a signal stopped
 
 
 def _bench(args: argparse.Namespace) -> int:
