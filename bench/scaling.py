@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from fwdllm.data.datasets import AGNEWS_LABELS
 
     per_steps = (1, 10) if args.quick else (1, 10, 50, 200)
-    clients, steps, every, limit = (20, 3, 1, 64) if args.quick else (200, 15, 1, 300)
+    clients, steps, every, limit = (20, 3, 1, 64) if args.quick else (200, 12, 1, 300)
     curves, rows = {}, []
     for k in per_steps:
         common = {"clients": clients, "per_step": k, "alpha": 0.5, "seed": 0, "eval_every": every, "eval_limit": limit}
