@@ -39,8 +39,9 @@ FWD_VARIANTS = {
     # all layers: every perturbation reruns the encoder, so one per client; the recipe of bench/recipe.py
     "fwdllm BitFit (all layers)": (("bitfit", "all"), ALL_LAYER_RUN, ALL_LAYER_OVERRIDES),
     "fwdllm LoRA (all layers)": (("lora", "all"), ALL_LAYER_RUN, ALL_LAYER_OVERRIDES),
-    # MeZO (Malladi et al. 2023): one two-sided perturbation per step, plain SGD at a constant rate: one client per step
-    "MeZO-style, head, 1 perturbation per step": (("head", "head"), {"perturbations": 1, "per_step": 1, "lr": 0.05,
+    # MeZO (Malladi et al. 2023): one two-sided perturbation per step, plain SGD at a constant rate: one client per step.
+    # lr from a 600-step probe on this data: 0.02 → 47.7%, 0.1 → 41.7% (noisier)
+    "MeZO-style, head, 1 perturbation per step": (("head", "head"), {"perturbations": 1, "per_step": 1, "lr": 0.03,
                                                                      "schedule": "constant", "steps": 2000,
                                                                      "eval_every": 200}, {}),
 }
