@@ -63,6 +63,9 @@ CONFIGS: dict[str, tuple] = {
     "bitfit sgd linear lr 0.05, encoder biases x0.1": (BITFIT, {"lr": 0.05}, {"optimizer": {"groups": [
         {"match": "classifier.*", "lr_scale": 1.0}, {"match": "*", "lr_scale": 0.1}]}}, 0.0),
     "bitfit adam lr 3e-3 linear": (BITFIT, {"optimizer": "adam", "lr": 3e-3}, {}, 0.0),
+    "bitfit adam lr 1e-2 linear": (BITFIT, {"optimizer": "adam", "lr": 1e-2}, {}, 0.0),
+    "bitfit adam lr 1e-2 linear, encoder biases x0.1": (BITFIT, {"optimizer": "adam", "lr": 1e-2}, {"optimizer": {"groups": [
+        {"match": "classifier.*", "lr_scale": 1.0}, {"match": "*", "lr_scale": 0.1}]}}, 0.0),
     "bitfit top-1 sgd constant lr 0.01 (FwdLLM plain)": (TOP1, {"lr": 0.01, "schedule": "constant", "steps": 300}, {}, 0.0),
     "bitfit top-1 sgd linear lr 0.01": (TOP1, {"lr": 0.01, "steps": 300}, {}, 0.0),
     "bitfit top-1 normalised lr 1 linear": (TOP1, {"lr": 1.0, "steps": 300}, {"optimizer": {"normalize": True}}, 0.0),
