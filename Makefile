@@ -38,6 +38,9 @@ test-arm64: setup
 
 # The main job: MiniLM-L6 with a new head on BBC News, 100 non-IID clients (Dirichlet 0.5), 10 per step, through a
 # real coordinator and device processes on loopback (onnxruntime, frozen-prefix reuse, variance control, sampler).
+# θ is the head alone: BitFit's encoder biases cost more than they give here. All-layer BitFit cannot reuse the
+# prefix and ended at 0.66 after its 15-minute budget (coordinator/COORDINATOR.md, training recipes); BitFit on the
+# top layer + head costs 8x the head per perturbation (`fwdllm bench`) and diverged at the head's learning rate.
 DEMO_BUNDLE := bundles/demo-minilm-head
 DEMO_RUN := runs/demo
 
