@@ -34,7 +34,6 @@ from bench.report import write_results  # noqa: E402
 
 PAPER = "FwdLLM paper (memory table, §5): FwdLLM at 14–37% of backprop's peak memory for BERT-family models."
 BACKPROP = ("full", "lora", "adapter", "bitfit")
-LABELS = ["a", "b"]  # SmolLM2 as a 2-class seq-cls model: the same model for every column
 
 
 def backprop_child(spec: dict) -> dict:
@@ -45,10 +44,11 @@ def backprop_child(spec: dict) -> dict:
     from fwdllm.device_runtime.bench import sample_texts
 
     torch.set_num_threads(1)
-    model = TrainableModel(spec["model"], spec["peft"], spec["labels"], seed=0)
+    model = TrainableModel(spec["model"], spec["peft"], spec["labels"], seed=0, task=spec["task"])
     opt = torch.optim.AdamW(model.params, lr=1e-4)
     ids, mask = model.encode(sample_texts(spec["batch"]), spec["seq"])
-    labels = torch.arange(spec["batch"]) % len(spec["labels"])
+    # seq-cls: a class per example; causal-lm: the next tokens (padding ignored), as the device computes its loss
+    labels = torch.arange(spec["batch"]) % len(spec["labels"]) if spec["task"] == "seq-cls" else ids.masked_fill(mask == 0, -100)
     times = []
     for _ in range(2):
         start = time.perf_counter()
@@ -80,10 +80,11 @@ def _bundle(**kw) -> Path | dict:
 def measure(model: str, seq: int, quick: bool) -> list[dict]:
     from fwdllm.device_runtime.bench import _subprocess
 
-    labels = harness.BBC_LABELS if model == "minilm" else LABELS
-    # SmolLM2's TFLite conversion takes longer than make bench's hour allows; its devices are measured on ORT and llama.cpp
+    # SmolLM2 is a decoder: every column trains it on next tokens. Its TFLite conversion takes longer than make
+    # bench's hour allows, so its devices are measured on ORT and llama.cpp.
+    task = "seq-cls" if model == "minilm" else "causal-lm"
     formats = "onnx" if quick or model == "smollm2" else "onnx,tflite"
-    device = _bundle(peft="lora", seq_len=seq, labels=labels, model=model, formats=formats)
+    device = _bundle(peft="lora", seq_len=seq, labels=harness.BBC_LABELS, model=model, formats=formats, task=task)
     base = {"batch": 8, "perturbations": 8, "seeds": 16, "runs": 2, "warmup": 1}
     rows = []
 
@@ -108,7 +109,7 @@ def measure(model: str, seq: int, quick: bool) -> list[dict]:
                        "options": {"threads": 1}, "mode": "perturbed"}))
     for peft in BACKPROP:
         add("backprop", f"PyTorch {peft} + AdamW",
-            _backprop({"model": model, "peft": peft, "labels": labels, "seq": seq, "batch": 8}))
+            _backprop({"model": model, "peft": peft, "labels": harness.BBC_LABELS, "seq": seq, "batch": 8, "task": task}))
     lora = next((r.get("peak_rss_mb") for r in rows if r["configuration"] == "PyTorch lora + AdamW"), None)
     for r in rows:
         if lora and r.get("peak_rss_mb"):

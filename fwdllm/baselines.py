@@ -78,15 +78,19 @@ class BaselineConfig:
 class TrainableModel:
     """The exporter's perturbable model with θ (and, for full fine-tuning, every weight) trainable."""
 
-    def __init__(self, model: str, peft: str, labels: list[str], seed: int, stage: tuple[int, int] | None = None):
-        """``stage``: fedadapter's (depth, width); None = the schedule's first stage."""
+    def __init__(self, model: str, peft: str, labels: list[str], seed: int, stage: tuple[int, int] | None = None,
+                 task: str = "seq-cls"):
+        """``stage``: fedadapter's (depth, width); None = the schedule's first stage. ``task`` causal-lm: a decoder
+        trained on next tokens (labels unused), as bench/memory.py measures it."""
         from fwdllm.export import models
         from fwdllm.export.archs import spec_for
         from fwdllm.export.perturbable import PerturbableModel
         from fwdllm.export.plan import PeftOptions, build_plan
 
-        loaded = models.load(model, "seq-cls")
-        options = PeftOptions(method={"full": "head", "fedadapter": "adapter"}.get(peft, peft), trainable_layers="all", seed=seed)
+        loaded = models.load(model, task)
+        # full fine-tuning keeps the smallest θ beside every weight: the head, or a decoder's (zero) BitFit biases
+        full = "head" if task == "seq-cls" else "bitfit"
+        options = PeftOptions(method={"full": full, "fedadapter": "adapter"}.get(peft, peft), trainable_layers="all", seed=seed)
         self.stage: dict[str, int] = {}  # fedadapter: the depth and width of this model's adapters
         if peft == "fedadapter":
             spec = spec_for(loaded.model.config.model_type)
@@ -97,7 +101,7 @@ class TrainableModel:
                 raise UserError(f"fedadapter width {width} does not divide the hidden size {hidden}; use a divisor of {hidden}")
             options.trainable_layers, options.adapter_reduction = f"top:{depth}", hidden // width
             self.stage = {"depth": depth, "width": width}
-        plan = build_plan(loaded.model, "seq-cls", len(labels), options)
+        plan = build_plan(loaded.model, task, len(labels) if task == "seq-cls" else None, options)
         self.pm = PerturbableModel(loaded.model, plan)
         self.layout = plan.layout
         self.theta = torch.nn.Parameter(plan.theta0().unsqueeze(0))
@@ -118,8 +122,8 @@ class TrainableModel:
         return enc["input_ids"], enc["attention_mask"]
 
     def loss_logits(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        loss, logits = self.pm.full(ids, mask, labels, self.theta)
-        return loss[0], logits[0]
+        out = self.pm.full(ids, mask, labels, self.theta)  # (loss, logits); causal-lm: (loss,)
+        return out[0][0], (out[1][0] if len(out) > 1 else None)
 
     def state(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.params]
