@@ -115,6 +115,7 @@ class DeviceClient:
         self.stats = {"tasks": 0, "accepted": 0, "duplicate": 0, "rejected": 0, "failed": 0, "cancelled": 0,
                       "retries": 0, "rejoins": 0, "theta_fetches": 0, "theta_replays": 0}
         self._stop = threading.Event()
+        self._leave_on_stop = True
         self._lock = threading.Lock()
         self._load_state()
         self.channel = self._channel()
@@ -213,15 +214,20 @@ class DeviceClient:
                     self._stop.wait(max(resp.retry_after_ms, 50) / 1000)
             stopped = self._stop.is_set()
             self._submit_pending()
-            if stopped:  # asked to stop (a signal): say so, so the coordinator reassigns at once instead of timing out
+            if stopped and self._leave_on_stop:  # say so: the coordinator reassigns at once instead of timing out
                 self._leave("stopped")
             return 0
         finally:
             self._stop.set()
             beat.join(timeout=2)
 
-    def stop(self) -> None:
-        """Finish serving: the task in hand is abandoned, computed results are submitted, then Leave."""
+    def stop(self, leave: bool = True) -> None:
+        """Finish serving: the task in hand is abandoned, computed results are submitted, then Leave.
+
+        ``leave=False`` pauses instead (a simulation stopped for ``--resume``): the coordinator keeps
+        this device's tasks for it, so the resumed run computes exactly what an uninterrupted one would.
+        """
+        self._leave_on_stop = leave
         self._stop.set()
 
     def _leave(self, reason: str) -> None:

@@ -393,10 +393,10 @@ def worker_main(argv: list[str] | None = None) -> int:
         clients.append(client)
     stop = threading.Event()
 
-    def on_signal(*_):
+    def on_signal(*_):  # a pause for --resume, not a departure: the devices keep their tasks
         stop.set()
         for c in clients:
-            c.stop()
+            c.stop(leave=False)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
