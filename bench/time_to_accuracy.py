@@ -87,7 +87,8 @@ def curve_backprop(peft: str, fed, steps: int, common: dict, progress: bool = Tr
     earlier = BASELINE_RUNS / peft
     if (earlier / "config.json").is_file():
         saved = json.loads((earlier / "config.json").read_text())
-        if all(saved.get(k) == v for k, v in dataclasses.asdict(cfg).items()):
+        # fields left to their defaults (lr None: the PEFT's default) are resolved in the saved copy
+        if all(saved.get(k) == v for k, v in dataclasses.asdict(cfg).items() if v is not None):
             records = [json.loads(line) for line in (earlier / "metrics.jsonl").read_text().splitlines()]
             return _backprop_points(records)
     with tempfile.TemporaryDirectory() as out:  # in this process: its RSS is not one device's
