@@ -70,7 +70,7 @@ def test_interrupted_run_resumes_to_the_same_theta(tiny_head_bundle, tmp_path):
                     perturbations=4, lr=0.05, alpha=0.5, eval_every=16, eval_limit=40)
     whole = simulate(SimConfig(**settings), tmp_path / "whole", progress=False)
 
-    for attempt in range(3):  # on a saturated machine this process may not wake before the whole run is done
+    for attempt in range(5):  # on a saturated machine this process may not wake before the whole run is done
         run = tmp_path / f"interrupted-{attempt}"
         cmd = [sys.executable, "-m", "fwdllm.cli", "simulate", "--out", str(run), "--bundle", settings["bundle"], "--data",
                "bbc", "--clients", "6", "--per-step", "3", "--steps", "16", "--workers", "2", "--perturbations", "4", "--lr",
@@ -78,16 +78,16 @@ def test_interrupted_run_resumes_to_the_same_theta(tiny_head_bundle, tmp_path):
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
         deadline = time.monotonic() + 240
-        while len(_rows(run)) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        while len(_rows(run)) < 1 and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         proc.send_signal(signal.SIGINT)  # what Ctrl-C does
         _, err = proc.communicate(timeout=120)
-        if not (proc.returncode == 0 and len(_rows(run)) == 16):
+        if proc.returncode != 0:
             break  # interrupted mid-run (or failed: asserted next)
     assert proc.returncode == 130, err
     assert "--resume" in err
     stopped_at = len(_rows(run))
-    assert 3 <= stopped_at < 16
+    assert 1 <= stopped_at < 16
 
     resumed = simulate(None, run, resume=True, progress=False)
     assert resumed["steps"] == 16
