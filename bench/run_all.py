@@ -8,8 +8,8 @@ bench.report.write_results; a script that fails is reported in its section, neve
 
 Sections whose numbers are times or throughputs run first, one at a time on an otherwise idle
 machine. The rest report accuracy, steps, bytes or peak memory, which another process on the
-other core does not change; they run side by side, --jobs at a time (each is single-threaded),
-which is what keeps the full report inside its hour on 2 cores.
+other core does not change; they run side by side, --jobs at a time (each is single-threaded).
+Even so the full report holds ~150 CPU-minutes, more than 2 cores do in the hour it is meant to take.
 """
 
 from __future__ import annotations
