@@ -71,6 +71,14 @@ class HarnessResult:
     def evals(self) -> list[dict]:
         return [r for r in self.rows if r.get("test_accuracy") is not None]
 
+    def save_theta(self, path: Path) -> Path:
+        """The final θ as named tensors: what ``SimConfig.init_theta`` of a later run starts from."""
+        from fwdllm.proto.manifest import load_manifest, save_theta
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_theta(path, load_manifest(Path(self.config["sim"]["bundle"])).theta, self.theta)
+        return path
+
 
 def _merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)

@@ -1,8 +1,8 @@
 """The training-recipe study (issue 9): why BitFit forward gradients collapse, and what fixes it.
 
     python bench/recipe.py                 # the whole study (hours on 2 busy cores; run it at nice -n 10)
-    python bench/recipe.py --lean          # the recommended recipes only, 3 seeds (make bench)
-    python bench/recipe.py --quick         # smoke run: the variance probe and one short run
+    python bench/recipe.py --lean          # the kept recipes, 3 seeds, and one contrast run (make bench)
+    python bench/recipe.py --quick         # smoke run: the variance probe and a short LP-FT run
 
 Part 1, the estimate: on one batch, the forward-gradient estimate ĝ from N perturbations
 (the real engine on the bundle) against its signal. With Gaussian v, E‖ĝ‖² ≈ ‖g‖²(1 + (d+1)/N),
@@ -13,6 +13,7 @@ Part 2, the runs: BBC News, 100 non-IID clients (Dirichlet α=0.5), 10 per step,
 in-process harness (bench/harness.py: the real Coordinator, optimiser and engine). Every
 configuration runs with several seeds and is judged by held-out accuracy at the END of the
 run (after any early-stopping restore), mean ± standard deviation, never by the best seen.
+The all-layer recipe kept is LP-FT: the head first (prefix reuse), then BitFit from it.
 """
 
 from __future__ import annotations
@@ -70,12 +71,23 @@ CONFIGS: dict[str, tuple] = {
     "bitfit top-1 sgd linear lr 0.01": (TOP1, {"lr": 0.01, "steps": 300}, {}, 0.0),
     "bitfit top-1 normalised lr 1 linear": (TOP1, {"lr": 1.0, "steps": 300}, {"optimizer": {"normalize": True}}, 0.0),
 }
-# The all-layer recipe the study keeps; bench/time_to_accuracy.py trains BitFit and LoRA with it.
-# Seed 0 of each all-layer guard (2026-11-25): early stopping 44.6% (peak 50%, restored after a collapse to 17%),
-# normalised 59.7%, head-weighted rates diverged (18%), Adam 65.8% and still rising: Adam is kept.
+# The all-layer optimiser the study keeps. Seed 0 of each all-layer guard (2026-11-25): early stopping 44.6% (peak
+# 50%, restored after a collapse to 17%), normalised 59.7%, head-weighted rates diverged (18%), Adam 65.8% and still
+# rising after 500 steps: too slow, because a zero head gets its signal only through 27.7k-dimensional estimates.
 ALL_LAYER = "bitfit adam lr 3e-3 linear"
-# make bench: the head recipe this study measured at ≥ 90% (3 seeds) and the all-layer BitFit recipe
-LEAN = ["head sgd lr 2, 40 steps", ALL_LAYER]
+HEAD_RECIPE = "head sgd lr 2, 40 steps"
+WARM_STEPS = 150
+# Linear probing, then fine-tuning (LP-FT, Kumar et al. 2022): train the head with prefix reuse, then all biases and
+# the head with the Adam recipe, starting from that head (SimConfig.init_theta). Its costs include the head stage.
+LP_FT = f"{ALL_LAYER}, {WARM_STEPS} steps from the trained head (LP-FT)"
+FROM_ZERO = f"{ALL_LAYER}, {WARM_STEPS} steps from zero"  # the same BitFit budget without the head stage
+CONFIGS[LP_FT] = CONFIGS[FROM_ZERO] = (BITFIT, {"optimizer": "adam", "lr": 3e-3, "steps": WARM_STEPS, "eval_every": 25},
+                                       {}, 0.0)
+WARM_FROM = {LP_FT: HEAD_RECIPE}  # configuration -> the configuration whose final θ (same seed) it starts from
+THETAS = ROOT / ".cache" / "recipe-theta"
+# make bench: the head recipe this study measured at ≥ 90%, LP-FT, and all-layer BitFit from zero at LP-FT's
+# BitFit budget; configuration -> seeds
+LEAN = {HEAD_RECIPE: 3, LP_FT: 3, FROM_ZERO: 1}
 
 
 def sim_for(name: str, seed: int, quick: bool) -> tuple[SimConfig, dict, float]:
@@ -131,18 +143,38 @@ def estimate_noise(peft: str, layers: str, perturbations: int, repeats: int) -> 
             "norm_ratio": statistics.mean(norms) / grad, "theory_ratio": (1 + (d + 1) / perturbations) ** 0.5}
 
 
-def study_run(name: str, seed: int, quick: bool) -> dict:
+def theta_file(name: str, seed: int, quick: bool) -> Path:
+    slug = "".join(c if c.isalnum() else "-" for c in name)
+    return THETAS / f"{slug}-s{seed}{'-quick' if quick else ''}.safetensors"
+
+
+def study_run(name: str, seed: int, quick: bool, done: list[dict] = ()) -> dict:
+    """One run, judged at its end. A warm-started run first needs its stage's run of the same seed (reused from
+    ``done`` when its θ was kept); its costs then include that stage's, so it is compared at its full price."""
     sim, overrides, validation = sim_for(name, seed, quick)
+    stage = None
+    if name in WARM_FROM:
+        first = WARM_FROM[name]
+        stage = next((r for r in done if r["part"] == "run" and r["config"] == first and r["seed"] == seed), None)
+        if stage is None or not theta_file(first, seed, quick).is_file():
+            stage = study_run(first, seed, quick)
+        sim.init_theta = str(theta_file(first, seed, quick))
     started = time.process_time()
     res = harness.run(sim, overrides, validation_fraction=validation, desc=f"{name} s{seed}")
+    res.save_theta(theta_file(name, seed, quick))
     evals = res.evals()
     trace = [(r["step"] + 1, round(r["test_accuracy"], 4)) for r in evals]
-    return {"part": "run", "config": name, "seed": seed, "steps_run": len(res.rows), "final_accuracy": res.final["test_accuracy"],
-            "initial_accuracy": res.before["test_accuracy"],
-            "best_accuracy": max([a for _, a in trace] or [res.final["test_accuracy"]]), "trace": trace,
-            "perturbations": sum(r["perturbations"] for r in res.rows), "wall_s": res.wall_s,
-            "cpu_s": time.process_time() - started, "device_seconds": sum(r["device_seconds"] for r in res.rows),
-            "early_stopped": any(r.get("early_stopped") for r in res.rows)}
+    entry = {"part": "run", "config": name, "seed": seed, "steps_run": len(res.rows),
+             "final_accuracy": res.final["test_accuracy"], "initial_accuracy": res.before["test_accuracy"],
+             "best_accuracy": max([a for _, a in trace] or [res.final["test_accuracy"]]), "trace": trace,
+             "perturbations": sum(r["perturbations"] for r in res.rows), "wall_s": res.wall_s,
+             "cpu_s": time.process_time() - started, "device_seconds": sum(r["device_seconds"] for r in res.rows),
+             "early_stopped": any(r.get("early_stopped") for r in res.rows)}
+    if stage is not None:
+        entry["warm_from"] = stage["config"]
+        for key in ("steps_run", "perturbations", "wall_s", "cpu_s", "device_seconds"):
+            entry[key] += stage[key]
+    return entry
 
 
 def _num(x: float) -> str:
@@ -208,11 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log", type=Path, default=RESULTS_DIR / "recipe-runs.jsonl", help="finished runs are appended here")
     p.add_argument("--resume", action="store_true", help="reuse the runs in --log (a long study in several processes)")
     args = p.parse_args(argv)
-    names = [] if args.estimate_only else args.configs or (LEAN[:1] if args.quick else LEAN if args.lean else list(CONFIGS))
+    names = [] if args.estimate_only else args.configs or ([LP_FT] if args.quick else list(LEAN) if args.lean else list(CONFIGS))
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
-    seeds = 1 if args.quick else args.seeds
+    def seeds_of(name: str) -> int:
+        return 1 if args.quick else LEAN[name] if args.lean and not args.configs else args.seeds
+
     done = [json.loads(x) for x in args.log.read_text().splitlines()] if (args.resume or args.table_only) and args.log.exists() else []
 
     def remember(entry: dict) -> dict:
@@ -234,9 +268,9 @@ def main(argv: list[str] | None = None) -> int:
                 estimate.append(cached or remember(estimate_noise(peft, layers, n, 2 if args.quick else 4)))
     runs = [r for r in done if r["part"] == "run"] if args.table_only else []
     for name in [] if args.table_only else names:
-        for seed in range(args.first_seed, args.first_seed + seeds):
-            cached = next((r for r in done if r["part"] == "run" and r["config"] == name and r["seed"] == seed), None)
-            runs.append(cached or remember(study_run(name, seed, args.quick)))
+        for seed in range(args.first_seed, args.first_seed + seeds_of(name)):
+            cached = next((r for r in done + runs if r["part"] == "run" and r["config"] == name and r["seed"] == seed), None)
+            runs.append(cached or remember(study_run(name, seed, args.quick, done + runs)))
     rows = summarise(runs)
     columns = ["configuration", "seeds", "final acc mean", "final acc sd", "final acc min", "best seen (mean)", "steps",
                "perturbations", "wall s (mean)", "cpu s (mean)"]
@@ -254,7 +288,13 @@ def main(argv: list[str] | None = None) -> int:
              "wrecks the features. The remedies CONFIGS runs (a configuration missing from the table above was not run in this report): decay (the walk stops growing), a normalised or clipped "
              "step (a loss spike cannot make a larger step), smaller rates for the encoder biases, more perturbations "
              "per step (variance control), and early stopping on a validation split. ‖g‖ n/a: the pooled estimate of "
-             "‖g‖² came out negative (too few perturbations for that d).")
+             "‖g‖² came out negative (too few perturbations for that d).\n\n"
+             "Why all-layer BitFit from zero is slow even without a collapse: the head starts at zero, so early "
+             "progress is head learning, but every one of its perturbations reruns the encoder and carries the "
+             "27.7k-dimensional noise of the biases. LP-FT (linear probing, then fine-tuning; Kumar et al. 2022) "
+             f"trains the head first with prefix reuse ({HEAD_RECIPE!r}), then all biases and the head from there "
+             f"({LP_FT!r}, same seed; its steps, perturbations and seconds include the head stage). Compare it with "
+             f"the head alone and with {FROM_ZERO!r}, the same BitFit budget from a zero head.")
     figure = plot_traces(runs, ROOT / "bench" / "figures" / ("recipe-quick.png" if args.quick else "recipe.png"))
     notes += f"\n\n![accuracy along each run]({figure.relative_to(ROOT)})"
     cmd = "python bench/recipe.py" + (" --quick" if args.quick else " --lean" if args.lean else

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in per_steps:
         common = {"clients": clients, "per_step": k, "alpha": 0.5, "seed": 0, "eval_every": every, "eval_limit": limit}
         variant = (("head", "head"), {"perturbations": PER_CLIENT, "lr": LR}, {"optimizer": {"normalize": True}})
-        pts = curve_fwdllm(f"{k} per step", variant, AGNEWS, AGNEWS_LABELS, steps, common)
+        pts, _ = curve_fwdllm(f"{k} per step", variant, AGNEWS, AGNEWS_LABELS, steps, common)
         curves[k] = pts
         row = {"clients per step": k, "perturbations per step": k * PER_CLIENT, "final acc": pts[-1]["accuracy"]}
         for t in TARGETS:

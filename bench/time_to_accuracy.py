@@ -20,57 +20,64 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import harness  # noqa: E402
 from bench.baselines import RUNS as BASELINE_RUNS, STEPS as BACKPROP_STEPS  # noqa: E402
-from bench.recipe import ALL_LAYER, CONFIGS as RECIPES  # noqa: E402
+from bench.recipe import LP_FT, WARM_STEPS, CONFIGS as RECIPES  # noqa: E402
 from bench.report import RESULTS_DIR, write_results  # noqa: E402
 from fwdllm.simulate import SimConfig  # noqa: E402
 
 AGNEWS = "agnews:/work/shared/data/ag_news/test.csv"
 FIGURES = ROOT / "bench" / "figures"
+THETAS = ROOT / ".cache" / "tta-theta"  # final θ of each fwdllm run, for the runs that start from it
 TARGETS = (0.70, 0.80, 0.85, 0.875)  # 0.875: the paper's AG News target
 HEAD_RECIPE = {"perturbations": 100, "lr": 2.0, "steps": 40}
-_, ALL_LAYER_FIELDS, ALL_LAYER_OVERRIDES, _ = RECIPES[ALL_LAYER]
-ALL_LAYER_RUN = {**ALL_LAYER_FIELDS, "steps": 300, "eval_every": 25}
+_, LP_FT_RUN, LP_FT_OVERRIDES, _ = RECIPES[LP_FT]
 # name -> (bundle (peft, layers), SimConfig fields, coordinator overrides)
 FWD_VARIANTS = {
     "fwdllm head, fixed count": (("head", "head"), HEAD_RECIPE, {}),
     "fwdllm head, variance control": (("head", "head"), {**HEAD_RECIPE, "variance": "relative", "max_waves": 4}, {}),
     "fwdllm head, variance control + sampler": (("head", "head"), {**HEAD_RECIPE, "variance": "relative",
                                                                    "max_waves": 4, "sampler": True}, {}),
-    # all layers: every perturbation reruns the encoder, so one per client; the recipe of bench/recipe.py
-    "fwdllm BitFit (all layers)": (("bitfit", "all"), ALL_LAYER_RUN, ALL_LAYER_OVERRIDES),
-    "fwdllm LoRA (all layers)": (("lora", "all"), ALL_LAYER_RUN, ALL_LAYER_OVERRIDES),
+    # all layers: every perturbation reruns the encoder, so one per client; bench/recipe.py's LP-FT recipe,
+    # starting from the fixed-count head run's θ (WARM_FROM): its curve continues that run's
+    f"fwdllm BitFit (all layers), LP-FT: head, then {WARM_STEPS} steps": (("bitfit", "all"), LP_FT_RUN, LP_FT_OVERRIDES),
+    f"fwdllm LoRA (all layers), LP-FT: head, then {WARM_STEPS} steps": (("lora", "all"), LP_FT_RUN, LP_FT_OVERRIDES),
     # MeZO (Malladi et al. 2023): one two-sided perturbation per step, plain SGD at a constant rate: one client per step.
     # lr from a 600-step probe on this data: 0.02 → 47.7%, 0.1 → 41.7% (noisier)
     "MeZO-style, head, 1 perturbation per step": (("head", "head"), {"perturbations": 1, "per_step": 1, "lr": 0.03,
-                                                                     "schedule": "constant", "steps": 2000,
+                                                                     "schedule": "constant", "steps": 1200,
                                                                      "eval_every": 200}, {}),
 }
+WARM_FROM = {name: "fwdllm head, fixed count" for name in FWD_VARIANTS if "LP-FT" in name}
 BACKPROP = ("head", "bitfit", "lora")
 DEFAULT_FWD = [*FWD_VARIANTS]
 
 
 def curve_fwdllm(name: str, variant: tuple, data: str, labels: list[str], steps: int | None, common: dict,
-                 progress: bool = True) -> list[dict]:
-    """(step, accuracy, cumulative device seconds, cumulative bytes) at every evaluation of a harness run.
+                 progress: bool = True, warm: tuple[list[dict], Path] | None = None) -> tuple[list[dict], Path]:
+    """(step, accuracy, cumulative device seconds, cumulative bytes) at every evaluation of a harness run, and its θ.
 
     ``steps`` (with ``common``'s evaluation interval) overrides the variant's own length: quick runs.
+    ``warm`` = (an earlier run's points, its θ file): this run starts from that θ and its curve continues
+    that run's, so its steps, seconds and bytes include the earlier stage's.
     """
     (peft, layers), fields, overrides = variant
     settings = {**common, **fields} if steps is None else {**common, **fields, "steps": steps,
                                                             "eval_every": common["eval_every"]}
-    sim = SimConfig(bundle=str(harness.bundle(peft, layers, 64, labels)), data=data, **settings)
+    sim = SimConfig(bundle=str(harness.bundle(peft, layers, 64, labels)), data=data, **settings,
+                    init_theta=str(warm[1]) if warm else None)
     res = harness.run(sim, overrides, progress=progress, desc=name)
-    points = [{"step": 0, "accuracy": res.before["test_accuracy"], "device_seconds": 0.0, "bytes": 0,
-               "perturbations": 0}]
-    seconds = nbytes = perts = 0
+    theta = res.save_theta(THETAS / ("".join(c if c.isalnum() else "-" for c in name) + ".safetensors"))
+    start = warm[0][-1] if warm else {"step": 0, "accuracy": res.before["test_accuracy"], "device_seconds": 0.0,
+                                      "bytes": 0, "perturbations": 0}
+    points = list(warm[0]) if warm else [start]
+    steps0, seconds, nbytes, perts = start["step"], start["device_seconds"], start["bytes"], start["perturbations"]
     for row in res.rows:
         seconds += row["device_seconds"]
         nbytes += row["bytes_up"] + row["bytes_down"]
         perts += row["perturbations"]
         if row.get("test_accuracy") is not None:
-            points.append({"step": row["step"] + 1, "accuracy": row["test_accuracy"], "device_seconds": seconds,
+            points.append({"step": steps0 + row["step"] + 1, "accuracy": row["test_accuracy"], "device_seconds": seconds,
                            "bytes": nbytes, "perturbations": perts})
-    return points
+    return points, theta
 
 
 def curve_backprop(peft: str, fed, steps: int, common: dict, progress: bool = True) -> list[dict]:
@@ -190,21 +197,28 @@ def main(argv: list[str] | None = None) -> int:
         common.update(clients=20, per_step=4, eval_every=2, eval_limit=64)
         fwd_steps, bp_steps = 4, 2
     fed = open_federated(AGNEWS, common["clients"], alpha=common["alpha"], seed=common["seed"])
-    wanted = args.variants or ([*FWD_VARIANTS][:1] + ["backprop head"] if args.quick
+    wanted = args.variants or ([*FWD_VARIANTS][:1] + [*WARM_FROM][:1] + ["backprop head"] if args.quick
                                else [*DEFAULT_FWD, *(f"backprop {b}" for b in BACKPROP)])
-    curves = {}
-    for name in wanted:
+    for name in [n for n in wanted if n in WARM_FROM and WARM_FROM[n] not in wanted]:
+        wanted.insert(0, WARM_FROM[name])
+    curves, thetas = {}, {}
+    for name in sorted(wanted, key=lambda n: n in WARM_FROM):  # the stages others start from first
         if name.startswith("backprop "):
             curves[name] = curve_backprop(name.split()[1], fed, bp_steps, common)
         else:
-            curves[name] = curve_fwdllm(name, FWD_VARIANTS[name], AGNEWS, fed.labels, fwd_steps, common)
+            warm = (curves[WARM_FROM[name]], thetas[WARM_FROM[name]]) if name in WARM_FROM else None
+            curves[name], thetas[name] = curve_fwdllm(name, FWD_VARIANTS[name], AGNEWS, fed.labels, fwd_steps, common,
+                                                      warm=warm)
+    curves = {name: curves[name] for name in wanted}
     rows = [target_rows(n, pts) for n, pts in curves.items()]
     figure = plot(curves, FIGURES / ("time_to_accuracy-quick.png" if args.quick else "time_to_accuracy.png"),
                   f"AG News, MiniLM-L6: {common['clients']} clients (α={common['alpha']}), {common['per_step']} per step")
     notes = (f"AG News test.csv (7,600 articles, seeded 80/20 split), MiniLM-L6, sequence 64, batch 8, "
              f"{common['clients']} non-IID clients (Dirichlet α={common['alpha']}), {common['per_step']} per step (MeZO-style: 1); "
              f"accuracy on the first {common['eval_limit']} held-out articles every {common['eval_every']} steps (all-layer "
-             "fwdllm: every 25; MeZO-style: every 200), so a cell is rounded up to that grid. Each cell: steps, device "
+             "fwdllm: every 25; MeZO-style: every 200), so a cell is rounded up to that grid. All-layer fwdllm is "
+             "bench/recipe.py's LP-FT recipe: it starts from the fixed-count head run's final θ, and its steps, "
+             "seconds and bytes include that head run's. Each cell: steps, device "
              "compute seconds and bytes (up + down, all clients) when the target was first reached. fwdllm bytes are the "
              "coordinator's counts (tasks, θ downloads, scalar uploads); backprop bytes are FedAvg's dense up- and "
              "download of the trainable values. Peak device MiB: backprop's from its own fresh-process run "

@@ -31,6 +31,7 @@ class RunConfig:
     batch_size: int = 8
     deadline_s: float = 120.0  # per wave; results after a task's deadline are rejected
     seed: int = 0  # client selection randomness
+    init_theta: str = ""  # θ file of an earlier run: its tensors (by name) replace the bundle's initial values
 
 
 @dataclass

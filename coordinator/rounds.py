@@ -30,7 +30,7 @@ import grpc
 import numpy as np
 
 from fwdllm.errors import UserError
-from fwdllm.proto.manifest import load_manifest, load_theta
+from fwdllm.proto.manifest import load_manifest, load_theta, warm_start
 from fwdllm.proto.perturbation import seed_for
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
 
@@ -136,6 +136,10 @@ class Coordinator:
         fp = self.store.get("fingerprint")
         if fp is None:
             theta = load_theta(bundle, self.manifest)
+            if self.cfg.run.init_theta:
+                theta, taken = warm_start(self.layout, theta, Path(self.cfg.run.init_theta))
+                log.info("θ starts from %s: %d of %d tensors taken", self.cfg.run.init_theta, len(taken),
+                         len(self.layout.tensors))
             self.store.save_checkpoint(1, self.layout, theta, dict(self.optimizer.state), self.cfg.server.checkpoints_keep)
             with self.store.transaction() as db:
                 for key, value in {"fingerprint": self.fingerprint, "step": 0, "wave": 0, "wave_open": False,

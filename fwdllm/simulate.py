@@ -63,6 +63,7 @@ class SimConfig:
     eval_every: int = 10
     eval_limit: int = 0  # held-out examples evaluated; 0: all
     deadline_s: float = 120.0
+    init_theta: str | None = None  # θ file of an earlier run to start from (matching tensors by name)
 
     def check(self) -> None:
         if not 1 <= self.per_step <= self.clients:
@@ -76,6 +77,8 @@ class SimConfig:
 
         if self.backend not in BACKENDS:
             raise UserError(f"--backend {self.backend!r} is not one of {sorted(BACKENDS)}")
+        if self.init_theta and not Path(self.init_theta).is_file():
+            raise UserError(f"--init-theta {self.init_theta} does not exist; give an earlier run's theta.safetensors")
         if not Path(self.bundle, "manifest.json").is_file():
             raise UserError(f"--bundle {self.bundle} is not a bundle (no manifest.json); create one with `fwdllm export`")
 
@@ -88,7 +91,8 @@ class SimConfig:
             # Exactly per_step tasks per wave, all awaited: results, and so θ, depend on the seeds alone.
             "run": {"steps": self.steps, "clients_per_step": self.per_step, "perturbations_per_client": self.perturbations,
                     "over_select": 0.0, "min_clients": self.clients, "min_results": self.per_step,
-                    "batch_size": self.batch_size, "epsilon": self.epsilon, "seed": self.seed, "deadline_s": self.deadline_s},
+                    "batch_size": self.batch_size, "epsilon": self.epsilon, "seed": self.seed, "deadline_s": self.deadline_s,
+                    "init_theta": str(self.init_theta or "")},
             "optimizer": optimizer,
             "variance": {"mode": self.variance, "max_waves": self.max_waves},
             "sampler": {"enabled": self.sampler},

@@ -43,6 +43,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     skew.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew (default 0.5)")
     skew.add_argument("--iid", action="store_true", help="IID clients")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--init-theta", type=Path, metavar="FILE",
+                   help="start from an earlier run's theta.safetensors: tensors of the same name replace the bundle's "
+                        "initial values (e.g. BitFit from a trained head)")
     s.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations (default 10)")
     s.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N held-out examples (default all)")
     s.set_defaults(handler=_simulate)
@@ -91,6 +94,7 @@ def _simulate(args: argparse.Namespace) -> int:
             epsilon=args.epsilon, optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, clip_norm=args.clip_norm,
             variance=args.variance, max_waves=args.max_waves, sampler=args.sampler, alpha=None if args.iid else args.alpha,
             seed=args.seed, eval_every=args.eval_every, eval_limit=args.eval_limit,
+            init_theta=str(args.init_theta) if args.init_theta else None,
         )
     s = simulate(cfg, args.out, resume=args.resume, options=None if args.resume else options_from_args(args))
     before, after = s["before"], s["after"]

@@ -292,6 +292,42 @@ def load_theta(bundle: Path, manifest: Manifest) -> np.ndarray:
     return manifest.theta.flatten(load_file(str(Path(bundle) / manifest.theta_file)))
 
 
+def warm_start(layout: ThetaLayout, theta: np.ndarray, path: Path) -> tuple[np.ndarray, list[str]]:
+    """θ with every tensor that ``path`` (a θ file of another run) also holds replaced by that file's values.
+
+    Tensors are matched by name, so a run of one PEFT method can start from another's result:
+    BitFit or LoRA from a trained head (linear probing, then fine-tuning). Returns the new θ and
+    the names taken from the file.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"init θ {path} does not exist; give the theta.safetensors of an earlier run "
+                        "(`fwdllm simulate` writes one) or a coordinator checkpoint")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"init θ {path} is not a safetensors file ({exc})") from exc
+    theta, taken = np.array(theta, dtype=np.float32, copy=True), []
+    for slot in layout.tensors:
+        if slot.name not in tensors:
+            continue
+        value = tensors[slot.name]
+        if tuple(value.shape) != tuple(slot.shape):
+            raise UserError(f"init θ {path}: {slot.name} has shape {list(value.shape)}, this bundle's is "
+                            f"{list(slot.shape)}; start from a run of the same model and labels")
+        if not np.isfinite(value).all():
+            raise UserError(f"init θ {path}: {slot.name} holds NaN or Inf")
+        theta[slot.offset : slot.offset + slot.size] = value.reshape(-1)
+        taken.append(slot.name)
+    if not taken:
+        raise UserError(f"init θ {path} shares no tensor name with this bundle's θ ({layout.tensors[0].name}, ...); "
+                        "it comes from another model")
+    return theta, taken
+
+
 def save_theta(path: Path, layout: ThetaLayout, theta: np.ndarray, metadata: dict[str, str] | None = None) -> None:
     """Write flat theta as named tensors, the format of ``theta.safetensors`` and coordinator checkpoints."""
     from safetensors.numpy import save_file

@@ -169,3 +169,34 @@ def test_a_crash_between_the_decision_and_the_update_applies_it_on_restart(tmp_p
     v = dense_v(task_seeds(tasks[0]) + task_seeds(tasks[1]))
     want = np.linspace(-1, 1, c.dim, dtype=np.float32) - 0.01 * (np.array([1, 1, -1, -1]) @ v) / 4
     np.testing.assert_allclose(restarted.theta, want, atol=1e-6)
+
+
+def test_init_theta_takes_tensors_by_name_once(tmp_path):
+    from fwdllm.errors import UserError
+    from fwdllm.proto.manifest import ThetaLayout, save_theta
+    from test_coordinator_fixtures import LAYOUT
+
+    head = ThetaLayout.from_shapes([("classifier.weight", (3, 12)), ("classifier.bias", (3,)), ("other.bias", (5,))])
+    trained = np.arange(head.dim, dtype=np.float32)
+    save_theta(tmp_path / "head.safetensors", head, trained)
+    c, _ = setup(tmp_path, {"init_theta": str(tmp_path / "head.safetensors")}, clients=1)
+    bundle_theta = np.linspace(-1, 1, LAYOUT.dim, dtype=np.float32)
+    slots = {s.name: s for s in LAYOUT.tensors}
+    enc, w, b = slots["encoder.layer.0.bias"], slots["classifier.weight"], slots["classifier.bias"]
+    np.testing.assert_array_equal(c.theta[enc.offset:enc.offset + enc.size], bundle_theta[:enc.size])
+    np.testing.assert_array_equal(c.theta[w.offset:w.offset + w.size], trained[:36])
+    np.testing.assert_array_equal(c.theta[b.offset:b.offset + b.size], trained[36:39])
+    c.close()
+    # a restart resumes from its checkpoint: the file is read at the start of a run only
+    resumed = Coordinator(tmp_path / "b", tmp_path / "s", from_dict({"run": {"init_theta": str(tmp_path / "gone")}}))
+    np.testing.assert_array_equal(resumed.theta, c.theta)
+    resumed.close()
+
+    wrong = ThetaLayout.from_shapes([("classifier.weight", (4, 12))])
+    save_theta(tmp_path / "wrong.safetensors", wrong, np.zeros(wrong.dim, dtype=np.float32))
+    unrelated = ThetaLayout.from_shapes([("lm_head.bias", (3,))])
+    save_theta(tmp_path / "unrelated.safetensors", unrelated, np.zeros(3, dtype=np.float32))
+    for name, message in [("wrong", r"has shape \[4, 12\]"), ("unrelated", "shares no tensor name"), ("missing", "does not exist")]:
+        with pytest.raises(UserError, match=message):
+            Coordinator(make_bundle(tmp_path / f"b-{name}"), tmp_path / f"s-{name}",
+                        from_dict({"run": {"init_theta": str(tmp_path / f"{name}.safetensors")}}))
