@@ -33,6 +33,7 @@ from fwdllm.data.datasets import AGNEWS_LABELS, LoadOptions, seeded_split
 from fwdllm.simulate import SimConfig
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "bench-bundles"
+THETAS = CACHE.parent / "bench-theta"  # final θ of runs that later runs start from (SimConfig.init_theta)
 BBC_LABELS = ["business", "entertainment", "politics", "sports", "tech"]
 
 
@@ -78,6 +79,11 @@ class HarnessResult:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_theta(path, load_manifest(Path(self.config["sim"]["bundle"])).theta, self.theta)
         return path
+
+
+def theta_file(run_name: str) -> Path:
+    """Where the final θ of the run called ``run_name`` is kept (``HarnessResult.save_theta``)."""
+    return THETAS / ("".join(c if c.isalnum() else "-" for c in run_name) + ".safetensors")
 
 
 def _merge(base: dict, extra: dict) -> dict:

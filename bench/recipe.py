@@ -84,7 +84,6 @@ FROM_ZERO = f"{ALL_LAYER}, {WARM_STEPS} steps from zero"  # the same BitFit budg
 CONFIGS[LP_FT] = CONFIGS[FROM_ZERO] = (BITFIT, {"optimizer": "adam", "lr": 3e-3, "steps": WARM_STEPS, "eval_every": 25},
                                        {}, 0.0)
 WARM_FROM = {LP_FT: HEAD_RECIPE}  # configuration -> the configuration whose final θ (same seed) it starts from
-THETAS = ROOT / ".cache" / "recipe-theta"
 # make bench: the head recipe this study measured at ≥ 90%, LP-FT, and all-layer BitFit from zero at LP-FT's
 # BitFit budget; configuration -> seeds
 LEAN = {HEAD_RECIPE: 3, LP_FT: 3, FROM_ZERO: 1}
@@ -144,8 +143,7 @@ def estimate_noise(peft: str, layers: str, perturbations: int, repeats: int) -> 
 
 
 def theta_file(name: str, seed: int, quick: bool) -> Path:
-    slug = "".join(c if c.isalnum() else "-" for c in name)
-    return THETAS / f"{slug}-s{seed}{'-quick' if quick else ''}.safetensors"
+    return harness.theta_file(f"recipe {name} s{seed}{' quick' if quick else ''}")
 
 
 def study_run(name: str, seed: int, quick: bool, done: list[dict] = ()) -> dict:

@@ -26,7 +26,6 @@ from fwdllm.simulate import SimConfig  # noqa: E402
 
 AGNEWS = "agnews:/work/shared/data/ag_news/test.csv"
 FIGURES = ROOT / "bench" / "figures"
-THETAS = ROOT / ".cache" / "tta-theta"  # final θ of each fwdllm run, for the runs that start from it
 TARGETS = (0.70, 0.80, 0.85, 0.875)  # 0.875: the paper's AG News target
 HEAD_RECIPE = {"perturbations": 100, "lr": 2.0, "steps": 40}
 _, LP_FT_RUN, LP_FT_OVERRIDES, _ = RECIPES[LP_FT]
@@ -65,7 +64,7 @@ def curve_fwdllm(name: str, variant: tuple, data: str, labels: list[str], steps:
     sim = SimConfig(bundle=str(harness.bundle(peft, layers, 64, labels)), data=data, **settings,
                     init_theta=str(warm[1]) if warm else None)
     res = harness.run(sim, overrides, progress=progress, desc=name)
-    theta = res.save_theta(THETAS / ("".join(c if c.isalnum() else "-" for c in name) + ".safetensors"))
+    theta = res.save_theta(harness.theta_file(f"time to accuracy {name}"))
     start = warm[0][-1] if warm else {"step": 0, "accuracy": res.before["test_accuracy"], "device_seconds": 0.0,
                                       "bytes": 0, "perturbations": 0}
     points = list(warm[0]) if warm else [start]
