@@ -18,9 +18,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.harness import AG_NEWS  # noqa: E402
 from bench.report import RESULTS_DIR, write_results  # noqa: E402
 
-AG_NEWS = Path("/work/shared/data/ag_news/test.csv")
 TARGETS = (0.80, 0.875)  # 0.875: FwdLLM's AG News target
 RUNS = RESULTS_DIR / "baselines"  # one folder per PEFT: config.json + metrics.jsonl (time_to_accuracy.py reuses them)
 STEPS = 60

@@ -1,8 +1,9 @@
 """Device runtime targets (issue 4) and prefix reuse (issue 9) on MiniLM-L6, batch 8, sequence 64.
 
-Exports the bundles once (cached under $FWDLLM_CACHE or ~/.cache/fwdllm/bench-bundles), then runs `fwdllm bench`
-on each: LoRA on all layers (ONNX + TFLite P=8, plus TFLite P=1 for a plain LiteRT inference),
-BitFit on the top 2 layers and head-only (cut exports, with and without prefix reuse).
+Exports the bundles once (cached under $FWDLLM_CACHE or ~/.cache/fwdllm/bench-bundles, keyed by their export
+arguments), then runs `fwdllm bench` on each: LoRA on all layers in every precision (ONNX fp32/int8, TFLite
+fp32/fp16/int8 at P=8, plus TFLite fp32 P=1 for a plain LiteRT inference), BitFit on the top 2 layers and
+head-only (cut exports, with and without prefix reuse).
 
     python bench/device.py [--quick] [--runs N]
 """
@@ -10,6 +11,7 @@ BitFit on the top 2 layers and head-only (cut exports, with and without prefix r
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import subprocess
 import sys
@@ -21,7 +23,9 @@ from bench.report import RESULTS_DIR, write_results  # noqa: E402
 
 # name -> (export arguments, bench arguments)
 BUNDLES = {
-    "lora-all": (["--peft", "lora", "--trainable-layers", "all", "--format", "onnx,tflite"], ["--delegate", "cpu,xnnpack"]),
+    # every precision each format has: the backend x delegate x precision matrix of issue 8
+    "lora-all": (["--peft", "lora", "--trainable-layers", "all", "--format", "onnx,tflite", "--precision", "fp32,fp16,int8"],
+                 ["--delegate", "cpu,xnnpack"]),
     "lora-all-p1": (["--peft", "lora", "--trainable-layers", "all", "--format", "tflite", "--perturbations", "1"],
                     ["--delegate", "xnnpack", "--no-backprop"]),
     "bitfit-top2": (["--peft", "bitfit", "--trainable-layers", "top:2", "--format", "onnx,tflite"],
@@ -29,7 +33,7 @@ BUNDLES = {
     "head": (["--peft", "head", "--trainable-layers", "head", "--format", "onnx,tflite"],
              ["--delegate", "cpu,xnnpack", "--no-backprop"]),
 }
-COLUMNS = ["bundle", "backend", "delegate", "reuse", "rows/call", "Init ms", "Inference (avg) ms", "perturbed eval ms",
+COLUMNS = ["bundle", "backend", "delegate", "precision", "reuse", "rows/call", "Init ms", "Inference (avg) ms", "perturbed eval ms",
            "perturbed/plain", "perturbations/s", "P-call vs P×1", "peak RSS MiB", "RSS/plain", "RSS/backprop",
            "ops delegated"]
 
@@ -51,10 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     cache = Path(os.environ.get("FWDLLM_CACHE", Path.home() / ".cache" / "fwdllm")) / "bench-bundles"
     rows, notes = [], []
     for name, (export_args, bench_args) in bundles.items():
-        bundle = cache / name
+        export = ["export", "--model", "minilm", "--task", "seq-cls", "--labels", "4", "--precision", "fp32",
+                  "--seq-len", "64", "--batch-size", "8", *export_args]  # a later --precision overrides fp32
+        bundle = cache / f"{name}-{hashlib.sha256(' '.join(export).encode()).hexdigest()[:10]}"
         if not (bundle / "manifest.json").is_file():
-            fwdllm("export", "--model", "minilm", "--task", "seq-cls", "--labels", "4", "--precision", "fp32",
-                   "--seq-len", "64", "--batch-size", "8", "--out", str(bundle), *export_args)
+            fwdllm(*export, "--out", str(bundle))
         out = RESULTS_DIR / f"device-{name}.json"
         runs = ["--runs", "2", "--warmup", "1", "--backend", "onnxruntime"] if args.quick else ["--runs", str(args.runs)]
         fwdllm("bench", "--bundle", str(bundle), "--seeds", "16", "--batch", "8", *runs, *bench_args, "--json", str(out))
@@ -64,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"PyTorch LoRA r8 + AdamW backprop ({name}): {bp['peak_rss_mb']:.0f} MiB peak RSS, "
                          f"{bp['train_step_ms']:.0f} ms/step.")
         for r in result["configurations"]:
-            rows.append({"bundle": name, "backend": r["backend"], "delegate": r["delegate"],
+            rows.append({"bundle": name, "backend": r["backend"], "delegate": r["delegate"], "precision": r["precision"],
                          "reuse": "yes" if r["options"].get("prefix_reuse") else "no", "rows/call": r.get("rows_per_call"),
                          "Init ms": r.get("init_ms"), "Inference (avg) ms": r.get("inference_avg_ms"),
                          "perturbed eval ms": r.get("perturbed_eval_ms"), "perturbed/plain": r.get("perturbed_plain_ratio"),
@@ -73,12 +78,15 @@ def main(argv: list[str] | None = None) -> int:
                          "RSS/backprop": r.get("rss_vs_backprop"), "ops delegated": r.get("delegated_share"),
                          **({"error": r["error"]} if "error" in r else {})})
         for ratio in result.get("prefix_reuse_ratios", []):
-            notes.append(f"Prefix reuse ({name}, {ratio['backend']}/{ratio['delegate']}): one perturbed evaluation "
+            notes.append(f"Prefix reuse ({name}, {ratio['backend']}/{ratio['delegate']}/{ratio['precision']}): one perturbed evaluation "
                          f"{ratio['eval_ms_without_reuse']:.1f} ms without, {ratio['eval_ms_with_reuse']:.1f} ms with "
                          f"({ratio['speedup']:.2f}×).")
     notes.append("Targets (issue 4): perturbed/plain ≤ 1.10; P-call vs P×1 ≥ 1.3 (P=8, CPU); RSS/plain ≤ 1.3 and "
                  "RSS/backprop ≤ 0.25. A fixed-P TFLite graph has no plain inference (its cheapest call is P rows): "
-                 "compare with the P=1 bundle. 1 thread; medians of interleaved runs.")
+                 "compare with the P=1 bundle. 1 thread; medians of interleaved runs. Precisions: int8 = int8 weights "
+                 "with activations quantised per call (ONNX Runtime dynamic quantisation, ai-edge-quantizer's dynamic "
+                 "range recipe), fp16 = TFLite FULLY_CONNECTED weights stored as float16 and computed in float32; "
+                 "their error against PyTorch is the export section's 'validation rel err'.")
     cmd = "python bench/device.py" + (" --quick" if args.quick else f" --runs {args.runs}")
     path = write_results("device", cmd, rows, COLUMNS, notes="\n".join(f"- {n}" for n in notes))
     print(path.read_text())

@@ -117,16 +117,42 @@ def measure(model: str, seq: int, quick: bool) -> list[dict]:
     return rows
 
 
+PAPER_HIGH = 0.37  # the top of the paper's range
+
+
+def _peaks(rows: list[dict]) -> dict[tuple[str, int], dict[str, list[float]]]:
+    """(model, seq) -> kind -> the measured peaks (rows with an error are left out)."""
+    out: dict[tuple[str, int], dict[str, list[float]]] = {}
+    for r in rows:
+        if isinstance(r.get("peak_rss_mb"), float):
+            out.setdefault((r["model"], r["seq"]), {}).setdefault(r["kind"], []).append(r["peak_rss_mb"])
+    return out
+
+
 def paper_comparison(rows: list[dict]) -> list[str]:
     """Per model and length: fwdllm's peak as a share of backprop's, lowest to highest pairing."""
     out = []
-    for model, seq in dict.fromkeys((r["model"], r["seq"]) for r in rows):
-        mine = [r for r in rows if (r["model"], r["seq"]) == (model, seq) and isinstance(r.get("peak_rss_mb"), float)]
-        fwd = [r["peak_rss_mb"] for r in mine if r["kind"] == "fwdllm"]
-        bp = [r["peak_rss_mb"] for r in mine if r["kind"] == "backprop"]
+    for (model, seq), kinds in _peaks(rows).items():
+        fwd, bp = kinds.get("fwdllm"), kinds.get("backprop")
         if fwd and bp:
             out.append(f"{model} seq {seq}: fwdllm at {100 * min(fwd) / max(bp):.0f}–{100 * max(fwd) / min(bp):.0f}% "
                        "of backprop's peak")
+    return out
+
+
+def above_paper(rows: list[dict]) -> list[str]:
+    """Where fwdllm's share of backprop's peak tops the paper's range, and why: how much of it plain inference is.
+
+    fwdllm's device step holds what one forward pass holds plus θ and the perturbed rows, so its share can
+    fall no lower than plain inference's; where that floor is itself high, the model is the reason.
+    """
+    out = []
+    for (model, seq), kinds in _peaks(rows).items():
+        fwd, bp, plain = kinds.get("fwdllm"), kinds.get("backprop"), kinds.get("plain")
+        if not (fwd and bp and plain) or max(fwd) / min(bp) <= PAPER_HIGH:
+            continue
+        out.append(f"{model} seq {seq}: up to {100 * max(fwd) / min(bp):.0f}%, while plain inference alone is at "
+                   f"{100 * plain[0] / min(bp):.0f}% and fwdllm adds {max(fwd) - plain[0]:+.0f} MiB to it")
     return out
 
 
@@ -153,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
              f"{'; '.join(summary) or 'no complete pair'} (range over fwdllm backends and backprop methods). Ours compares whole "
              "processes: the device rows hold ONNX Runtime/LiteRT/llama.cpp and the bundle, the backprop rows hold "
              "torch itself, the fp32 model, activations kept for backward, gradients and AdamW state.")
+    if above := above_paper(rows):
+        notes += (" Where fwdllm loses to the paper's range: " + "; ".join(above) + ". The share is then set by the "
+                  "model's own inference footprint (SmolLM2 in ONNX Runtime: 135M fp32 weights and logits over a "
+                  "49,152-token vocabulary for every position), not by the perturbations; llama.cpp's quantised "
+                  "weights are the way down.")
     write_results("memory", "python bench/memory.py" + (" --quick" if args.quick else ""), rows, columns, notes)
     print((ROOT / "bench" / "results" / "memory.md").read_text())
     return 0

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,14 +62,15 @@ def smollm2_checkpoint(gguf: Path) -> Path:
         del cfg.quantization_config
     model = LlamaForCausalLM(cfg)
     model.load_state_dict(loaded.state_dict())
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # per process: two exports may convert at once
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(tmp)
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
-    tmp.rename(out)
+    if out.exists() and not (out / "model.safetensors").is_file():
+        shutil.rmtree(out)  # left half-written by an older version
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished its conversion first: keep that one
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -49,3 +49,15 @@ def test_memory_states_fwdllm_as_a_share_of_backprop_per_model_and_length():
             [("plain", 200.0), ("fwdllm", 210.0), ("fwdllm", 300.0), ("backprop", 600.0), ("backprop", 1000.0)]]
     rows.append({"model": "minilm", "seq": 128, "kind": "backprop", "peak_rss_mb": "error: export failed"})
     assert paper_comparison(rows) == ["minilm seq 64: fwdllm at 21–50% of backprop's peak"]
+
+
+def test_memory_says_where_fwdllm_tops_the_papers_range_and_how_much_is_plain_inference():
+    from bench.memory import above_paper
+
+    def case(model, plain, fwd, backprop):
+        return [{"model": model, "seq": 64, "kind": k, "peak_rss_mb": v} for k, v in
+                [("plain", plain), ("fwdllm", fwd), ("backprop", backprop), ("backprop", 2 * backprop)]]
+
+    rows = case("minilm", 200.0, 210.0, 700.0) + case("smollm2", 1160.0, 1200.0, 2000.0)
+    assert above_paper(rows) == ["smollm2 seq 64: up to 60%, while plain inference alone is at 58% and fwdllm adds "
+                                 "+40 MiB to it"]

@@ -2,18 +2,20 @@
 
 import csv
 import json
+import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from fwdllm.cli import main
-from fwdllm.data.datasets import CAUSAL_LM, DataError, LoadOptions, load_dataset, seeded_split
-from fwdllm.data.partition import (federate, label_skew, open_federated, partition_indices, read_examples, read_partition,
-                                   write_partition)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-AG_NEWS = Path("/work/shared/data/ag_news/test.csv")
+from bench.harness import AG_NEWS  # noqa: E402
+from fwdllm.cli import main  # noqa: E402
+from fwdllm.data.datasets import CAUSAL_LM, DataError, LoadOptions, load_dataset, seeded_split  # noqa: E402
+from fwdllm.data.partition import (federate, label_skew, open_federated, partition_indices, read_examples,  # noqa: E402
+                                   read_partition, write_partition)
 
 
 @pytest.fixture(scope="session")
