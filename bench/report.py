@@ -18,17 +18,32 @@ from typing import Callable
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
-def machine() -> dict:
-    import numpy
+# The distributions whose versions decide the numbers: runtimes, the backprop baseline, the generator's numpy.
+VERSIONED = ("fwdllm", "numpy", "onnxruntime", "ai-edge-litert", "llama_cpp_python", "torch", "transformers", "grpcio")
 
+
+def machine() -> dict:
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
-        "numpy": numpy.__version__,
+        "versions": versions(),
         "platform": platform.platform(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def versions() -> dict[str, str]:
+    """Installed version of each of VERSIONED (read from package metadata: nothing is imported)."""
+    from importlib import metadata
+
+    out = {}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
 
 
 def _cpu_model() -> str:
