@@ -36,6 +36,7 @@ from fwdllm.simulate import SimConfig  # noqa: E402
 
 DATA = "bbc"
 SEQ = 64
+DEMO = "make demo: head sgd lr 2, 200 perturbations, variance control (2 waves) + sampler, 20 steps"
 
 # name -> (bundle (peft, layers), SimConfig fields, coordinator overrides, validation fraction)
 HEAD = ("head", "head")
@@ -49,6 +50,9 @@ CONFIGS: dict[str, tuple] = {
                                                 "max_waves": 4}, {}, 0.0),
     "head sgd lr 2 + sampler": (HEAD, {"perturbations": 100, "lr": 2.0, "steps": 20, "sampler": True}, {}, 0.0),
     "head sgd lr 2, 40 steps": (HEAD, {"perturbations": 100, "lr": 2.0, "steps": 40}, {}, 0.0),
+    # the Makefile's demo target, flag for flag
+    DEMO: (HEAD, {"perturbations": 200, "lr": 2.0, "steps": 20, "variance": "relative", "max_waves": 2, "sampler": True},
+           {}, 0.0),
     "head sgd lr 0.5": (HEAD, {"perturbations": 100, "lr": 0.5, "steps": 20}, {}, 0.0),
     "head sgd lr 5": (HEAD, {"perturbations": 100, "lr": 5.0, "steps": 20}, {}, 0.0),
     # BitFit over all layers, 1 perturbation per client: every perturbation reruns the encoder
@@ -84,9 +88,11 @@ FROM_ZERO = f"{ALL_LAYER}, {WARM_STEPS} steps from zero"  # the same BitFit budg
 CONFIGS[LP_FT] = CONFIGS[FROM_ZERO] = (BITFIT, {"optimizer": "adam", "lr": 3e-3, "steps": WARM_STEPS, "eval_every": 25},
                                        {}, 0.0)
 WARM_FROM = {LP_FT: HEAD_RECIPE}  # configuration -> the configuration whose final θ (same seed) it starts from
-# make bench: the head recipe this study measured at ≥ 90%, LP-FT, and all-layer BitFit from zero at LP-FT's
-# BitFit budget; configuration -> seeds
-LEAN = {HEAD_RECIPE: 3, LP_FT: 3, FROM_ZERO: 1}
+# make bench: make demo's configuration, the head recipe this study measured at ≥ 90%, LP-FT, all-layer BitFit from
+# zero at LP-FT's BitFit budget, and variance control and the sampler each on against off (issue 9 asks whether they
+# help); configuration -> seeds
+LEAN = {DEMO: 3, HEAD_RECIPE: 3, LP_FT: 3, FROM_ZERO: 1, "head sgd lr 2": 3, "head sgd lr 2 + variance control": 3,
+        "head sgd lr 2 + sampler": 3}
 
 
 def sim_for(name: str, seed: int, quick: bool) -> tuple[SimConfig, dict, float]:
@@ -194,6 +200,26 @@ def summarise(runs: list[dict]) -> list[dict]:
     return rows
 
 
+# (feature, configuration with it, the same configuration without it)
+ON_OFF = [("variance control", "head sgd lr 2 + variance control", "head sgd lr 2"),
+          ("the discriminative sampler", "head sgd lr 2 + sampler", "head sgd lr 2")]
+
+
+def on_off(rows: list[dict]) -> str:
+    """Each feature's effect, read off the table: final accuracy with and without it, and what it cost."""
+    by_name = {r["configuration"]: r for r in rows}
+    out = []
+    for feature, with_it, without in ON_OFF:
+        if with_it in by_name and without in by_name:
+            a, b = by_name[with_it], by_name[without]
+            out.append(f"{feature}: {a['final acc mean']:.3f} ± {a['final acc sd']:.3f} with it, "
+                       f"{b['final acc mean']:.3f} ± {b['final acc sd']:.3f} without ({a['seeds']} and {b['seeds']} seeds, "
+                       f"{a['final acc mean'] - b['final acc mean']:+.3f}), at {a['perturbations'] / b['perturbations']:.2f}× "
+                       "the perturbations")
+    return ("On against off, same steps and seeds: " + "; ".join(out) + ". A difference within the spread across seeds "
+            "is no gain.") if out else ""
+
+
 def plot_traces(runs: list[dict], path: Path) -> Path:
     """Held-out accuracy along each run (thin: one seed), so a collapse after a good peak is visible."""
     import matplotlib
@@ -205,7 +231,7 @@ def plot_traces(runs: list[dict], path: Path) -> Path:
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for name in names:
         colour = f"C{names.index(name) % 10}"
-        ax = axes[0] if name.startswith("head") else axes[1]
+        ax = axes[0] if CONFIGS.get(name, (None,))[0] == HEAD else axes[1]
         for i, r in enumerate(x for x in runs if x["config"] == name):
             points = ([(0, r["initial_accuracy"])] if "initial_accuracy" in r else []) + [tuple(p) for p in r["trace"]]
             if not points:
@@ -293,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
              f"trains the head first with prefix reuse ({HEAD_RECIPE!r}), then all biases and the head from there "
              f"({LP_FT!r}, same seed; its steps, perturbations and seconds include the head stage). Compare it with "
              f"the head alone and with {FROM_ZERO!r}, the same BitFit budget from a zero head.")
+    if verdict := on_off(rows):
+        notes += "\n\n" + verdict
     figure = plot_traces(runs, ROOT / "bench" / "figures" / ("recipe-quick.png" if args.quick else "recipe.png"))
     notes += f"\n\n![accuracy along each run]({figure.relative_to(ROOT)})"
     cmd = "python bench/recipe.py" + (" --quick" if args.quick else " --lean" if args.lean else

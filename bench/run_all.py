@@ -9,7 +9,8 @@ bench.report.write_results; a script that fails is reported in its section, neve
 Sections whose numbers are times or throughputs run first, one at a time on an otherwise idle
 machine. The rest report accuracy, steps, bytes or peak memory, which another process on the
 other core does not change; they run side by side, --jobs at a time (each is single-threaded),
-longest dependency chain first. Measured on 2 cores (2026-11-25): 53 minutes, 6 of them timed.
+longest dependency chain first. Measured on 2 cores from cold caches (2026-11-28): 49 minutes, 7 of them timed,
+before the recipe section gained make demo's configuration and the variance-control and sampler contrasts.
 """
 
 from __future__ import annotations
@@ -49,14 +50,14 @@ SECTIONS = [
     Section("Export time and bundle size", "export.py", ["export"], ["--quick"], timed=True),
     Section("Coordinator aggregation and load", "aggregation.py", ["aggregation"],
             ["--seeds", "64", "--clients", "100", "--repeats", "2"], timed=True),
-    Section("Device memory: fwdllm vs backprop", "memory.py", ["memory"], ["--quick"], minutes=20),
+    Section("Device memory: fwdllm vs backprop", "memory.py", ["memory"], ["--quick"], minutes=18),
     Section("Backprop baselines: FedAvg of PEFT parameters in PyTorch", "baselines.py", ["baselines"], ["--quick"],
-            minutes=20),
+            minutes=28),
     Section("Training recipe (issue 9): BBC News, final accuracy over 3 seeds", "recipe.py", ["recipe"], ["--quick"],
-            ["--lean"], minutes=25),
+            ["--lean"], minutes=27),
     Section("Time to accuracy: AG News, fwdllm vs backprop", "time_to_accuracy.py", ["time_to_accuracy"], ["--quick"],
-            after=("baselines.py", "memory.py"), minutes=19),
-    Section("Scaling with clients per step", "scaling.py", ["scaling"], ["--quick"], minutes=8),
+            after=("baselines.py", "memory.py"), minutes=14),
+    Section("Scaling with clients per step", "scaling.py", ["scaling"], ["--quick"], minutes=5.5),
     Section("llama.cpp: θ channels (LoRA file, control vector) vs plain evaluation", "llama_channels.py",
             ["llama_channels"], ["--quick"], timed=True),
     Section("Device runtime: perturbed vs plain inference, P batching, memory, prefix reuse (MiniLM, 8×64)", "device.py",

@@ -61,3 +61,18 @@ def test_memory_says_where_fwdllm_tops_the_papers_range_and_how_much_is_plain_in
     rows = case("minilm", 200.0, 210.0, 700.0) + case("smollm2", 1160.0, 1200.0, 2000.0)
     assert above_paper(rows) == ["smollm2 seq 64: up to 60%, while plain inference alone is at 58% and fwdllm adds "
                                  "+40 MiB to it"]
+
+
+def test_recipe_reads_variance_control_and_sampler_on_against_off_off_the_table():
+    from bench.recipe import on_off
+
+    def row(name, mean, sd, perturbations):
+        return {"configuration": name, "seeds": 3, "final acc mean": mean, "final acc sd": sd,
+                "perturbations": perturbations}
+
+    rows = [row("head sgd lr 2", 0.89, 0.01, 20000), row("head sgd lr 2 + variance control", 0.92, 0.005, 44000),
+            row("head sgd lr 2 + sampler", 0.885, 0.02, 20000)]
+    said = on_off(rows)
+    assert "variance control: 0.920 ± 0.005 with it, 0.890 ± 0.010 without (3 and 3 seeds, +0.030), at 2.20×" in said
+    assert "the discriminative sampler: 0.885 ± 0.020 with it, 0.890 ± 0.010 without (3 and 3 seeds, -0.005), at 1.00×" in said
+    assert on_off(rows[:1]) == ""
