@@ -81,10 +81,15 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def write_results(name: str, command: str, rows: list[dict], columns: list[str], notes: str = "") -> Path:
-    """Write results/<name>.json and results/<name>.md; return the Markdown path."""
+def write_results(name: str, command: str, rows: list[dict], columns: list[str], notes: str = "",
+                  measured: dict | None = None) -> Path:
+    """Write results/<name>.json and results/<name>.md; return the Markdown path.
+
+    ``measured``: the machine record of the run that measured ``rows``, when they are written again (new notes)
+    rather than measured now, so the report still says when and where they were measured.
+    """
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    doc = {"name": name, "command": command, "machine": machine(), "rows": rows, "notes": notes}
+    doc = {"name": name, "command": command, "machine": measured or machine(), "rows": rows, "notes": notes}
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n")
     md = f"`{command}`\n\n{markdown_table(rows, columns)}\n"
     if notes:
