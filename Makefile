@@ -38,9 +38,11 @@ test-arm64: setup
 
 # The main job: MiniLM-L6 with a new head on BBC News, 100 non-IID clients (Dirichlet 0.5), 10 per step, through a
 # real coordinator and device processes on loopback (onnxruntime, frozen-prefix reuse, variance control, sampler).
-# θ is the head alone: BitFit's encoder biases cost more than they give here. All-layer BitFit cannot reuse the
-# prefix and ended at 0.66 after its 15-minute budget (coordinator/COORDINATOR.md, training recipes); BitFit on the
-# top layer + head costs 8x the head per perturbation (`fwdllm bench`) and diverged at the head's learning rate.
+# θ is the head alone: these flags end at 0.932 ± 0.003 over 3 seeds in ~60 s of training each (bench/recipe.py runs
+# them as its "make demo" configuration: BENCHMARKS.md, training recipe). All-layer BitFit cannot reuse the prefix:
+# from a trained head (LP-FT, `--init-theta`) it ends at 0.926 ± 0.014 after ~3.5 more minutes, from a zero head
+# at 0.444. Variance control earns its place (+0.033 at 2.3x the perturbations); the sampler is on to show it, at no
+# cost and no gain (-0.002).
 DEMO_BUNDLE := bundles/demo-minilm-head
 DEMO_RUN := runs/demo
 

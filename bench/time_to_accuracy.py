@@ -47,7 +47,7 @@ FWD_VARIANTS = {
 }
 WARM_FROM = {name: "fwdllm head, fixed count" for name in FWD_VARIANTS if "LP-FT" in name}
 BACKPROP = ("head", "bitfit", "lora")
-WHY = ("Why fwdllm loses on device seconds: one forward and backward pass (about three forward passes of work) gives "
+WHY = ("Where fwdllm needs more device seconds, why: one forward and backward pass (about three forward passes of work) gives "
        "a backprop client the exact gradient of its batch, while N perturbations give fwdllm the gradient along N "
        "directions of the d-dimensional θ only (the estimate's noise grows as √(d/N): recipe section); each costs two "
        "perturbed passes (cheap above a reused prefix, a whole encoder pass for all-layer θ), and the noisier steps "
