@@ -1,7 +1,10 @@
-"""Llama decoders (SmolLM2): causal attention with rotary positions, RMSNorm, tied or untied LM head.
+"""Llama decoders (SmolLM2) and the stage walk every Llama-shaped Hugging Face decoder shares.
 
-The model object is a ``LlamaForCausalLM``; stages are the token embedding and the decoder
+The model object is a ``*ForCausalLM``; stages are the token embedding and the decoder
 layers, ``final`` applies the last norm. Adapters go after ``o_proj`` and ``down_proj``.
+``DecoderSpec`` is that walk for any decoder whose layers take HF's additive mask, position
+ids and the rotary cos/sin (Qwen, Gemma, Phi-3 subclass it): the layers themselves carry each
+architecture's differences (biases, q/k norms, soft-capping), the spec only builds their inputs.
 """
 
 from dataclasses import dataclass
@@ -11,35 +14,80 @@ import torch
 from fwdllm.export.archs import ArchSpec
 
 
+FULL = "full_attention"
+SLIDING = "sliding_attention"
+
+
+def causal_mask(attention_mask: torch.Tensor, dtype: torch.dtype, window: int | None = None) -> torch.Tensor:
+    """HF's additive ``[B, 1, S, S]`` mask: a query sees itself and earlier real tokens; with a
+    ``window`` only keys less than ``window`` positions back (HF's sliding-window overlay)."""
+    pos = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    back = pos[:, None] - pos[None, :]
+    allowed = back >= 0
+    if window is not None:
+        allowed = allowed & (back < window)
+    allowed = allowed[None, None] & attention_mask.bool()[:, None, None, :]
+    return torch.where(allowed, torch.zeros((), dtype=dtype), torch.finfo(dtype).min)
+
+
 @dataclass(frozen=True)
-class LlamaSpec(ArchSpec):
+class DecoderSpec(ArchSpec):
+    """A Llama-shaped decoder whose layers may differ in attention kind (``config.layer_types``:
+    full or sliding-window) and, with it, in their rotary base (Gemma 3's local and global layers)."""
+
     def embed(self, model, input_ids):
-        return model.model.embed_tokens(input_ids)
+        return model.model.embed_tokens(input_ids)  # Gemma's embedding module scales by sqrt(hidden) itself
+
+    def layer_types(self, config) -> list[str]:
+        """Each layer's attention kind. A config without ``layer_types`` that sets ``sliding_window``
+        slides in every layer, as HF runs it (Phi-3)."""
+        if getattr(config, "layer_types", None):
+            return list(config.layer_types)
+        return [SLIDING if getattr(config, "sliding_window", None) else FULL] * config.num_hidden_layers
 
     def context(self, model, attention_mask, hidden):
-        seq = attention_mask.shape[1]
-        pos = torch.arange(seq, device=hidden.device)
-        allowed = (pos[None, :] <= pos[:, None])[None, None] & attention_mask.bool()[:, None, None, :]
-        zero = torch.zeros((), dtype=hidden.dtype)
-        additive = torch.where(allowed, zero, torch.finfo(hidden.dtype).min)
-        position_ids = pos[None, :]
-        return {
-            "attention_mask": additive,
-            "position_ids": position_ids,
-            "position_embeddings": model.model.rotary_emb(hidden, position_ids=position_ids),
-        }
+        """Position ids, and per attention kind its mask and rotary cos/sin, built once for all layers.
+
+        The full-attention layers' inputs sit at the top level (Llama's one-position last layer reads
+        them there); another kind's sit under its name."""
+        cfg = model.config
+        position_ids = torch.arange(attention_mask.shape[1], device=hidden.device)[None, :]
+        ctx = {"position_ids": position_ids}
+        for kind in dict.fromkeys(self.layer_types(cfg)):
+            inputs = {
+                "attention_mask": causal_mask(attention_mask, hidden.dtype, cfg.sliding_window if kind == SLIDING else None),
+                "position_embeddings": self.rotary(model, hidden, position_ids, kind),
+            }
+            if kind == FULL:
+                ctx.update(inputs)
+            else:
+                ctx[kind] = inputs
+        return ctx
+
+    def rotary(self, model, hidden, position_ids, kind):
+        """cos/sin for layers of ``kind``: rope parameters nested per kind (Gemma 3) select their own base."""
+        rotary = model.model.rotary_emb
+        if kind in (getattr(model.config, "rope_parameters", None) or {}):
+            return rotary(hidden, position_ids, kind)
+        return rotary(hidden, position_ids)
 
     def run_layer(self, model, i, hidden, ctx):
+        inputs = ctx.get(self.layer_types(model.config)[i], ctx)
         out = self.layer_module(model, i)(
             hidden,
-            attention_mask=ctx["attention_mask"],
+            attention_mask=inputs["attention_mask"],
             position_ids=ctx["position_ids"],
-            position_embeddings=ctx["position_embeddings"],
+            position_embeddings=inputs["position_embeddings"],
         )
         return out[0] if isinstance(out, tuple) else out
 
     def final(self, model, hidden):
         return model.model.norm(hidden)
+
+
+@dataclass(frozen=True)
+class LlamaSpec(DecoderSpec):
+    """Llama itself (SmolLM2, Llama 3.x, whose ``rope_type: llama3`` scaling HF's rotary embedding applies)."""
 
 
 SPEC = LlamaSpec(

@@ -72,9 +72,10 @@ class ArchSpec:
 
 
 def _registry() -> dict[str, ArchSpec]:
-    from fwdllm.export import arch_albert, arch_bert, arch_distilbert, arch_llama, arch_roberta
+    from fwdllm.export import arch_albert, arch_bert, arch_distilbert, arch_gemma, arch_llama, arch_phi3, arch_qwen2, arch_roberta
 
-    specs = [m.SPEC for m in (arch_bert, arch_distilbert, arch_albert, arch_roberta, arch_llama)]
+    modules = (arch_bert, arch_distilbert, arch_albert, arch_roberta, arch_llama, arch_qwen2, arch_gemma, arch_phi3)
+    specs = [m.SPEC for m in modules]
     return {t: s for s in specs for t in s.model_types}
 
 
