@@ -44,14 +44,18 @@ AG_NEWS = next((p for p in (Path(__file__).resolve().parents[2] / "shared/data/a
 
 
 def bundle(peft: str, layers: str = "all", seq_len: int = 64, labels: list[str] = BBC_LABELS,
-           model: str = "minilm", formats: str = "onnx", precision: str = "fp32", task: str = "seq-cls") -> Path:
+           model: str = "minilm", formats: str = "onnx", precision: str = "fp32", task: str = "seq-cls",
+           label_words: bool = False) -> Path:
     """A bundle made by `fwdllm export`, cached under .cache/ (exports take minutes).
+
+    ``label_words``: a causal-lm bundle that answers with ``labels`` as words (else open-ended).
 
     The export runs in a child process so this one never loads torch: a process's ru_maxrss
     starts at its parent's resident size (fork copies the high-water mark), which would
     inflate every memory measurement spawned from here.
     """
-    name = f"{model}-{task}-{peft}-{layers.replace(':', '')}-s{seq_len}-{len(labels)}-{formats}-{precision}"
+    words = "-words" if task == "causal-lm" and label_words else ""
+    name = f"{model}-{task}{words}-{peft}-{layers.replace(':', '')}-s{seq_len}-{len(labels)}-{formats}-{precision}"
     out = CACHE / name.replace(",", "_")
     CACHE.mkdir(parents=True, exist_ok=True)
     # make bench runs sections side by side: the first to ask for a bundle exports it, the others wait for it
@@ -60,7 +64,7 @@ def bundle(peft: str, layers: str = "all", seq_len: int = 64, labels: list[str] 
         if not (out / "manifest.json").is_file():
             args = ["export", "--model", model, "--task", task, "--peft", peft, "--trainable-layers", layers,
                     "--format", formats, "--precision", precision, "--seq-len", str(seq_len), "--out", str(out)]
-            if task == "seq-cls":
+            if task == "seq-cls" or words:
                 args += ["--label-names", ",".join(labels)]
             proc = subprocess.run([sys.executable, "-m", "fwdllm.cli", *args], capture_output=True, text=True)
             if proc.returncode != 0:

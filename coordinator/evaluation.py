@@ -2,9 +2,9 @@
 
 The coordinator accepts any callable ``theta -> {metric: value}``; this module builds the
 standard one from the ``[eval]`` config: held-out examples in the devices' JSONL format,
-evaluated with ``fwdllm.device_runtime.backend.open_backend`` (seq-cls: held-out loss and
-accuracy from the logits; causal-lm: held-out loss, and where every held-out target is one
-token, as in an instruction task answered by a label word, restricted-choice accuracy).
+evaluated with ``fwdllm.device_runtime.backend.open_backend`` (seq-cls and label-word decoders:
+held-out loss and accuracy from the label logits; open-ended causal-lm: held-out loss, and
+where every held-out target is one token, restricted-choice accuracy over those tokens).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ class BackendEvaluator:
         manifest = self.backend.manifest
         examples = load_examples(data, manifest)
         self.examples = examples[:limit] if limit else examples
-        self.task = manifest.model.task
         fixed = self.backend.batch_size
         self.batch_size = fixed or batch_size
         # Next-token logits: llama.cpp only (the ONNX/TFLite causal-lm graphs return just the loss). The candidates
         # come from the whole held-out file, so a --limit prefix missing a label still chooses among all of them.
-        next_token = self.task != "seq-cls" and self.backend.name == "llama.cpp"
+        self.classifies = manifest.model.classifies
+        next_token = not self.classifies and self.backend.name == "llama.cpp"
         self.choices = single_token_targets(self.backend.tokenizer(), examples) if next_token else None
         if self.choices is not None:
             self.choices = (self.choices[0], self.choices[1][: len(self.examples)])
@@ -48,7 +48,7 @@ class BackendEvaluator:
             batch = tok.batch(chunk)
             if self.backend.batch_size and batch.size < self.backend.batch_size:
                 batch = batch.rows(0, batch.size, pad_to=self.backend.batch_size)
-            if self.task == "seq-cls":
+            if self.classifies:
                 logits = np.asarray(self.backend.logits(batch, theta), dtype=np.float64)[: len(chunk)]
                 labels = batch.labels[: len(chunk)]
                 shifted = logits - logits.max(axis=1, keepdims=True)
@@ -61,7 +61,7 @@ class BackendEvaluator:
                 losses.append(loss * batch.loss_weight())
                 weights.append(batch.loss_weight())
         out = {"eval_loss": sum(losses) / max(1, sum(weights)), "eval_examples": len(self.examples)}
-        if self.task == "seq-cls":
+        if self.classifies:
             out["accuracy"] = correct / len(self.examples)
         return out
 

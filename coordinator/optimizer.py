@@ -34,6 +34,10 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     clip_norm: float | None = None  # scale the estimate down to this global L2 norm when above it
     normalize: bool = False  # scale the estimate to unit global norm (then lr is the step length)
+    # FZOO (2025): divide the estimate by the spread (std) of the step's directional derivatives. For
+    # jvp_i = g·v_i with v ~ N(0, I) that spread is |g|, so the step length is ~lr whatever the gradient's
+    # scale, without the noise of the estimate's own norm (which grows as sqrt(d / perturbations) |g|).
+    jvp_std: bool = False
     groups: list[dict] = field(default_factory=list)  # [{"match": "*.bias", "lr_scale": 0.1}], first match wins
 
     def check(self) -> None:
@@ -99,20 +103,25 @@ class Optimizer:
         """Whether theta[t+1] = theta[t] - lr * scale * g holds, so devices can replay history."""
         return self.cfg.name == "sgd" and self.scales is None
 
-    def gradient_scale(self, norm: float) -> float:
-        """The factor clipping or normalisation applies to an estimate of this global norm."""
+    def gradient_scale(self, norm: float, jvp_std: float = math.nan) -> float:
+        """The factor clipping or normalisation applies to an estimate of this global norm (and, with
+        ``jvp_std`` on, of this spread of directional derivatives)."""
         if not math.isfinite(norm) or norm == 0.0:
             return 1.0 if norm == 0.0 else 0.0
+        if self.cfg.jvp_std:
+            return 1.0 / jvp_std if math.isfinite(jvp_std) and jvp_std > 0 else 0.0
         if self.cfg.normalize:
             return 1.0 / norm
         if self.cfg.clip_norm is not None and norm > self.cfg.clip_norm:
             return self.cfg.clip_norm / norm
         return 1.0
 
-    def apply(self, theta: np.ndarray, grad: np.ndarray, step: int) -> tuple[np.ndarray, dict]:
-        """theta after one step on ``grad``; info has lr, grad_norm and the scale applied."""
+    def apply(self, theta: np.ndarray, grad: np.ndarray, step: int, jvp_std: float = math.nan) -> tuple[np.ndarray, dict]:
+        """theta after one step on ``grad``; info has lr, grad_norm and the scale applied.
+
+        ``jvp_std``: the std of the directional derivatives ``grad`` was built from (``jvp_std`` option)."""
         norm = float(np.linalg.norm(grad.astype(np.float64)))
-        scale = self.gradient_scale(norm)
+        scale = self.gradient_scale(norm, jvp_std)
         lr = learning_rate(self.cfg, step, self.total_steps)
         g = grad * np.float32(scale)
         if self.cfg.name == "momentum":

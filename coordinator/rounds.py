@@ -518,7 +518,8 @@ class Coordinator:
         a, run = self.cfg.aggregation, self.cfg.run
         grad = aggregate(scalars, self.dim, run.distribution, method=a.method, trim=a.trim, chunk=a.chunk,
                          threads=a.threads or None)
-        theta, info = self.optimizer.apply(self.theta, grad, self.step)
+        spread = float(np.std(scalars.jvp.astype(np.float64))) if scalars.jvp.size > 1 else math.nan
+        theta, info = self.optimizer.apply(self.theta, grad, self.step, jvp_std=spread)
         row = {"step": self.step, "theta_version": self.step + 2,
                "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "loss": _weighted_loss(rows), "perturbations": int(scalars.seeds.size), "waves": len(variances),

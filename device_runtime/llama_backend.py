@@ -61,12 +61,21 @@ def _log_callback():
     return L.llama_log_callback(forward)
 
 
+def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean cross-entropy of rows of logits [n, C] against label indices [n], in float64."""
+    logits = np.asarray(logits, dtype=np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    logz = np.log(np.exp(logits - top).sum(axis=1)) + top[:, 0]
+    return float((logz - logits[np.arange(len(labels)), labels]).mean())
+
+
 class LlamaBackend(Backend):
     """Mean token cross-entropy of a causal-LM batch under P parameter vectors θ, on llama.cpp.
 
     Labels follow the Hugging Face convention (unshifted, −100 where no loss). Tokens whose
     mask is 0 are dropped and positions count from the first kept token, as in right-padded
-    PyTorch. Options: ``threads`` (default 1), ``mmap`` (default True).
+    PyTorch. A label-word bundle's loss is the cross-entropy over its label words' logits after
+    each prompt. Options: ``threads`` (default 1), ``mmap`` (default True).
     """
 
     name = "llama.cpp"
@@ -105,6 +114,8 @@ class LlamaBackend(Backend):
             if not self.ctx:
                 raise BackendError(f"llama.cpp could not create a context of {self.n_ctx} tokens for {path}")
             self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
+            ids = manifest.model.label_token_ids
+            self.label_ids = np.array(ids, dtype=np.int64) if ids else None
             self.adapter_writer = LoraAdapterWriter(
                 manifest.theta,
                 lora_alpha(manifest.peft.config),
@@ -150,6 +161,13 @@ class LlamaBackend(Backend):
     def losses(self, batch: Batch, thetas: np.ndarray) -> np.ndarray:
         """Mean token cross-entropy over the labelled tokens of ``batch``, one per row of ``thetas``."""
         thetas = self.check_thetas(thetas)
+        if self.label_ids is not None:
+            prompts, labels = self.prompts(batch), batch.labels[: batch.real_rows or batch.size]
+            out = np.empty(len(thetas), dtype=np.float32)
+            for p, theta in enumerate(thetas):
+                self.set_theta(theta)
+                out[p] = _cross_entropy(self.answer_logits(prompts), labels)
+            return out
         sequences = self.sequences(batch)
         out = np.empty(len(thetas), dtype=np.float32)
         for p, theta in enumerate(thetas):
@@ -167,10 +185,23 @@ class LlamaBackend(Backend):
         return total / count
 
     def logits(self, batch: Batch, theta: np.ndarray) -> np.ndarray:
-        """float32 [B, vocab]: next-token logits after each row's last real token, at one θ."""
+        """float32 at one θ, after each row's last real token: the label words' logits [B, C] for a
+        label-word bundle, else next-token logits over the vocabulary [B, vocab]."""
         self.set_theta(self.check_thetas(np.atleast_2d(theta))[0])
+        if self.label_ids is not None:
+            return self.answer_logits([self._kept(batch, i)[0] for i in range(batch.size)]).astype(np.float32)
         rows = [self._kept(batch, i)[0] for i in range(batch.size)]
         return np.stack([self.token_logits(t, np.array([t.size - 1])) for t in rows]).reshape(batch.size, -1).astype(np.float32)
+
+    def prompts(self, batch: Batch) -> list[np.ndarray]:
+        """The real rows' prompt tokens of a label-word batch (labels [B])."""
+        if batch.labels.ndim != 1:
+            raise BackendError("this bundle answers with label words; its batches carry one label per row, not token labels")
+        return [self._kept(batch, i)[0] for i in range(batch.real_rows or batch.size)]
+
+    def answer_logits(self, prompts: list[np.ndarray]) -> np.ndarray:
+        """The label words' logits [n, C] after each prompt, under the adapters the context holds now."""
+        return np.stack([self.token_logits(t, np.array([t.size - 1]))[0, self.label_ids] for t in prompts])
 
     def _kept(self, batch: Batch, i: int) -> tuple[np.ndarray, np.ndarray]:
         keep = batch.attention_mask[i].astype(bool)
@@ -181,7 +212,7 @@ class LlamaBackend(Backend):
             raise BackendError(f"a sequence has {tokens.size} tokens, more than this context's {self.n_ctx}; truncate the data")
         if tokens.max() >= self.n_vocab or tokens.min() < 0:
             raise BackendError(f"a token id is outside the model's vocabulary of {self.n_vocab}; is the tokenizer the bundle's?")
-        return tokens, batch.labels[i][keep]
+        return tokens, batch.labels[i][keep] if batch.labels.ndim == 2 else batch.labels[i]
 
     def sequences(self, batch: Batch) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per sequence: its tokens, the positions whose logits predict a label, and those labels."""
@@ -245,12 +276,6 @@ class LlamaBackend(Backend):
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
-
-    def __enter__(self) -> "LlamaBackend":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def __del__(self) -> None:
         if getattr(self, "L", None) is not None:

@@ -7,6 +7,7 @@ ids and the rotary cos/sin (Qwen, Gemma, Phi-3 subclass it): the layers themselv
 architecture's differences (biases, q/k norms, soft-capping), the spec only builds their inputs.
 """
 
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +89,30 @@ class DecoderSpec(ArchSpec):
 @dataclass(frozen=True)
 class LlamaSpec(DecoderSpec):
     """Llama itself (SmolLM2, Llama 3.x, whose ``rope_type: llama3`` scaling HF's rotary embedding applies)."""
+
+    def run_layer_at(self, model, i, hidden, ctx, where):
+        """The decoder layer's output at one position per row: queries, the output projection and
+        the MLP run for that position only; keys and values for every position (a quarter of a
+        top-4 suffix's work is its last layer, nearly all of it saved)."""
+        layer = self.layer_module(model, i)
+        attn = layer.self_attn
+        hf = sys.modules[type(attn).__module__]  # apply_rotary_pos_emb / repeat_kv of this architecture
+        n, s, h = hidden.shape
+        at = where[:, None, None].expand(-1, 1, h)
+        x = layer.input_layernorm(hidden)
+        q = attn.q_proj(torch.gather(x, 1, at)).view(n, 1, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(n, s, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(n, s, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = ctx["position_embeddings"]  # [1, S, head_dim]
+        q, _ = hf.apply_rotary_pos_emb(q, q, cos[0][where][:, None], sin[0][where][:, None])
+        _, k = hf.apply_rotary_pos_emb(k, k, cos, sin)
+        k, v = hf.repeat_kv(k, attn.num_key_value_groups), hf.repeat_kv(v, attn.num_key_value_groups)
+        mask = ctx["attention_mask"]  # additive [N, 1, S, S]: the answer position's row
+        row = torch.gather(mask, 2, where[:, None, None, None].expand(-1, mask.shape[1], 1, s))
+        weights = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * attn.scaling + row, dim=-1)
+        out = attn.o_proj(torch.matmul(weights, v).transpose(1, 2).reshape(n, 1, -1))
+        y = torch.gather(hidden, 1, at) + out
+        return y + layer.mlp(layer.post_attention_layernorm(y))
 
 
 SPEC = LlamaSpec(

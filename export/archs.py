@@ -61,14 +61,40 @@ class ArchSpec:
         out = self.layer_module(model, i)(hidden, ctx["attention_mask"])
         return out[0] if isinstance(out, tuple) else out
 
+    def run_layer_at(self, model: nn.Module, i: int, hidden: torch.Tensor, ctx: dict[str, Any],
+                     where: torch.Tensor) -> torch.Tensor:
+        """Layer ``i``'s output ``[N, 1, H]`` at one position per row (``where`` [N]): what a label-word
+        head needs from the last layer. This default runs the whole layer; a spec may compute only
+        that position (its keys and values still cover every position)."""
+        out = self.run_layer(model, i, hidden, ctx)
+        return torch.gather(out, 1, where[:, None, None].expand(-1, 1, out.shape[-1]))
+
     def final(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
+
+    def label_head(self, model: nn.Module, token_ids: list[int]) -> nn.Module:
+        """Decoders: the LM head restricted to the vocabulary rows ``token_ids`` (the label words),
+        mapping final hidden states ``[..., H]`` to ``[..., C]``. A graph holds these C rows only,
+        never the vocabulary-wide matrix. An architecture that transforms its logits (Gemma's
+        soft-capping) overrides this."""
+        return vocab_rows(model.get_output_embeddings(), token_ids)
 
     def max_positions(self, config: Any) -> int:
         return int(config.max_position_embeddings)
 
     def hidden_size(self, config: Any) -> int:
         return int(config.hidden_size)
+
+
+def vocab_rows(lm_head: nn.Linear, token_ids: list[int]) -> nn.Linear:
+    """A frozen Linear holding the rows ``token_ids`` of ``lm_head`` (and of its bias, if any)."""
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+    rows = nn.Linear(lm_head.in_features, len(ids), bias=lm_head.bias is not None)
+    with torch.no_grad():
+        rows.weight.copy_(lm_head.weight[ids])
+        if lm_head.bias is not None:
+            rows.bias.copy_(lm_head.bias[ids])
+    return rows.requires_grad_(False)
 
 
 def _registry() -> dict[str, ArchSpec]:

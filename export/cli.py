@@ -18,7 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="Hugging Face checkpoint folder, or a shipped default: minilm | smollm2")
     p.add_argument("--task", required=True, choices=["seq-cls", "causal-lm"])
     p.add_argument("--labels", type=int, help="number of classes (seq-cls)")
-    p.add_argument("--label-names", type=_csv, help="class names, comma-separated (seq-cls; sets --labels)")
+    p.add_argument("--label-names", type=_csv,
+                   help="class names, comma-separated (seq-cls: sets --labels; causal-lm: the label words the model "
+                        "answers with after the prompt, each starting with a distinct token)")
     p.add_argument("--peft", default="lora", choices=["head", "bitfit", "adapter", "lora"], help="trainable parameters (default lora)")
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)

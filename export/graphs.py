@@ -21,7 +21,7 @@ def roles(plan: Plan, cut: bool) -> list[str]:
 def outputs(plan: Plan, role: str) -> tuple[str, ...]:
     if role == "prefix":
         return ("hidden",)
-    return ("loss",) if plan.task == "causal-lm" else ("loss", "logits")
+    return ("loss", "logits") if plan.classifies else ("loss",)
 
 
 def tensor_specs(plan: Plan, role: str, hidden: int, int_dtype: str, fixed: dict[str, int] | None = None):
@@ -31,7 +31,7 @@ def tensor_specs(plan: Plan, role: str, hidden: int, int_dtype: str, fixed: dict
     shapes = {
         "input_ids": ([B, S], int_dtype),
         "attention_mask": ([B, S], int_dtype),
-        "labels": ([B, S] if plan.task == "causal-lm" else [B], int_dtype),
+        "labels": ([B] if plan.classifies else [B, S], int_dtype),
         "theta": ([P, plan.layout.dim], "float32"),
         "hidden": ([B, S, hidden], "float32"),
         "loss": ([P], "float32"),
@@ -49,10 +49,10 @@ def sample_batch(plan: Plan, vocab: int, batch: int, seq: int, rows: int, theta0
     mask = np.ones((batch, seq), dtype=np.int64)
     if batch > 1 and seq > 2:
         mask[-1, seq // 2 :] = 0
-    if plan.task == "causal-lm":
-        labels = np.where(mask == 1, ids, -100).astype(np.int64)
-    else:
+    if plan.classifies:
         labels = rng.integers(0, plan.num_labels, size=(batch,)).astype(np.int64)
+    else:
+        labels = np.where(mask == 1, ids, -100).astype(np.int64)
     theta = (theta0[None, :] + 0.05 * rng.standard_normal((rows, theta0.size))).astype(np.float32)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "theta": theta}
 

@@ -72,7 +72,12 @@ def reference(model: nn.Module, plan: Plan, theta: np.ndarray, input_ids, attent
     for row in np.asarray(theta, dtype=np.float32):
         m = materialize(model, plan, row)
         out = m(input_ids=ids, attention_mask=mask)
-        if plan.task == "causal-lm":
+        if plan.label_token_ids:  # label words: their logits after each prompt's last token
+            last = mask.sum(1) - 1
+            logits = out.logits[torch.arange(len(last)), last][:, list(plan.label_token_ids)]
+            losses.append(nn.functional.cross_entropy(logits, lab))
+            all_logits.append(logits)
+        elif plan.task == "causal-lm":
             logits = out.logits[:, :-1, :]
             target = lab[:, 1:]
             losses.append(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100))

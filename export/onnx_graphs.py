@@ -26,7 +26,7 @@ def export_role(pm: PerturbableModel, role: str, sample: dict[str, np.ndarray], 
     seq_axes = {0: "B", 1: "S"}
     axes = {
         "input_ids": seq_axes, "attention_mask": seq_axes, "hidden": seq_axes,
-        "labels": seq_axes if pm.plan.task == "causal-lm" else {0: "B"},
+        "labels": {0: "B"} if pm.plan.classifies else seq_axes,
         "theta": {0: "P"}, "loss": {0: "P"}, "logits": {0: "P", 1: "B"},
     }
     with warnings.catch_warnings(), torch.no_grad():

@@ -106,6 +106,12 @@ class Plan:
     expand_stage: int  # first stage (0 = embeddings) holding a trainable tensor; num_layers + 1 for head only
     task: str
     num_labels: int | None
+    label_token_ids: tuple[int, ...] | None = None  # decoders answering with a label word
+
+    @property
+    def classifies(self) -> bool:
+        """Whether the graphs score a closed label set: seq-cls, or a decoder's label words."""
+        return self.task == "seq-cls" or bool(self.label_token_ids)
 
     @property
     def cut_layer(self) -> int | None:
@@ -151,9 +157,14 @@ class PerturbableModel(nn.Module):
         self.model, self.src = patch_model(model, plan)
         self.plan = plan
         self.spec = plan.spec
+        # label words: the LM head's rows for those tokens only (a graph never holds the vocabulary-wide matrix)
+        self.label_head = plan.spec.label_head(self.model, list(plan.label_token_ids)) if plan.label_token_ids else None
 
     def _run(self, h, mask, theta, start, stop):
-        """Stages ``start..stop-1``; widens h and mask to P*B at the plan's expand stage when θ is given."""
+        """Stages ``start..stop-1``; widens h and mask to P*B at the plan's expand stage when θ is given.
+
+        With a label-word head the last layer computes only the answer position: h is then ``[N, 1, H]``.
+        """
         spec, model = self.spec, self.model
         rows = theta.shape[0] if theta is not None else None
         ctx = None
@@ -165,7 +176,10 @@ class PerturbableModel(nn.Module):
                 continue
             if ctx is None:
                 ctx = spec.context(model, mask, h)
-            h = spec.run_layer(model, s - 1, h, ctx)
+            if self.label_head is not None and s == self.plan.num_layers:
+                h = spec.run_layer_at(model, s - 1, h, ctx, _answer_position(mask))
+            else:
+                h = spec.run_layer(model, s - 1, h, ctx)
         return h, mask
 
     def prefix(self, input_ids, attention_mask):
@@ -185,6 +199,10 @@ class PerturbableModel(nn.Module):
 
     def _head(self, h, mask, labels, theta, widened):
         rows = theta.shape[0]
+        if self.label_head is not None:  # h holds the answer position only (_run)
+            answer = self.spec.final(self.model, h)[:, 0]
+            answer = answer.reshape(rows, -1, answer.shape[-1]) if widened else answer.unsqueeze(0).expand(rows, -1, -1)
+            return _cross_entropy(self.label_head(answer), labels, rows)
         h = self.spec.final(self.model, h)
         if self.plan.task == "causal-lm":
             return (self._lm_loss(h, mask, labels, rows, widened),)
@@ -192,11 +210,7 @@ class PerturbableModel(nn.Module):
         pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)  # mean pooling over real tokens
         pooled = pooled.reshape(rows, -1, pooled.shape[-1]) if widened else pooled.unsqueeze(0).expand(rows, -1, -1)
         w, b = self.src["classifier.weight"], self.src["classifier.bias"]
-        logits = torch.matmul(pooled, w.transpose(1, 2)) + b[:, None, :]
-        logp = torch.log_softmax(logits, dim=-1)
-        idx = labels.long()[None, :, None].expand(rows, -1, 1)
-        loss = -torch.gather(logp, 2, idx).squeeze(2).mean(1)
-        return loss, logits
+        return _cross_entropy(torch.matmul(pooled, w.transpose(1, 2)) + b[:, None, :], labels, rows)
 
     def _lm_loss(self, h, mask, labels, rows, widened):
         """Mean next-token cross-entropy over labels != -100 (labels aligned with input_ids, shifted here, as HF)."""
@@ -211,6 +225,18 @@ class PerturbableModel(nn.Module):
         nll = nll * _widen(valid, rows).to(nll.dtype)
         count = valid.to(nll.dtype).sum().clamp(min=1.0)
         return nll.reshape(rows, -1).sum(1) / count
+
+
+def _answer_position(mask: torch.Tensor) -> torch.Tensor:
+    """Where a label word is scored: each row's last real token (prompts are right-padded)."""
+    return mask.long().sum(1) - 1
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over the batch per θ row, and the logits ``[P, B, C]`` it was taken from."""
+    logp = torch.log_softmax(logits, dim=-1)
+    idx = labels.long()[None, :, None].expand(rows, -1, 1)
+    return -torch.gather(logp, 2, idx).squeeze(2).mean(1), logits
 
 
 class GraphModule(nn.Module):

@@ -147,9 +147,44 @@ def check_request(req: ExportRequest) -> None:
         req.num_labels = len(req.label_names)
     if req.task == "seq-cls" and (req.num_labels is None or req.num_labels < 2):
         raise UserError(f"a classifier needs at least 2 labels, got {req.num_labels}; pass --labels N (N >= 2) or --label-names a,b")
+    if req.task == "causal-lm" and req.num_labels is not None:
+        if req.label_names is None:
+            raise UserError("--task causal-lm answers with label words: name them with --label-names a,b (not --labels N)")
+        if req.num_labels < 2:
+            raise UserError(f"label-word classification needs at least 2 --label-names, got {req.label_names}")
     out = Path(req.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"--out {out} already exists and is not empty; choose a new folder or delete it")
+
+
+def _head_description(task: str, word_ids: list[int] | None) -> str:
+    if task == "seq-cls":
+        return "Linear(hidden, labels) on mean-pooled last hidden states"
+    if word_ids:
+        return "lm_head rows of the label words, at the prompt's last token (frozen)"
+    return "lm_head (frozen)"
+
+
+def label_word_ids(tokenizer_file: Path, names: list[str]) -> list[int]:
+    """The token id each label word starts with as it follows a prompt (a space, then the word).
+
+    The graphs score only these ids at the answer position, so they must be distinct: two
+    labels sharing a first token could never be told apart.
+    """
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    ids = [tok.encode(" " + name, add_special_tokens=False).ids[:1] for name in names]
+    empty = [n for n, i in zip(names, ids) if not i]
+    if empty:
+        raise UserError(f"--label-names {','.join(empty)}: the tokenizer gives no token for these words")
+    first: dict[int, str] = {}
+    for name, (token, *_) in zip(names, ids):
+        if token in first:
+            raise UserError(f"--label-names {first[token]!r} and {name!r} start with the same token ({token}, "
+                            f"{tok.id_to_token(token)!r}); rename one so that every label word starts differently")
+        first[token] = name
+    return [i[0] for i in ids]
 
 
 def export(req: ExportRequest) -> Manifest:
@@ -178,7 +213,8 @@ def _export_into(tmp: Path, req: ExportRequest) -> Manifest:
     torch.manual_seed(0)
     t_start = time.perf_counter()
     loaded = load(req.model, req.task)
-    plan = build_plan(loaded.model, req.task, req.num_labels, req.peft)
+    word_ids = label_word_ids(loaded.tokenizer_file, req.label_names) if req.task == "causal-lm" and req.label_names else None
+    plan = build_plan(loaded.model, req.task, req.num_labels, req.peft, word_ids)
     spec = plan.spec
     max_pos = spec.max_positions(loaded.config)
     if req.seq_len > max_pos:
@@ -206,10 +242,10 @@ def _export_into(tmp: Path, req: ExportRequest) -> Manifest:
             source=loaded.source, architecture=spec.name, task=req.task, max_seq_len=req.seq_len,
             tokenizer="tokenizer.json", num_labels=plan.num_labels, labels=req.label_names,
             num_layers=plan.num_layers, hidden_size=ctx.hidden_size,
-            pad_token_id=getattr(cfg, "pad_token_id", None),
+            pad_token_id=getattr(cfg, "pad_token_id", None), label_token_ids=word_ids,
             extra={"model_type": cfg.model_type, "max_position_embeddings": max_pos, "vocab_size": vocab,
                    "pooling": "mean" if req.task == "seq-cls" else None,
-                   "head": "Linear(hidden, labels) on mean-pooled last hidden states" if req.task == "seq-cls" else "lm_head (frozen)"},
+                   "head": _head_description(req.task, word_ids)},
         ),
         peft=PeftInfo(method=req.peft.method, trainable_layers=req.peft.trainable_layers, config=req.peft.config()),
         theta=plan.layout,

@@ -74,7 +74,10 @@ def _adapter_value(tensors: dict[str, torch.Tensor], name: str, hf_prefix: str) 
     return None
 
 
-def build_plan(model: nn.Module, task: str, num_labels: int | None, opts: PeftOptions) -> Plan:
+def build_plan(model: nn.Module, task: str, num_labels: int | None, opts: PeftOptions,
+               label_token_ids: list[int] | None = None) -> Plan:
+    """``label_token_ids`` (causal-lm): the label words' token ids; the graphs then score those words at the
+    answer position instead of next tokens over the whole vocabulary."""
     spec = spec_for(model.config.model_type)
     num_layers = spec.num_layers(model)
     start = _apply_peft_adapter(opts.from_peft_adapter, opts) if opts.from_peft_adapter else None
@@ -113,7 +116,10 @@ def build_plan(model: nn.Module, task: str, num_labels: int | None, opts: PeftOp
     if not sites:
         raise UserError(f"--peft {opts.method} with --trainable-layers {opts.trainable_layers} leaves nothing trainable")
     layout = ThetaLayout.from_shapes([(n, tuple(t.shape)) for s in sites for n, (_, t) in zip(s.names(), s.tensors)])
-    return Plan(spec, sites, layout, num_layers, expand, task, num_labels)
+    if task == "causal-lm" and label_token_ids:
+        num_labels = len(label_token_ids)
+    return Plan(spec, sites, layout, num_layers, expand, task, num_labels,
+                tuple(label_token_ids) if task == "causal-lm" and label_token_ids else None)
 
 
 def options_from_manifest(peft_info) -> PeftOptions:
@@ -131,7 +137,8 @@ def plan_from_manifest(model: nn.Module, manifest) -> Plan:
     """Rebuild a bundle's plan on its frozen model; fails when the model is not the one exported."""
     from fwdllm.proto.manifest import BundleError
 
-    plan = build_plan(model, manifest.model.task, manifest.model.num_labels, options_from_manifest(manifest.peft))
+    plan = build_plan(model, manifest.model.task, manifest.model.num_labels, options_from_manifest(manifest.peft),
+                      manifest.model.label_token_ids)
     if plan.layout != manifest.theta:
         raise BundleError(f"the model at {manifest.model.source} does not give this bundle's θ layout; "
                           "point the bundle's model source at the checkpoint it was exported from")

@@ -151,6 +151,14 @@ class ModelInfo:
     hidden_size: int | None = None
     pad_token_id: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # Decoders answering with a label word: the vocabulary id of each label's first token as it
+    # follows the prompt (one per label in ``labels``, all distinct). None: open-ended targets.
+    label_token_ids: list[int] | None = None
+
+    @property
+    def classifies(self) -> bool:
+        """Whether the graphs score a closed label set (seq-cls, or a decoder's label words) and return logits."""
+        return self.task == "seq-cls" or bool(self.label_token_ids)
 
 
 @dataclass
@@ -180,8 +188,11 @@ class Manifest:
         Two bundles of the same export with different graph formats share it, so a device
         holding only the TFLite graph still matches a coordinator holding the ONNX one.
         """
+        model = asdict(self.model)
+        if model["label_token_ids"] is None:  # bundles of open-ended decoders and encoders keep their fingerprint
+            del model["label_token_ids"]
         ident = {
-            "model": asdict(self.model),
+            "model": model,
             "peft": asdict(self.peft),
             "theta": self.theta.to_json(),
             "theta_sha256": self.files.get(self.theta_file, ""),

@@ -1,0 +1,231 @@
+"""Classification as generation for decoders: label words scored at the answer position.
+
+Every check compares with an independent computation: the Hugging Face model's own forward
+(peft LoRA applied, logits over the whole vocabulary) picked at the label words after each
+prompt, and autograd's directional derivative for the forward-gradient estimate.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from export_helpers import rel_err, tiny_checkpoint
+from fwdllm.data.datasets import CAUSAL_LM, load_dataset
+
+BBC_WORDS = ["business", "entertainment", "politics", "sports", "tech"]
+
+
+def _hf_label_logits(model, ids, mask, word_ids):
+    """Label-word logits from the HF model's full vocabulary output at each row's last real token."""
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask)).logits
+    last = torch.as_tensor(mask).sum(1) - 1
+    return out[torch.arange(len(last)), last][:, word_ids].double().numpy()
+
+
+def _cross_entropy(logits, labels):
+    top = logits.max(1, keepdims=True)
+    logz = np.log(np.exp(logits - top).sum(1)) + top[:, 0]
+    return float((logz - logits[np.arange(len(labels)), labels]).mean())
+
+
+# ----- data ------------------------------------------------------------------------------------
+
+
+def test_bbc_lm_poses_each_article_as_a_prompt_answered_by_its_topic_word():
+    plain, words = load_dataset("bbc"), load_dataset("bbc-lm")
+    assert words.task == CAUSAL_LM and words.labels == plain.labels == BBC_WORDS
+    assert len(words.train) == len(plain.train) and len(words.heldout) == len(plain.heldout)
+    for e, p in zip(words.heldout[:50], plain.heldout[:50]):
+        assert e["label"] == p["label"]
+        assert e["prompt"] == "Article: " + " ".join(p["text"].split()[:24]) + "\nTopic:"
+
+
+def test_label_words_partition_non_iid_like_the_classification_data(tmp_path):
+    from fwdllm.data.partition import open_federated
+
+    fed = open_federated("bbc-lm", 20, alpha=0.5, seed=0)
+    assert fed.labels == BBC_WORDS and fed.info["scheme"] == "dirichlet" and fed.info["label_skew"] > 0.2
+
+
+def test_export_refuses_label_words_that_share_a_first_token(tmp_path):
+    from fwdllm.errors import UserError
+    from fwdllm.export.pipeline import label_word_ids
+    from fwdllm.export.models import resolve
+
+    tok = resolve("smollm2")[0] / "tokenizer.json"
+    ids = label_word_ids(tok, BBC_WORDS)
+    assert len(set(ids)) == 5
+    with pytest.raises(UserError, match="start with the same token"):
+        label_word_ids(tok, ["sports", "sportsman"])
+
+
+# ----- export on a tiny random llama (fast) -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_words(tmp_path_factory):
+    """A tiny random llama with LoRA on its top layer, label words from MiniLM's tokenizer, ONNX cut export."""
+    from fwdllm.cli import main
+
+    root = tmp_path_factory.mktemp("tiny-words")
+    ckpt = tiny_checkpoint("llama", root / "ckpt")
+    out = root / "bundle"
+    assert main(["export", "--model", str(ckpt), "--task", "causal-lm", "--label-names", "yes,no,maybe",
+                 "--peft", "lora", "--trainable-layers", "top:1", "--format", "onnx", "--seq-len", "16",
+                 "--out", str(out)]) == 0
+    return ckpt, out
+
+
+def test_label_word_graphs_match_the_hf_model_and_cut_equals_uncut(tiny_words):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fwdllm.device_runtime.backend import Batch, open_backend
+    from fwdllm.export.materialize import materialize
+    from fwdllm.export.plan import plan_from_manifest
+    from fwdllm.proto.manifest import load_manifest
+
+    ckpt, bundle = tiny_words
+    manifest = load_manifest(bundle)
+    assert manifest.model.classifies and manifest.model.labels == ["yes", "no", "maybe"]
+    assert {g.role for g in manifest.graphs} == {"full", "prefix", "suffix"}
+    for g in manifest.graphs:
+        if g.role != "prefix":
+            assert [t.name for t in g.outputs] == ["loss", "logits"] and g.validation["max_rel_err"] < 1e-4
+    rng = np.random.default_rng(3)
+    ids = rng.integers(5, 30000, size=(4, 11))
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[3, 2:] = 0
+    labels = np.array([0, 2, 1, 2])
+    thetas = (0.2 * rng.standard_normal((3, manifest.theta.dim))).astype(np.float32)
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32, attn_implementation="eager").eval()
+    plan = plan_from_manifest(hf, manifest)
+    want = np.stack([_hf_label_logits(materialize(hf, plan, row), ids, mask, manifest.model.label_token_ids)
+                     for row in thetas])
+    batch = Batch.of(ids, mask, labels)
+    for reuse in (True, False):  # prefix + suffix, and the full graph
+        with open_backend(bundle, "onnxruntime", options={"prefix_reuse": reuse}) as backend:
+            assert backend.cut == reuse
+            got = np.stack([backend.logits(batch, row) for row in thetas])
+            losses = backend.losses(batch, thetas)
+            one_by_one = np.array([backend.losses(batch, row[None])[0] for row in thetas])
+        assert rel_err(got, want) < 1e-4
+        assert losses == pytest.approx([_cross_entropy(w, labels) for w in want], rel=1e-4)
+        assert losses == pytest.approx(one_by_one, rel=1e-5)  # P rows in one call = P calls
+
+
+def test_forward_gradient_on_the_suffix_matches_autograd(tiny_words):
+    """Central differences through the ONNX suffix against autograd's directional derivative."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fwdllm.device_runtime.backend import Batch, open_backend
+    from fwdllm.device_runtime.engine import forward_gradients
+    from fwdllm.export.perturbable import PerturbableModel
+    from fwdllm.export.plan import plan_from_manifest
+    from fwdllm.proto.manifest import load_manifest
+    from fwdllm.proto.perturbation import Distribution, generate
+
+    ckpt, bundle = tiny_words
+    manifest = load_manifest(bundle)
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32, attn_implementation="eager").eval()
+    pm = PerturbableModel(hf, plan_from_manifest(hf, manifest))
+    rng = np.random.default_rng(5)
+    ids, mask = rng.integers(5, 30000, size=(4, 10)), np.ones((4, 10), dtype=np.int64)
+    mask[2, 7:] = 0
+    labels = np.array([1, 0, 2, 1])
+    theta = (0.3 * rng.standard_normal(manifest.theta.dim)).astype(np.float32)
+    t = torch.tensor(theta[None], requires_grad=True)
+    loss = pm.full(torch.as_tensor(ids), torch.as_tensor(mask), torch.as_tensor(labels), t)[0][0]
+    (grad,) = torch.autograd.grad(loss, t)
+    seeds = [11, 12, 13, 14]
+    want = [float(grad[0].double() @ torch.from_numpy(generate(s, 0, theta.size, Distribution.GAUSSIAN)).double())
+            for s in seeds]
+    with open_backend(bundle, "onnxruntime") as backend:
+        got = forward_gradients(backend, Batch.of(ids, mask, labels), theta, seeds, epsilon=1e-3).jvp
+    assert np.allclose(got, want, rtol=2e-2, atol=2e-3 * max(abs(w) for w in want))
+
+
+def test_devices_read_prompt_and_label_words_and_keep_the_end_of_long_prompts(tiny_words, tmp_path):
+    from fwdllm.device_runtime.backend import DataError, load_examples, open_backend
+
+    _, bundle = tiny_words
+    file = tmp_path / "client.jsonl"
+    file.write_text(json.dumps({"prompt": "one two three", "label": "no"}) + "\n"
+                    + json.dumps({"prompt": "four five", "target": " maybe"}) + "\n"
+                    + json.dumps({"prompt": " ".join(["word"] * 40) + " end", "label": 0}) + "\n")
+    with open_backend(bundle, "onnxruntime") as backend:
+        examples = load_examples(file, backend.manifest)
+        assert [e.label for e in examples] == [1, 2, 0]
+        batch = backend.tokenizer().batch(examples)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    tok.no_padding()
+    tok.no_truncation()
+    whole = tok.encode(examples[2].prompt).ids
+    assert len(whole) > 16 and batch.attention_mask[2].sum() == 16
+    assert batch.input_ids[2].tolist() == whole[-16:]  # the cue at the end survives truncation
+    file.write_text(json.dumps({"prompt": "x", "label": "perhaps"}) + "\n")
+    with open_backend(bundle, "onnxruntime") as backend, pytest.raises(DataError, match="unknown label 'perhaps'"):
+        load_examples(file, backend.manifest)
+
+
+# ----- the real SmolLM2 on real text -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_words(tmp_path_factory):
+    """SmolLM2 + LoRA on q/v of the top 2 layers, BBC topic words, ONNX (cut) and GGUF f16."""
+    from fwdllm.cli import main
+
+    out = tmp_path_factory.mktemp("smol-words") / "bundle"
+    assert main(["export", "--model", "smollm2", "--task", "causal-lm", "--label-names", ",".join(BBC_WORDS),
+                 "--peft", "lora", "--trainable-layers", "top:2", "--format", "onnx,gguf", "--precision", "fp32,f16",
+                 "--seq-len", "64", "--out", str(out)]) == 0
+    return out
+
+
+def test_smollm2_label_words_on_bbc_text_match_pytorch_on_every_backend(smollm2_words):
+    """Loss and accuracy of real BBC prompts: ONNX Runtime (cut and uncut) and llama.cpp f16 against the
+    HF model's vocabulary-wide logits picked at the label words."""
+    from fwdllm.device_runtime.backend import Example, open_backend
+    from fwdllm.export.materialize import materialize
+    from fwdllm.export.models import load
+    from fwdllm.export.plan import plan_from_manifest
+    from fwdllm.proto.manifest import load_manifest
+
+    manifest = load_manifest(smollm2_words)
+    data = load_dataset("bbc-lm")
+    examples = data.heldout[:8]
+    hf = load("smollm2", "causal-lm").model
+    rng = np.random.default_rng(0)
+    theta = (0.02 * rng.standard_normal(manifest.theta.dim)).astype(np.float32)  # B ≠ 0: LoRA changes the logits
+    tuned = materialize(hf, plan_from_manifest(hf, manifest), theta)
+    labels = np.array([BBC_WORDS.index(e["label"]) for e in examples])
+    for name, options, tol in (("onnxruntime", {"prefix_reuse": True}, 1e-4), ("onnxruntime", {"prefix_reuse": False}, 1e-4),
+                               ("llama.cpp", {}, 2e-2)):
+        with open_backend(smollm2_words, name, options=options) as backend:
+            batch = backend.tokenizer().batch([Example(prompt=e["prompt"], label=int(y)) for e, y in zip(examples, labels)])
+            want = _hf_label_logits(tuned, batch.input_ids, batch.attention_mask, manifest.model.label_token_ids)
+            got = backend.logits(batch, theta)
+            loss = backend.losses(batch, theta[None])[0]
+        assert rel_err(got, want) < tol, name
+        assert loss == pytest.approx(_cross_entropy(want, labels), rel=tol), name
+        assert (got.argmax(1) == want.argmax(1)).mean() >= (1.0 if tol < 1e-3 else 0.75), name
+
+
+def test_suffix_graph_holds_no_vocabulary_matrix(smollm2_words):
+    """The suffix scores 5 words: it must not carry the 49,152 × 576 embedding (113 MB in fp32)."""
+    from fwdllm.proto.manifest import load_manifest
+
+    manifest = load_manifest(smollm2_words)
+    suffix = manifest.graph("onnx", "suffix")
+    size = (smollm2_words / suffix.file).stat().st_size
+    layer = 576 * (2 * 576 + 2 * 192 + 3 * 1536)  # q, o; k, v (3 of 9 heads); gate, up, down
+    assert size < 1.1 * 4 * 2 * layer  # two layers' weights in fp32, +10%
