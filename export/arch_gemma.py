@@ -6,8 +6,8 @@ Gemma 3's local and global layers rotate with different bases. GeGLU, the extra 
 feed-forward norms, attention-logit soft-capping and Gemma 3's q/k norms are inside HF's layers.
 
 What the layers do not do is the final-logit soft-capping (Gemma 2: logits = cap·tanh(logits/cap),
-cap 30), which HF applies after the LM head; the label head here applies it too, so label-word
-logits equal the model's own.
+cap 30), which HF applies after the LM head; both heads here apply it too, so next-token and
+label-word logits equal the model's own.
 """
 
 from dataclasses import dataclass
@@ -31,10 +31,16 @@ class SoftCapped(nn.Module):
 
 @dataclass(frozen=True)
 class GemmaSpec(DecoderSpec):
+    def lm_head(self, model):
+        return _capped(model, super().lm_head(model))
+
     def label_head(self, model, token_ids):
-        rows = super().label_head(model, token_ids)
-        cap = getattr(model.config, "final_logit_softcapping", None)
-        return rows if cap is None else SoftCapped(rows, cap)
+        return _capped(model, super().label_head(model, token_ids))
+
+
+def _capped(model, head: nn.Module) -> nn.Module:
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return head if cap is None else SoftCapped(head, cap)
 
 
 SPEC = GemmaSpec(

@@ -72,6 +72,11 @@ class ArchSpec:
     def final(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         return hidden
 
+    def lm_head(self, model: nn.Module) -> nn.Module:
+        """Decoders: hidden states ``[..., H]`` to next-token logits over the whole vocabulary, as the
+        model's own forward computes them (an architecture that transforms its logits overrides this)."""
+        return model.get_output_embeddings()
+
     def label_head(self, model: nn.Module, token_ids: list[int]) -> nn.Module:
         """Decoders: the LM head restricted to the vocabulary rows ``token_ids`` (the label words),
         mapping final hidden states ``[..., H]`` to ``[..., C]``. A graph holds these C rows only,

@@ -216,7 +216,7 @@ class PerturbableModel(nn.Module):
         """Mean next-token cross-entropy over labels != -100 (labels aligned with input_ids, shifted here, as HF)."""
         if not widened:
             h = _widen(h, rows)
-        logits = self.model.lm_head(h)[:, :-1, :]
+        logits = self.spec.lm_head(self.model)(h)[:, :-1, :]
         target = labels.long()[:, 1:]
         valid = target != -100
         safe = torch.where(valid, target, torch.zeros_like(target))

@@ -222,8 +222,6 @@ def test_lm_loss_with_large_activations_equals_hf(arch):
     assert _lm_loss_error(tiny_model(arch, initializer_range=0.5, **caps)) < 1e-4
 
 
-@pytest.mark.xfail(strict=True, reason="the whole-vocabulary LM loss (perturbable.PerturbableModel._lm_loss) applies "
-                   "model.lm_head without Gemma 2's final-logit soft-capping; on large logits it matters")
 def test_gemma2_lm_loss_applies_the_final_soft_cap():
     assert _lm_loss_error(tiny_model("gemma2", initializer_range=0.5)) < 1e-4
 
