@@ -118,13 +118,14 @@ class GraphBackend(Backend):
         return (logz - picked).mean(1)
 
     def _over_thetas(self, chunk: Batch, thetas: np.ndarray, output: str) -> np.ndarray:
-        """One output for every θ row, in calls of ``rows_per_call`` rows (a fixed P's last call padded)."""
+        """One output for every θ row, in calls of ``rows_per_call`` rows (a fixed P's last call padded;
+        a dynamic P's last call is as short as what is left)."""
         p = self.rows_per_call
         parts = []
         for start in range(0, thetas.shape[0], p):
             rows = thetas[start : start + p]
             k = rows.shape[0]
-            if k < p:
+            if k < p and self.max_perturbations:
                 rows = np.concatenate([rows, np.repeat(rows[-1:], p - k, axis=0)])
             parts.append(self._evaluate(chunk, rows)[output][:k])
         return np.concatenate(parts)
