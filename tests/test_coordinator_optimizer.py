@@ -56,6 +56,20 @@ def test_clip_normalise_and_group_learning_rates():
         Optimizer(OptimizerConfig(groups=[{"match": "lora_*", "lr_scale": 2}]), LAYOUT, 1)
 
 
+def test_jvp_std_divides_the_estimate_by_the_spread_of_the_directional_derivatives():
+    """FZOO's step: θ - lr · ĝ / std(jvp), whatever ĝ's own norm; SGD stays replayable (the scale is recorded)."""
+    rng = np.random.default_rng(1)
+    theta = rng.normal(size=LAYOUT.dim).astype(np.float32)
+    grad = rng.normal(size=LAYOUT.dim).astype(np.float32)
+    jvp = np.array([0.5, -1.5, 2.0, 0.25])
+    opt = Optimizer(OptimizerConfig(lr=0.1, schedule="constant", jvp_std=True), LAYOUT, total_steps=10)
+    new, info = opt.apply(theta, grad, 0, jvp_std=float(np.std(jvp)))
+    spread = np.sqrt(np.mean((jvp - jvp.mean()) ** 2))
+    np.testing.assert_allclose(new, theta - 0.1 * grad / spread, rtol=1e-5)
+    assert info["grad_scale"] == pytest.approx(1 / spread) and opt.replayable
+    assert opt.apply(theta, grad, 1, jvp_std=0.0)[1]["grad_scale"] == 0.0  # no spread: no information, no step
+
+
 def test_sampler_ranks_all_candidates_by_cosine():
     dim = 3_000
     reference = np.random.default_rng(5).normal(size=dim).astype(np.float32)

@@ -1,0 +1,248 @@
+"""Decoders that learn: SmolLM2-135M + LoRA classifying BBC News with label words.
+
+    python bench/decoder.py [--quick] [--seeds N] [--parts cost,study,backprop]
+
+One section, three parts:
+
+- **cost**: one perturbed evaluation of a top-K suffix (the label words' logits at the answer
+  position) against the full graph, ONNX Runtime, 1 thread, batch 8 × 64, interleaved repeats in
+  one process; and the same for the open-ended bundle that scores next tokens over the whole
+  49,152-word vocabulary, which the label-word graphs replace.
+- **study**: the in-process federated harness (bench/harness.py: the real coordinator and engine)
+  on ``bbc-lm``, 100 Dirichlet(0.5) clients, 10 per step, one variant per row: estimator (central
+  or one-sided with N+1 passes), step rule (SGD with FwdLLM's decay, coordinator Adam, FZOO's
+  division by the spread of the directional derivatives), perturbation distribution, variance
+  control, trained layers. Final held-out accuracy (at the end of the run, never the best seen),
+  suffix evaluations, device seconds and bytes; the chosen recipe over ``--seeds`` seeds.
+- **backprop**: ``fwdllm baseline`` (FedSGD with server Adam) with LoRA on the same layers, same
+  data, partition, clients and rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.harness import BBC_LABELS, bundle, run  # noqa: E402
+from bench.report import RESULTS_DIR, write_results  # noqa: E402
+
+DATA = "bbc-lm"
+CLIENTS, PER_STEP, ALPHA = 100, 10, 0.5
+
+
+def words_bundle(k: int) -> Path:
+    return bundle("lora", f"top:{k}", 64, BBC_LABELS, model="smollm2", task="causal-lm", label_words=True)
+
+
+# ----- cost -------------------------------------------------------------------------------------
+
+
+def _timed_batch(backend, n: int = 8, tokens: int = 64):
+    """``n`` BBC articles as prompts cut to their last ``tokens`` tokens: every position is real."""
+    from fwdllm.data.datasets import load_dataset
+    from fwdllm.device_runtime.backend import Example
+
+    data = load_dataset("bbc")
+    labels = backend.manifest.model.labels
+    examples = [Example(prompt=e["text"], label=labels.index(e["label"]) if labels else 0,
+                        target=" " + e["label"]) for e in data.heldout[:n]]
+    if backend.manifest.model.label_token_ids:
+        examples = [Example(prompt=e.prompt, label=e.label) for e in examples]
+    else:  # open-ended: the prompt's last tokens, then the topic word as the target
+        tok = backend.tokenizer()
+        examples = [Example(prompt=tok._tok.decode(tok._tok.encode(e.prompt).ids[-(tokens - 1):]), target=e.target)
+                    for e in examples]
+    batch = backend.tokenizer().batch(examples)
+    return batch.rows(0, batch.size) if batch.seq_len == tokens else batch
+
+
+def cost(k: int, words: bool, repeats: int) -> dict:
+    """ms per perturbed evaluation (one θ row), full graph vs suffix with the prefix cached."""
+    from fwdllm.device_runtime.backend import open_backend
+    from fwdllm.proto.manifest import load_manifest, load_theta
+
+    path = words_bundle(k) if words else bundle("lora", f"top:{k}", 64, BBC_LABELS, model="smollm2", task="causal-lm")
+    manifest = load_manifest(path)
+    theta = load_theta(path, manifest) + 0.01 * np.random.default_rng(0).standard_normal(manifest.theta.dim).astype(np.float32)
+    full = open_backend(path, "onnxruntime", options={"threads": 1, "prefix_reuse": False}, manifest=manifest)
+    cut = open_backend(path, "onnxruntime", options={"threads": 1}, manifest=manifest)
+    batch = _timed_batch(full)
+    cut.losses(batch, theta[None])  # the prefix runs once; every later evaluation reuses it
+    full_ms, cut_ms, cut8_ms = [], [], []
+    rows8 = np.repeat(theta[None], 8, 0)
+    for _ in range(repeats):  # interleaved, so load that drifts hits all alike
+        for out, fn in ((full_ms, lambda: full.losses(batch, theta[None])), (cut_ms, lambda: cut.losses(batch, theta[None])),
+                        (cut8_ms, lambda: cut.losses(batch, rows8))):
+            t = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - t) * 1000)
+    full.close()
+    cut.close()
+    f, c, c8 = statistics.median(full_ms), statistics.median(cut_ms), statistics.median(cut8_ms) / 8
+    return {"graphs": "label words" if words else "whole vocabulary", "K": k, "batch": f"{batch.size}×{batch.seq_len}",
+            "full ms": round(f, 1), "suffix ms": round(c, 1), "suffix/full": round(c / f, 3),
+            "suffix ms/row (8-row call)": round(c8, 1), "theta dim": manifest.theta.dim}
+
+
+# ----- study ------------------------------------------------------------------------------------
+
+#: name -> (top K, SimConfig fields, coordinator overrides). Perturbations per client and steps fix the
+#: suffix evaluations; every variant gets the same budget of 2 × 10 × 4 × steps (central differences).
+VARIANTS: dict[str, tuple[int, dict, dict]] = {
+    "sgd": (2, {"optimizer": "sgd", "lr": 1e-3}, {}),
+    "adam": (2, {"optimizer": "adam", "lr": 1e-2}, {}),
+    "adam-rademacher": (2, {"optimizer": "adam", "lr": 1e-2}, {"run": {"distribution": "rademacher"}}),
+    "adam-variance": (2, {"optimizer": "adam", "lr": 1e-2, "variance": "relative", "max_waves": 2}, {}),
+    "fzoo": (2, {"optimizer": "sgd", "lr": 2e-2, "perturbations": 7},
+             {"run": {"scheme": "forward"}, "optimizer": {"jvp_std": True}}),
+    "adam-top1": (1, {"optimizer": "adam", "lr": 1e-2}, {}),
+    "adam-top4": (4, {"optimizer": "adam", "lr": 1e-2}, {}),
+}
+
+
+RUNS = RESULTS_DIR / "decoder-runs"  # one JSON per finished run: reruns and parallel invocations reuse them
+
+
+def study_run(name: str, seed: int, steps: int, eval_limit: int) -> dict:
+    """One variant's run (kept in RUNS, so an interrupted or split study only runs what is missing)."""
+    kept = RUNS / f"{name}-s{seed}-{steps}steps-limit{eval_limit}.json"
+    if kept.is_file():
+        return json.loads(kept.read_text())
+    result = _study_run(name, seed, steps, eval_limit)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    kept.write_text(json.dumps(result))
+    return result
+
+
+def _study_run(name: str, seed: int, steps: int, eval_limit: int) -> dict:
+    from fwdllm.simulate import SimConfig
+
+    k, fields, overrides = VARIANTS[name]
+    cfg = {"perturbations": 4, "epsilon": 1e-3, **fields}
+    sim = SimConfig(bundle=str(words_bundle(k)), data=DATA, clients=CLIENTS, per_step=PER_STEP, steps=steps,
+                    batch_size=8, alpha=ALPHA, seed=seed, eval_every=max(1, steps // 5), eval_limit=eval_limit, **cfg)
+    t = time.perf_counter()
+    result = run(sim, overrides, desc=f"{name} seed {seed}")
+    evaluations = sum(r["perturbations"] for r in result.rows) * (2 if overrides.get("run", {}).get("scheme") != "forward" else 1)
+    if overrides.get("run", {}).get("scheme") == "forward":
+        evaluations += steps * PER_STEP  # f(θ) once per task
+    return {"variant": name, "seed": seed, "K": k, "zero_shot": result.before.get("test_accuracy"),
+            "final": result.final.get("test_accuracy"), "final_loss": result.final.get("test_loss"),
+            "suffix_evaluations": evaluations, "device_s": round(sum(r["device_seconds"] for r in result.rows), 1),
+            "bytes_up": int(sum(r["bytes_up"] for r in result.rows)), "bytes_down": int(sum(r["bytes_down"] for r in result.rows)),
+            "wall_s": round(time.perf_counter() - t, 1),
+            "curve": [(r["step"] + 1, r["test_accuracy"]) for r in result.evals()]}
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    rows = []
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        group = [r for r in runs if r["variant"] == name]
+        finals = [r["final"] for r in group]
+        rows.append({"variant": name, "K": group[0]["K"], "seeds": len(group), "zero-shot": round(group[0]["zero_shot"], 3),
+                     "final accuracy": f"{np.mean(finals):.3f} ± {np.std(finals):.3f}" if len(group) > 1 else f"{finals[0]:.3f}",
+                     "suffix evaluations": group[0]["suffix_evaluations"],
+                     "device s": round(float(np.mean([r["device_s"] for r in group])), 1),
+                     "KB up": round(group[0]["bytes_up"] / 1024, 1), "KB down": round(group[0]["bytes_down"] / 1024, 1)})
+    return rows
+
+
+def plot(runs: list[dict], baseline: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name in dict.fromkeys(r["variant"] for r in runs):
+        for i, r in enumerate(x for x in runs if x["variant"] == name):
+            steps, acc = zip(*[(0, r["zero_shot"])] + [tuple(p) for p in r["curve"]])
+            ax.plot(steps, acc, label=name if i == 0 else None, alpha=0.8, color=f"C{list(VARIANTS).index(name)}")
+    for b in baseline:
+        ax.plot(*zip(*b["curve"]), "k--", label=f"backprop LoRA top-{b['K']}")
+    ax.set_xlabel("step (10 clients each)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("SmolLM2-135M + LoRA, BBC News as label words")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ----- backprop ---------------------------------------------------------------------------------
+
+
+def backprop(k: int, steps: int, seed: int, eval_limit: int) -> dict:
+    from fwdllm.baselines import BaselineConfig, run_baseline
+
+    cfg = BaselineConfig(data=DATA, peft="lora", model="smollm2", trainable_layers=f"top:{k}", clients=CLIENTS,
+                         per_step=PER_STEP, steps=steps, alpha=ALPHA, batch_size=8, lr=3e-3,
+                         eval_every=max(1, steps // 5), eval_limit=eval_limit or None, seed=seed)
+    kept = RUNS / f"backprop-top{k}-s{seed}-{steps}steps-limit{eval_limit}.json"
+    if kept.is_file():
+        return json.loads(kept.read_text())
+    out = RUNS / f"backprop-top{k}-s{seed}"
+    t = time.perf_counter()
+    records = run_baseline(cfg, out, progress=False)
+    evals = [r for r in records if r.get("accuracy") is not None]
+    result = {"K": k, "seed": seed, "zero_shot": evals[0]["accuracy"], "final": evals[-1]["accuracy"],
+              "bytes_up": records[-1].get("bytes_up_total"), "peak_rss_mib": records[-1].get("peak_rss_mib"),
+              "wall_s": round(time.perf_counter() - t, 1), "curve": [(r["step"], r["accuracy"]) for r in evals]}
+    kept.write_text(json.dumps(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="top-2 cost with 2 repeats and one 4-step run (CI)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds of the chosen recipe (default 3)")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--recipe", default="adam", help="the variant run for every seed (default adam)")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="variants run once, seed 0")
+    parser.add_argument("--parts", default="cost,study,backprop")
+    args = parser.parse_args(argv)
+    parts = set(args.parts.split(","))
+    notes, cost_rows, runs, baseline = [], [], [], []
+    if "cost" in parts:
+        for k, words in ([(2, True)] if args.quick else [(1, True), (2, True), (4, True), (4, False)]):
+            cost_rows.append(cost(k, words, 2 if args.quick else 7))
+    steps, limit = (4, 40) if args.quick else (args.steps, 0)
+    if "study" in parts:
+        names = [args.recipe] if args.quick else [n for n in args.variants.split(",") if n]
+        for name in names:
+            runs.append(study_run(name, 0, steps, limit))
+        for seed in range(1, 1 if args.quick else args.seeds):
+            runs.append(study_run(args.recipe, seed, steps, limit))
+    if "backprop" in parts and not args.quick:
+        baseline.append(backprop(VARIANTS[args.recipe][0], steps, 0, limit))
+    rows = summarise(runs)
+    for b in baseline:
+        rows.append({"variant": f"backprop LoRA (FedSGD, Adam 3e-3)", "K": b["K"], "seeds": 1, "zero-shot": round(b["zero_shot"], 3),
+                     "final accuracy": f"{b['final']:.3f}", "device s": None, "KB up": round((b["bytes_up"] or 0) / 1024, 1)})
+    if runs:
+        figure = plot(runs, baseline, ROOT / "bench" / "figures" / ("decoder-quick.png" if args.quick else "decoder.png"))
+        notes.append(f"Figure: `{figure.relative_to(ROOT)}` (held-out accuracy along every run).")
+    for r in cost_rows:
+        notes.append(f"Cost, {r['graphs']}, top-{r['K']} (θ {r['theta dim']:,} values), batch {r['batch']}: full graph "
+                     f"{r['full ms']} ms, suffix {r['suffix ms']} ms ({r['suffix/full']}×), {r['suffix ms/row (8-row call)']} "
+                     "ms a row in an 8-row call.")
+    cmd = "python bench/decoder.py" + (" --quick" if args.quick else f" --seeds {args.seeds} --steps {args.steps}")
+    columns = ["variant", "K", "seeds", "zero-shot", "final accuracy", "suffix evaluations", "device s", "KB up", "KB down"]
+    path = write_results("decoder", cmd, rows, columns, notes="\n".join(f"- {n}" for n in notes))
+    print(path.read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
