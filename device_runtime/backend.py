@@ -55,21 +55,22 @@ class Example:
 
 def load_examples(path: str | Path, manifest: Manifest) -> list[Example]:
     """Read a client's JSONL file; blank lines are skipped, every other problem is a DataError."""
+    from fwdllm.data.textfiles import utf8_lines
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"local data file {path} does not exist; create it with `fwdllm data partition`")
     task, labels = manifest.model.task, manifest.model.labels
     num_labels = manifest.model.num_labels or (len(labels) if labels else None)
     examples, problems = [], []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                examples.append(_parse_example(json.loads(line), task, labels, num_labels,
-                                               bool(manifest.model.label_token_ids)))
-            except (json.JSONDecodeError, ValueError, TypeError) as exc:
-                problems.append(f"line {lineno}: {exc}")
+    for lineno, line in enumerate(utf8_lines(path, DataError), 1):  # a line that is not UTF-8 stops the read
+        if not line.strip():
+            continue
+        try:
+            examples.append(_parse_example(json.loads(line), task, labels, num_labels,
+                                           bool(manifest.model.label_token_ids)))
+        except (ValueError, TypeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+            problems.append(f"line {lineno}: {str(exc)[:200]}")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise DataError(f"{path} has unusable examples: {'; '.join(problems[:5])}{more}")

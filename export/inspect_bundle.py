@@ -35,12 +35,14 @@ def describe(m: Manifest, bundle: Path) -> str:
         lines.append(f"  {g.format:6} {g.role:6} {g.precision:5} {g.file} ({size:.1f} MiB)" + ("  θ via " + g.theta_channel if any(t.name == "theta" for t in g.inputs) or g.role == "base" else ""))
         if g.inputs:
             lines.append(f"         {sig}")
+        # validation and delegation are free-form records of the export: shown as far as they hold what it writes
         v = g.validation
-        if "max_rel_err" in v:
+        if isinstance(v.get("max_rel_err"), (int, float)):
             lines.append(f"         validated: rel err {v['max_rel_err']:.2e} (tolerance {v.get('tolerance', '?')})")
         d = g.delegation
         if d:
-            left = ", ".join(f"{op}×{n}" for op, n in sorted(d.get("builtin", {}).items()))
-            lines.append(f"         XNNPACK takes {d['xnnpack']} of {d['ops']} ops in {d['xnnpack_partitions']} partition(s)"
-                         + (f"; builtin kernels run {left}" if left else ""))
+            builtin = d.get("builtin") if isinstance(d.get("builtin"), dict) else {}
+            left = ", ".join(f"{op}×{n}" for op, n in sorted(builtin.items(), key=str))
+            lines.append(f"         XNNPACK takes {d.get('xnnpack', '?')} of {d.get('ops', '?')} ops in "
+                         f"{d.get('xnnpack_partitions', '?')} partition(s)" + (f"; builtin kernels run {left}" if left else ""))
     return "\n".join(lines)

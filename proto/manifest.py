@@ -6,12 +6,17 @@ flat vector theta (tensor names, shapes, offsets), which is the element order th
 perturbation spec uses; that layout is computed here and nowhere else. Field meanings are
 documented in export/BUNDLE.md. This module needs numpy and safetensors only, so a phone
 can import it.
+
+A manifest is input from wherever the bundle came from: ``load_manifest`` checks it against
+the schema and the files on disk (``manifest_check.py``) before anything is sized or opened
+from it, and reports each problem as one BundleError naming the field.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,8 @@ THETA_FILE = "theta.safetensors"
 TASKS = ("seq-cls", "causal-lm")
 GRAPH_ROLES = ("full", "prefix", "suffix", "base")
 GRAPH_FORMATS = ("onnx", "tflite", "gguf")
+GRAPH_PRECISIONS = ("fp32", "fp16", "int8", "f16", "q8_0", "q4_0")
+THETA_CHANNELS = ("input", "lora-adapter", "control-vector")
 
 
 class BundleError(UserError):
@@ -43,7 +50,7 @@ class TensorSlot:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
+        return math.prod(self.shape)  # Python ints: an absurd shape is refused by size, never wrapped around
 
 
 @dataclass(frozen=True)
@@ -99,8 +106,9 @@ class ThetaLayout:
     def from_json(cls, items: list[dict[str, Any]]) -> "ThetaLayout":
         layout = cls.from_shapes([(t["name"], tuple(t["shape"])) for t in items])
         for slot, item in zip(layout.tensors, items):
-            if slot.offset != item["offset"]:
-                raise BundleError(f"manifest offset of {slot.name} is {item['offset']}, its shapes give {slot.offset}")
+            if (slot.offset, slot.size) != (item["offset"], item.get("size", slot.size)):
+                raise BundleError(f"manifest offset and size of {slot.name} are {item['offset']} and {item.get('size')}, "
+                                  f"its shapes give {slot.offset} and {slot.size}; re-export the bundle")
         return layout
 
 
@@ -226,31 +234,28 @@ class Manifest:
         }
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Manifest":
-        version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise BundleError(
-                f"manifest schema version {version!r} is not supported (this fwdllm reads {SCHEMA_VERSION}); "
-                "re-export the bundle with this fwdllm version"
-            )
-        try:
-            manifest = cls(
-                model=ModelInfo(**d["model"]),
-                peft=PeftInfo(**d["peft"]),
-                theta=ThetaLayout.from_json(d["theta"]["tensors"]),
-                theta_file=d["theta"]["file"],
-                graphs=[GraphSpec.from_json(g) for g in d["graphs"]],
-                cut_layer=d.get("cut_layer"),
-                files=dict(d.get("files", {})),
-                fwdllm_version=d.get("fwdllm_version", ""),
-                created=d.get("created", ""),
-            )
-        except (KeyError, TypeError) as exc:
-            raise BundleError(f"manifest.json is malformed ({exc!r}); re-export the bundle") from exc
-        if manifest.theta.dim != d["theta"].get("dim"):
-            raise BundleError(f"manifest theta.dim {d['theta'].get('dim')} disagrees with its tensors ({manifest.theta.dim})")
-        if "fingerprint" in d and d["fingerprint"] != manifest.fingerprint():
-            raise BundleError("manifest fingerprint does not match its contents: the manifest was edited by hand")
+    def from_json(cls, d: Any) -> "Manifest":
+        """The manifest of parsed manifest.json ``d``, after the schema checks; a BundleError names what is wrong."""
+        from fwdllm.proto.manifest_check import check_json  # it imports this module's dataclasses
+
+        check_json(d)
+        manifest = cls(
+            model=ModelInfo(**d["model"]),
+            peft=PeftInfo(**d["peft"]),
+            theta=ThetaLayout.from_json(d["theta"]["tensors"]),
+            theta_file=d["theta"]["file"],
+            graphs=[GraphSpec.from_json(g) for g in d["graphs"]],
+            cut_layer=d.get("cut_layer"),
+            files=dict(d["files"]),
+            fwdllm_version=d.get("fwdllm_version", ""),
+            created=d.get("created", ""),
+        )
+        if manifest.theta.dim != d["theta"]["dim"]:
+            raise BundleError(f"manifest theta.dim {d['theta']['dim']} disagrees with its tensors ({manifest.theta.dim}); "
+                              "re-export the bundle")
+        if d["fingerprint"] != manifest.fingerprint():
+            raise BundleError("manifest fingerprint does not match its contents: the manifest was edited by hand; "
+                              "re-export the bundle or copy its original manifest.json again")
         return manifest
 
 
@@ -276,16 +281,16 @@ def write_manifest(bundle: Path, manifest: Manifest) -> None:
 
 
 def load_manifest(bundle: Path, verify_checksums: bool = True) -> Manifest:
-    """Read and check a bundle's manifest; every problem is a BundleError naming the fix."""
+    """Read and check a bundle's manifest; every problem is a BundleError naming the fix.
+
+    ``verify_checksums=False`` skips only hashing the files (for callers that hash them elsewhere or only
+    list the graphs); the schema, the confinement of every file to the bundle and θ's size are always checked.
+    """
+    from fwdllm.proto.manifest_check import check_files, read_manifest_json  # it imports this module
+
     bundle = Path(bundle)
-    path = bundle / MANIFEST_FILE
-    if not path.is_file():
-        raise BundleError(f"{bundle} is not a bundle: it has no {MANIFEST_FILE}. Create one with `fwdllm export`.")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON ({exc}); re-export the bundle") from exc
-    manifest = Manifest.from_json(data)
+    manifest = Manifest.from_json(read_manifest_json(bundle))
+    check_files(bundle, manifest)
     if verify_checksums:
         for name, expected in manifest.files.items():
             f = bundle / name
