@@ -606,26 +606,57 @@ class Coordinator:
             last = offset + chunk >= self.dim
             msg = pb.ParameterChunk(version=version, offset=offset, total=self.dim,
                                     values=data[4 * offset : 4 * min(self.dim, offset + chunk)], sha256=digest if last else "")
-            self.bytes_down += msg.ByteSize()
+            self._count_down(msg.ByteSize())
             yield msg
 
     def fetch_history(self, req: pb.FetchHistoryRequest) -> pb.FetchHistoryResponse:
+        """The updates after ``from_version`` for replay, or a refusal that sends the device to FetchParameters.
+
+        Every answer counts in ``bytes_down``: a device that asks with ``max_bytes`` = θ's size gets
+        either history smaller than θ or a few bytes of refusal, never history it then discards.
+        """
         self._auth(req.client_id, req.session_token)
+        response = self._history(req)
+        self._count_down(response.ByteSize())
+        return response
+
+    def _history(self, req: pb.FetchHistoryRequest) -> pb.FetchHistoryResponse:
+        """The caps are checked before the answer is built: the stored seed count bounds the replay work
+        and, at 4 bytes per coefficient, the answer's size from below, so an over-long history is refused
+        without reading it; one that passes is at most ``max_bytes / 4`` seeds, built and measured exactly."""
+        def refuse(why: int) -> pb.FetchHistoryResponse:
+            return pb.FetchHistoryResponse(available=False, theta_dim=self.dim, refusal=why)
+
+        if not self.optimizer.replayable or self.cfg.aggregation.method != "mean":
+            return refuse(pb.HISTORY_NOT_REPLAYABLE)
         to_version = int(req.to_version) or self.theta_version
         start = int(req.from_version)
-        if (not self.optimizer.replayable or self.cfg.aggregation.method != "mean"
-                or not 1 <= start <= to_version <= self.theta_version):
-            return pb.FetchHistoryResponse(available=False, theta_dim=self.dim)
+        if not 1 <= start <= to_version <= self.theta_version:
+            return refuse(pb.HISTORY_NOT_KEPT)
+        window, wanted = (start, to_version), list(range(start + 1, to_version + 1))
+        sizes = self.store.query("SELECT version, LENGTH(seeds) / 8 FROM history WHERE version>? AND version<=? "
+                                 "ORDER BY version", window)
+        if [r[0] for r in sizes] != wanted:
+            return refuse(pb.HISTORY_NOT_KEPT)
+        seeds = sum(r[1] for r in sizes)
+        if (req.max_seeds and seeds > req.max_seeds) or (req.max_bytes and 4 * seeds > req.max_bytes):
+            return refuse(pb.HISTORY_OVER_CAP)
         rows = self.store.query("SELECT version, lr, seeds, coefficients FROM history WHERE version>? AND version<=? "
-                                "ORDER BY version", (start, to_version))
-        if [r[0] for r in rows] != list(range(start + 1, to_version + 1)):
-            return pb.FetchHistoryResponse(available=False, theta_dim=self.dim)
+                                "ORDER BY version", window)
+        if [r[0] for r in rows] != wanted:  # a step pruned the oldest record between the two reads
+            return refuse(pb.HISTORY_NOT_KEPT)
         dist = DIST[self.cfg.run.distribution]
         response = pb.FetchHistoryResponse(available=True, theta_dim=self.dim, updates=[
             pb.UpdateRecord(version=v, lr=lr, seeds=np.frombuffer(s, "<u8").tolist(),
                             coefficients=np.frombuffer(c, "<f4").tolist(), distribution=dist) for v, lr, s, c in rows])
-        self.bytes_down += response.ByteSize()
+        if req.max_bytes and response.ByteSize() > req.max_bytes:
+            return refuse(pb.HISTORY_OVER_CAP)
         return response
+
+    def _count_down(self, nbytes: int) -> None:
+        """Add to this step's ``bytes_down``; under the lock, as downloads are served on many threads."""
+        with self.lock:
+            self.bytes_down += nbytes
 
     # ------------------------------------------------------------ operators
     def status(self) -> pb.StatusResponse:

@@ -5,13 +5,13 @@ backoff and jitter, a lost session is re-joined under the same client id, and re
 that were not acknowledged are kept (in memory, and in ``state_file`` when given) and
 resubmitted. The coordinator deduplicates by task_id, and a result is dropped from the
 queue only once the coordinator has accepted it, called it a duplicate, or refused it for
-good, so no result is ever accepted twice. One log line per task.
+good, so no result is ever accepted twice. One log line per task. θ is kept current by
+``ThetaSync`` (theta_sync.py): history replay when that is smaller than θ, else a download.
 """
 
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import os
@@ -24,21 +24,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 import grpc
-import numpy as np
 
 from fwdllm import __version__
 from fwdllm.device_runtime.backend import Backend, load_examples, open_backend, select
 from fwdllm.device_runtime.engine import Cancelled, forward_gradients
+from fwdllm.device_runtime.theta_sync import DIST, ThetaSync
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import load_manifest
-from fwdllm.proto.perturbation import generate
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
 from fwdllm.proto.v1 import fwdllm_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fwdllm.device")
 
 SCHEME = {pb.CENTRAL: "central", pb.FORWARD: "forward", pb.DIFFERENCE_SCHEME_UNSPECIFIED: "central"}
-DIST = {pb.GAUSSIAN: "gaussian", pb.RADEMACHER: "rademacher", pb.DISTRIBUTION_UNSPECIFIED: "gaussian"}
 DEFAULT_EPSILON = 0.01
 #: Codes that mean "try again later"; anything else is the coordinator's final answer.
 TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
@@ -68,7 +66,7 @@ class ClientConfig:
     name: str = ""
     state_file: Path | None = None
     max_seeds: int = 4096  # the most seeds one task may ask for
-    replay_max_seeds: int = 4096  # replay history instead of downloading θ when it needs at most this many seeds
+    replay_max_seeds: int = 4096  # replay history (when smaller than θ) only if it holds at most this many seeds
     rpc_timeout_s: float = 30.0
     backoff_s: tuple[float, float] = (0.5, 30.0)  # first and largest wait between retries
 
@@ -96,7 +94,7 @@ def capabilities(backend: Backend) -> pb.Capabilities:
     )
 
 
-class DeviceClient:
+class DeviceClient(ThetaSync):
     def __init__(self, cfg: ClientConfig, backend: Backend | None = None):
         self.cfg = cfg
         self.manifest = load_manifest(cfg.bundle)
@@ -106,8 +104,6 @@ class DeviceClient:
         self.tokenizer = self.backend.tokenizer()
         self.client_id, self.session = "", ""
         self.heartbeat_s = 5.0
-        self.theta: np.ndarray | None = None
-        self.theta_version = 0
         self.pending: dict[str, pb.SubmitRequest] = {}
         self.settled: set[str] = set()  # task ids the coordinator has answered for good
         self.cancelled: set[str] = set()
@@ -178,6 +174,7 @@ class DeviceClient:
         if resp.theta_dim and resp.theta_dim != self.manifest.theta.dim:
             raise ClientError(f"the coordinator's θ has {resp.theta_dim} values, this bundle's {self.manifest.theta.dim}")
         self.client_id, self.session = resp.client_id, resp.session_token
+        self.history_replayable = True  # a restarted coordinator may run another optimiser
         self.heartbeat_s = max(0.05, (resp.heartbeat_interval_ms or 5000) / 1000)
         self._save_state()
         log.info("joined %s as %s (θ version %d, heartbeat %.1f s)", self.cfg.coordinator, self.client_id,
@@ -322,60 +319,6 @@ class DeviceClient:
             del self.pending[tid]
             self._save_state()
         return outcomes
-
-    # ------------------------------------------------------------ θ
-    def _theta_at(self, version: int) -> np.ndarray:
-        if self.theta is not None and version in (self.theta_version, 0):
-            return self.theta
-        if self.theta is not None and 0 < self.theta_version < version and self._replay(version):
-            return self.theta
-        self._fetch(version)
-        return self.theta
-
-    def _replay(self, version: int) -> bool:
-        """Catch up by replaying updates when the coordinator keeps them and that costs few seeds."""
-        resp = self._call("FetchHistory", lambda: pb.FetchHistoryRequest(
-            client_id=self.client_id, session_token=self.session, from_version=self.theta_version, to_version=version))
-        total = sum(len(u.seeds) for u in resp.updates)
-        if not resp.available or not resp.updates or total > self.cfg.replay_max_seeds:
-            return False
-        if [u.version for u in resp.updates] != list(range(self.theta_version + 1, version + 1)):
-            return False
-        theta = self.theta.astype(np.float64)
-        d = theta.shape[0]
-        for update in resp.updates:
-            step = np.zeros(d, dtype=np.float64)
-            for seed, coeff in zip(update.seeds, update.coefficients):
-                step += np.float64(coeff) * generate(int(seed), 0, d, DIST.get(update.distribution, "gaussian"))
-            theta -= np.float64(update.lr) * step
-            theta = theta.astype(np.float32).astype(np.float64)  # the coordinator stores each version in float32
-        self.theta, self.theta_version = theta.astype(np.float32), version
-        self.stats["theta_replays"] += 1
-        log.info("θ version %d rebuilt from %d updates (%d seeds) instead of downloading it", version,
-                 len(resp.updates), total)
-        return True
-
-    def _fetch(self, version: int) -> None:
-        d = self.manifest.theta.dim
-        for attempt in range(3):
-            buf, digest, got_version, filled = bytearray(4 * d), "", 0, 0
-            chunks = self._retry("FetchParameters", lambda: list(self.stub.FetchParameters(pb.FetchParametersRequest(
-                client_id=self.client_id, session_token=self.session, version=version), timeout=self.cfg.rpc_timeout_s)))
-            for chunk in chunks:
-                if chunk.total != d or chunk.offset + len(chunk.values) // 4 > d or len(chunk.values) % 4:
-                    raise ClientError(f"the coordinator sent θ of length {chunk.total}; this bundle's is {d}")
-                buf[4 * chunk.offset : 4 * chunk.offset + len(chunk.values)] = chunk.values
-                filled += len(chunk.values) // 4
-                got_version, digest = chunk.version, chunk.sha256 or digest
-            if filled == d and digest == hashlib.sha256(bytes(buf)).hexdigest():
-                theta = np.frombuffer(bytes(buf), dtype="<f4").astype(np.float32)
-                if not np.isfinite(theta).all():
-                    raise ClientError(f"θ version {got_version} from the coordinator contains NaN/Inf")
-                self.theta, self.theta_version = theta, got_version
-                self.stats["theta_fetches"] += 1
-                return
-            log.warning("θ download %d was incomplete or corrupt (sha256 mismatch); fetching again", attempt + 1)
-        raise ClientError("θ downloads keep failing their sha256 check; check the network path to the coordinator")
 
     # ------------------------------------------------------------ state across restarts
     def _load_state(self) -> None:

@@ -23,6 +23,13 @@ class Distribution(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DISTRIBUTION_UNSPECIFIED: _ClassVar[Distribution]
     GAUSSIAN: _ClassVar[Distribution]
     RADEMACHER: _ClassVar[Distribution]
+
+class HistoryRefusal(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    HISTORY_REFUSAL_UNSPECIFIED: _ClassVar[HistoryRefusal]
+    HISTORY_NOT_REPLAYABLE: _ClassVar[HistoryRefusal]
+    HISTORY_NOT_KEPT: _ClassVar[HistoryRefusal]
+    HISTORY_OVER_CAP: _ClassVar[HistoryRefusal]
 PROTOCOL_VERSION_UNSPECIFIED: ProtocolVersion
 PROTOCOL_VERSION_1: ProtocolVersion
 DIFFERENCE_SCHEME_UNSPECIFIED: DifferenceScheme
@@ -31,6 +38,10 @@ FORWARD: DifferenceScheme
 DISTRIBUTION_UNSPECIFIED: Distribution
 GAUSSIAN: Distribution
 RADEMACHER: Distribution
+HISTORY_REFUSAL_UNSPECIFIED: HistoryRefusal
+HISTORY_NOT_REPLAYABLE: HistoryRefusal
+HISTORY_NOT_KEPT: HistoryRefusal
+HISTORY_OVER_CAP: HistoryRefusal
 
 class Capabilities(_message.Message):
     __slots__ = ("backend", "delegates", "precision", "memory_bytes", "abi", "os", "cpu_count", "max_perturbations_per_call", "versions")
@@ -266,16 +277,20 @@ class ParameterChunk(_message.Message):
     def __init__(self, version: _Optional[int] = ..., offset: _Optional[int] = ..., total: _Optional[int] = ..., values: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class FetchHistoryRequest(_message.Message):
-    __slots__ = ("client_id", "session_token", "from_version", "to_version")
+    __slots__ = ("client_id", "session_token", "from_version", "to_version", "max_bytes", "max_seeds")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SEEDS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     session_token: str
     from_version: int
     to_version: int
-    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ...) -> None: ...
+    max_bytes: int
+    max_seeds: int
+    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_seeds: _Optional[int] = ...) -> None: ...
 
 class UpdateRecord(_message.Message):
     __slots__ = ("version", "lr", "seeds", "coefficients", "distribution")
@@ -292,14 +307,16 @@ class UpdateRecord(_message.Message):
     def __init__(self, version: _Optional[int] = ..., lr: _Optional[float] = ..., seeds: _Optional[_Iterable[int]] = ..., coefficients: _Optional[_Iterable[float]] = ..., distribution: _Optional[_Union[Distribution, str]] = ...) -> None: ...
 
 class FetchHistoryResponse(_message.Message):
-    __slots__ = ("available", "updates", "theta_dim")
+    __slots__ = ("available", "updates", "theta_dim", "refusal")
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     THETA_DIM_FIELD_NUMBER: _ClassVar[int]
+    REFUSAL_FIELD_NUMBER: _ClassVar[int]
     available: bool
     updates: _containers.RepeatedCompositeFieldContainer[UpdateRecord]
     theta_dim: int
-    def __init__(self, available: _Optional[bool] = ..., updates: _Optional[_Iterable[_Union[UpdateRecord, _Mapping]]] = ..., theta_dim: _Optional[int] = ...) -> None: ...
+    refusal: HistoryRefusal
+    def __init__(self, available: _Optional[bool] = ..., updates: _Optional[_Iterable[_Union[UpdateRecord, _Mapping]]] = ..., theta_dim: _Optional[int] = ..., refusal: _Optional[_Union[HistoryRefusal, str]] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()

@@ -122,7 +122,8 @@ class FwdLLMServicer:
         raise NotImplementedError('Method not implemented!')
 
     def FetchHistory(self, request, context):
-        """Catch up from an old theta by replaying updates (seeds, coefficients, learning rate) instead of downloading theta.
+        """Catch up from an old theta by replaying updates (seeds, coefficients, learning rate) instead of downloading theta,
+        when that is the smaller download (the request's caps).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

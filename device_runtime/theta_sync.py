@@ -1,0 +1,97 @@
+"""θ on the device, brought to the version a task asks for by the smaller of two downloads.
+
+Replaying the coordinator's update history (about 12 bytes per seed: an 8-byte seed and a
+4-byte coefficient) beats downloading θ (4 bytes per value) when few seeds went into the
+updates the device missed, and loses badly when many did: `make demo`'s head has d = 1,925
+(7.7 KB) and each of its updates about 2,000 seeds (24 KB). So the history request carries
+caps, θ's size in bytes and ``replay_max_seeds`` for the replay work (seeds × d generated
+values), and the coordinator answers history within them or a refusal of a few bytes without
+sending any; the device then downloads θ. Per task the device downloads at most θ's size plus
+message overhead. When the coordinator says its updates are not replayable at all (Adam,
+momentum, lr groups) the device stops asking until it re-joins, and downloads θ only when a
+task names a version other than the one it holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import numpy as np
+
+from fwdllm.errors import UserError
+from fwdllm.proto.perturbation import generate
+from fwdllm.proto.v1 import fwdllm_pb2 as pb
+
+log = logging.getLogger("fwdllm.device")
+
+DIST = {pb.GAUSSIAN: "gaussian", pb.RADEMACHER: "rademacher", pb.DISTRIBUTION_UNSPECIFIED: "gaussian"}
+
+
+class ThetaSync:
+    """The device client's θ: mixed into ``DeviceClient``, whose ``_call``/``_retry``, ``stub``,
+    credentials, ``manifest``, ``cfg`` and ``stats`` it uses."""
+
+    theta: np.ndarray | None = None
+    theta_version = 0
+    history_replayable = True  # until the coordinator says otherwise; reset by each Join
+
+    def _theta_at(self, version: int) -> np.ndarray:
+        if self.theta is not None and version in (self.theta_version, 0):
+            return self.theta
+        if self.theta is not None and self.history_replayable and 0 < self.theta_version < version \
+                and self._replay(version):
+            return self.theta
+        self._fetch(version)
+        return self.theta
+
+    def _replay(self, version: int) -> bool:
+        """Catch up by replaying updates when the coordinator has them within θ's size and the seed cap."""
+        max_bytes, max_seeds = 4 * self.manifest.theta.dim, self.cfg.replay_max_seeds
+        resp = self._call("FetchHistory", lambda: pb.FetchHistoryRequest(
+            client_id=self.client_id, session_token=self.session, from_version=self.theta_version, to_version=version,
+            max_bytes=max_bytes, max_seeds=max_seeds))
+        if resp.refusal == pb.HISTORY_NOT_REPLAYABLE:
+            self.history_replayable = False
+            log.info("the coordinator's updates are not replayable; θ is downloaded when its version changes")
+        total = sum(len(u.seeds) for u in resp.updates)
+        # A coordinator from before the caps ignores them: its answer is checked against them here too.
+        if not resp.available or not resp.updates or total > max_seeds or resp.ByteSize() > max_bytes:
+            return False
+        if [u.version for u in resp.updates] != list(range(self.theta_version + 1, version + 1)):
+            return False
+        theta = self.theta.astype(np.float64)
+        d = theta.shape[0]
+        for update in resp.updates:
+            step = np.zeros(d, dtype=np.float64)
+            for seed, coeff in zip(update.seeds, update.coefficients):
+                step += np.float64(coeff) * generate(int(seed), 0, d, DIST.get(update.distribution, "gaussian"))
+            theta -= np.float64(update.lr) * step
+            theta = theta.astype(np.float32).astype(np.float64)  # the coordinator stores each version in float32
+        self.theta, self.theta_version = theta.astype(np.float32), version
+        self.stats["theta_replays"] += 1
+        log.info("θ version %d rebuilt from %d updates (%d seeds, %d bytes) instead of downloading %d bytes",
+                 version, len(resp.updates), total, resp.ByteSize(), max_bytes)
+        return True
+
+    def _fetch(self, version: int) -> None:
+        d = self.manifest.theta.dim
+        for attempt in range(3):
+            buf, digest, got_version, filled = bytearray(4 * d), "", 0, 0
+            chunks = self._retry("FetchParameters", lambda: list(self.stub.FetchParameters(pb.FetchParametersRequest(
+                client_id=self.client_id, session_token=self.session, version=version), timeout=self.cfg.rpc_timeout_s)))
+            for chunk in chunks:
+                if chunk.total != d or chunk.offset + len(chunk.values) // 4 > d or len(chunk.values) % 4:
+                    raise UserError(f"the coordinator sent θ of length {chunk.total}; this bundle's is {d}")
+                buf[4 * chunk.offset : 4 * chunk.offset + len(chunk.values)] = chunk.values
+                filled += len(chunk.values) // 4
+                got_version, digest = chunk.version, chunk.sha256 or digest
+            if filled == d and digest == hashlib.sha256(bytes(buf)).hexdigest():
+                theta = np.frombuffer(bytes(buf), dtype="<f4").astype(np.float32)
+                if not np.isfinite(theta).all():
+                    raise UserError(f"θ version {got_version} from the coordinator contains NaN/Inf")
+                self.theta, self.theta_version = theta, got_version
+                self.stats["theta_fetches"] += 1
+                return
+            log.warning("θ download %d was incomplete or corrupt (sha256 mismatch); fetching again", attempt + 1)
+        raise UserError("θ downloads keep failing their sha256 check; check the network path to the coordinator")
