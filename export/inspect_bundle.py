@@ -20,6 +20,9 @@ def describe(m: Manifest, bundle: Path) -> str:
     ]
     if mi.task == "seq-cls":
         lines.append(f"labels {mi.num_labels}" + (f": {', '.join(mi.labels)}" if mi.labels else ""))
+    elif mi.label_token_ids:
+        words = ", ".join(f"{w} ({t})" for w, t in zip(mi.labels or [], mi.label_token_ids))
+        lines.append(f"labels {len(mi.label_token_ids)} words after the prompt (token ids): {words}")
     lines.append(f"peft   {pi.method}, trainable layers {pi.trainable_layers} {pi.config or ''}".rstrip())
     lines.append(f"theta  d = {m.theta.dim:,} float32 in {len(m.theta.tensors)} tensors ({m.theta_file})")
     for s in m.theta.tensors[:4]:

@@ -36,7 +36,9 @@ from pathlib import Path
 from fwdllm.errors import UserError
 
 SIM_FILE = "sim.json"
-START_TIMEOUT_S = 300.0
+#: How long a worker may take to load its backend and join its clients. A decoder's prefix graph is
+#: ~500 MB that ONNX Runtime optimises on load: on 2 cores shared with other jobs that took over 300 s.
+START_TIMEOUT_S = 900.0
 
 
 @dataclass
