@@ -60,7 +60,7 @@ def _serve(args: argparse.Namespace) -> int:
         if coordinator.store.token_state(token) == "unknown":
             coordinator.store.add_token(token, "serve --token")
     running = start(coordinator, args.host, args.port, args.tls_cert, args.tls_key)
-    logging.getLogger("fwdllm.coordinator").warning(
+    logging.getLogger("fwdllm.coordinator").info(  # shown by default: fwdllm's INFO records are progress
         "serving %s on %s:%d (step %d of %d, state %s)", args.bundle, args.host, running.port, coordinator.step,
         cfg.run.steps, args.state)
     print(f"fwdllm coordinator: listening on {args.host}:{running.port}", flush=True)

@@ -53,20 +53,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
+    """Libraries (torch, torchao, transformers, litert-torch, the quantizer) print while they load and convert,
+    on stdout and stderr and from C++: all of it goes to the command's log file, the bundle summary to stdout."""
     from pathlib import Path
 
-    from fwdllm.export.pipeline import ExportRequest, export
-    from fwdllm.export.plan import PeftOptions
+    from fwdllm.console import library_output_to_log
 
-    req = ExportRequest(
-        model=args.model, task=args.task, out=Path(args.out), formats=args.format, precisions=args.precision,
-        num_labels=args.labels, label_names=args.label_names,
-        peft=PeftOptions(method=args.peft, trainable_layers=args.trainable_layers, lora_r=args.lora_r,
-                         lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
-                         adapter_reduction=args.adapter_reduction, from_peft_adapter=args.from_peft_adapter, seed=args.seed),
-        seq_len=args.seq_len, batch_size=args.batch_size, perturbations=args.perturbations,
-    )
-    manifest = export(req)
+    with library_output_to_log():
+        from fwdllm.export.pipeline import ExportRequest, export
+        from fwdllm.export.plan import PeftOptions
+
+        req = ExportRequest(
+            model=args.model, task=args.task, out=Path(args.out), formats=args.format, precisions=args.precision,
+            num_labels=args.labels, label_names=args.label_names,
+            peft=PeftOptions(method=args.peft, trainable_layers=args.trainable_layers, lora_r=args.lora_r,
+                             lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
+                             adapter_reduction=args.adapter_reduction, from_peft_adapter=args.from_peft_adapter,
+                             seed=args.seed),
+            seq_len=args.seq_len, batch_size=args.batch_size, perturbations=args.perturbations,
+        )
+        manifest = export(req)
     from fwdllm.export.inspect_bundle import describe
 
     print(describe(manifest, Path(args.out)))
@@ -88,8 +94,11 @@ def _inspect(args: argparse.Namespace) -> int:
 def _export_peft(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fwdllm.export.peft_out import export_peft
+    from fwdllm.console import library_output_to_log
 
-    written = export_peft(Path(args.bundle), Path(args.theta), Path(args.out), merged=args.merged)
+    with library_output_to_log():  # torch, transformers and peft, as in `_export`
+        from fwdllm.export.peft_out import export_peft
+
+        written = export_peft(Path(args.bundle), Path(args.theta), Path(args.out), merged=args.merged)
     print(f"wrote {', '.join(sorted(p.name for p in written))} to {args.out}")
     return 0
