@@ -6,6 +6,8 @@ Per θ row the backend rewrites one adapter GGUF (``fwdllm.export.gguf_lora``), 
 logits only at the positions that predict a labelled token, so the backend never holds
 the full [S, vocab] logits of a sequence it does not need. Costs are measured by
 ``bench/llama_channels.py``; the choice of channel is explained in export/BUNDLE.md.
+A label-word bundle cut at a layer runs its frozen layers once per example and every θ
+row through a suffix GGUF (``llama_suffix.py``, measured by ``bench/llama_prefix.py``).
 """
 
 from __future__ import annotations
@@ -69,13 +71,72 @@ def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logz - logits[np.arange(len(labels)), labels]).mean())
 
 
+def new_context(L, model, n_ctx: int, threads: int, cb_eval=None):
+    """A one-sequence context of ``n_ctx`` tokens (one ubatch), optionally with a scheduler eval callback."""
+    cparams = L.llama_context_default_params()
+    cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
+    cparams.n_seq_max = 1
+    cparams.n_threads = cparams.n_threads_batch = threads
+    if cb_eval is not None:
+        cparams.cb_eval = cb_eval
+    ctx = L.llama_init_from_model(model, cparams)
+    if not ctx:
+        raise BackendError(f"llama.cpp could not create a context of {n_ctx} tokens")
+    return ctx
+
+
+def decode(L, ctx, b, n: int, want: np.ndarray) -> None:
+    """One ``llama_decode`` of the first ``n`` entries of batch ``b`` (tokens or embeddings already
+    in it) as one sequence at positions 0..n−1, with logits where ``want`` is set."""
+    L.llama_memory_clear(L.llama_get_memory(ctx), True)
+    b.n_tokens = n
+    for i in range(n):
+        b.pos[i] = i
+        b.n_seq_id[i] = 1
+        b.seq_id[i][0] = 0
+        b.logits[i] = int(want[i])
+    rc = L.llama_decode(ctx, b)
+    if rc != 0:
+        raise BackendError(f"llama_decode failed with code {rc} on a {n}-token sequence")
+
+
+class LoraSlot:
+    """One context's only LoRA adapter: each adapter file loaded afresh, the previous adapter freed."""
+
+    def __init__(self, L, model, ctx):
+        self.L, self.model, self.ctx = L, model, ctx
+        self.adapter = None
+
+    def load(self, path: Path) -> None:
+        L = self.L
+        adapter = L.llama_adapter_lora_init(self.model, str(path).encode())
+        if not adapter:
+            raise BackendError("llama.cpp rejected the LoRA adapter built from θ; does the GGUF match this bundle?")
+        scale = (ctypes.c_float * 1)(1.0)  # llama.cpp itself multiplies by alpha / r
+        if L.llama_set_adapters_lora(self.ctx, (L.llama_adapter_lora_p_ctypes * 1)(adapter), 1, scale) != 0:
+            L.llama_adapter_lora_free(adapter)
+            raise BackendError("llama.cpp could not apply the LoRA adapter")
+        if self.adapter:
+            L.llama_adapter_lora_free(self.adapter)
+        self.adapter = adapter
+
+    def close(self) -> None:
+        """Detach and free the adapter (before the context and model go)."""
+        if self.adapter:
+            self.L.llama_set_adapters_lora(self.ctx, None, 0, None)
+            self.L.llama_adapter_lora_free(self.adapter)
+            self.adapter = None
+
+
 class LlamaBackend(Backend):
     """Mean token cross-entropy of a causal-LM batch under P parameter vectors θ, on llama.cpp.
 
     Labels follow the Hugging Face convention (unshifted, −100 where no loss). Tokens whose
     mask is 0 are dropped and positions count from the first kept token, as in right-padded
     PyTorch. A label-word bundle's loss is the cross-entropy over its label words' logits after
-    each prompt. Options: ``threads`` (default 1), ``mmap`` (default True).
+    each prompt. Options: ``threads`` (default 1), ``mmap`` (default True), ``prefix_reuse``
+    (default True: a bundle with a suffix GGUF runs its frozen layers once per example),
+    ``prefix_cache_mb`` (memory for those hidden states, as for the ONNX/TFLite backends).
     """
 
     name = "llama.cpp"
@@ -92,40 +153,51 @@ class LlamaBackend(Backend):
         self.L = L = import_llama()
         self.threads = int(self.options.get("threads", 1))
         self.n_ctx = self.seq_len
-        self.model = self.ctx = self._lbatch = self._adapter = self._tmp = None
-        path = self.bundle_dir / graph.file
-        if not path.is_file():
-            raise BundleError(f"GGUF {path} is missing; copy the whole bundle folder again")
-
+        self.model = self.ctx = self._lbatch = self._slot = self._tmp = self.cut = None
         L.llama_backend_init()
-        mparams = L.llama_model_default_params()
-        mparams.load_mode = L.LLAMA_LOAD_MODE_MMAP if self.options.get("mmap", True) else L.LLAMA_LOAD_MODE_NONE
-        self.model = L.llama_model_load_from_file(str(path).encode(), mparams)
-        if not self.model:
-            raise BundleError(f"llama.cpp could not load {path}: the file is corrupt or not a GGUF model; copy it again")
+        self.model = self.load_model(graph)
         self._tmp = Path(tempfile.mkdtemp(prefix="fwdllm-lora-"))
-        self._adapter_path = self._tmp / "theta.gguf"
         try:
-            cparams = L.llama_context_default_params()
-            cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = self.n_ctx
-            cparams.n_seq_max = 1
-            cparams.n_threads = cparams.n_threads_batch = self.threads
-            self.ctx = L.llama_init_from_model(self.model, cparams)
-            if not self.ctx:
-                raise BackendError(f"llama.cpp could not create a context of {self.n_ctx} tokens for {path}")
             self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
             ids = manifest.model.label_token_ids
             self.label_ids = np.array(ids, dtype=np.int64) if ids else None
-            self.adapter_writer = LoraAdapterWriter(
-                manifest.theta,
-                lora_alpha(manifest.peft.config),
-                L.llama_model_n_head(self.model),
-                L.llama_model_n_head_kv(self.model),
-            )
-            self._lbatch = L.llama_batch_init(self.n_ctx, 0, 1)
+            writer_args = (manifest.theta, lora_alpha(manifest.peft.config),
+                           L.llama_model_n_head(self.model), L.llama_model_n_head_kv(self.model))
+            suffix = self._suffix_spec()
+            if suffix is not None:  # θ acts in the suffix: its adapter names count blocks from the cut
+                from fwdllm.device_runtime.llama_suffix import CutModel
+
+                self.cut = CutModel(self, suffix)
+                self._slot = self.cut.slot
+                self.adapter_writer = LoraAdapterWriter(*writer_args, first_layer=manifest.cut_layer)
+            else:
+                self.ctx = new_context(L, self.model, self.n_ctx, self.threads)
+                self._slot = LoraSlot(L, self.model, self.ctx)
+                self.adapter_writer = LoraAdapterWriter(*writer_args)
+                self._lbatch = L.llama_batch_init(self.n_ctx, 0, 1)
         except BaseException:
             self.close()
             raise
+
+    def load_model(self, spec: GraphSpec):
+        """A GGUF of the bundle as a llama.cpp model (memory-mapped unless option ``mmap`` is false)."""
+        L, path = self.L, self.bundle_dir / spec.file
+        if not path.is_file():
+            raise BundleError(f"GGUF {path} is missing; copy the whole bundle folder again")
+        mparams = L.llama_model_default_params()
+        mparams.load_mode = L.LLAMA_LOAD_MODE_MMAP if self.options.get("mmap", True) else L.LLAMA_LOAD_MODE_NONE
+        model = L.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise BundleError(f"llama.cpp could not load {path}: the file is corrupt or not a GGUF model; copy it again")
+        return model
+
+    def _suffix_spec(self) -> GraphSpec | None:
+        """The suffix GGUF at this precision when prefix reuse applies: a label-word bundle cut at a layer."""
+        if not self.options.get("prefix_reuse", True) or self.label_ids is None or not self.manifest.cut_layer:
+            return None
+        found = [g for g in self.manifest.graphs
+                 if g.format == "gguf" and g.role == "suffix" and g.precision == self.graph.precision]
+        return found[0] if found else None
 
     def info(self) -> dict[str, Any]:
         import llama_cpp
@@ -137,25 +209,17 @@ class LlamaBackend(Backend):
             "precision": self.graph.precision,
             "theta_channel": self.graph.theta_channel,
             "delegated_share": None,  # llama.cpp runs every op on its own CPU kernels here
+            "prefix_reuse": self.cut is not None,
+            "cut_layer": self.manifest.cut_layer if self.cut else None,
+            "graphs": {"base": self.graph.file, **({"suffix": self.cut.spec.file} if self.cut else {})},
             "system": self.L.llama_print_system_info().decode(),
         }
 
     # ----- θ -----
     def set_theta(self, theta: np.ndarray) -> None:
-        """Make θ the context's only LoRA adapter (a rewritten adapter file, loaded afresh)."""
-        L = self.L
+        """Make θ the only LoRA adapter of the context that θ acts in (the suffix's under prefix reuse)."""
         self.manifest.theta.check(theta)
-        self.adapter_writer.write(self._adapter_path, theta)
-        adapter = L.llama_adapter_lora_init(self.model, str(self._adapter_path).encode())
-        if not adapter:
-            raise BackendError("llama.cpp rejected the LoRA adapter built from θ; does the GGUF match this bundle?")
-        scale = (ctypes.c_float * 1)(1.0)  # llama.cpp itself multiplies by alpha / r
-        if L.llama_set_adapters_lora(self.ctx, (L.llama_adapter_lora_p_ctypes * 1)(adapter), 1, scale) != 0:
-            L.llama_adapter_lora_free(adapter)
-            raise BackendError("llama.cpp could not apply the LoRA adapter")
-        if self._adapter:
-            L.llama_adapter_lora_free(self._adapter)
-        self._adapter = adapter
+        self._slot.load(self.adapter_writer.write(self._tmp / "theta.gguf", theta))
 
     # ----- loss -----
     def losses(self, batch: Batch, thetas: np.ndarray) -> np.ndarray:
@@ -200,7 +264,9 @@ class LlamaBackend(Backend):
         return [self._kept(batch, i)[0] for i in range(batch.real_rows or batch.size)]
 
     def answer_logits(self, prompts: list[np.ndarray]) -> np.ndarray:
-        """The label words' logits [n, C] after each prompt, under the adapters the context holds now."""
+        """The label words' logits [n, C] after each prompt, under the adapter set now."""
+        if self.cut is not None:
+            return np.stack([self.cut.label_logits(t) for t in prompts])
         return np.stack([self.token_logits(t, np.array([t.size - 1]))[0, self.label_ids] for t in prompts])
 
     def _kept(self, batch: Batch, i: int) -> tuple[np.ndarray, np.ndarray]:
@@ -240,36 +306,43 @@ class LlamaBackend(Backend):
 
     def token_logits(self, tokens: np.ndarray, where: np.ndarray) -> np.ndarray:
         """Logits [len(where), vocab] at the positions ``where`` of one sequence, as float64."""
+        if self.cut is not None:
+            raise BackendError("under prefix reuse θ acts in the suffix GGUF, which scores only the label words; "
+                               "open the backend with prefix_reuse=False for logits over the vocabulary")
         L, b = self.L, self._lbatch
         n = int(tokens.size)
-        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
-        b.n_tokens = n
         want = np.zeros(n, dtype=np.int8)
         want[where] = 1
         for i in range(n):
             b.token[i] = int(tokens[i])
-            b.pos[i] = i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = int(want[i])
-        rc = L.llama_decode(self.ctx, b)
-        if rc != 0:
-            raise BackendError(f"llama_decode failed with code {rc} on a {n}-token sequence")
+        decode(L, self.ctx, b, n, want)
         ptr = L.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(ptr, shape=(len(where), self.n_vocab)).astype(np.float64)
 
+    def clear_cache(self) -> None:
+        """Forget cached prefix hidden states (benchmarks measure the uncached cost)."""
+        if self.cut is not None:
+            self.cut.cache.clear()
+
+    @property
+    def prefix_runs(self) -> int:
+        """How often the prefix actually ran (tests and benchmarks read it)."""
+        return self.cut.prefix_runs if self.cut is not None else 0
+
     def close(self) -> None:
         L = self.L
+        if self._slot is not None:
+            self._slot.close()
+            self._slot = None
+        if self.cut is not None:
+            self.cut.close()
+            self.cut = None
         if self._lbatch is not None:
             L.llama_batch_free(self._lbatch)
             self._lbatch = None
         if self.ctx:
-            L.llama_set_adapters_lora(self.ctx, None, 0, None)
             L.llama_free(self.ctx)
             self.ctx = None
-        if self._adapter:
-            L.llama_adapter_lora_free(self._adapter)
-            self._adapter = None
         if self.model:
             L.llama_model_free(self.model)
             self.model = None

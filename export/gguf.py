@@ -4,7 +4,8 @@ The base model is written with ``gguf``'s GGUFWriter from the PyTorch weights (s
 llama-architecture checkpoint works, not only the shipped SmolLM2), then quantized by
 llama.cpp's own ``llama_model_quantize``. θ never enters the base file: a device applies
 θ + εv as a LoRA adapter GGUF rebuilt per perturbation (``gguf_lora.py``; why in
-export/BUNDLE.md, "llama.cpp θ channel").
+export/BUNDLE.md, "llama.cpp θ channel"). A label-word bundle cut at a layer also gets a
+``suffix`` GGUF per precision, the layers above the cut (``gguf_suffix.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fwdllm.errors import UserError
 from fwdllm.proto.manifest import GraphSpec, PeftInfo, TensorSpec, ThetaLayout
 
 from .gguf_lora import LoraAdapterWriter, lora_alpha, rope_permute
+from .gguf_suffix import write_suffix
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,8 @@ def load_gguf_as_torch(path: Path):
     return model.eval()
 
 
-def gguf_file_name(precision: str) -> str:
-    return f"base.{precision}.gguf"
+def gguf_file_name(precision: str, role: str = "base") -> str:
+    return f"{role}.{precision}.gguf"
 
 
 def export_gguf(
@@ -59,8 +61,12 @@ def export_gguf(
     out_dir: Path,
     precisions=PRECISIONS,
     tokenizer: Path | None = None,
+    suffix: tuple[int, list[int]] | None = None,
 ) -> list[GraphSpec]:
     """Write ``base.<precision>.gguf`` for each precision into ``out_dir``; return their graph specs.
+
+    ``suffix = (cut_layer, label_token_ids)`` also writes ``suffix.<precision>.gguf``: the layers
+    from ``cut_layer`` up, scoring the label words (every θ tensor must lie in them).
 
     ``hf_model`` is a transformers llama (optionally wrapped by peft: its LoRA tensors are
     left out, they are θ). ``tokenizer`` is a GGUF whose ``tokenizer.*`` keys are copied
@@ -89,7 +95,8 @@ def export_gguf(
     tokenizer = Path(tokenizer) if tokenizer else smollm2_gguf()
 
     # θ0 must map onto the model's projections before any big file is written.
-    writer = LoraAdapterWriter(layout, lora_alpha(peft_info.config), cfg.num_attention_heads, cfg.num_key_value_heads)
+    writer = LoraAdapterWriter(layout, lora_alpha(peft_info.config), cfg.num_attention_heads, cfg.num_key_value_heads,
+                               first_layer=suffix[0] if suffix else 0)
     writer.write(out_dir / ".theta0-check.gguf", theta0).unlink()
 
     specs = []
@@ -104,26 +111,28 @@ def export_gguf(
             quantize(f16, path, precision)
             log.info("quantized %s in %.1f s", path.name, time.perf_counter() - t0)
         specs.append(_graph_spec(precision, layout.dim))
+        if suffix:
+            write_suffix(path, out_dir / gguf_file_name(precision, "suffix"), *suffix)
+            specs.append(_graph_spec(precision, layout.dim, cfg.hidden_size))
     if "f16" not in precisions:
         f16.unlink()
     return specs
 
 
-def _graph_spec(precision: str, dim: int) -> GraphSpec:
-    return GraphSpec(
-        role="base",
-        format="gguf",
-        precision=precision,
-        file=gguf_file_name(precision),
-        inputs=[
-            TensorSpec("input_ids", ["batch", "seq"], "int32"),
-            TensorSpec("attention_mask", ["batch", "seq"], "int32"),
-            TensorSpec("labels", ["batch", "seq"], "int32"),
-            TensorSpec("theta", ["perturbations", dim], "float32"),
-        ],
-        outputs=[TensorSpec("loss", ["perturbations"], "float32")],
-        theta_channel=THETA_CHANNEL,
-    )
+def _graph_spec(precision: str, dim: int, hidden_size: int | None = None) -> GraphSpec:
+    """The ``base`` model's entry, or with ``hidden_size`` the ``suffix``'s (hidden states in, label logits out)."""
+    theta = TensorSpec("theta", ["perturbations", dim], "float32")
+    if hidden_size is None:
+        inputs = [TensorSpec("input_ids", ["batch", "seq"], "int32"), TensorSpec("attention_mask", ["batch", "seq"], "int32"),
+                  TensorSpec("labels", ["batch", "seq"], "int32"), theta]
+        outputs = [TensorSpec("loss", ["perturbations"], "float32")]
+    else:
+        inputs = [TensorSpec("hidden", ["batch", "seq", hidden_size], "float32"),
+                  TensorSpec("attention_mask", ["batch", "seq"], "int32"), TensorSpec("labels", ["batch"], "int32"), theta]
+        outputs = [TensorSpec("loss", ["perturbations"], "float32"), TensorSpec("logits", ["perturbations", "batch", "labels"], "float32")]
+    role = "base" if hidden_size is None else "suffix"
+    return GraphSpec(role=role, format="gguf", precision=precision, file=gguf_file_name(precision, role),
+                     inputs=inputs, outputs=outputs, theta_channel=THETA_CHANNEL)
 
 
 def _rope_theta(cfg) -> float:

@@ -44,8 +44,12 @@ def rope_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_lora_name(theta_name: str) -> str:
-    """``...layers.3.self_attn.q_proj.lora_A.weight`` -> ``blk.3.attn_q.weight.lora_a``."""
+def gguf_lora_name(theta_name: str, first_layer: int = 0) -> str:
+    """``...layers.3.self_attn.q_proj.lora_A.weight`` -> ``blk.3.attn_q.weight.lora_a``.
+
+    ``first_layer`` renumbers for a suffix GGUF that holds only the layers from there up
+    (``gguf_suffix.py``): its block 0 is the full model's layer ``first_layer``.
+    """
     match = _LORA_NAME.search(theta_name)
     if not match or match.group(2) not in HF_TO_GGUF_PROJ:
         raise BundleError(
@@ -54,7 +58,10 @@ def gguf_lora_name(theta_name: str) -> str:
             "re-export with `--peft lora`"
         )
     layer, proj, ab = match.groups()
-    return f"blk.{layer}.{HF_TO_GGUF_PROJ[proj]}.weight.lora_{ab.lower()}"
+    if int(layer) < first_layer:
+        raise BundleError(f"θ tensor {theta_name!r} lies below layer {first_layer}, where the suffix GGUF starts; "
+                          "open the backend with prefix_reuse=False or re-export the bundle")
+    return f"blk.{int(layer) - first_layer}.{HF_TO_GGUF_PROJ[proj]}.weight.lora_{ab.lower()}"
 
 
 def lora_alpha(peft_config: dict) -> float:
@@ -79,14 +86,15 @@ class LoraAdapterWriter:
     The first ``write`` lays the file out with ``gguf.GGUFWriter``; later ones copy θ into
     a cached image of that file at the recorded tensor offsets and write it in one call
     (about 1 ms for SmolLM2's 460k LoRA values), which is what makes a new adapter per
-    perturbation cheap.
+    perturbation cheap. ``first_layer`` names the tensors for a suffix GGUF (``gguf_lora_name``).
     """
 
-    def __init__(self, layout: ThetaLayout, alpha: float, n_head: int, n_head_kv: int, arch: str = "llama"):
+    def __init__(self, layout: ThetaLayout, alpha: float, n_head: int, n_head_kv: int, arch: str = "llama",
+                 first_layer: int = 0):
         self.alpha, self.arch = float(alpha), arch
         slots = []
         for s in layout.tensors:
-            name = gguf_lora_name(s.name)
+            name = gguf_lora_name(s.name, first_layer)
             heads = None
             if name.endswith("lora_b") and (".attn_q." in name or ".attn_k." in name):
                 heads = n_head if ".attn_q." in name else n_head_kv
