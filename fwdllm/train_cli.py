@@ -52,13 +52,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "baseline", help="backprop federated fine-tuning (FedAvg of PEFT parameters) in PyTorch",
-        description="FedAvg with a server optimizer over the same PEFT parameters a bundle trains. Writes "
-                    "OUT/metrics.jsonl (held-out loss/accuracy, device seconds, bytes uploaded, peak RSS per "
-                    "evaluation), OUT/config.json and the final OUT/theta.safetensors.",
+        description="FedAvg with a server optimizer over the same PEFT parameters a bundle trains: an encoder "
+                    "classifier, or a decoder answering with label words when the data set poses its labels so "
+                    "(e.g. --model smollm2 --data bbc-lm). Writes OUT/metrics.jsonl (held-out loss/accuracy, device "
+                    "seconds, bytes uploaded, peak RSS per evaluation), OUT/config.json, the final "
+                    "OUT/theta.safetensors, OUT/report.md and OUT/convergence.png.",
     )
     add_data_arguments(p)
     p.add_argument("--peft", choices=["head", "bitfit", "adapter", "fedadapter", "lora", "full"], default="bitfit")
     p.add_argument("--model", default="minilm", help="checkpoint folder or shipped default (default minilm)")
+    p.add_argument("--trainable-layers", default="all", help="layers the PEFT method adapts: all | top:K (default all)")
     p.add_argument("--clients", type=int, default=100, help="clients the training data is spread over (default 100)")
     p.add_argument("--per-step", type=int, default=10, help="clients sampled per round (default 10)")
     p.add_argument("--steps", type=int, default=50, help="rounds (default 50)")
@@ -111,13 +114,13 @@ def _pct(value) -> str:
 
 
 def _baseline(args: argparse.Namespace) -> int:
-
     from fwdllm.baselines import BaselineConfig, run_baseline, summarize
     from fwdllm.data.cli import options_from_args
     from fwdllm.data.partition import open_federated
 
     cfg = BaselineConfig(
-        data=args.data, peft=args.peft, model=args.model, clients=args.clients, per_step=args.per_step, steps=args.steps,
+        data=args.data, peft=args.peft, model=args.model, trainable_layers=args.trainable_layers, clients=args.clients,
+        per_step=args.per_step, steps=args.steps,
         alpha=None if args.iid else args.alpha, batch_size=args.batch_size, seq_len=args.seq_len,
         local_steps=args.local_steps, local_lr=args.local_lr, optimizer=args.optimizer, lr=args.lr,
         eval_every=args.eval_every, eval_limit=args.eval_limit, seed=args.seed, threads=args.threads,
@@ -126,5 +129,6 @@ def _baseline(args: argparse.Namespace) -> int:
     fed = open_federated(args.data, args.clients, alpha=cfg.alpha, seed=args.seed, options=options_from_args(args))
     records = run_baseline(cfg, Path(args.out), fed)
     print(summarize(records, cfg))
-    print(f"metrics: {Path(args.out) / 'metrics.jsonl'}")
+    print(f"metrics: {Path(args.out) / 'metrics.jsonl'}\nplot: {Path(args.out) / 'convergence.png'}\n"
+          f"report: {Path(args.out) / 'report.md'}")
     return 0
