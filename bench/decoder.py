@@ -1,13 +1,9 @@
 """Decoders that learn: SmolLM2-135M + LoRA classifying BBC News with label words.
 
-    python bench/decoder.py [--quick] [--seeds N] [--parts cost,study,backprop]
+    python bench/decoder.py [--quick] [--seeds N] [--parts study,backprop]
 
-One section, three parts:
+Two parts (what one perturbed evaluation costs is bench/decoder_cost.py, a timed section):
 
-- **cost**: one perturbed evaluation of a top-K suffix (the label words' logits at the answer
-  position) against the full graph, ONNX Runtime, 1 thread, batch 8 × 64, interleaved repeats in
-  one process; and the same for the open-ended bundle that scores next tokens over the whole
-  49,152-word vocabulary, which the label-word graphs replace.
 - **study**: the in-process federated harness (bench/harness.py: the real coordinator and engine)
   on ``bbc-lm``, 100 Dirichlet(0.5) clients, 10 per step, one variant per row: estimator (central
   or one-sided with N+1 passes), step rule (SGD with FwdLLM's decay, coordinator Adam, FZOO's
@@ -22,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,56 +35,6 @@ CLIENTS, PER_STEP, ALPHA = 100, 10, 0.5
 
 def words_bundle(k: int) -> Path:
     return bundle("lora", f"top:{k}", 64, BBC_LABELS, model="smollm2", task="causal-lm", label_words=True)
-
-
-# ----- cost -------------------------------------------------------------------------------------
-
-
-def _timed_batch(backend, n: int = 8, tokens: int = 64):
-    """``n`` BBC articles as prompts cut to their last ``tokens`` tokens: every position is real."""
-    from fwdllm.data.datasets import load_dataset
-    from fwdllm.device_runtime.backend import Example
-
-    data = load_dataset("bbc")
-    labels = backend.manifest.model.labels
-    examples = [Example(prompt=e["text"], label=labels.index(e["label"]) if labels else 0,
-                        target=" " + e["label"]) for e in data.heldout[:n]]
-    if backend.manifest.model.label_token_ids:
-        examples = [Example(prompt=e.prompt, label=e.label) for e in examples]
-    else:  # open-ended: the prompt's last tokens, then the topic word as the target
-        tok = backend.tokenizer()
-        examples = [Example(prompt=tok._tok.decode(tok._tok.encode(e.prompt).ids[-(tokens - 1):]), target=e.target)
-                    for e in examples]
-    batch = backend.tokenizer().batch(examples)
-    return batch.rows(0, batch.size) if batch.seq_len == tokens else batch
-
-
-def cost(k: int, words: bool, repeats: int) -> dict:
-    """ms per perturbed evaluation (one θ row), full graph vs suffix with the prefix cached."""
-    from fwdllm.device_runtime.backend import open_backend
-    from fwdllm.proto.manifest import load_manifest, load_theta
-
-    path = words_bundle(k) if words else bundle("lora", f"top:{k}", 64, BBC_LABELS, model="smollm2", task="causal-lm")
-    manifest = load_manifest(path)
-    theta = load_theta(path, manifest) + 0.01 * np.random.default_rng(0).standard_normal(manifest.theta.dim).astype(np.float32)
-    full = open_backend(path, "onnxruntime", options={"threads": 1, "prefix_reuse": False}, manifest=manifest)
-    cut = open_backend(path, "onnxruntime", options={"threads": 1}, manifest=manifest)
-    batch = _timed_batch(full)
-    cut.losses(batch, theta[None])  # the prefix runs once; every later evaluation reuses it
-    full_ms, cut_ms, cut8_ms = [], [], []
-    rows8 = np.repeat(theta[None], 8, 0)
-    for _ in range(repeats):  # interleaved, so load that drifts hits all alike
-        for out, fn in ((full_ms, lambda: full.losses(batch, theta[None])), (cut_ms, lambda: cut.losses(batch, theta[None])),
-                        (cut8_ms, lambda: cut.losses(batch, rows8))):
-            t = time.perf_counter()
-            fn()
-            out.append((time.perf_counter() - t) * 1000)
-    full.close()
-    cut.close()
-    f, c, c8 = statistics.median(full_ms), statistics.median(cut_ms), statistics.median(cut8_ms) / 8
-    return {"graphs": "label words" if words else "whole vocabulary", "K": k, "batch": f"{batch.size}×{batch.seq_len}",
-            "full ms": round(f, 1), "suffix ms": round(c, 1), "suffix/full": round(c / f, 3),
-            "suffix ms/row (8-row call)": round(c8, 1), "theta dim": manifest.theta.dim}
 
 
 # ----- study ------------------------------------------------------------------------------------
@@ -210,13 +155,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--recipe", default="adam", help="the variant run for every seed (default adam)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="variants run once, seed 0")
-    parser.add_argument("--parts", default="cost,study,backprop")
+    parser.add_argument("--parts", default="study,backprop")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
-    notes, cost_rows, runs, baseline = [], [], [], []
-    if "cost" in parts:
-        for k, words in ([(2, True)] if args.quick else [(1, True), (2, True), (4, True), (4, False)]):
-            cost_rows.append(cost(k, words, 2 if args.quick else 7))
+    notes, runs, baseline = [], [], []
     steps, limit = (4, 40) if args.quick else (args.steps, 0)
     if "study" in parts:
         names = [args.recipe] if args.quick else [n for n in args.variants.split(",") if n]
@@ -233,10 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     if runs:
         figure = plot(runs, baseline, ROOT / "bench" / "figures" / ("decoder-quick.png" if args.quick else "decoder.png"))
         notes.append(f"Figure: `{figure.relative_to(ROOT)}` (held-out accuracy along every run).")
-    for r in cost_rows:
-        notes.append(f"Cost, {r['graphs']}, top-{r['K']} (θ {r['theta dim']:,} values), batch {r['batch']}: full graph "
-                     f"{r['full ms']} ms, suffix {r['suffix ms']} ms ({r['suffix/full']}×), {r['suffix ms/row (8-row call)']} "
-                     "ms a row in an 8-row call.")
     cmd = "python bench/decoder.py" + (" --quick" if args.quick else f" --seeds {args.seeds} --steps {args.steps}")
     columns = ["variant", "K", "seeds", "zero-shot", "final accuracy", "suffix evaluations", "device s", "KB up", "KB down"]
     path = write_results("decoder", cmd, rows, columns, notes="\n".join(f"- {n}" for n in notes))

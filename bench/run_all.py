@@ -60,6 +60,8 @@ SECTIONS = [
     Section("Scaling with clients per step", "scaling.py", ["scaling"], ["--quick"], minutes=5.5),
     Section("llama.cpp: θ channels (LoRA file, control vector) vs plain evaluation", "llama_channels.py",
             ["llama_channels"], ["--quick"], timed=True),
+    Section("Decoders: what one perturbed evaluation costs, top-K suffix vs full graph", "decoder_cost.py",
+            ["decoder_cost"], ["--quick"], timed=True),
     Section("Decoders: SmolLM2-135M + LoRA classifying BBC News by label words", "decoder.py", ["decoder"], ["--quick"],
             minutes=45),
     Section("LLaMA-7B on paper: memory and seconds per perturbed evaluation, extrapolated from SmolLM2", "llama7b.py",
