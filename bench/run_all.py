@@ -60,6 +60,8 @@ SECTIONS = [
     Section("Scaling with clients per step", "scaling.py", ["scaling"], ["--quick"], minutes=5.5),
     Section("llama.cpp: θ channels (LoRA file, control vector) vs plain evaluation", "llama_channels.py",
             ["llama_channels"], ["--quick"], timed=True),
+    Section("llama.cpp: a top-K suffix GGUF from cached hidden states vs the whole model", "llama_prefix.py",
+            ["llama_prefix"], ["--quick"], timed=True),
     Section("Decoders: what one perturbed evaluation costs, top-K suffix vs full graph", "decoder_cost.py",
             ["decoder_cost"], ["--quick"], timed=True),
     Section("Decoders: SmolLM2-135M + LoRA classifying BBC News by label words", "decoder.py", ["decoder"], ["--quick"],
