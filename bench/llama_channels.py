@@ -133,8 +133,9 @@ def main(argv=None) -> int:
         "interleaved repeats. `eval_s` includes the channel call. `lora` = rewrite the adapter GGUF + "
         "llama_adapter_lora_init + llama_set_adapters_lora (+ the rank-8 LoRA matmuls in the pass); "
         "`cvec` = llama_set_adapter_cvec over all layers; `cvec-top2` = only the top 2 layers: llama.cpp still "
-        "runs every layer for every token, so restricting θ to the top layers saves nothing without reusing the "
-        "lower layers' hidden states, which llama.cpp's API does not expose."
+        "runs every layer for every token of a model, so restricting θ to the top layers saves nothing by itself; "
+        "label-word bundles reuse the lower layers' hidden states through a top-K suffix GGUF instead "
+        "(bench/llama_prefix.py)."
     )
     path = write_results("llama_channels", "python bench/llama_channels.py" + (" --quick" if args.quick else ""), rows,
                          ["precision", "channel", "eval_s", "ratio_vs_plain", "channel_call_ms", "adapter_write_ms", "tokens"], notes)
