@@ -1,4 +1,4 @@
-"""Device runtime targets (issue 4) and prefix reuse (issue 9) on MiniLM-L6, batch 8, sequence 64.
+"""Device runtime targets and prefix reuse on MiniLM-L6, batch 8, sequence 64.
 
 Exports the bundles once (cached under $FWDLLM_CACHE or ~/.cache/fwdllm/bench-bundles, keyed by their export
 arguments), then runs `fwdllm bench` on each: LoRA on all layers in every precision (ONNX fp32/int8, TFLite
@@ -23,7 +23,7 @@ from bench.report import RESULTS_DIR, write_results  # noqa: E402
 
 # name -> (export arguments, bench arguments)
 BUNDLES = {
-    # every precision each format has: the backend x delegate x precision matrix of issue 8
+    # every precision each format has: the backend x delegate x precision matrix
     "lora-all": (["--peft", "lora", "--trainable-layers", "all", "--format", "onnx,tflite", "--precision", "fp32,fp16,int8"],
                  ["--delegate", "cpu,xnnpack"]),
     "lora-all-p1": (["--peft", "lora", "--trainable-layers", "all", "--format", "tflite", "--perturbations", "1"],
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(f"Prefix reuse ({name}, {ratio['backend']}/{ratio['delegate']}/{ratio['precision']}): one perturbed evaluation "
                          f"{ratio['eval_ms_without_reuse']:.1f} ms without, {ratio['eval_ms_with_reuse']:.1f} ms with "
                          f"({ratio['speedup']:.2f}×).")
-    notes.append("Targets (issue 4): perturbed/plain ≤ 1.10; P-call vs P×1 ≥ 1.3 (P=8, CPU); RSS/plain ≤ 1.3 and "
+    notes.append("Targets: perturbed/plain ≤ 1.10; P-call vs P×1 ≥ 1.3 (P=8, CPU); RSS/plain ≤ 1.3 and "
                  "RSS/backprop ≤ 0.25. A fixed-P TFLite graph has no plain inference (its cheapest call is P rows): "
                  "compare with the P=1 bundle. 1 thread; medians of interleaved runs. Precisions: int8 = int8 weights "
                  "with activations quantised per call (ONNX Runtime dynamic quantisation, ai-edge-quantizer's dynamic "

@@ -8,7 +8,7 @@ precision, interleaved repeats of:
 - plain: no adapter, no control vector;
 - lora: a new θ written as an adapter GGUF, loaded and applied (the bundle's channel), then the batch;
 - cvec: a new control vector over all layers (``llama_set_adapter_cvec``), then the batch;
-- cvec-top2: a control vector on the top 2 layers only (issue 9: does it save lower-layer work?).
+- cvec-top2: a control vector on the top 2 layers only (does it save lower-layer work?).
 The channel calls are also timed on their own.
 """
 

@@ -1,4 +1,4 @@
-"""Peak memory of one device step: plain inference, fwdllm per backend, PyTorch backprop (issue 8 item 1).
+"""Peak memory of one device step: plain inference, fwdllm per backend, PyTorch backprop.
 
     python bench/memory.py            # MiniLM-L6 and SmolLM2-135M, sequence 64 and 128
     python bench/memory.py --quick    # MiniLM-L6, sequence 64

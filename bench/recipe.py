@@ -1,4 +1,4 @@
-"""The training-recipe study (issue 9): why BitFit forward gradients collapse, and what fixes it.
+"""The training-recipe study: why BitFit forward gradients collapse, and what fixes it.
 
     python bench/recipe.py                 # the whole study (hours on 2 busy cores; run it at nice -n 10)
     python bench/recipe.py --lean          # the kept recipes, 3 seeds, and one contrast run (make bench)
@@ -89,7 +89,7 @@ CONFIGS[LP_FT] = CONFIGS[FROM_ZERO] = (BITFIT, {"optimizer": "adam", "lr": 3e-3,
                                        {}, 0.0)
 WARM_FROM = {LP_FT: HEAD_RECIPE}  # configuration -> the configuration whose final θ (same seed) it starts from
 # make bench: make demo's configuration, the head recipe this study measured at ≥ 90%, LP-FT, all-layer BitFit from
-# zero at LP-FT's BitFit budget, and variance control and the sampler each on against off (issue 9 asks whether they
+# zero at LP-FT's BitFit budget, and variance control and the sampler each on against off (the question is whether they
 # help); configuration -> seeds
 LEAN = {DEMO: 3, HEAD_RECIPE: 3, LP_FT: 3, FROM_ZERO: 1, "head sgd lr 2": 3, "head sgd lr 2 + variance control": 3,
         "head sgd lr 2 + sampler": 3}

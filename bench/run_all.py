@@ -53,7 +53,7 @@ SECTIONS = [
     Section("Device memory: fwdllm vs backprop", "memory.py", ["memory"], ["--quick"], minutes=18),
     Section("Backprop baselines: FedAvg of PEFT parameters in PyTorch", "baselines.py", ["baselines"], ["--quick"],
             minutes=28),
-    Section("Training recipe (issue 9): BBC News, final accuracy over 3 seeds", "recipe.py", ["recipe"], ["--quick"],
+    Section("Training recipe: BBC News, final accuracy over 3 seeds", "recipe.py", ["recipe"], ["--quick"],
             ["--lean"], minutes=27),
     Section("Time to accuracy: AG News, fwdllm vs backprop", "time_to_accuracy.py", ["time_to_accuracy"], ["--quick"],
             after=("baselines.py", "memory.py"), minutes=14),

@@ -1,4 +1,4 @@
-"""Steps to target accuracy with 1, 10, 50 and 200 clients per step (issue 8 item 6).
+"""Steps to target accuracy with 1, 10, 50 and 200 clients per step.
 
     python bench/scaling.py            # AG News, MiniLM head-only with prefix reuse, 200 clients
     python bench/scaling.py --quick    # a few steps with 1 and 10 clients per step

@@ -1,4 +1,4 @@
-"""Time to accuracy on AG News with MiniLM-L6: fwdllm variants against backprop (issue 8 item 5).
+"""Time to accuracy on AG News with MiniLM-L6: fwdllm variants against backprop.
 
     python bench/time_to_accuracy.py            # full (tens of minutes on 2 cores)
     python bench/time_to_accuracy.py --quick    # a few steps of each, to check the script runs

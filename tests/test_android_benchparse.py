@@ -1,8 +1,8 @@
 """The benchmark_model log parser, on logs in the stock tool's format.
 
 No phone or stock binary is available here, so these fixtures are written by hand from the
-documented output format (tensorflow/lite/tools/benchmark: the log lines listed in
-/work/shared/reference/runtimes-and-peers.md §2 and printed by benchmark_tflite_model.cc),
+documented output format (the log lines that tensorflow/lite/tools/benchmark's
+benchmark_tflite_model.cc prints: "Timings (microseconds)", "Inference timings in us", "Memory footprint delta"),
 with the numbers chosen so each field is distinguishable.
 """
 
