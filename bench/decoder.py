@@ -140,10 +140,10 @@ def backprop(k: int, steps: int, seed: int, eval_limit: int) -> dict:
     out = RUNS / f"backprop-top{k}-s{seed}"
     t = time.perf_counter()
     records = run_baseline(cfg, out, progress=False)
-    evals = [r for r in records if r.get("accuracy") is not None]
-    result = {"K": k, "seed": seed, "zero_shot": evals[0]["accuracy"], "final": evals[-1]["accuracy"],
-              "bytes_up": records[-1].get("bytes_up_total"), "peak_rss_mib": records[-1].get("peak_rss_mib"),
-              "wall_s": round(time.perf_counter() - t, 1), "curve": [(r["step"], r["accuracy"]) for r in evals]}
+    evals = [r for r in records if r.get("heldout_accuracy") is not None]
+    result = {"K": k, "seed": seed, "zero_shot": evals[0]["heldout_accuracy"], "final": evals[-1]["heldout_accuracy"],
+              "bytes_up": records[-1].get("bytes_up"), "peak_rss_mib": records[-1].get("peak_rss_mib"),
+              "wall_s": round(time.perf_counter() - t, 1), "curve": [(r["step"], r["heldout_accuracy"]) for r in evals]}
     kept.write_text(json.dumps(result))
     return result
 
