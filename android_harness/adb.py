@@ -71,13 +71,21 @@ class Adb:
         prefix = [self.exe] + (["-s", self.serial] if device and self.serial else [])
         return prefix + list(args)
 
-    def run(self, *args: str, check: bool = True, device: bool = True, timeout: float | None = None,
-            stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    def run(
+        self,
+        *args: str,
+        check: bool = True,
+        device: bool = True,
+        timeout: float | None = None,
+        stdin: bytes | None = None,
+    ) -> subprocess.CompletedProcess:
         argv = self._argv(*args, device=device)
         try:
             proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=timeout or self.timeout)
         except subprocess.TimeoutExpired as exc:
-            raise AdbError(f"`{shlex.join(argv)}` did not finish in {exc.timeout:.0f} s; is the device connected?") from exc
+            raise AdbError(
+                f"`{shlex.join(argv)}` did not finish in {exc.timeout:.0f} s; is the device connected?"
+            ) from exc
         if check and proc.returncode != 0:
             err = (proc.stderr or proc.stdout).decode(errors="replace").strip()
             raise AdbError(f"`{shlex.join(argv)}` failed (exit {proc.returncode}): {err or 'no message'}")
@@ -97,7 +105,9 @@ class Adb:
                 have = ", ".join(e.serial for e in entries) or "none"
                 raise AdbError(f"no device with serial {self.serial!r} is attached (attached: {have})")
             if match[0].state != "device":
-                raise AdbError(f"device {self.serial} is {match[0].state}: {_STATE_FIX.get(match[0].state, 'reconnect it')}")
+                raise AdbError(
+                    f"device {self.serial} is {match[0].state}: {_STATE_FIX.get(match[0].state, 'reconnect it')}"
+                )
             return match[0]
         if not ready:
             others = ", ".join(f"{e.serial} ({e.state})" for e in entries)

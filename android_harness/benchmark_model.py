@@ -92,13 +92,19 @@ def main(argv: list[str] | None = None) -> int:
             _log("Benchmarking failed.", "ERROR")
             return 1
     # XNNPACK is ai_edge_litert's default delegate; without --use_xnnpack the plain builtin kernels run.
-    resolver = litert.OpResolverType.AUTO if args.use_xnnpack else litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    resolver = (
+        litert.OpResolverType.AUTO if args.use_xnnpack else litert.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    )
     if args.use_xnnpack:
         names.insert(0, "XNNPACK")
     t0 = time.perf_counter()
     try:
-        interp = litert.Interpreter(model_path=args.graph, num_threads=args.num_threads if args.num_threads > 0 else None,
-                                    experimental_delegates=delegates or None, experimental_op_resolver_type=resolver)
+        interp = litert.Interpreter(
+            model_path=args.graph,
+            num_threads=args.num_threads if args.num_threads > 0 else None,
+            experimental_delegates=delegates or None,
+            experimental_op_resolver_type=resolver,
+        )
         interp.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
         _log(f"Failed to construct interpreter: {exc}", "ERROR")
@@ -108,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     kernels = sum(op["op_name"] == "DELEGATE" for op in interp._get_ops_details())
     for name in names:
         if kernels:
-            _log(f"Explicitly applied {name} delegate, and the model graph will be partially executed by the "
-                 f"delegate w/ {kernels} delegate kernels.")
+            _log(
+                f"Explicitly applied {name} delegate, and the model graph will be partially executed by the "
+                f"delegate w/ {kernels} delegate kernels."
+            )
         else:
             _log(f"Though {name} delegate is explicitly applied, the model graph will not be executed by the delegate.")
     _log(f"The input model file size (MB): {os.path.getsize(args.graph) / 1e6:g}")
@@ -128,10 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     runs = _timed_runs(interp, max(1, args.num_runs))
     _log(f"Running benchmark for at least {args.num_runs} iterations.")
     _log(_count_line(runs) + "\n")
-    _log(f"Inference timings in us: Init: {init_us:.0f}, First inference: {warm[0]:.0f}, "
-         f"Warmup (avg): {statistics.fmean(warm):g}, Inference (avg): {statistics.fmean(runs):g}")
-    _log(f"Memory footprint delta from the start of the tool (MB): init={init_rss - start_rss:g} "
-         f"overall={_rss_mb() - start_rss:g}")
+    _log(
+        f"Inference timings in us: Init: {init_us:.0f}, First inference: {warm[0]:.0f}, "
+        f"Warmup (avg): {statistics.fmean(warm):g}, Inference (avg): {statistics.fmean(runs):g}"
+    )
+    _log(
+        f"Memory footprint delta from the start of the tool (MB): init={init_rss - start_rss:g} "
+        f"overall={_rss_mb() - start_rss:g}"
+    )
     if args.report_peak_memory_footprint:
         _log(f"Overall peak memory footprint (MB) via periodic monitoring: {_rss_mb():g}")
     return 0
@@ -166,8 +178,10 @@ def _timed_runs(interp, n: int) -> list[float]:
 
 def _count_line(times: list[float]) -> str:
     std = statistics.pstdev(times) if len(times) > 1 else 0.0
-    return (f"count={len(times)} first={times[0]:.0f} curr={times[-1]:.0f} min={min(times):.0f} "
-            f"max={max(times):.0f} avg={statistics.fmean(times):g} std={std:.0f}")
+    return (
+        f"count={len(times)} first={times[0]:.0f} curr={times[-1]:.0f} min={min(times):.0f} "
+        f"max={max(times):.0f} avg={statistics.fmean(times):g} std={std:.0f}"
+    )
 
 
 if __name__ == "__main__":

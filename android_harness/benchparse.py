@@ -30,16 +30,28 @@ _NUM = r"([-+0-9.eE]+)"
 _RE_COUNT = re.compile(_PREFIX + r"(?:Timings \(microseconds\): )?count=(\d+)(.*)$")
 _RE_KV = re.compile(r"(\w+)=" + _NUM)
 _RE_SUMMARY = re.compile(
-    _PREFIX + r"Inference timings in us: Init: " + _NUM + r", First inference: " + _NUM
-    + r", Warmup \(avg\): " + _NUM + r", Inference \(avg\): " + _NUM
+    _PREFIX
+    + r"Inference timings in us: Init: "
+    + _NUM
+    + r", First inference: "
+    + _NUM
+    + r", Warmup \(avg\): "
+    + _NUM
+    + r", Inference \(avg\): "
+    + _NUM
 )
-_RE_MEMORY = re.compile(_PREFIX + r"Memory footprint delta from the start of the tool \(MB\): init=" + _NUM + r" overall=" + _NUM)
+_RE_MEMORY = re.compile(
+    _PREFIX + r"Memory footprint delta from the start of the tool \(MB\): init=" + _NUM + r" overall=" + _NUM
+)
 _RE_PEAK = re.compile(_PREFIX + r"Overall peak memory footprint \(MB\) via periodic monitoring: " + _NUM)
 _RE_APPLIED = re.compile(
-    _PREFIX + r"Explicitly applied (\S+) delegate, and the model graph will be (completely|partially) executed"
+    _PREFIX
+    + r"Explicitly applied (\S+) delegate, and the model graph will be (completely|partially) executed"
     + r"(?: by the delegate w/ (\d+) delegate kernels)?"
 )
-_RE_NOT_APPLIED = re.compile(_PREFIX + r"Though (\S+) delegate is explicitly applied, the model graph will not be executed")
+_RE_NOT_APPLIED = re.compile(
+    _PREFIX + r"Though (\S+) delegate is explicitly applied, the model graph will not be executed"
+)
 _RE_UNSUPPORTED = re.compile(_PREFIX + r"(\S+) acceleration is unsupported on this platform")
 _RE_FAILED_APPLY = re.compile(_PREFIX + r"Failed to apply (\S+) delegate")
 _RE_ERROR = re.compile(r"^(?:ERROR: |E\d{4} )(.*)$")

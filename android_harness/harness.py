@@ -38,8 +38,14 @@ DEFAULT_REMOTE_DIR = "/data/local/tmp/fwdllm"
 TERMUX_PYTHON = "/data/data/com.termux/files/usr/bin/python"
 #: ABIs the device runtime has wheels for (onnxruntime, ai-edge-litert, numpy, grpcio).
 RUNTIME_ABIS = ("arm64-v8a", "x86_64")
-_UNAME_ABI = {"aarch64": "arm64-v8a", "arm64": "arm64-v8a", "x86_64": "x86_64", "armv7l": "armeabi-v7a",
-              "armv8l": "armeabi-v7a", "i686": "x86"}
+_UNAME_ABI = {
+    "aarch64": "arm64-v8a",
+    "arm64": "arm64-v8a",
+    "x86_64": "x86_64",
+    "armv7l": "armeabi-v7a",
+    "armv8l": "armeabi-v7a",
+    "i686": "x86",
+}
 #: ELF e_machine of each ABI, to refuse a benchmark_model built for another one.
 _ELF_MACHINE = {"arm64-v8a": 183, "x86_64": 62, "armeabi-v7a": 40, "x86": 3}
 _ELF_NAMES = {183: "aarch64", 62: "x86-64", 40: "32-bit ARM", 3: "x86"}
@@ -58,10 +64,18 @@ class DeployError(UserError):
 # ------------------------------------------------------------------ doctor
 
 _PROPS = {
-    "abi": "ro.product.cpu.abi", "abilist": "ro.product.cpu.abilist", "android": "ro.build.version.release",
-    "sdk": "ro.build.version.sdk", "manufacturer": "ro.product.manufacturer", "model": "ro.product.model",
-    "soc_manufacturer": "ro.soc.manufacturer", "soc_model": "ro.soc.model", "board": "ro.board.platform",
-    "hardware": "ro.hardware", "egl": "ro.hardware.egl", "vulkan": "ro.hardware.vulkan",
+    "abi": "ro.product.cpu.abi",
+    "abilist": "ro.product.cpu.abilist",
+    "android": "ro.build.version.release",
+    "sdk": "ro.build.version.sdk",
+    "manufacturer": "ro.product.manufacturer",
+    "model": "ro.product.model",
+    "soc_manufacturer": "ro.soc.manufacturer",
+    "soc_model": "ro.soc.model",
+    "board": "ro.board.platform",
+    "hardware": "ro.hardware",
+    "egl": "ro.hardware.egl",
+    "vulkan": "ro.hardware.vulkan",
 }
 #: Libraries whose presence tells which accelerators a phone exposes to native code.
 _ACCEL_LIBS = {
@@ -97,7 +111,9 @@ def probe(adb: Adb) -> DeviceInfo:
     entry = adb.select()
     listing = adb.getprops()
     props = {k: listing.get(v, "") for k, v in _PROPS.items()}
-    checks = " ".join(f"[ -e {shlex.quote(p)} ] && echo lib:{name};" for name, paths in _ACCEL_LIBS.items() for p in paths)
+    checks = " ".join(
+        f"[ -e {shlex.quote(p)} ] && echo lib:{name};" for name, paths in _ACCEL_LIBS.items() for p in paths
+    )
     script = (
         f"{checks} echo uname:$(uname -m); echo kernel:$(uname -sr);"
         f" (pm list packages com.termux 2>/dev/null | grep -qx package:com.termux || [ -x {TERMUX_PYTHON} ]) && echo termux:yes;"
@@ -126,10 +142,16 @@ def probe(adb: Adb) -> DeviceInfo:
     soc = " ".join(filter(None, [props["soc_manufacturer"], props["soc_model"] or props["board"] or props["hardware"]]))
     soc = soc or (facts.get("Hardware") or facts.get("model name") or ["unknown"])[0]
     return DeviceInfo(
-        serial=entry.serial, abi=abi, abilist=abilist, os=os_name,
+        serial=entry.serial,
+        abi=abi,
+        abilist=abilist,
+        os=os_name,
         model=" ".join(filter(None, [props["manufacturer"], props["model"]])) or entry.info.get("model", "unknown"),
-        soc=soc, accelerators=accelerators, termux="yes" in facts.get("termux", []),
-        python=(facts.get("python") or [""])[0], memory_mb=int(mem[0].split()[0]) // 1024 if mem else None,
+        soc=soc,
+        accelerators=accelerators,
+        termux="yes" in facts.get("termux", []),
+        python=(facts.get("python") or [""])[0],
+        memory_mb=int(mem[0].split()[0]) // 1024 if mem else None,
         props={k: v for k, v in props.items() if v},
     )
 
@@ -199,8 +221,10 @@ def sync_files(adb: Adb, files: list[tuple[Path, str]], desc: str = "push") -> S
                 ) from exc
             after = remote_checksums(adb, [remote]).get(remote)
             if after != local_sums[remote]:
-                raise DeployError(f"{remote} on the device has checksum {after or 'none'} after the push, "
-                                  f"expected {local_sums[remote]}: the copy is partial; run deploy again")
+                raise DeployError(
+                    f"{remote} on the device has checksum {after or 'none'} after the push, "
+                    f"expected {local_sums[remote]}: the copy is partial; run deploy again"
+                )
             report.pushed.append(remote)
             bar.update(local.stat().st_size)
     return report
@@ -221,10 +245,26 @@ def build_wheel(out_dir: Path) -> Path:
     """``pip wheel --no-deps`` of the fwdllm source tree into out_dir."""
     root = source_tree()
     if root is None:
-        raise DeployError("this fwdllm is not installed from a source checkout, so no wheel can be built; "
-                          "pass --runtime-wheel PATH to a fwdllm wheel")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                           "-w", str(out_dir), str(root)], capture_output=True, text=True)
+        raise DeployError(
+            "this fwdllm is not installed from a source checkout, so no wheel can be built; "
+            "pass --runtime-wheel PATH to a fwdllm wheel"
+        )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(out_dir),
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+    )
     wheels = sorted(out_dir.glob("fwdllm-*.whl"))
     if proc.returncode != 0 or not wheels:
         raise DeployError(f"building the fwdllm wheel failed: {proc.stderr.strip()[-500:]}")
@@ -239,9 +279,17 @@ def read_device_state(adb: Adb, remote_dir: str) -> dict:
         return {}
 
 
-def deploy(adb: Adb, remote_dir: str = DEFAULT_REMOTE_DIR, bundle: Path | None = None, runtime: bool = True,
-           runtime_wheel: Path | None = None, wheelhouse: Path | None = None, benchmark_model: Path | None = None,
-           remote_python: str | None = None, venv: bool = False) -> dict:
+def deploy(
+    adb: Adb,
+    remote_dir: str = DEFAULT_REMOTE_DIR,
+    bundle: Path | None = None,
+    runtime: bool = True,
+    runtime_wheel: Path | None = None,
+    wheelhouse: Path | None = None,
+    benchmark_model: Path | None = None,
+    remote_python: str | None = None,
+    venv: bool = False,
+) -> dict:
     """Push what was asked, install the runtime, record it in R/device.json; returns a report."""
     info = probe(adb)
     if runtime:
@@ -272,7 +320,9 @@ def deploy(adb: Adb, remote_dir: str = DEFAULT_REMOTE_DIR, bundle: Path | None =
         adb.shell(f"chmod 755 {shlex.quote(R + '/bin/benchmark_model')}")
         state["benchmark_model"] = f"{R}/bin/benchmark_model"
     if runtime:
-        state["python"] = _install_runtime(adb, info, R, wheel.name, remote_python, venv, offline=wheelhouse is not None)
+        state["python"] = _install_runtime(
+            adb, info, R, wheel.name, remote_python, venv, offline=wheelhouse is not None
+        )
     state.update({"abi": info.abi, "serial": info.serial, "deployed_unix": int(time.time())})
     if bundle is not None:
         state["bundle"] = f"{R}/bundle"
@@ -280,27 +330,35 @@ def deploy(adb: Adb, remote_dir: str = DEFAULT_REMOTE_DIR, bundle: Path | None =
     return {"device": info.to_json(), "pushed": report.pushed, "skipped": report.skipped, "state": state}
 
 
-def _install_runtime(adb: Adb, info: DeviceInfo, R: str, wheel_name: str, remote_python: str | None,
-                     venv: bool, offline: bool) -> str:
+def _install_runtime(
+    adb: Adb, info: DeviceInfo, R: str, wheel_name: str, remote_python: str | None, venv: bool, offline: bool
+) -> str:
     """pip-install the pushed wheel with the device extra; returns the python that has it."""
     python = remote_python or info.python
     if not python:
-        raise DeployError(f"device {info.serial} has no python: install Termux and `pkg install python`, "
-                          "or on a board `apt install python3-venv`; or pass --remote-python")
+        raise DeployError(
+            f"device {info.serial} has no python: install Termux and `pkg install python`, "
+            "or on a board `apt install python3-venv`; or pass --remote-python"
+        )
     if venv:
-        adb.shell(f"[ -x {R}/venv/bin/python ] || {shlex.quote(python)} -m venv --system-site-packages {R}/venv",
-                  timeout=1800)
+        adb.shell(
+            f"[ -x {R}/venv/bin/python ] || {shlex.quote(python)} -m venv --system-site-packages {R}/venv", timeout=1800
+        )
         python = f"{R}/venv/bin/python"
     index = f"--no-index --find-links {R}/wheels" if offline else f"--find-links {R}/wheels"
     q = shlex.quote(python)
     # The wheel itself always replaces what is there (same version, new code); its dependencies only when missing.
-    cmds = [f"{q} -m pip install -q --disable-pip-version-check --no-deps --force-reinstall {R}/wheels/{wheel_name}",
-            f"{q} -m pip install -q --disable-pip-version-check {index} '{R}/wheels/{wheel_name}[device]'"]
+    cmds = [
+        f"{q} -m pip install -q --disable-pip-version-check --no-deps --force-reinstall {R}/wheels/{wheel_name}",
+        f"{q} -m pip install -q --disable-pip-version-check {index} '{R}/wheels/{wheel_name}[device]'",
+    ]
     for cmd in cmds:
         proc = adb.shell(cmd, check=False, timeout=3600)
         if proc.returncode != 0:
-            raise DeployError(f"installing fwdllm[device] on the device failed: "
-                              f"{(proc.stderr or proc.stdout).decode(errors='replace').strip()[-800:]}")
+            raise DeployError(
+                f"installing fwdllm[device] on the device failed: "
+                f"{(proc.stderr or proc.stdout).decode(errors='replace').strip()[-800:]}"
+            )
     return python
 
 
@@ -316,7 +374,9 @@ def graph_input_names(path: Path) -> list[str]:
     return [d["name"] for d in Interpreter(model_path=str(path)).get_input_details()]
 
 
-def bench_inputs(bundle: Path, epsilon: float, seed_start: int, texts: list[str], out_dir: Path) -> tuple[dict[str, Path], dict]:
+def bench_inputs(
+    bundle: Path, epsilon: float, seed_start: int, texts: list[str], out_dir: Path
+) -> tuple[dict[str, Path], dict]:
     """Raw value files for the bundle's TFLite full graph, θ rows perturbed as a central-difference task.
 
     Rows ``[0, k)`` are θ + ε·v(seed_start+j) and rows ``[k, 2k)`` θ − ε·v(seed_start+j), the
@@ -328,7 +388,9 @@ def bench_inputs(bundle: Path, epsilon: float, seed_start: int, texts: list[str]
     manifest = load_manifest(bundle)
     graph = manifest.graph("tflite", "full")
     if graph.theta_channel != "input":
-        raise UserError(f"the bundle's TFLite graph takes θ as {graph.theta_channel}, not as an input; bench needs an input")
+        raise UserError(
+            f"the bundle's TFLite graph takes θ as {graph.theta_channel}, not as an input; bench needs an input"
+        )
     specs = {t.name: t for t in graph.inputs}
     if "theta" not in specs:
         raise UserError(f"the TFLite full graph has no theta input (inputs: {list(specs)}); re-export the bundle")
@@ -343,12 +405,20 @@ def bench_inputs(bundle: Path, epsilon: float, seed_start: int, texts: list[str]
     rows = rows[:p]
     b = int(specs["input_ids"].shape[0]) if "input_ids" in specs else 1
     tok = Tokenizer(bundle, manifest, seq_len=graph.seq_len)
-    batch = tok.batch([Example(text=texts[i % len(texts)], label=0, prompt=texts[i % len(texts)], target=" ok")
-                       for i in range(b)])
-    values = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels, "theta": rows}
+    batch = tok.batch(
+        [Example(text=texts[i % len(texts)], label=0, prompt=texts[i % len(texts)], target=" ok") for i in range(b)]
+    )
+    values = {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "labels": batch.labels,
+        "theta": rows,
+    }
     tensor_names = graph_input_names(bundle / graph.file)
     if len(tensor_names) != len(graph.inputs):
-        raise UserError(f"{graph.file} has {len(tensor_names)} inputs, the manifest lists {len(graph.inputs)}; re-export")
+        raise UserError(
+            f"{graph.file} has {len(tensor_names)} inputs, the manifest lists {len(graph.inputs)}; re-export"
+        )
     files = {}
     for spec, tensor in zip(graph.inputs, tensor_names):
         if spec.name not in values:
@@ -357,14 +427,33 @@ def bench_inputs(bundle: Path, epsilon: float, seed_start: int, texts: list[str]
         path = out_dir / f"{spec.name}.bin"
         arr.tofile(path)
         files[tensor] = path
-    meta = {"graph": graph.file, "precision": graph.precision, "perturbations": p, "seeds": seeds,
-            "epsilon": epsilon, "theta_dim": dim, "batch": b, "seq_len": graph.seq_len}
+    meta = {
+        "graph": graph.file,
+        "precision": graph.precision,
+        "perturbations": p,
+        "seeds": seeds,
+        "epsilon": epsilon,
+        "theta_dim": dim,
+        "batch": b,
+        "seq_len": graph.seq_len,
+    }
     return files, meta
 
 
-def bench(adb: Adb, bundle: Path, remote_dir: str = DEFAULT_REMOTE_DIR, delegates: tuple[str, ...] = ("cpu", "xnnpack", "gpu", "nnapi"),
-          qnn_delegate: str | None = None, qnn_options: str = "backend_type:htp", threads: int = 1, warmup_runs: int = 2,
-          num_runs: int = 20, epsilon: float = 1e-3, seed_start: int = 0, texts: list[str] | None = None) -> dict:
+def bench(
+    adb: Adb,
+    bundle: Path,
+    remote_dir: str = DEFAULT_REMOTE_DIR,
+    delegates: tuple[str, ...] = ("cpu", "xnnpack", "gpu", "nnapi"),
+    qnn_delegate: str | None = None,
+    qnn_options: str = "backend_type:htp",
+    threads: int = 1,
+    warmup_runs: int = 2,
+    num_runs: int = 20,
+    epsilon: float = 1e-3,
+    seed_start: int = 0,
+    texts: list[str] | None = None,
+) -> dict:
     """Run benchmark_model once per delegate on the device; a failed delegate is reported, the rest still run."""
     unknown = [d for d in delegates if d not in DELEGATE_FLAGS]
     if unknown:
@@ -377,48 +466,98 @@ def bench(adb: Adb, bundle: Path, remote_dir: str = DEFAULT_REMOTE_DIR, delegate
     elif state.get("python"):
         runner = f"{shlex.quote(state['python'])} -m fwdllm.android_harness.benchmark_model"
     else:
-        raise UserError(f"nothing to benchmark with on {info.serial}: run `fwdllm android deploy --bundle B` "
-                        "(Python runner) or `fwdllm android deploy --benchmark-model PATH` first")
+        raise UserError(
+            f"nothing to benchmark with on {info.serial}: run `fwdllm android deploy --bundle B` "
+            "(Python runner) or `fwdllm android deploy --benchmark-model PATH` first"
+        )
     texts = texts or ["The match ended in a draw after extra time.", "Markets rallied on the interest rate news."]
     with tempfile.TemporaryDirectory(prefix="fwdllm-bench-") as tmp:
         files, meta = bench_inputs(bundle, epsilon, seed_start, texts, Path(tmp))
         manifest = load_manifest(bundle, verify_checksums=False)
         graph_file = bundle / meta["graph"]
         remote_inputs = {name: f"{R}/bench/{p.name}" for name, p in files.items()}
-        sync_files(adb, [(graph_file, f"{R}/bundle/{meta['graph']}")]
-                   + [(p, remote_inputs[name]) for name, p in files.items()], desc="bench inputs")
+        sync_files(
+            adb,
+            [(graph_file, f"{R}/bundle/{meta['graph']}")] + [(p, remote_inputs[name]) for name, p in files.items()],
+            desc="bench inputs",
+        )
     value_files = ",".join(f"{name}:{path}" for name, path in remote_inputs.items())
     runs = [(d, DELEGATE_FLAGS[d]) for d in delegates]
     if qnn_delegate:
-        runs.append(("qnn", ["--use_xnnpack=false", f"--external_delegate_path={qnn_delegate}",
-                             f"--external_delegate_options={qnn_options}"]))
+        runs.append(
+            (
+                "qnn",
+                [
+                    "--use_xnnpack=false",
+                    f"--external_delegate_path={qnn_delegate}",
+                    f"--external_delegate_options={qnn_options}",
+                ],
+            )
+        )
     results: list[DelegateResult] = []
     commands = {}
     for name, flags in tqdm(runs, desc="delegates", disable=not sys.stderr.isatty()):
-        argv = [f"--graph={R}/bundle/{meta['graph']}", f"--num_threads={threads}", f"--warmup_runs={warmup_runs}",
-                f"--num_runs={num_runs}", f"--input_layer_value_files={value_files}", *flags]
+        argv = [
+            f"--graph={R}/bundle/{meta['graph']}",
+            f"--num_threads={threads}",
+            f"--warmup_runs={warmup_runs}",
+            f"--num_runs={num_runs}",
+            f"--input_layer_value_files={value_files}",
+            *flags,
+        ]
         command = f"cd {shlex.quote(R)} && {runner} {' '.join(shlex.quote(a) for a in argv)} 2>&1"
         commands[name] = command
         proc = adb.shell(command, check=False, timeout=3600)
         results.append(parse_benchmark_output(proc.stdout.decode(errors="replace"), name, proc.returncode))
-    return {"name": "android-bench", "device": info.to_json(), "model": manifest.model.source, "inputs": meta,
-            "runner": runner, "commands": commands, "rows": [r.to_json() for r in results]}
+    return {
+        "name": "android-bench",
+        "device": info.to_json(),
+        "model": manifest.model.source,
+        "inputs": meta,
+        "runner": runner,
+        "commands": commands,
+        "rows": [r.to_json() for r in results],
+    }
 
 
-BENCH_COLUMNS = ["delegate", "status", "avg_ms", "min_ms", "max_ms", "init_ms", "first_ms", "kernels", "memory_mb", "note"]
+BENCH_COLUMNS = [
+    "delegate",
+    "status",
+    "avg_ms",
+    "min_ms",
+    "max_ms",
+    "init_ms",
+    "first_ms",
+    "kernels",
+    "memory_mb",
+    "note",
+]
 
 
 def bench_markdown(doc: dict) -> str:
     dev = doc["device"]
-    lines = [f"Device {dev['model']} ({dev['serial']}, {dev['abi']}, {dev['os']}, SoC {dev['soc']}); graph "
-             f"{doc['inputs']['graph']} ({doc['inputs']['precision']}), P={doc['inputs']['perturbations']} perturbed θ rows, "
-             f"batch {doc['inputs']['batch']}x{doc['inputs']['seq_len']}.", "",
-             "| " + " | ".join(BENCH_COLUMNS) + " |", "|" + "---|" * len(BENCH_COLUMNS)]
+    lines = [
+        f"Device {dev['model']} ({dev['serial']}, {dev['abi']}, {dev['os']}, SoC {dev['soc']}); graph "
+        f"{doc['inputs']['graph']} ({doc['inputs']['precision']}), P={doc['inputs']['perturbations']} perturbed θ rows, "
+        f"batch {doc['inputs']['batch']}x{doc['inputs']['seq_len']}.",
+        "",
+        "| " + " | ".join(BENCH_COLUMNS) + " |",
+        "|" + "---|" * len(BENCH_COLUMNS),
+    ]
     ms = lambda v: f"{v / 1000:.3f}" if v is not None else ""  # noqa: E731
     for r in doc["rows"]:
-        cells = [r["delegate"], r["status"], ms(r["avg_us"]), ms(r["min_us"]), ms(r["max_us"]), ms(r["init_us"]),
-                 ms(r["first_us"]), "" if r["delegate_kernels"] is None else str(r["delegate_kernels"]),
-                 "" if r["memory_overall_mb"] is None else f"{r['memory_overall_mb']:.1f}", r["message"].replace("|", "/")]
+        cells = [
+            r["delegate"],
+            r["status"],
+            ms(r["avg_us"]),
+            ms(r["min_us"]),
+            ms(r["max_us"]),
+            ms(r["init_us"]),
+            ms(r["first_us"]),
+            "" if r["delegate_kernels"] is None else str(r["delegate_kernels"]),
+            "" if r["memory_overall_mb"] is None else f"{r['memory_overall_mb']:.1f}",
+            r["message"].replace("|", "/"),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -435,9 +574,17 @@ def write_bench(doc: dict, out_dir: Path) -> tuple[Path, Path]:
 # ------------------------------------------------------------------ run-client
 
 
-def run_client(adb: Adb, port: int, remote_dir: str = DEFAULT_REMOTE_DIR, client_args: list[str] | None = None,
-               data: Path | None = None, log_path: Path | None = None, duration: float | None = None,
-               echo=print, stop: threading.Event | None = None) -> int:
+def run_client(
+    adb: Adb,
+    port: int,
+    remote_dir: str = DEFAULT_REMOTE_DIR,
+    client_args: list[str] | None = None,
+    data: Path | None = None,
+    log_path: Path | None = None,
+    duration: float | None = None,
+    echo=print,
+    stop: threading.Event | None = None,
+) -> int:
     """Forward the coordinator port into the device, run `fwdllm device run` there, stream its log, stop it cleanly.
 
     The client is stopped on Ctrl-C here, after ``duration`` seconds, or when ``stop`` is set (e.g.
@@ -447,15 +594,19 @@ def run_client(adb: Adb, port: int, remote_dir: str = DEFAULT_REMOTE_DIR, client
     R = remote_dir.rstrip("/")
     state = read_device_state(adb, R)
     if not state.get("python"):
-        raise UserError(f"the device runtime is not deployed on {info.serial}: run `fwdllm android deploy --bundle B` first")
+        raise UserError(
+            f"the device runtime is not deployed on {info.serial}: run `fwdllm android deploy --bundle B` first"
+        )
     args = ["device", "run", "--coordinator", f"127.0.0.1:{port}", "--bundle", state.get("bundle", f"{R}/bundle")]
     if data is not None:
         sync_files(adb, [(data, f"{R}/data/{data.name}")], desc="data")
         args += ["--data", f"{R}/data/{data.name}"]
     args += list(client_args or [])
     pidfile = f"{R}/client.pid"
-    command = (f"cd {shlex.quote(R)} && echo $$ > {pidfile} && exec {shlex.quote(state['python'])} -u -m fwdllm.cli -v "
-               + " ".join(shlex.quote(a) for a in args))
+    command = (
+        f"cd {shlex.quote(R)} && echo $$ > {pidfile} && exec {shlex.quote(state['python'])} -u -m fwdllm.cli -v "
+        + " ".join(shlex.quote(a) for a in args)
+    )
     adb.reverse(f"tcp:{port}", f"tcp:{port}")
     log = open(log_path, "a", encoding="utf-8") if log_path else None
     proc = adb.popen_shell(command)
@@ -502,7 +653,9 @@ def _stop_remote(adb: Adb, pidfile: str, grace: float = 10.0) -> None:
         adb.shell(f"[ -f {pidfile} ] && kill -{sig} $(cat {pidfile}) 2>/dev/null; true", check=False)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            alive = adb.shell(f"[ -f {pidfile} ] && kill -0 $(cat {pidfile}) 2>/dev/null && echo alive; true", check=False)
+            alive = adb.shell(
+                f"[ -f {pidfile} ] && kill -0 $(cat {pidfile}) 2>/dev/null && echo alive; true", check=False
+            )
             if b"alive" not in alive.stdout:
                 return
             time.sleep(0.5)

@@ -76,8 +76,10 @@ def cmd_devices(config: dict, args: list[str]) -> int:
         if long:
             props = dev.get("props", {})
             props = {k: str(v).replace(" ", "_") for k, v in props.items()}
-            line += (f" product:{props.get('ro.product.name', 'unknown')} model:{props.get('ro.product.model', 'unknown')}"
-                     f" device:{props.get('ro.product.device', 'unknown')} transport_id:{i}")
+            line += (
+                f" product:{props.get('ro.product.name', 'unknown')} model:{props.get('ro.product.model', 'unknown')}"
+                f" device:{props.get('ro.product.device', 'unknown')} transport_id:{i}"
+            )
         print(line)
     print()
     return 0
@@ -196,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"adb: unsupported option {flag} (adb-shim speaks -s only)", file=sys.stderr)
             return 1
     if not args:
-        print("usage: adb-shim [-s SERIAL] devices [-l] | shell CMD | push L R | pull R L | reverse ...", file=sys.stderr)
+        print(
+            "usage: adb-shim [-s SERIAL] devices [-l] | shell CMD | push L R | pull R L | reverse ...", file=sys.stderr
+        )
         return 1
     command, rest = args[0], args[1:]
     try:

@@ -30,8 +30,15 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import median_seconds, write_results  # noqa: E402
 from fwdllm.coordinator.aggregation import aggregate, clean  # noqa: E402
-from fwdllm.proto.manifest import (Manifest, ModelInfo, PeftInfo, ThetaLayout, load_manifest,  # noqa: E402
-                                   save_theta, write_manifest)
+from fwdllm.proto.manifest import (
+    Manifest,
+    ModelInfo,
+    PeftInfo,
+    ThetaLayout,
+    load_manifest,  # noqa: E402
+    save_theta,
+    write_manifest,
+)
 from fwdllm.proto.perturbation import generate, seed_for  # noqa: E402
 
 
@@ -47,24 +54,49 @@ def bench_aggregation(dim: int, n: int, repeats: int) -> list[dict]:
         for name, fn in runs.items():
             times.setdefault(name, []).append(median_seconds(fn, 1, warmup=0))
     raw_rate = n * dim / statistics.median(times["raw"])
-    rows = [{"part": "aggregation", "what": "raw generator only, 1 thread", "d": dim, "N": n,
-             "Mvalues/s": raw_rate / 1e6, "ratio to raw": 1.0}]
+    rows = [
+        {
+            "part": "aggregation",
+            "what": "raw generator only, 1 thread",
+            "d": dim,
+            "N": n,
+            "Mvalues/s": raw_rate / 1e6,
+            "ratio to raw": 1.0,
+        }
+    ]
     for t in thread_counts:
         rate = n * dim / statistics.median(times[f"agg{t}"])
-        rows.append({"part": "aggregation", "what": f"regenerate + accumulate, {t} thread(s)", "d": dim, "N": n,
-                     "Mvalues/s": rate / 1e6, "ratio to raw": rate / raw_rate})
+        rows.append(
+            {
+                "part": "aggregation",
+                "what": f"regenerate + accumulate, {t} thread(s)",
+                "d": dim,
+                "N": n,
+                "Mvalues/s": rate / 1e6,
+                "ratio to raw": rate / raw_rate,
+            }
+        )
     return rows
 
 
 def make_bundle(out: Path, dim: int) -> Path:
-    layout = ThetaLayout.from_shapes([("encoder.bias", (dim - 1925,)), ("classifier.weight", (5, 384)),
-                                      ("classifier.bias", (5,))])
+    layout = ThetaLayout.from_shapes(
+        [("encoder.bias", (dim - 1925,)), ("classifier.weight", (5, 384)), ("classifier.bias", (5,))]
+    )
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.json").write_text("{}")
     save_theta(out / "theta.safetensors", layout, np.zeros(layout.dim, np.float32))
-    write_manifest(out, Manifest(model=ModelInfo(source="bench", architecture="none", task="seq-cls", max_seq_len=8,
-                                                 tokenizer="tokenizer.json"),
-                                 peft=PeftInfo(method="bitfit", trainable_layers="all"), theta=layout, graphs=[]))
+    write_manifest(
+        out,
+        Manifest(
+            model=ModelInfo(
+                source="bench", architecture="none", task="seq-cls", max_seq_len=8, tokenizer="tokenizer.json"
+            ),
+            peft=PeftInfo(method="bitfit", trainable_layers="all"),
+            theta=layout,
+            graphs=[],
+        ),
+    )
     return out
 
 
@@ -81,8 +113,15 @@ async def load_test(port: int, fingerprint: str, clients: int, steps: int) -> di
     requests = [0]
 
     async def one_client(i: int) -> None:
-        joined = await stub.Join(pb.JoinRequest(protocol_version=pb.PROTOCOL_VERSION_1, enrolment_token="bench",
-                                                client_name=f"c{i}", model_fingerprint=fingerprint), timeout=300)
+        joined = await stub.Join(
+            pb.JoinRequest(
+                protocol_version=pb.PROTOCOL_VERSION_1,
+                enrolment_token="bench",
+                client_name=f"c{i}",
+                model_fingerprint=fingerprint,
+            ),
+            timeout=300,
+        )
         cid, tok = joined.client_id, joined.session_token
         done = set()
         while len(done) < steps:
@@ -95,9 +134,16 @@ async def load_test(port: int, fingerprint: str, clients: int, steps: int) -> di
                 continue
             task = reply.task
             seeds = list(task.seeds) + [task.seed_ranges[0].start + k for k in range(task.seed_ranges[0].count)]
-            request = pb.SubmitRequest(client_id=cid, session_token=tok, task_id=task.task_id, step=task.step,
-                                       seeds=seeds, jvp=[0.01 * (i % 7 - 3)] * len(seeds), num_examples=8,
-                                       loss=pb.LossStats(mean=1.0))
+            request = pb.SubmitRequest(
+                client_id=cid,
+                session_token=tok,
+                task_id=task.task_id,
+                step=task.step,
+                seeds=seeds,
+                jvp=[0.01 * (i % 7 - 3)] * len(seeds),
+                num_examples=8,
+                loss=pb.LossStats(mean=1.0),
+            )
             start = time.perf_counter()
             submit_span[0] = min(submit_span[0], start)
             await stub.Submit(request, timeout=300)
@@ -112,9 +158,15 @@ async def load_test(port: int, fingerprint: str, clients: int, steps: int) -> di
     wall = time.perf_counter() - wall
     await channel.close()
     lat = sorted(latencies)
-    return {"submits": len(lat), "requests": requests[0] + clients, "wall_s": wall, "submits/s": len(lat) / (submit_span[1] - submit_span[0]),
-            "p50 ms": 1000 * lat[len(lat) // 2], "p99 ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
-            "mean ms": 1000 * statistics.fmean(lat)}
+    return {
+        "submits": len(lat),
+        "requests": requests[0] + clients,
+        "wall_s": wall,
+        "submits/s": len(lat) / (submit_span[1] - submit_span[0]),
+        "p50 ms": 1000 * lat[len(lat) // 2],
+        "p99 ms": 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))],
+        "mean ms": 1000 * statistics.fmean(lat),
+    }
 
 
 def _process_cpu_s(pid: int) -> float:
@@ -127,14 +179,42 @@ def bench_load(dim: int, clients: int, steps: int) -> list[dict]:
         tmp = Path(tmp)
         bundle = make_bundle(tmp / "bundle", dim)
         config = tmp / "config.json"
-        config.write_text(json.dumps({
-            "run": {"steps": steps, "clients_per_step": clients, "min_clients": clients, "over_select": 0.0,
-                    "deadline_s": 600},
-            "server": {"workers": 16, "rate_per_s": 100, "active_window_s": 600}}))
+        config.write_text(
+            json.dumps(
+                {
+                    "run": {
+                        "steps": steps,
+                        "clients_per_step": clients,
+                        "min_clients": clients,
+                        "over_select": 0.0,
+                        "deadline_s": 600,
+                    },
+                    "server": {"workers": 16, "rate_per_s": 100, "active_window_s": 600},
+                }
+            )
+        )
         log = open(tmp / "server.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "fwdllm.cli", "coordinator", "serve", "--bundle", str(bundle),
-                                 "--state", str(tmp / "state"), "--port", "0", "--config", str(config),
-                                 "--token", "bench"], stdout=log, stderr=log)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fwdllm.cli",
+                "coordinator",
+                "serve",
+                "--bundle",
+                str(bundle),
+                "--state",
+                str(tmp / "state"),
+                "--port",
+                "0",
+                "--config",
+                str(config),
+                "--token",
+                "bench",
+            ],
+            stdout=log,
+            stderr=log,
+        )
         try:
             while not (tmp / "state" / "endpoint").exists():
                 if proc.poll() is not None:
@@ -149,8 +229,15 @@ def bench_load(dim: int, clients: int, steps: int) -> list[dict]:
             proc.terminate()
             proc.wait(timeout=60)
             log.close()
-    return [{"part": "load", "what": f"{clients} concurrent clients, {steps} steps, 1 seed each", "d": dim,
-             "N": clients, **result}]
+    return [
+        {
+            "part": "load",
+            "what": f"{clients} concurrent clients, {steps} steps, 1 seed each",
+            "d": dim,
+            "N": clients,
+            **result,
+        }
+    ]
 
 
 def bench_catch_up(dim: int, seeds_per_step: int, behind: list[int]) -> list[dict]:
@@ -160,11 +247,19 @@ def bench_catch_up(dim: int, seeds_per_step: int, behind: list[int]) -> list[dic
     theta_bytes = 4 * dim + 64
     for k in behind:
         history_bytes = k * (seeds_per_step * (8 + 4) + 24)
-        rows.append({"part": "catch-up", "what": f"{k} versions behind, {seeds_per_step} seeds/step", "d": dim,
-                     "N": k * seeds_per_step, "history bytes": history_bytes, "theta bytes": theta_bytes,
-                     "bytes ratio theta/history": theta_bytes / history_bytes,
-                     "replay device s": k * seeds_per_step * per_seed,
-                     "download s at 10 Mbit/s": theta_bytes * 8 / 10e6})
+        rows.append(
+            {
+                "part": "catch-up",
+                "what": f"{k} versions behind, {seeds_per_step} seeds/step",
+                "d": dim,
+                "N": k * seeds_per_step,
+                "history bytes": history_bytes,
+                "theta bytes": theta_bytes,
+                "bytes ratio theta/history": theta_bytes / history_bytes,
+                "replay device s": k * seeds_per_step * per_seed,
+                "download s at 10 Mbit/s": theta_bytes * 8 / 10e6,
+            }
+        )
     return rows
 
 
@@ -198,9 +293,17 @@ def bench_sampler_ranking(pool: int, keep: int, trials: int) -> list[dict]:
             part = v[:, a:b] @ g[a:b] / np.maximum(np.linalg.norm(v[:, a:b], axis=1) * np.linalg.norm(g[a:b]), 1e-30)
             assembled[:, a:b] = v[np.argsort(-part)[:keep], a:b]
         scores["per-tensor"].extend(assembled @ g / (np.linalg.norm(assembled, axis=1) * gn))
-    return [{"part": "sampler", "what": f"{name}: top {keep} of {pool}, {len(sizes)} tensors", "d": dim,
-             "N": keep * trials, "mean cosine": float(np.mean(c)), "cosine spread": float(np.std(c))}
-            for name, c in scores.items()]
+    return [
+        {
+            "part": "sampler",
+            "what": f"{name}: top {keep} of {pool}, {len(sizes)} tensors",
+            "d": dim,
+            "N": keep * trials,
+            "mean cosine": float(np.mean(c)),
+            "cosine spread": float(np.std(c)),
+        }
+        for name, c in scores.items()
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,19 +319,42 @@ def main(argv: list[str] | None = None) -> int:
     rows += bench_load(args.dim, args.clients, args.steps)
     rows += bench_catch_up(args.dim, 10, [1, 10, 100])
     rows += bench_sampler_ranking(pool=100, keep=10, trials=5)
-    cmd = (f"python bench/aggregation.py --dim {args.dim} --seeds {args.seeds} --clients {args.clients} "
-           f"--steps {args.steps} --repeats {args.repeats}")
-    columns = ["part", "what", "d", "N", "Mvalues/s", "ratio to raw", "submits/s", "p50 ms", "p99 ms",
-               "server CPU ms/request",
-               "history bytes", "theta bytes", "replay device s", "download s at 10 Mbit/s", "mean cosine",
-               "cosine spread"]
-    path = write_results("aggregation", cmd, rows, columns, notes=(
-        "Aggregation regenerates every perturbation from its seed (Philox + Box-Muller) in column chunks and "
-        "accumulates with BLAS; 'ratio to raw' compares with one thread of the bare generator. The load test runs "
-        "server and clients on the same (shared, 2-core) machine; the last submit of each step also waits for the "
-        "step's aggregation, optimiser update, checkpoint and SQLite commit. Catch-up: replay wins on bytes by "
-        "orders of magnitude; its device time grows with k * N * d, so devices replay only short gaps "
-        "(device_runtime ClientConfig.replay_max_seeds)."))
+    cmd = (
+        f"python bench/aggregation.py --dim {args.dim} --seeds {args.seeds} --clients {args.clients} "
+        f"--steps {args.steps} --repeats {args.repeats}"
+    )
+    columns = [
+        "part",
+        "what",
+        "d",
+        "N",
+        "Mvalues/s",
+        "ratio to raw",
+        "submits/s",
+        "p50 ms",
+        "p99 ms",
+        "server CPU ms/request",
+        "history bytes",
+        "theta bytes",
+        "replay device s",
+        "download s at 10 Mbit/s",
+        "mean cosine",
+        "cosine spread",
+    ]
+    path = write_results(
+        "aggregation",
+        cmd,
+        rows,
+        columns,
+        notes=(
+            "Aggregation regenerates every perturbation from its seed (Philox + Box-Muller) in column chunks and "
+            "accumulates with BLAS; 'ratio to raw' compares with one thread of the bare generator. The load test runs "
+            "server and clients on the same (shared, 2-core) machine; the last submit of each step also waits for the "
+            "step's aggregation, optimiser update, checkpoint and SQLite commit. Catch-up: replay wins on bytes by "
+            "orders of magnitude; its device time grows with k * N * d, so devices replay only short gaps "
+            "(device_runtime ClientConfig.replay_max_seeds)."
+        ),
+    )
     print(path.read_text())
     return 0
 

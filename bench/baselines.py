@@ -27,18 +27,46 @@ STEPS = 60
 
 
 def run_one(peft: str, args, out: Path) -> list[dict]:
-    cmd = [sys.executable, "-m", "fwdllm.cli", "baseline", "--data", args.data, "--peft", peft, "--clients", str(args.clients),
-           "--per-step", str(args.per_step), "--steps", str(args.steps), "--eval-every", str(args.eval_every),
-           "--eval-limit", str(args.eval_limit), "--seed", str(args.seed), "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fwdllm.cli",
+        "baseline",
+        "--data",
+        args.data,
+        "--peft",
+        peft,
+        "--clients",
+        str(args.clients),
+        "--per-step",
+        str(args.per_step),
+        "--steps",
+        str(args.steps),
+        "--eval-every",
+        str(args.eval_every),
+        "--eval-limit",
+        str(args.eval_limit),
+        "--seed",
+        str(args.seed),
+        "--out",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def row_for(peft: str, records: list[dict], config: dict) -> dict:
     last = records[-1]
-    row = {"peft": peft, "trainable": config["num_trainable"], "steps": last["step"],
-           "final acc": last["heldout_accuracy"], "final loss": last["heldout_loss"],
-           "device s": last["device_seconds"], "MiB up": last["bytes_up"] / 2**20, "peak RSS MiB": last["peak_rss_mib"]}
+    row = {
+        "peft": peft,
+        "trainable": config["num_trainable"],
+        "steps": last["step"],
+        "final acc": last["heldout_accuracy"],
+        "final loss": last["heldout_loss"],
+        "device s": last["device_seconds"],
+        "MiB up": last["bytes_up"] / 2**20,
+        "peak RSS MiB": last["peak_rss_mib"],
+    }
     for target in TARGETS:
         hit = next((r for r in records if r["heldout_accuracy"] >= target), None)
         row[f"steps to {target}"] = hit["step"] if hit else "not reached"
@@ -80,11 +108,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-step", type=int, default=10)
     p.add_argument("--steps", type=int, default=STEPS)
     p.add_argument("--eval-every", type=int, default=5)
-    p.add_argument("--eval-limit", type=int, default=500, help="held-out examples per evaluation (AG News split: 1,520)")
+    p.add_argument(
+        "--eval-limit", type=int, default=500, help="held-out examples per evaluation (AG News split: 1,520)"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.quick:
-        args.pefts, args.clients, args.per_step, args.steps, args.eval_every, args.eval_limit = "bitfit", 20, 2, 4, 2, 64
+        args.pefts, args.clients, args.per_step, args.steps, args.eval_every, args.eval_limit = (
+            "bitfit",
+            20,
+            2,
+            4,
+            2,
+            64,
+        )
     curves, rows = {}, []
     for peft in args.pefts.split(","):
         out = RUNS / peft
@@ -92,15 +129,17 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row_for(peft, curves[peft], json.loads((out / "config.json").read_text())))
     png = figure(curves, ROOT / "bench" / "figures" / ("baselines-quick.png" if args.quick else "baselines.png"))
     columns = list(rows[0])
-    notes = (f"MiniLM-L6 (mean pooling, new linear head), {args.data.split(':')[0]}, {args.clients} Dirichlet(0.5) clients, "
-             f"{args.per_step} per round, batch 8, sequence 64, one local SGD step and server Adam per round (FedSGD). "
-             f"Accuracy on {args.eval_limit} held-out examples every {args.eval_every} rounds, so 'steps to' is rounded up "
-             "to that grid. Device seconds: wall time of the clients' forward+backward, summed; MiB up: trainable "
-             f"parameters x 4 bytes per client per round. Peak RSS: the whole process (all clients, one at a time). "
-             "fedadapter is FedAdapter (Cai et al. 2022) with a fixed schedule, not the paper's trial groups of clients: "
-             "adapters on the top 2, 4, then 6 layers, 8, 16, then 32 wide, in three equal stages of the rounds (server Adam "
-             "restarts at each upgrade); its 'trainable' is the first stage's, its MiB up counts each stage's own. "
-             f"Figure: `{png.relative_to(ROOT)}`.")
+    notes = (
+        f"MiniLM-L6 (mean pooling, new linear head), {args.data.split(':')[0]}, {args.clients} Dirichlet(0.5) clients, "
+        f"{args.per_step} per round, batch 8, sequence 64, one local SGD step and server Adam per round (FedSGD). "
+        f"Accuracy on {args.eval_limit} held-out examples every {args.eval_every} rounds, so 'steps to' is rounded up "
+        "to that grid. Device seconds: wall time of the clients' forward+backward, summed; MiB up: trainable "
+        f"parameters x 4 bytes per client per round. Peak RSS: the whole process (all clients, one at a time). "
+        "fedadapter is FedAdapter (Cai et al. 2022) with a fixed schedule, not the paper's trial groups of clients: "
+        "adapters on the top 2, 4, then 6 layers, 8, 16, then 32 wide, in three equal stages of the rounds (server Adam "
+        "restarts at each upgrade); its 'trainable' is the first stage's, its MiB up counts each stage's own. "
+        f"Figure: `{png.relative_to(ROOT)}`."
+    )
     command = "python bench/baselines.py" + (" --quick" if args.quick else "")
     write_results("baselines", command, rows, columns, notes)
     print((RESULTS_DIR / "baselines.md").read_text())

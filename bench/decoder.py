@@ -46,8 +46,11 @@ VARIANTS: dict[str, tuple[int, dict, dict]] = {
     "adam": (2, {"optimizer": "adam", "lr": 1e-2}, {}),
     "adam-rademacher": (2, {"optimizer": "adam", "lr": 1e-2}, {"run": {"distribution": "rademacher"}}),
     "adam-variance": (2, {"optimizer": "adam", "lr": 1e-2, "variance": "relative", "max_waves": 2}, {}),
-    "fzoo": (2, {"optimizer": "sgd", "lr": 2e-2, "perturbations": 7},
-             {"run": {"scheme": "forward"}, "optimizer": {"jvp_std": True}}),
+    "fzoo": (
+        2,
+        {"optimizer": "sgd", "lr": 2e-2, "perturbations": 7},
+        {"run": {"scheme": "forward"}, "optimizer": {"jvp_std": True}},
+    ),
     "adam-top1": (1, {"optimizer": "adam", "lr": 1e-2}, {}),
     "adam-top4": (4, {"optimizer": "adam", "lr": 1e-2}, {}),
 }
@@ -72,19 +75,40 @@ def _study_run(name: str, seed: int, steps: int, eval_limit: int) -> dict:
 
     k, fields, overrides = VARIANTS[name]
     cfg = {"perturbations": 4, "epsilon": 1e-3, **fields}
-    sim = SimConfig(bundle=str(words_bundle(k)), data=DATA, clients=CLIENTS, per_step=PER_STEP, steps=steps,
-                    batch_size=8, alpha=ALPHA, seed=seed, eval_every=max(1, steps // 5), eval_limit=eval_limit, **cfg)
+    sim = SimConfig(
+        bundle=str(words_bundle(k)),
+        data=DATA,
+        clients=CLIENTS,
+        per_step=PER_STEP,
+        steps=steps,
+        batch_size=8,
+        alpha=ALPHA,
+        seed=seed,
+        eval_every=max(1, steps // 5),
+        eval_limit=eval_limit,
+        **cfg,
+    )
     t = time.perf_counter()
     result = run(sim, overrides, desc=f"{name} seed {seed}")
-    evaluations = sum(r["perturbations"] for r in result.rows) * (2 if overrides.get("run", {}).get("scheme") != "forward" else 1)
+    evaluations = sum(r["perturbations"] for r in result.rows) * (
+        2 if overrides.get("run", {}).get("scheme") != "forward" else 1
+    )
     if overrides.get("run", {}).get("scheme") == "forward":
         evaluations += steps * PER_STEP  # f(θ) once per task
-    return {"variant": name, "seed": seed, "K": k, "zero_shot": result.before.get("test_accuracy"),
-            "final": result.final.get("test_accuracy"), "final_loss": result.final.get("test_loss"),
-            "suffix_evaluations": evaluations, "device_s": round(sum(r["device_seconds"] for r in result.rows), 1),
-            "bytes_up": int(sum(r["bytes_up"] for r in result.rows)), "bytes_down": int(sum(r["bytes_down"] for r in result.rows)),
-            "wall_s": round(time.perf_counter() - t, 1),
-            "curve": [(r["step"] + 1, r["test_accuracy"]) for r in result.evals()]}
+    return {
+        "variant": name,
+        "seed": seed,
+        "K": k,
+        "zero_shot": result.before.get("test_accuracy"),
+        "final": result.final.get("test_accuracy"),
+        "final_loss": result.final.get("test_loss"),
+        "suffix_evaluations": evaluations,
+        "device_s": round(sum(r["device_seconds"] for r in result.rows), 1),
+        "bytes_up": int(sum(r["bytes_up"] for r in result.rows)),
+        "bytes_down": int(sum(r["bytes_down"] for r in result.rows)),
+        "wall_s": round(time.perf_counter() - t, 1),
+        "curve": [(r["step"] + 1, r["test_accuracy"]) for r in result.evals()],
+    }
 
 
 def summarise(runs: list[dict]) -> list[dict]:
@@ -92,11 +116,21 @@ def summarise(runs: list[dict]) -> list[dict]:
     for name in dict.fromkeys(r["variant"] for r in runs):
         group = [r for r in runs if r["variant"] == name]
         finals = [r["final"] for r in group]
-        rows.append({"variant": name, "K": group[0]["K"], "seeds": len(group), "zero-shot": round(group[0]["zero_shot"], 3),
-                     "final accuracy": f"{np.mean(finals):.3f} ± {np.std(finals):.3f}" if len(group) > 1 else f"{finals[0]:.3f}",
-                     "suffix evaluations": group[0]["suffix_evaluations"],
-                     "device s": round(float(np.mean([r["device_s"] for r in group])), 1),
-                     "KB up": round(group[0]["bytes_up"] / 1024, 1), "KB down": round(group[0]["bytes_down"] / 1024, 1)})
+        rows.append(
+            {
+                "variant": name,
+                "K": group[0]["K"],
+                "seeds": len(group),
+                "zero-shot": round(group[0]["zero_shot"], 3),
+                "final accuracy": f"{np.mean(finals):.3f} ± {np.std(finals):.3f}"
+                if len(group) > 1
+                else f"{finals[0]:.3f}",
+                "suffix evaluations": group[0]["suffix_evaluations"],
+                "device s": round(float(np.mean([r["device_s"] for r in group])), 1),
+                "KB up": round(group[0]["bytes_up"] / 1024, 1),
+                "KB down": round(group[0]["bytes_down"] / 1024, 1),
+            }
+        )
     return rows
 
 
@@ -131,9 +165,21 @@ def plot(runs: list[dict], baseline: list[dict], path: Path) -> Path:
 def backprop(k: int, steps: int, seed: int, eval_limit: int) -> dict:
     from fwdllm.baselines import BaselineConfig, run_baseline
 
-    cfg = BaselineConfig(data=DATA, peft="lora", model="smollm2", trainable_layers=f"top:{k}", clients=CLIENTS,
-                         per_step=PER_STEP, steps=steps, alpha=ALPHA, batch_size=8, lr=3e-3,
-                         eval_every=max(1, steps // 5), eval_limit=eval_limit or None, seed=seed)
+    cfg = BaselineConfig(
+        data=DATA,
+        peft="lora",
+        model="smollm2",
+        trainable_layers=f"top:{k}",
+        clients=CLIENTS,
+        per_step=PER_STEP,
+        steps=steps,
+        alpha=ALPHA,
+        batch_size=8,
+        lr=3e-3,
+        eval_every=max(1, steps // 5),
+        eval_limit=eval_limit or None,
+        seed=seed,
+    )
     kept = RUNS / f"backprop-top{k}-s{seed}-{steps}steps-limit{eval_limit}.json"
     if kept.is_file():
         return json.loads(kept.read_text())
@@ -141,9 +187,16 @@ def backprop(k: int, steps: int, seed: int, eval_limit: int) -> dict:
     t = time.perf_counter()
     records = run_baseline(cfg, out, progress=False)
     evals = [r for r in records if r.get("heldout_accuracy") is not None]
-    result = {"K": k, "seed": seed, "zero_shot": evals[0]["heldout_accuracy"], "final": evals[-1]["heldout_accuracy"],
-              "bytes_up": records[-1].get("bytes_up"), "peak_rss_mib": records[-1].get("peak_rss_mib"),
-              "wall_s": round(time.perf_counter() - t, 1), "curve": [(r["step"], r["heldout_accuracy"]) for r in evals]}
+    result = {
+        "K": k,
+        "seed": seed,
+        "zero_shot": evals[0]["heldout_accuracy"],
+        "final": evals[-1]["heldout_accuracy"],
+        "bytes_up": records[-1].get("bytes_up"),
+        "peak_rss_mib": records[-1].get("peak_rss_mib"),
+        "wall_s": round(time.perf_counter() - t, 1),
+        "curve": [(r["step"], r["heldout_accuracy"]) for r in evals],
+    }
     kept.write_text(json.dumps(result))
     return result
 
@@ -170,13 +223,34 @@ def main(argv: list[str] | None = None) -> int:
         baseline.append(backprop(VARIANTS[args.recipe][0], steps, 0, limit))
     rows = summarise(runs)
     for b in baseline:
-        rows.append({"variant": f"backprop LoRA (FedSGD, Adam 3e-3)", "K": b["K"], "seeds": 1, "zero-shot": round(b["zero_shot"], 3),
-                     "final accuracy": f"{b['final']:.3f}", "device s": None, "KB up": round((b["bytes_up"] or 0) / 1024, 1)})
+        rows.append(
+            {
+                "variant": "backprop LoRA (FedSGD, Adam 3e-3)",
+                "K": b["K"],
+                "seeds": 1,
+                "zero-shot": round(b["zero_shot"], 3),
+                "final accuracy": f"{b['final']:.3f}",
+                "device s": None,
+                "KB up": round((b["bytes_up"] or 0) / 1024, 1),
+            }
+        )
     if runs:
-        figure = plot(runs, baseline, ROOT / "bench" / "figures" / ("decoder-quick.png" if args.quick else "decoder.png"))
+        figure = plot(
+            runs, baseline, ROOT / "bench" / "figures" / ("decoder-quick.png" if args.quick else "decoder.png")
+        )
         notes.append(f"Figure: `{figure.relative_to(ROOT)}` (held-out accuracy along every run).")
     cmd = "python bench/decoder.py" + (" --quick" if args.quick else f" --seeds {args.seeds} --steps {args.steps}")
-    columns = ["variant", "K", "seeds", "zero-shot", "final accuracy", "suffix evaluations", "device s", "KB up", "KB down"]
+    columns = [
+        "variant",
+        "K",
+        "seeds",
+        "zero-shot",
+        "final accuracy",
+        "suffix evaluations",
+        "device s",
+        "KB up",
+        "KB down",
+    ]
     path = write_results("decoder", cmd, rows, columns, notes="\n".join(f"- {n}" for n in notes))
     print(path.read_text())
     return 0

@@ -36,14 +36,18 @@ def _timed_batch(backend, n: int = 8, tokens: int = 64):
 
     data = load_dataset("bbc")
     labels = backend.manifest.model.labels
-    examples = [Example(prompt=e["text"], label=labels.index(e["label"]) if labels else 0,
-                        target=" " + e["label"]) for e in data.heldout[:n]]
+    examples = [
+        Example(prompt=e["text"], label=labels.index(e["label"]) if labels else 0, target=" " + e["label"])
+        for e in data.heldout[:n]
+    ]
     if backend.manifest.model.label_token_ids:
         examples = [Example(prompt=e.prompt, label=e.label) for e in examples]
     else:  # open-ended: the prompt's last tokens, then the topic word as the target
         tok = backend.tokenizer()
-        examples = [Example(prompt=tok._tok.decode(tok._tok.encode(e.prompt).ids[-(tokens - 1):]), target=e.target)
-                    for e in examples]
+        examples = [
+            Example(prompt=tok._tok.decode(tok._tok.encode(e.prompt).ids[-(tokens - 1) :]), target=e.target)
+            for e in examples
+        ]
     batch = backend.tokenizer().batch(examples)
     return batch.rows(0, batch.size) if batch.seq_len == tokens else batch
 
@@ -55,7 +59,9 @@ def cost(k: int, words: bool, repeats: int) -> dict:
 
     path = words_bundle(k) if words else bundle("lora", f"top:{k}", 64, BBC_LABELS, model="smollm2", task="causal-lm")
     manifest = load_manifest(path)
-    theta = load_theta(path, manifest) + 0.01 * np.random.default_rng(0).standard_normal(manifest.theta.dim).astype(np.float32)
+    theta = load_theta(path, manifest) + 0.01 * np.random.default_rng(0).standard_normal(manifest.theta.dim).astype(
+        np.float32
+    )
     full = open_backend(path, "onnxruntime", options={"threads": 1, "prefix_reuse": False}, manifest=manifest)
     cut = open_backend(path, "onnxruntime", options={"threads": 1}, manifest=manifest)
     batch = _timed_batch(full)
@@ -63,18 +69,27 @@ def cost(k: int, words: bool, repeats: int) -> dict:
     full_ms, cut_ms, cut8_ms = [], [], []
     rows8 = np.repeat(theta[None], 8, 0)
     for _ in range(repeats):  # interleaved, so load that drifts hits all alike
-        for out, fn in ((full_ms, lambda: full.losses(batch, theta[None])), (cut_ms, lambda: cut.losses(batch, theta[None])),
-                        (cut8_ms, lambda: cut.losses(batch, rows8))):
+        for out, fn in (
+            (full_ms, lambda: full.losses(batch, theta[None])),
+            (cut_ms, lambda: cut.losses(batch, theta[None])),
+            (cut8_ms, lambda: cut.losses(batch, rows8)),
+        ):
             t = time.perf_counter()
             fn()
             out.append((time.perf_counter() - t) * 1000)
     full.close()
     cut.close()
     f, c, c8 = statistics.median(full_ms), statistics.median(cut_ms), statistics.median(cut8_ms) / 8
-    return {"graphs": "label words" if words else "whole vocabulary", "K": k, "batch": f"{batch.size}×{batch.seq_len}",
-            "full ms": round(f, 1), "suffix ms": round(c, 1), "suffix/full": round(c / f, 3),
-            "suffix ms/row (8-row call)": round(c8, 1), "theta dim": manifest.theta.dim}
-
+    return {
+        "graphs": "label words" if words else "whole vocabulary",
+        "K": k,
+        "batch": f"{batch.size}×{batch.seq_len}",
+        "full ms": round(f, 1),
+        "suffix ms": round(c, 1),
+        "suffix/full": round(c / f, 3),
+        "suffix ms/row (8-row call)": round(c8, 1),
+        "theta dim": manifest.theta.dim,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configs = [(2, True)] if args.quick else [(1, True), (2, True), (4, True), (4, False)]
     rows = [cost(k, words, 2 if args.quick else args.repeats) for k, words in configs]
-    notes = ("- Goal: a top-4 suffix evaluation ≤ 0.10× the full graph's. The suffix runs K layers over every "
-             "position and the label words' C rows of the LM head at the answer position; the full graph runs "
-             "all 30 layers per θ row (ONNX Runtime's best with one row per call on a CPU).")
+    notes = (
+        "- Goal: a top-4 suffix evaluation ≤ 0.10× the full graph's. The suffix runs K layers over every "
+        "position and the label words' C rows of the LM head at the answer position; the full graph runs "
+        "all 30 layers per θ row (ONNX Runtime's best with one row per call on a CPU)."
+    )
     cmd = "python bench/decoder_cost.py" + (" --quick" if args.quick else f" --repeats {args.repeats}")
     path = write_results("decoder_cost", cmd, rows, COLUMNS, notes=notes)
     print(path.read_text())

@@ -22,8 +22,16 @@ from bench.report import write_results  # noqa: E402
 
 MINILM = dict(model="minilm", task="seq-cls", num_labels=4, method="lora")
 SMOLLM2 = dict(model="smollm2", task="causal-lm", method="lora")
-FULL = [(MINILM, "onnx", "fp32"), (MINILM, "onnx", "int8"), (MINILM, "tflite", "fp32"), (MINILM, "tflite", "int8"),
-        (SMOLLM2, "onnx", "fp32"), (SMOLLM2, "gguf", "f16"), (SMOLLM2, "gguf", "q8_0"), (SMOLLM2, "gguf", "q4_0")]
+FULL = [
+    (MINILM, "onnx", "fp32"),
+    (MINILM, "onnx", "int8"),
+    (MINILM, "tflite", "fp32"),
+    (MINILM, "tflite", "int8"),
+    (SMOLLM2, "onnx", "fp32"),
+    (SMOLLM2, "gguf", "f16"),
+    (SMOLLM2, "gguf", "q8_0"),
+    (SMOLLM2, "gguf", "q4_0"),
+]
 QUICK = [(MINILM, "onnx", "fp32"), (MINILM, "onnx", "int8"), (MINILM, "tflite", "fp32"), (MINILM, "tflite", "int8")]
 
 
@@ -35,9 +43,18 @@ def run_one(cfg: dict, fmt: str, precision: str, quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bundle"
         start = time.perf_counter()
-        m = export(ExportRequest(model=cfg["model"], task=cfg["task"], out=out, formats=[fmt], precisions=[precision],
-                                 num_labels=cfg.get("num_labels"),
-                                 peft=PeftOptions(method=cfg["method"], trainable_layers="top:2" if quick else "all"), **shapes))
+        m = export(
+            ExportRequest(
+                model=cfg["model"],
+                task=cfg["task"],
+                out=out,
+                formats=[fmt],
+                precisions=[precision],
+                num_labels=cfg.get("num_labels"),
+                peft=PeftOptions(method=cfg["method"], trainable_layers="top:2" if quick else "all"),
+                **shapes,
+            )
+        )
         wall = time.perf_counter() - start
         graphs = [g for g in m.graphs if g.format == fmt]
         graph_mib = sum((out / g.file).stat().st_size for g in graphs) / 2**20
@@ -45,9 +62,15 @@ def run_one(cfg: dict, fmt: str, precision: str, quick: bool) -> dict:
         steps = m.model.extra["export_timings_s"]
         errs = [g.validation["max_rel_err"] for g in graphs if "max_rel_err" in g.validation]
     return {
-        "model": cfg["model"], "peft": cfg["method"], "format": fmt, "precision": precision,
-        "export s": round(wall, 1), "graph s": round(sum(v for k, v in steps.items() if k.startswith(fmt)), 1),
-        "graph MiB": round(graph_mib, 1), "bundle MiB": round(bundle_mib, 1), "θ dim": m.theta.dim,
+        "model": cfg["model"],
+        "peft": cfg["method"],
+        "format": fmt,
+        "precision": precision,
+        "export s": round(wall, 1),
+        "graph s": round(sum(v for k, v in steps.items() if k.startswith(fmt)), 1),
+        "graph MiB": round(graph_mib, 1),
+        "bundle MiB": round(bundle_mib, 1),
+        "θ dim": m.theta.dim,
         "validation rel err": max(errs) if errs else "n/a (not run in llama.cpp at export)",
     }
 
@@ -62,11 +85,24 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(run_one(cfg, fmt, precision, args.quick))
         print(rows[-1], flush=True)
     write_results(
-        "export", f"python bench/export.py{' --quick' if args.quick else ''}", rows,
-        ["model", "peft", "format", "precision", "export s", "graph s", "graph MiB", "bundle MiB", "θ dim", "validation rel err"],
+        "export",
+        f"python bench/export.py{' --quick' if args.quick else ''}",
+        rows,
+        [
+            "model",
+            "peft",
+            "format",
+            "precision",
+            "export s",
+            "graph s",
+            "graph MiB",
+            "bundle MiB",
+            "θ dim",
+            "validation rel err",
+        ],
         notes="One export per row (LoRA r=8 on query/value; all layers, or top:2 in --quick, which adds prefix/suffix graphs). "
-              "TFLite shapes B=8, S=64, P=8 (2/16/2 in --quick). `graph MiB` counts that format's graph files; the bundle adds "
-              "θ and tokenizer.json. SmolLM2's HF checkpoint is converted from the shipped GGUF once and cached (~/.cache/fwdllm).",
+        "TFLite shapes B=8, S=64, P=8 (2/16/2 in --quick). `graph MiB` counts that format's graph files; the bundle adds "
+        "θ and tokenizer.json. SmolLM2's HF checkpoint is converted from the shipped GGUF once and cached (~/.cache/fwdllm).",
     )
     return 0
 

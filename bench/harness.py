@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from fwdllm.data.datasets import AGNEWS_LABELS, LoadOptions, seeded_split
+from fwdllm.data.datasets import LoadOptions, seeded_split
 from fwdllm.simulate import SimConfig
 
 CACHE = Path(__file__).resolve().parents[1] / ".cache" / "bench-bundles"
@@ -38,14 +38,30 @@ THETAS = CACHE.parent / "bench-theta"  # final θ of runs that later runs start 
 BBC_LABELS = ["business", "entertainment", "politics", "sports", "tech"]
 # The AG News test split in shared/ (beside the checkout, where CI lays its copy, or the workplace's): benchmarks and
 # tests may read it, the product never needs it.
-AG_NEWS = next((p for p in (Path(__file__).resolve().parents[2] / "shared/data/ag_news/test.csv",
-                            Path("/work/shared/data/ag_news/test.csv")) if p.is_file()),
-               Path("/work/shared/data/ag_news/test.csv"))
+AG_NEWS = next(
+    (
+        p
+        for p in (
+            Path(__file__).resolve().parents[2] / "shared/data/ag_news/test.csv",
+            Path("/work/shared/data/ag_news/test.csv"),
+        )
+        if p.is_file()
+    ),
+    Path("/work/shared/data/ag_news/test.csv"),
+)
 
 
-def bundle(peft: str, layers: str = "all", seq_len: int = 64, labels: list[str] = BBC_LABELS,
-           model: str = "minilm", formats: str = "onnx", precision: str = "fp32", task: str = "seq-cls",
-           label_words: bool = False) -> Path:
+def bundle(
+    peft: str,
+    layers: str = "all",
+    seq_len: int = 64,
+    labels: list[str] = BBC_LABELS,
+    model: str = "minilm",
+    formats: str = "onnx",
+    precision: str = "fp32",
+    task: str = "seq-cls",
+    label_words: bool = False,
+) -> Path:
     """A bundle made by `fwdllm export`, cached under .cache/ (exports take minutes).
 
     ``label_words``: a causal-lm bundle that answers with ``labels`` as words (else open-ended).
@@ -62,8 +78,25 @@ def bundle(peft: str, layers: str = "all", seq_len: int = 64, labels: list[str] 
     with open(out.with_name(out.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "manifest.json").is_file():
-            args = ["export", "--model", model, "--task", task, "--peft", peft, "--trainable-layers", layers,
-                    "--format", formats, "--precision", precision, "--seq-len", str(seq_len), "--out", str(out)]
+            args = [
+                "export",
+                "--model",
+                model,
+                "--task",
+                task,
+                "--peft",
+                peft,
+                "--trainable-layers",
+                layers,
+                "--format",
+                formats,
+                "--precision",
+                precision,
+                "--seq-len",
+                str(seq_len),
+                "--out",
+                str(out),
+            ]
             if task == "seq-cls" or words:
                 args += ["--label-names", ",".join(labels)]
             proc = subprocess.run([sys.executable, "-m", "fwdllm.cli", *args], capture_output=True, text=True)
@@ -126,9 +159,17 @@ class _HeldoutEvaluator:
         return out
 
 
-def run(sim: SimConfig, overrides: dict | None = None, *, validation_fraction: float = 0.0,
-        load_options: LoadOptions | None = None, workdir: Path | None = None, progress: bool = True,
-        desc: str = "harness", keep_submissions: bool = False) -> HarnessResult:
+def run(
+    sim: SimConfig,
+    overrides: dict | None = None,
+    *,
+    validation_fraction: float = 0.0,
+    load_options: LoadOptions | None = None,
+    workdir: Path | None = None,
+    progress: bool = True,
+    desc: str = "harness",
+    keep_submissions: bool = False,
+) -> HarnessResult:
     """One federated run of ``sim`` (clients, per_step, steps, optimiser ...) in this process.
 
     ``overrides`` is merged into the coordinator config that ``sim`` gives (e.g.
@@ -169,10 +210,14 @@ def run(sim: SimConfig, overrides: dict | None = None, *, validation_fraction: f
             (data / "validation.jsonl").write_text("".join(json.dumps(e) + "\n" for e in validation))
             val_eval = BackendEvaluator(bundle, data / "validation.jsonl", sim.backend)
         evaluator = _HeldoutEvaluator(test_eval, val_eval)
-        coord_cfg = _merge(sim.coordinator_config(data / "heldout.jsonl"),
-                           {"server": {"rate_per_s": 1e9, "rate_burst": 1 << 30, "active_window_s": 1e9},
-                            # devices are served one after another here, so a wave's wall time says nothing
-                            "run": {"deadline_s": 1e7}})
+        coord_cfg = _merge(
+            sim.coordinator_config(data / "heldout.jsonl"),
+            {
+                "server": {"rate_per_s": 1e9, "rate_burst": 1 << 30, "active_window_s": 1e9},
+                # devices are served one after another here, so a wave's wall time says nothing
+                "run": {"deadline_s": 1e7},
+            },
+        )
         cfg = from_dict(_merge(coord_cfg, overrides or {}))
         coordinator = Coordinator(bundle, root / "state", cfg, evaluator=evaluator)  # evaluates θ0 as step -1
         token = secrets.token_urlsafe(16)
@@ -182,11 +227,19 @@ def run(sim: SimConfig, overrides: dict | None = None, *, validation_fraction: f
         devices = []
         for i in range(sim.clients):
             examples = load_examples(data / client_file(i), manifest)
-            resp = coordinator.join(pb.JoinRequest(
-                protocol_version=pb.PROTOCOL_VERSION_1, enrolment_token=token, client_name=f"virtual-{i:05d}",
-                capabilities=caps, model_fingerprint=coordinator.fingerprint, num_examples=len(examples)))
-            devices.append({"id": resp.client_id, "session": resp.session_token, "examples": examples,
-                            "version": 0, "theta": None})
+            resp = coordinator.join(
+                pb.JoinRequest(
+                    protocol_version=pb.PROTOCOL_VERSION_1,
+                    enrolment_token=token,
+                    client_name=f"virtual-{i:05d}",
+                    capabilities=caps,
+                    model_fingerprint=coordinator.fingerprint,
+                    num_examples=len(examples),
+                )
+            )
+            devices.append(
+                {"id": resp.client_id, "session": resp.session_token, "examples": examples, "version": 0, "theta": None}
+            )
         spent: dict[int, float] = {}  # step -> device compute seconds
         submissions = []
         started = time.perf_counter()
@@ -194,26 +247,49 @@ def run(sim: SimConfig, overrides: dict | None = None, *, validation_fraction: f
         while not coordinator.store.get("finished"):
             served = 0
             for dev in devices:
-                resp = coordinator.pull_task(pb.PullTaskRequest(client_id=dev["id"], session_token=dev["session"],
-                                                                theta_version=dev["version"]))
+                resp = coordinator.pull_task(
+                    pb.PullTaskRequest(client_id=dev["id"], session_token=dev["session"], theta_version=dev["version"])
+                )
                 if resp.WhichOneof("outcome") != "task":
                     continue
                 task = resp.task
                 if dev["version"] != task.theta_version:  # the device downloads θ (counted in bytes_down)
-                    chunks = list(coordinator.fetch_parameters(pb.FetchParametersRequest(
-                        client_id=dev["id"], session_token=dev["session"], version=task.theta_version)))
+                    chunks = list(
+                        coordinator.fetch_parameters(
+                            pb.FetchParametersRequest(
+                                client_id=dev["id"], session_token=dev["session"], version=task.theta_version
+                            )
+                        )
+                    )
                     dev["theta"] = np.frombuffer(b"".join(c.values for c in chunks), dtype="<f4").copy()
                     dev["version"] = task.theta_version
-                seeds = [int(s) for s in task.seeds] + [int(r.start) + j for r in task.seed_ranges for j in range(r.count)]
+                seeds = [int(s) for s in task.seeds] + [
+                    int(r.start) + j for r in task.seed_ranges for j in range(r.count)
+                ]
                 batch = tokenizer.batch(select(dev["examples"], task.batch.start, task.batch.size))
-                result = forward_gradients(backend, batch, dev["theta"], seeds, epsilon=task.epsilon,
-                                           scheme=SCHEME[task.scheme], distribution=DIST[task.distribution])
+                result = forward_gradients(
+                    backend,
+                    batch,
+                    dev["theta"],
+                    seeds,
+                    epsilon=task.epsilon,
+                    scheme=SCHEME[task.scheme],
+                    distribution=DIST[task.distribution],
+                )
                 request = pb.SubmitRequest(
-                    client_id=dev["id"], session_token=dev["session"], task_id=task.task_id, step=task.step,
-                    seeds=seeds, jvp=result.jvp.tolist(), nonfinite=result.nonfinite,
-                    loss=pb.LossStats(mean=result.loss_mean, min=result.loss_min, max=result.loss_max,
-                                      base=result.loss_base),
-                    num_examples=task.batch.size, compute_time_ms=int(result.seconds * 1000))
+                    client_id=dev["id"],
+                    session_token=dev["session"],
+                    task_id=task.task_id,
+                    step=task.step,
+                    seeds=seeds,
+                    jvp=result.jvp.tolist(),
+                    nonfinite=result.nonfinite,
+                    loss=pb.LossStats(
+                        mean=result.loss_mean, min=result.loss_min, max=result.loss_max, base=result.loss_base
+                    ),
+                    num_examples=task.batch.size,
+                    compute_time_ms=int(result.seconds * 1000),
+                )
                 spent[task.step] = spent.get(task.step, 0.0) + result.seconds
                 coordinator.submit(request, request.ByteSize())
                 if keep_submissions:
@@ -222,8 +298,10 @@ def run(sim: SimConfig, overrides: dict | None = None, *, validation_fraction: f
                 if coordinator.step > bar.n:
                     bar.update(coordinator.step - bar.n)
             if not served and not coordinator.store.get("finished"):
-                raise RuntimeError(f"no device got a task at step {coordinator.step}: the coordinator config "
-                                   "lets no wave open (min_clients / active window)")
+                raise RuntimeError(
+                    f"no device got a task at step {coordinator.step}: the coordinator config "
+                    "lets no wave open (min_clients / active window)"
+                )
         bar.close()
         wall = time.perf_counter() - started
         rows = [json.loads(r[0]) for r in coordinator.store.query("SELECT row FROM metrics ORDER BY step")]
@@ -234,8 +312,9 @@ def run(sim: SimConfig, overrides: dict | None = None, *, validation_fraction: f
         final = evaluator(theta)
         coordinator.close()
         backend.close()
-        return HarnessResult(rows, before, final, theta, wall, {"sim": asdict(sim), "coordinator": cfg.to_json()},
-                             submissions)
+        return HarnessResult(
+            rows, before, final, theta, wall, {"sim": asdict(sim), "coordinator": cfg.to_json()}, submissions
+        )
     finally:
         if owned:
             owned.cleanup()

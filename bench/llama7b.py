@@ -53,16 +53,31 @@ class Decoder:
 
 SMOLLM2 = Decoder(hidden=576, intermediate=1536, heads=9, kv_heads=3, layers=30, vocab=49152, tied=True)
 LLAMA_7B = Decoder(hidden=4096, intermediate=11008, heads=32, kv_heads=32, layers=32, vocab=32000, tied=False)
-HF_KEYS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers",
-           "vocab_size", "tie_word_embeddings")  # Decoder's fields in a Hugging Face config.json
+HF_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_hidden_layers",
+    "vocab_size",
+    "tie_word_embeddings",
+)  # Decoder's fields in a Hugging Face config.json
 
 # Bits per weight (layers, embedding, LM head) of each configuration. GGUF: llama.cpp's quantize README (q4_0 4.5,
 # q8_0 8.5). ONNX int8 is ONNX Runtime's dynamic quantization: MatMul weights in int8, the embedding's Gather in fp32.
-BITS = {("llama.cpp", "q4_0"): (4.5, 4.5, 4.5), ("llama.cpp", "q8_0"): (8.5, 8.5, 8.5),
-        ("onnxruntime", "fp32"): (32, 32, 32), ("onnxruntime", "int8"): (8, 32, 8)}
+BITS = {
+    ("llama.cpp", "q4_0"): (4.5, 4.5, 4.5),
+    ("llama.cpp", "q8_0"): (8.5, 8.5, 8.5),
+    ("onnxruntime", "fp32"): (32, 32, 32),
+    ("onnxruntime", "int8"): (8, 32, 8),
+}
 # The paper's LLaMA-7B peak memory (Table 7, Pixel 7 Pro), beside the configuration nearest its precision.
-PAPER_GB = {("llama.cpp", "q4_0"): "4.0 (INT4, GPTQ)", ("llama.cpp", "q8_0"): "7.9 (INT8)",
-            ("onnxruntime", "int8"): "7.9 (INT8)", ("onnxruntime", "fp32"): "15.6 (FP16)"}
+PAPER_GB = {
+    ("llama.cpp", "q4_0"): "4.0 (INT4, GPTQ)",
+    ("llama.cpp", "q8_0"): "7.9 (INT8)",
+    ("onnxruntime", "int8"): "7.9 (INT8)",
+    ("onnxruntime", "fp32"): "15.6 (FP16)",
+}
 # Phone cores, assumed, not measured: SIMD bits per cycle and GHz. Cortex-X1: 4 × 128-bit NEON pipes (Arm's description)
 # at 2.85 GHz (the Pixel 7 Pro's big cores); A78 class: 2 × 128-bit at the 2.35 GHz of its mid cores (A76s, as wide).
 PHONE_CORES = {"X1": (4 * 128, 2.85), "A78": (2 * 128, 2.35)}
@@ -99,8 +114,9 @@ def head_flops(c: Decoder) -> int:
 def weight_bytes(c: Decoder, bits: tuple[float, float, float]) -> float:
     """Parameter count × bits per weight (the final norm at the layers' bits); a tied head is stored once."""
     layer, embed, head = bits
-    return (c.layers * layer_params(c) * layer + c.hidden * layer
-            + c.vocab * c.hidden * (embed + (0 if c.tied else head))) / 8
+    return (
+        c.layers * layer_params(c) * layer + c.hidden * layer + c.vocab * c.hidden * (embed + (0 if c.tied else head))
+    ) / 8
 
 
 def kv_bytes_per_layer(c: Decoder, cells: int) -> int:
@@ -119,12 +135,19 @@ def activation_bytes(c: Decoder, backend: str, batch: int = BATCH, seq: int = SE
 
 def seconds_7b(per_layer_s: float, fixed_s: float, src: Decoder = SMOLLM2, dst: Decoder = LLAMA_7B) -> float:
     """dst's time: src's per-layer seconds scaled by layer FLOPs, its fixed seconds by LM-head FLOPs."""
-    return (dst.layers * per_layer_s * layer_flops(dst) / layer_flops(src)
-            + fixed_s * head_flops(dst) / head_flops(src))
+    return dst.layers * per_layer_s * layer_flops(dst) / layer_flops(src) + fixed_s * head_flops(dst) / head_flops(src)
 
 
-def memory_7b(per_layer_bytes: float, fixed_bytes: float, fixed_weights_src: float, backend: str,
-              bits: tuple[float, float, float], kv_cells: int, src: Decoder = SMOLLM2, dst: Decoder = LLAMA_7B) -> float:
+def memory_7b(
+    per_layer_bytes: float,
+    fixed_bytes: float,
+    fixed_weights_src: float,
+    backend: str,
+    bits: tuple[float, float, float],
+    kv_cells: int,
+    src: Decoder = SMOLLM2,
+    dst: Decoder = LLAMA_7B,
+) -> float:
     """dst's peak bytes from src's measured line (``fixed_bytes`` + ``per_layer_bytes`` × layers): the runtime's own
     overhead (src's fixed bytes less its non-layer weights, measured from the files, and its activations), dst's
     non-layer weights and activations, and per layer src's bytes less its KV cache scaled by parameter count (a
@@ -170,10 +193,14 @@ def checkpoint(layers: int) -> str:
 def bundle(backend: str, layers: int) -> Path:
     """The cached export (an absolute checkpoint path puts its bundle beside it in the cache)."""
     # the full GGUF export with bench/llama_channels.py's precisions: one cached export serves both
-    formats, precision = (("gguf", "q4_0,q8_0,f16" if layers == SMOLLM2.layers else "q4_0,q8_0")
-                          if backend == "llama.cpp" else ("onnx", "fp32,int8"))
-    return harness.bundle("lora", model=checkpoint(layers), formats=formats, precision=precision, task="causal-lm",
-                          seq_len=SEQ, labels=[])
+    formats, precision = (
+        ("gguf", "q4_0,q8_0,f16" if layers == SMOLLM2.layers else "q4_0,q8_0")
+        if backend == "llama.cpp"
+        else ("onnx", "fp32,int8")
+    )
+    return harness.bundle(
+        "lora", model=checkpoint(layers), formats=formats, precision=precision, task="causal-lm", seq_len=SEQ, labels=[]
+    )
 
 
 def graph_bytes(bundle_dir: Path, backend: str, precision: str) -> int:
@@ -187,7 +214,9 @@ def workload(backend, bundle_dir: Path):
     """8 BBC sequences × 64 tokens, all labelled, and one θ row as a perturbation makes it."""
     from bench.llama_channels import bbc_batch
 
-    return bbc_batch(bundle_dir, BATCH, SEQ), np.random.default_rng(0).normal(0, 0.01, (1, backend.theta_dim)).astype("f4")
+    return bbc_batch(bundle_dir, BATCH, SEQ), np.random.default_rng(0).normal(0, 0.01, (1, backend.theta_dim)).astype(
+        "f4"
+    )
 
 
 def child(spec: dict) -> dict:
@@ -198,7 +227,9 @@ def child(spec: dict) -> dict:
 
     backend = open_backend(Path(spec["bundle"]), spec["backend"], spec["precision"], {"threads": 1, **spec["options"]})
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    loaded = int(dict(ln.split(":", 1) for ln in Path("/proc/self/status").read_text().splitlines())["VmRSS"].split()[0])
+    loaded = int(
+        dict(ln.split(":", 1) for ln in Path("/proc/self/status").read_text().splitlines())["VmRSS"].split()[0]
+    )
     batch, theta = workload(backend, Path(spec["bundle"]))
     for _ in range(3):
         backend.losses(batch, theta)
@@ -209,8 +240,13 @@ def child(spec: dict) -> dict:
 
 
 def peak_memory(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, str(Path(__file__)), "--child", json.dumps(spec)], capture_output=True,
-                          text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__)), "--child", json.dumps(spec)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         raise RuntimeError(f"memory child {spec} failed: {proc.stderr.strip()[-800:]}")
@@ -253,38 +289,56 @@ def host() -> dict:
     return {"ghz": mhz / 1000, "bits": {"llama.cpp": ggml, "onnxruntime": mlas}, "ggml": info.strip()}
 
 
-def measure(configs: list[tuple[str, str]], layer_counts: list[int], repeats: int, memory_repeats: int,
-            no_mmap: bool) -> list[dict]:
+def measure(
+    configs: list[tuple[str, str]], layer_counts: list[int], repeats: int, memory_repeats: int, no_mmap: bool
+) -> list[dict]:
     layer_counts = sorted(layer_counts, reverse=True)  # the full export first: it writes the checkpoint others cut
     bundles = {(b, L): bundle(b, L) for b in dict.fromkeys(b for b, _ in configs) for L in layer_counts}
     memory = {}
     for backend, precision in configs:  # before any model is loaded here: a child starts at its parent's peak RSS
         for off in [False] + ([True] if no_mmap and (backend, precision) == ("llama.cpp", "q4_0") else []):
             for L in layer_counts:
-                spec = {"bundle": str(bundles[backend, L]), "backend": backend, "precision": precision,
-                        "options": {"mmap": False} if off else {}}
+                spec = {
+                    "bundle": str(bundles[backend, L]),
+                    "backend": backend,
+                    "precision": precision,
+                    "options": {"mmap": False} if off else {},
+                }
                 runs = [peak_memory(spec) for _ in range(memory_repeats if L == SMOLLM2.layers else 1)]
                 memory[backend, precision, off, L] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    load, times = os.getloadavg()[0], eval_seconds({(b, p, L): bundles[b, L] for b, p in configs for L in layer_counts},
-                                                   repeats)
+    load, times = (
+        os.getloadavg()[0],
+        eval_seconds({(b, p, L): bundles[b, L] for b, p in configs for L in layer_counts}, repeats),
+    )
     cpu = {**host(), "load_before": load, "load_after": os.getloadavg()[0]}
     rows = []
     for backend, precision in configs:
         bits = BITS[backend, precision]
         med = {L: statistics.median(times[backend, precision, L]["cpu"]) for L in layer_counts}
         per_layer_s, fixed_s, resid_s = fit_line(layer_counts, [med[L] for L in layer_counts])
-        file_slope, file_fixed, _ = fit_line(layer_counts, [graph_bytes(bundles[backend, L], backend, precision)
-                                                            for L in layer_counts])
+        file_slope, file_fixed, _ = fit_line(
+            layer_counts, [graph_bytes(bundles[backend, L], backend, precision) for L in layer_counts]
+        )
         here = seconds_7b(per_layer_s, fixed_s)
-        row = {"configuration": f"{backend} {precision}", "SmolLM2 eval s": med[SMOLLM2.layers],
-               "SmolLM2 eval wall s": statistics.median(times[backend, precision, SMOLLM2.layers]["wall"]),
-               "per layer ms": 1000 * per_layer_s, "fixed s": fixed_s, "time fit residual": f"{100 * resid_s:.0f}%",
-               "7B weights GB (params × bpw)": weight_bytes(LLAMA_7B, bits) / GB, "7B s/eval here": here,
-               "7B s/eval X1": here * phone_factor(cpu["bits"][backend], cpu["ghz"], "X1"),
-               "7B s/eval A78": here * phone_factor(cpu["bits"][backend], cpu["ghz"], "A78"),
-               "paper peak GB": PAPER_GB[backend, precision],
-               "raw": {"eval_s": {L: times[backend, precision, L] for L in layer_counts}, "file_bytes_fixed": file_fixed,
-                       "file_bytes_per_layer": file_slope, "host": cpu}}
+        row = {
+            "configuration": f"{backend} {precision}",
+            "SmolLM2 eval s": med[SMOLLM2.layers],
+            "SmolLM2 eval wall s": statistics.median(times[backend, precision, SMOLLM2.layers]["wall"]),
+            "per layer ms": 1000 * per_layer_s,
+            "fixed s": fixed_s,
+            "time fit residual": f"{100 * resid_s:.0f}%",
+            "7B weights GB (params × bpw)": weight_bytes(LLAMA_7B, bits) / GB,
+            "7B s/eval here": here,
+            "7B s/eval X1": here * phone_factor(cpu["bits"][backend], cpu["ghz"], "X1"),
+            "7B s/eval A78": here * phone_factor(cpu["bits"][backend], cpu["ghz"], "A78"),
+            "paper peak GB": PAPER_GB[backend, precision],
+            "raw": {
+                "eval_s": {L: times[backend, precision, L] for L in layer_counts},
+                "file_bytes_fixed": file_fixed,
+                "file_bytes_per_layer": file_slope,
+                "host": cpu,
+            },
+        }
         for off in [off for off in (False, True) if (backend, precision, off, layer_counts[0]) in memory]:
             got = [memory[backend, precision, off, L] for L in layer_counts]
             per_layer_b, fixed_b, resid_b = fit_line(layer_counts, [m["loaded_bytes"] for m in got])
@@ -292,8 +346,11 @@ def measure(configs: list[tuple[str, str]], layer_counts: list[int], repeats: in
             cells = row["raw"]["kv_cells"] = int(got[0].get("kv_cells", 0))
             est = memory_7b(per_layer_b, fixed_b, file_fixed, backend, bits, cells)
             suffix = ", mmap off" if off else ""
-            row |= {f"SmolLM2 peak MiB{suffix}": got[0]["peak_bytes"] / MIB, f"per layer MiB{suffix}": per_layer_b / MIB,
-                    f"7B peak GB{suffix}": est / GB}
+            row |= {
+                f"SmolLM2 peak MiB{suffix}": got[0]["peak_bytes"] / MIB,
+                f"per layer MiB{suffix}": per_layer_b / MIB,
+                f"7B peak GB{suffix}": est / GB,
+            }
             row["raw"][f"memory{suffix}"] = dict(zip(layer_counts, got))
             row["raw"][f"loaded fit residual{suffix}"] = resid_b
         row["per layer MiB, weights (params × bpw)"] = layer_params(SMOLLM2) * bits[0] / 8 / MIB
@@ -301,10 +358,25 @@ def measure(configs: list[tuple[str, str]], layer_counts: list[int], repeats: in
     return rows
 
 
-COLUMNS = ["configuration", "SmolLM2 eval s", "SmolLM2 eval wall s", "per layer ms", "fixed s", "time fit residual",
-           "SmolLM2 peak MiB", "per layer MiB", "per layer MiB, weights (params × bpw)", "per layer MiB, mmap off",
-           "7B weights GB (params × bpw)", "7B peak GB", "7B peak GB, mmap off", "paper peak GB", "7B s/eval here",
-           "7B s/eval X1", "7B s/eval A78"]
+COLUMNS = [
+    "configuration",
+    "SmolLM2 eval s",
+    "SmolLM2 eval wall s",
+    "per layer ms",
+    "fixed s",
+    "time fit residual",
+    "SmolLM2 peak MiB",
+    "per layer MiB",
+    "per layer MiB, weights (params × bpw)",
+    "per layer MiB, mmap off",
+    "7B weights GB (params × bpw)",
+    "7B peak GB",
+    "7B peak GB, mmap off",
+    "paper peak GB",
+    "7B s/eval here",
+    "7B s/eval X1",
+    "7B s/eval A78",
+]
 
 
 def notes(rows: list[dict], layer_counts: list[int], repeats: int, memory_repeats: int) -> str:
@@ -313,9 +385,11 @@ def notes(rows: list[dict], layer_counts: list[int], repeats: int, memory_repeat
     q4_bytes = weight_bytes(LLAMA_7B, BITS["llama.cpp", "q4_0"])
     loaded_miss = max(v for r in rows for k, v in r["raw"].items() if k.startswith("loaded fit residual"))
     fixed_share = max(r["fixed s"] * head_flops(LLAMA_7B) / head_flops(SMOLLM2) / r["7B s/eval here"] for r in rows)
-    factors = ", ".join(f"{b} {cpu['bits'][b]}-bit: X1 ×{phone_factor(cpu['bits'][b], cpu['ghz'], 'X1'):.2f}, A78 "
-                        f"×{phone_factor(cpu['bits'][b], cpu['ghz'], 'A78'):.2f}"
-                        for b in dict.fromkeys(r["configuration"].split()[0] for r in rows))
+    factors = ", ".join(
+        f"{b} {cpu['bits'][b]}-bit: X1 ×{phone_factor(cpu['bits'][b], cpu['ghz'], 'X1'):.2f}, A78 "
+        f"×{phone_factor(cpu['bits'][b], cpu['ghz'], 'A78'):.2f}"
+        for b in dict.fromkeys(r["configuration"].split()[0] for r in rows)
+    )
     setup = (
         f"SmolLM2-135M + LoRA (r {LORA_R} on q/v of every layer) exported with its first {counts} layers; one perturbed "
         f"evaluation = `losses()` on one new θ row, {BATCH} BBC News sequences × {SEQ} tokens, all labelled, 1 thread; "
@@ -326,7 +400,8 @@ def notes(rows: list[dict], layer_counts: list[int], repeats: int, memory_repeat
         f"resident bytes once loaded (after malloc_trim); medians of {memory_repeats} for the 30-layer model, one per cut "
         f"model (the loaded bytes' line misses no point by more than {100 * loaded_miss:.2f}%). "
         "'per layer' and 'fixed' are slope and intercept of least-squares lines over the layer counts, of the seconds "
-        "('time fit residual': the line's largest miss) and of the loaded bytes; 'SmolLM2' columns: the 30-layer model.")
+        "('time fit residual': the line's largest miss) and of the loaded bytes; 'SmolLM2' columns: the 30-layer model."
+    )
     method = (
         "**Method and assumptions.** *Time*: LLaMA-7B (32 layers, hidden 4096, FFN 11008, 32 heads and 32 KV heads, "
         f"vocabulary 32000, {params(LLAMA_7B):,} parameters; LoRA r {LORA_R} on q/v: {lora_values(LLAMA_7B):,} values) = "
@@ -354,19 +429,28 @@ def notes(rows: list[dict], layer_counts: list[int], repeats: int, memory_repeat
         "MLAS at the widest this CPU has; Cortex-X1 4 × 128-bit NEON at 2.85 GHz (the Pixel 7 Pro's big cores), an "
         f"A78-class core 2 × 128-bit at 2.35 GHz: {factors}. Peak width × clock only: a phone's sustained clock under "
         "load, its memory bandwidth and its kernels' efficiency are not modelled (each makes it slower), nor matrix "
-        "engines this CPU may lend ONNX Runtime's int8 kernels (AMX), which would make the int8 factor too small.")
-    mem = "; ".join(f"{r['configuration']} {r['7B peak GB']:.1f} GB" + (
-        f" ({r['7B peak GB, mmap off']:.1f} with mmap off)" if "7B peak GB, mmap off" in r else "") for r in rows)
-    paper = ("**Beside the paper.** The paper's reported figures: LLaMA-7B peak memory 4.0 GB at INT4 (GPTQ), 7.9 GB at "
-             "INT8 and 15.6 GB at FP16 (Table 7, Pixel 7 Pro); \"0.25 h to its accuracy on CPU\"; a round of 0.74 s × 2 "
-             "forwards + 1.68 s communication (3.16 s), × 20 steps (63.2 s). Estimated here: " + mem
-             + (" (ONNX Runtime fp32 holds twice FP16's weights)." if "onnxruntime fp32" in by else "."))
+        "engines this CPU may lend ONNX Runtime's int8 kernels (AMX), which would make the int8 factor too small."
+    )
+    mem = "; ".join(
+        f"{r['configuration']} {r['7B peak GB']:.1f} GB"
+        + (f" ({r['7B peak GB, mmap off']:.1f} with mmap off)" if "7B peak GB, mmap off" in r else "")
+        for r in rows
+    )
+    paper = (
+        "**Beside the paper.** The paper's reported figures: LLaMA-7B peak memory 4.0 GB at INT4 (GPTQ), 7.9 GB at "
+        'INT8 and 15.6 GB at FP16 (Table 7, Pixel 7 Pro); "0.25 h to its accuracy on CPU"; a round of 0.74 s × 2 '
+        "forwards + 1.68 s communication (3.16 s), × 20 steps (63.2 s). Estimated here: "
+        + mem
+        + (" (ONNX Runtime fp32 holds twice FP16's weights)." if "onnxruntime fp32" in by else ".")
+    )
     if q4 := by.get("llama.cpp q4_0"):
         t = q4["7B s/eval X1"]
-        paper += (f" One perturbed evaluation of {BATCH} × {SEQ} tokens at q4_0 on one X1-class core: {t:.0f} s, "
-                  f"{t / 0.74:.0f}× the paper's 0.74 s per forward (the batch, sequence length and threads behind that "
-                  f"figure are not part of it); the paper's round at this estimate takes 2 × {t:.0f} + 1.68 = "
-                  f"{2 * t + 1.68:.0f} s, and 20 steps {20 * (2 * t + 1.68) / 60:.0f} min.")
+        paper += (
+            f" One perturbed evaluation of {BATCH} × {SEQ} tokens at q4_0 on one X1-class core: {t:.0f} s, "
+            f"{t / 0.74:.0f}× the paper's 0.74 s per forward (the batch, sequence length and threads behind that "
+            f"figure are not part of it); the paper's round at this estimate takes 2 × {t:.0f} + 1.68 = "
+            f"{2 * t + 1.68:.0f} s, and 20 steps {20 * (2 * t + 1.68) / 60:.0f} min."
+        )
     return "\n\n".join([setup, method, paper])
 
 
@@ -390,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = measure(configs, layer_counts, args.repeats, args.memory_repeats, no_mmap=not args.quick)
     columns = [c for c in COLUMNS if any(c in r for r in rows)]
     command = " ".join(["python bench/llama7b.py", *(argv if argv is not None else sys.argv[1:])])
-    path = write_results("llama7b", command, rows, columns, notes(rows, layer_counts, args.repeats, args.memory_repeats))
+    path = write_results(
+        "llama7b", command, rows, columns, notes(rows, layer_counts, args.repeats, args.memory_repeats)
+    )
     print(path.read_text())
     return 0
 

@@ -62,8 +62,11 @@ def measure(bundle_dir: Path, precision: str, args) -> list[dict]:
         L.llama_set_adapter_cvec(ctx, None, 0, n_embd, -1, -1)
 
     def set_cvec(first_layer: int):
-        ctypes.memmove(cvec, (0.01 * rng.standard_normal(n_embd * (n_layer - 1))).astype(np.float32).ctypes.data,
-                       ctypes.sizeof(cvec))
+        ctypes.memmove(
+            cvec,
+            (0.01 * rng.standard_normal(n_embd * (n_layer - 1))).astype(np.float32).ctypes.data,
+            ctypes.sizeof(cvec),
+        )
         if L.llama_set_adapter_cvec(ctx, cvec, len(cvec), n_embd, first_layer, n_layer - 1) != 0:
             raise RuntimeError("llama_set_adapter_cvec failed")
 
@@ -101,12 +104,17 @@ def measure(bundle_dir: Path, precision: str, args) -> list[dict]:
     rows = []
     for variant in VARIANTS:
         med = statistics.median(times[variant])
-        rows.append({
-            "precision": precision, "channel": variant, "eval_s": med, "ratio_vs_plain": med / plain,
-            "channel_call_ms": 1000 * statistics.median(calls[variant]),
-            "adapter_write_ms": 1000 * statistics.median(writes) if variant == "lora" else "",
-            "tokens": int(sum(s[0].size for s in seqs)),
-        })
+        rows.append(
+            {
+                "precision": precision,
+                "channel": variant,
+                "eval_s": med,
+                "ratio_vs_plain": med / plain,
+                "channel_call_ms": 1000 * statistics.median(calls[variant]),
+                "adapter_write_ms": 1000 * statistics.median(writes) if variant == "lora" else "",
+                "tokens": int(sum(s[0].size for s in seqs)),
+            }
+        )
     return rows
 
 
@@ -123,8 +131,15 @@ def main(argv=None) -> int:
         args.repeats, args.batch, precisions = 2, 2, ("q4_0",)
     from tqdm import tqdm
 
-    bundle_dir = bundle("lora", model="smollm2", formats="gguf", precision=",".join(PRECISIONS), task="causal-lm",
-                        seq_len=args.seq, labels=[])
+    bundle_dir = bundle(
+        "lora",
+        model="smollm2",
+        formats="gguf",
+        precision=",".join(PRECISIONS),
+        task="causal-lm",
+        seq_len=args.seq,
+        labels=[],
+    )
     rows = []
     for precision in tqdm(precisions, desc="precisions"):
         rows += measure(bundle_dir, precision, args)
@@ -137,8 +152,13 @@ def main(argv=None) -> int:
         "label-word bundles reuse the lower layers' hidden states through a top-K suffix GGUF instead "
         "(bench/llama_prefix.py)."
     )
-    path = write_results("llama_channels", "python bench/llama_channels.py" + (" --quick" if args.quick else ""), rows,
-                         ["precision", "channel", "eval_s", "ratio_vs_plain", "channel_call_ms", "adapter_write_ms", "tokens"], notes)
+    path = write_results(
+        "llama_channels",
+        "python bench/llama_channels.py" + (" --quick" if args.quick else ""),
+        rows,
+        ["precision", "channel", "eval_s", "ratio_vs_plain", "channel_call_ms", "adapter_write_ms", "tokens"],
+        notes,
+    )
     print(path.read_text())
     return 0
 

@@ -30,8 +30,20 @@ from bench.harness import bundle  # noqa: E402
 from bench.report import write_results  # noqa: E402
 
 BBC_WORDS = ["business", "entertainment", "politics", "sports", "tech"]
-COLUMNS = ["layers", "precision", "clock", "tokens", "uncut_eval_s", "suffix_eval_s", "speedup", "suffix_cold_eval_s",
-           "prefix_ms_per_example", "switch_ms_uncut", "switch_ms_suffix", "max_loss_diff"]
+COLUMNS = [
+    "layers",
+    "precision",
+    "clock",
+    "tokens",
+    "uncut_eval_s",
+    "suffix_eval_s",
+    "speedup",
+    "suffix_cold_eval_s",
+    "prefix_ms_per_example",
+    "switch_ms_uncut",
+    "switch_ms_suffix",
+    "max_loss_diff",
+]
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
@@ -48,7 +60,9 @@ def measure(bundle_dir: Path, k: int, args) -> list[dict]:
     from fwdllm.proto.manifest import load_manifest, load_theta
 
     manifest = load_manifest(bundle_dir)
-    uncut = open_backend(bundle_dir, "llama.cpp", args.precision, {"threads": args.threads, "prefix_reuse": False}, manifest)
+    uncut = open_backend(
+        bundle_dir, "llama.cpp", args.precision, {"threads": args.threads, "prefix_reuse": False}, manifest
+    )
     cut = open_backend(bundle_dir, "llama.cpp", args.precision, {"threads": args.threads}, manifest)
     if cut.cut is None:
         raise RuntimeError(f"{bundle_dir} has no suffix GGUF at {args.precision}; re-export it")
@@ -82,14 +96,22 @@ def measure(bundle_dir: Path, k: int, args) -> list[dict]:
     rows = []
     for clock in CLOCKS:
         med = {name: statistics.median(times[clock, name]) for name in steps}
-        rows.append({
-            "layers": f"top:{k}", "precision": args.precision, "clock": clock,
-            "tokens": int(batch.attention_mask.sum()), "uncut_eval_s": med["uncut"], "suffix_eval_s": med["suffix"],
-            "speedup": med["uncut"] / med["suffix"], "suffix_cold_eval_s": med["cold"],
-            "prefix_ms_per_example": 1000 * (med["cold"] - med["suffix"]) / batch.size,
-            "switch_ms_uncut": 1000 * med["switch_uncut"], "switch_ms_suffix": 1000 * med["switch_suffix"],
-            "max_loss_diff": max(diffs),
-        })
+        rows.append(
+            {
+                "layers": f"top:{k}",
+                "precision": args.precision,
+                "clock": clock,
+                "tokens": int(batch.attention_mask.sum()),
+                "uncut_eval_s": med["uncut"],
+                "suffix_eval_s": med["suffix"],
+                "speedup": med["uncut"] / med["suffix"],
+                "suffix_cold_eval_s": med["cold"],
+                "prefix_ms_per_example": 1000 * (med["cold"] - med["suffix"]) / batch.size,
+                "switch_ms_uncut": 1000 * med["switch_uncut"],
+                "switch_ms_suffix": 1000 * med["switch_suffix"],
+                "max_loss_diff": max(diffs),
+            }
+        )
     return rows
 
 
@@ -107,8 +129,16 @@ def main(argv=None) -> int:
         args.repeats, layers = 3, [2]
     rows = []
     for k in layers:
-        bundle_dir = bundle("lora", layers=f"top:{k}", model="smollm2", formats="gguf", precision=args.precision,
-                            task="causal-lm", labels=BBC_WORDS, label_words=True)
+        bundle_dir = bundle(
+            "lora",
+            layers=f"top:{k}",
+            model="smollm2",
+            formats="gguf",
+            precision=args.precision,
+            task="causal-lm",
+            labels=BBC_WORDS,
+            label_words=True,
+        )
         rows += measure(bundle_dir, k, args)
     notes = (
         f"{args.prompts} held-out bbc-lm prompts ({rows[0]['tokens']} tokens in all), {args.threads} thread(s), medians of "

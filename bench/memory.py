@@ -49,7 +49,11 @@ def backprop_child(spec: dict) -> dict:
     opt = torch.optim.AdamW(model.params, lr=1e-4)
     ids, mask = model.encode(sample_texts(spec["batch"]), spec["seq"])
     # seq-cls: a class per example; causal-lm: the next tokens (padding ignored), as the device computes its loss
-    labels = torch.arange(spec["batch"]) % len(spec["labels"]) if spec["task"] == "seq-cls" else ids.masked_fill(mask == 0, -100)
+    labels = (
+        torch.arange(spec["batch"]) % len(spec["labels"])
+        if spec["task"] == "seq-cls"
+        else ids.masked_fill(mask == 0, -100)
+    )
     times = []
     for _ in range(2):
         start = time.perf_counter()
@@ -58,13 +62,17 @@ def backprop_child(spec: dict) -> dict:
         opt.step()
         opt.zero_grad()
         times.append(time.perf_counter() - start)
-    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "step_ms": 1000 * min(times),
-            "trainable": model.num_trainable}
+    return {
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "step_ms": 1000 * min(times),
+        "trainable": model.num_trainable,
+    }
 
 
 def _backprop(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, str(Path(__file__)), "--child", json.dumps(spec)], capture_output=True,
-                          text=True)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__)), "--child", json.dumps(spec)], capture_output=True, text=True
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         return {"error": ((proc.stderr.strip().splitlines() or ["no output"])[-1])[:300]}
@@ -92,8 +100,10 @@ def measure(model: str, seq: int, quick: bool) -> list[dict]:
     def add(kind: str, what: str, out: dict) -> None:
         rows.append({"model": model, "seq": seq, "kind": kind, "configuration": what, **out})
 
-    configs = [("plain", "ONNX Runtime, one forward", "onnxruntime", "plain"),
-               ("fwdllm", "onnxruntime (LoRA θ)", "onnxruntime", "perturbed")]
+    configs = [
+        ("plain", "ONNX Runtime, one forward", "onnxruntime", "plain"),
+        ("fwdllm", "onnxruntime (LoRA θ)", "onnxruntime", "perturbed"),
+    ]
     if "tflite" in formats:
         configs.append(("fwdllm", "litert xnnpack (LoRA θ)", "litert", "perturbed"))
     for kind, what, backend, mode in configs:
@@ -101,16 +111,48 @@ def measure(model: str, seq: int, quick: bool) -> list[dict]:
             add(kind, what, device)
             continue
         options = {"threads": 1, "kernels": "xnnpack"} if backend == "litert" else {"threads": 1}
-        add(kind, what, _subprocess("worker", {**base, "bundle": str(device), "backend": backend, "precision": "fp32",
-                                               "options": options, "mode": mode}))
+        add(
+            kind,
+            what,
+            _subprocess(
+                "worker",
+                {
+                    **base,
+                    "bundle": str(device),
+                    "backend": backend,
+                    "precision": "fp32",
+                    "options": options,
+                    "mode": mode,
+                },
+            ),
+        )
     if model == "smollm2" and not quick:
         gguf = _bundle(peft="lora", seq_len=seq, model=model, formats="gguf", precision="q8_0", task="causal-lm")
-        add("fwdllm", "llama.cpp q8_0 (causal-lm LoRA θ)", gguf if isinstance(gguf, dict) else _subprocess(
-            "worker", {**base, "bundle": str(gguf), "backend": "llama.cpp", "precision": "q8_0",
-                       "options": {"threads": 1}, "mode": "perturbed"}))
+        add(
+            "fwdllm",
+            "llama.cpp q8_0 (causal-lm LoRA θ)",
+            gguf
+            if isinstance(gguf, dict)
+            else _subprocess(
+                "worker",
+                {
+                    **base,
+                    "bundle": str(gguf),
+                    "backend": "llama.cpp",
+                    "precision": "q8_0",
+                    "options": {"threads": 1},
+                    "mode": "perturbed",
+                },
+            ),
+        )
     for peft in BACKPROP:
-        add("backprop", f"PyTorch {peft} + AdamW",
-            _backprop({"model": model, "peft": peft, "labels": harness.BBC_LABELS, "seq": seq, "batch": 8, "task": task}))
+        add(
+            "backprop",
+            f"PyTorch {peft} + AdamW",
+            _backprop(
+                {"model": model, "peft": peft, "labels": harness.BBC_LABELS, "seq": seq, "batch": 8, "task": task}
+            ),
+        )
     lora = next((r.get("peak_rss_mb") for r in rows if r["configuration"] == "PyTorch lora + AdamW"), None)
     for r in rows:
         if lora and r.get("peak_rss_mb"):
@@ -137,8 +179,10 @@ def paper_comparison(rows: list[dict]) -> list[str]:
         fwd = [r["peak_rss_mb"] for r in kinds.get("fwdllm", [])]
         bp = [r["peak_rss_mb"] for r in kinds.get("backprop", [])]
         if fwd and bp:
-            out.append(f"{model} seq {seq}: fwdllm at {100 * min(fwd) / max(bp):.0f}–{100 * max(fwd) / min(bp):.0f}% "
-                       "of backprop's peak")
+            out.append(
+                f"{model} seq {seq}: fwdllm at {100 * min(fwd) / max(bp):.0f}–{100 * max(fwd) / min(bp):.0f}% "
+                "of backprop's peak"
+            )
     return out
 
 
@@ -152,18 +196,25 @@ def above_paper(rows: list[dict]) -> list[str]:
             continue
         least = min(r["peak_rss_mb"] for r in bp)
         worst = max(fwd, key=lambda r: r["peak_rss_mb"])
-        if round(100 * worst["peak_rss_mb"] / least) > round(100 * PAPER_HIGH):  # in whole percent, as the paper states it
-            out.append(f"{model} seq {seq}: {worst['configuration']} at {100 * worst['peak_rss_mb'] / least:.0f}%, "
-                       f"{worst['peak_rss_mb'] - plain[0]['peak_rss_mb']:+.0f} MiB over plain inference, which alone "
-                       f"is at {100 * plain[0]['peak_rss_mb'] / least:.0f}%")
+        if round(100 * worst["peak_rss_mb"] / least) > round(
+            100 * PAPER_HIGH
+        ):  # in whole percent, as the paper states it
+            out.append(
+                f"{model} seq {seq}: {worst['configuration']} at {100 * worst['peak_rss_mb'] / least:.0f}%, "
+                f"{worst['peak_rss_mb'] - plain[0]['peak_rss_mb']:+.0f} MiB over plain inference, which alone "
+                f"is at {100 * plain[0]['peak_rss_mb'] / least:.0f}%"
+            )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="MiniLM at sequence 64 only, ONNX Runtime only")
-    p.add_argument("--render", action="store_true",
-                   help="measure nothing: write the table and its notes again from the last measured rows")
+    p.add_argument(
+        "--render",
+        action="store_true",
+        help="measure nothing: write the table and its notes again from the last measured rows",
+    )
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -189,17 +240,21 @@ def main(argv: list[str] | None = None) -> int:
 def report(rows: list[dict], command: str, measured: dict | None = None) -> None:
     summary = paper_comparison(rows)
     columns = ["model", "seq", "kind", "configuration", "peak_rss_mb", "vs backprop LoRA"]
-    notes = (f"Peak RSS (MiB) of a fresh process per row, batch 8, one thread. {PAPER} Measured here: "
-             f"{'; '.join(summary) or 'no complete pair'} (range over fwdllm backends and backprop methods). Ours compares whole "
-             "processes: the device rows hold ONNX Runtime/LiteRT/llama.cpp and the bundle, the backprop rows hold "
-             "torch itself, the fp32 model, activations kept for backward, gradients and AdamW state.")
+    notes = (
+        f"Peak RSS (MiB) of a fresh process per row, batch 8, one thread. {PAPER} Measured here: "
+        f"{'; '.join(summary) or 'no complete pair'} (range over fwdllm backends and backprop methods). Ours compares whole "
+        "processes: the device rows hold ONNX Runtime/LiteRT/llama.cpp and the bundle, the backprop rows hold "
+        "torch itself, the fp32 model, activations kept for backward, gradients and AdamW state."
+    )
     if above := above_paper(rows):
-        notes += (" Where fwdllm tops the paper's range: " + "; ".join(above) + ". Two causes. Where plain inference "
-                  "alone is near the top, the model's own inference footprint sets the floor (SmolLM2 in ONNX Runtime: "
-                  "fp32 weights and logits over a 49,152-token vocabulary at every position); llama.cpp's quantised "
-                  "weights are the way down. Otherwise the excess is the configuration's: a TFLite graph has a fixed P "
-                  "and holds the activations of its P rows (8 here) in one call, where ONNX Runtime runs one row per "
-                  "call above no cut.")
+        notes += (
+            " Where fwdllm tops the paper's range: " + "; ".join(above) + ". Two causes. Where plain inference "
+            "alone is near the top, the model's own inference footprint sets the floor (SmolLM2 in ONNX Runtime: "
+            "fp32 weights and logits over a 49,152-token vocabulary at every position); llama.cpp's quantised "
+            "weights are the way down. Otherwise the excess is the configuration's: a TFLite graph has a fixed P "
+            "and holds the activations of its P rows (8 here) in one call, where ONNX Runtime runs one row per "
+            "call above no cut."
+        )
     write_results("memory", command, rows, columns, notes, measured=measured)
     print((ROOT / "bench" / "results" / "memory.md").read_text())
 

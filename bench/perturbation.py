@@ -34,18 +34,29 @@ def main(argv: list[str] | None = None) -> int:
         seeds = iter(range(1 << 20))
         fill = median_seconds(lambda: buffer.fill(1.0), args.repeats)
         gen = median_seconds(lambda: generate(next(seeds), 0, n, dist), args.repeats)
-        rows.append({
-            "distribution": dist,
-            "values": n,
-            "generate Mvalues/s": n / gen / 1e6,
-            "fill Mvalues/s": n / fill / 1e6,
-            "generate/fill time ratio": gen / fill,
-            "target Mvalues/s": 100.0 if dist == "gaussian" else "",
-        })
+        rows.append(
+            {
+                "distribution": dist,
+                "values": n,
+                "generate Mvalues/s": n / gen / 1e6,
+                "fill Mvalues/s": n / fill / 1e6,
+                "generate/fill time ratio": gen / fill,
+                "target Mvalues/s": 100.0 if dist == "gaussian" else "",
+            }
+        )
     cmd = f"python bench/perturbation.py --values {n} --repeats {args.repeats}"
     path = write_results(
-        "perturbation", cmd, rows,
-        ["distribution", "values", "generate Mvalues/s", "fill Mvalues/s", "generate/fill time ratio", "target Mvalues/s"],
+        "perturbation",
+        cmd,
+        rows,
+        [
+            "distribution",
+            "values",
+            "generate Mvalues/s",
+            "fill Mvalues/s",
+            "generate/fill time ratio",
+            "target Mvalues/s",
+        ],
         notes="Single thread; medians over repeats. Gaussian = Box-Muller in float64 (log, sqrt, cos, sin per pair).",
     )
     print(path.read_text())

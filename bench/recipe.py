@@ -46,32 +46,61 @@ BITFIT_STEPS = 500  # 10k forward passes: where plain SGD had collapsed (calibra
 CONFIGS: dict[str, tuple] = {
     # head only, prefix reuse: the encoder runs once per task, every perturbation only through the head
     "head sgd lr 2": (HEAD, {"perturbations": 100, "lr": 2.0, "steps": 20}, {}, 0.0),
-    "head sgd lr 2 + variance control": (HEAD, {"perturbations": 100, "lr": 2.0, "steps": 20, "variance": "relative",
-                                                "max_waves": 4}, {}, 0.0),
+    "head sgd lr 2 + variance control": (
+        HEAD,
+        {"perturbations": 100, "lr": 2.0, "steps": 20, "variance": "relative", "max_waves": 4},
+        {},
+        0.0,
+    ),
     "head sgd lr 2 + sampler": (HEAD, {"perturbations": 100, "lr": 2.0, "steps": 20, "sampler": True}, {}, 0.0),
     "head sgd lr 2, 40 steps": (HEAD, {"perturbations": 100, "lr": 2.0, "steps": 40}, {}, 0.0),
     # the Makefile's demo target, flag for flag
-    DEMO: (HEAD, {"perturbations": 200, "lr": 2.0, "steps": 20, "variance": "relative", "max_waves": 2, "sampler": True},
-           {}, 0.0),
+    DEMO: (
+        HEAD,
+        {"perturbations": 200, "lr": 2.0, "steps": 20, "variance": "relative", "max_waves": 2, "sampler": True},
+        {},
+        0.0,
+    ),
     "head sgd lr 0.5": (HEAD, {"perturbations": 100, "lr": 0.5, "steps": 20}, {}, 0.0),
     "head sgd lr 5": (HEAD, {"perturbations": 100, "lr": 5.0, "steps": 20}, {}, 0.0),
     # BitFit over all layers, 1 perturbation per client: every perturbation reruns the encoder
     "bitfit sgd constant lr 0.01 (FwdLLM plain)": (BITFIT, {"lr": 0.01, "schedule": "constant"}, {}, 0.0),
-    "bitfit sgd constant lr 0.01 + early stop (10% validation)": (BITFIT, {"lr": 0.01, "schedule": "constant"},
-                                                                   {"eval": {"patience": 3}}, 0.1),
+    "bitfit sgd constant lr 0.01 + early stop (10% validation)": (
+        BITFIT,
+        {"lr": 0.01, "schedule": "constant"},
+        {"eval": {"patience": 3}},
+        0.1,
+    ),
     "bitfit normalised lr 1 linear": (BITFIT, {"lr": 1.0}, {"optimizer": {"normalize": True}}, 0.0),
     "bitfit normalised lr 0.3 linear": (BITFIT, {"lr": 0.3}, {"optimizer": {"normalize": True}}, 0.0),
-    "bitfit sgd linear lr 0.01, encoder biases x0.1": (BITFIT, {"lr": 0.01}, {"optimizer": {"groups": [
-        {"match": "classifier.*", "lr_scale": 1.0}, {"match": "*", "lr_scale": 0.1}]}}, 0.0),
+    "bitfit sgd linear lr 0.01, encoder biases x0.1": (
+        BITFIT,
+        {"lr": 0.01},
+        {"optimizer": {"groups": [{"match": "classifier.*", "lr_scale": 1.0}, {"match": "*", "lr_scale": 0.1}]}},
+        0.0,
+    ),
     # the head starts at zero, so the encoder biases' gradient starts at zero too: early steps are head learning,
     # and the biases' share of every estimate is noise; a small rate for them keeps their random walk short
-    "bitfit sgd linear lr 0.05, encoder biases x0.1": (BITFIT, {"lr": 0.05}, {"optimizer": {"groups": [
-        {"match": "classifier.*", "lr_scale": 1.0}, {"match": "*", "lr_scale": 0.1}]}}, 0.0),
+    "bitfit sgd linear lr 0.05, encoder biases x0.1": (
+        BITFIT,
+        {"lr": 0.05},
+        {"optimizer": {"groups": [{"match": "classifier.*", "lr_scale": 1.0}, {"match": "*", "lr_scale": 0.1}]}},
+        0.0,
+    ),
     "bitfit adam lr 3e-3 linear": (BITFIT, {"optimizer": "adam", "lr": 3e-3}, {}, 0.0),
     "bitfit adam lr 1e-2 linear": (BITFIT, {"optimizer": "adam", "lr": 1e-2}, {}, 0.0),
-    "bitfit adam lr 1e-2 linear, encoder biases x0.1": (BITFIT, {"optimizer": "adam", "lr": 1e-2}, {"optimizer": {"groups": [
-        {"match": "classifier.*", "lr_scale": 1.0}, {"match": "*", "lr_scale": 0.1}]}}, 0.0),
-    "bitfit top-1 sgd constant lr 0.01 (FwdLLM plain)": (TOP1, {"lr": 0.01, "schedule": "constant", "steps": 300}, {}, 0.0),
+    "bitfit adam lr 1e-2 linear, encoder biases x0.1": (
+        BITFIT,
+        {"optimizer": "adam", "lr": 1e-2},
+        {"optimizer": {"groups": [{"match": "classifier.*", "lr_scale": 1.0}, {"match": "*", "lr_scale": 0.1}]}},
+        0.0,
+    ),
+    "bitfit top-1 sgd constant lr 0.01 (FwdLLM plain)": (
+        TOP1,
+        {"lr": 0.01, "schedule": "constant", "steps": 300},
+        {},
+        0.0,
+    ),
     "bitfit top-1 sgd linear lr 0.01": (TOP1, {"lr": 0.01, "steps": 300}, {}, 0.0),
     "bitfit top-1 normalised lr 1 linear": (TOP1, {"lr": 1.0, "steps": 300}, {"optimizer": {"normalize": True}}, 0.0),
 }
@@ -85,20 +114,40 @@ WARM_STEPS = 150
 # the head with the Adam recipe, starting from that head (SimConfig.init_theta). Its costs include the head stage.
 LP_FT = f"{ALL_LAYER}, {WARM_STEPS} steps from the trained head (LP-FT)"
 FROM_ZERO = f"{ALL_LAYER}, {WARM_STEPS} steps from zero"  # the same BitFit budget without the head stage
-CONFIGS[LP_FT] = CONFIGS[FROM_ZERO] = (BITFIT, {"optimizer": "adam", "lr": 3e-3, "steps": WARM_STEPS, "eval_every": 25},
-                                       {}, 0.0)
+CONFIGS[LP_FT] = CONFIGS[FROM_ZERO] = (
+    BITFIT,
+    {"optimizer": "adam", "lr": 3e-3, "steps": WARM_STEPS, "eval_every": 25},
+    {},
+    0.0,
+)
 WARM_FROM = {LP_FT: HEAD_RECIPE}  # configuration -> the configuration whose final θ (same seed) it starts from
 # make bench: make demo's configuration, the head recipe this study measured at ≥ 90%, LP-FT, all-layer BitFit from
 # zero at LP-FT's BitFit budget, and variance control and the sampler each on against off (the question is whether they
 # help); configuration -> seeds
-LEAN = {DEMO: 3, HEAD_RECIPE: 3, LP_FT: 3, FROM_ZERO: 1, "head sgd lr 2": 3, "head sgd lr 2 + variance control": 3,
-        "head sgd lr 2 + sampler": 3}
+LEAN = {
+    DEMO: 3,
+    HEAD_RECIPE: 3,
+    LP_FT: 3,
+    FROM_ZERO: 1,
+    "head sgd lr 2": 3,
+    "head sgd lr 2 + variance control": 3,
+    "head sgd lr 2 + sampler": 3,
+}
 
 
 def sim_for(name: str, seed: int, quick: bool) -> tuple[SimConfig, dict, float]:
     (peft, layers), fields, overrides, validation = CONFIGS[name]
-    settings = {"clients": 100, "per_step": 10, "steps": BITFIT_STEPS, "alpha": 0.5, "seed": seed, "perturbations": 1,
-                "eval_every": 50, "eval_limit": 0, **fields}
+    settings = {
+        "clients": 100,
+        "per_step": 10,
+        "steps": BITFIT_STEPS,
+        "alpha": 0.5,
+        "seed": seed,
+        "perturbations": 1,
+        "eval_every": 50,
+        "eval_limit": 0,
+        **fields,
+    }
     if settings.get("eval_every", 0) > settings["steps"]:
         settings["eval_every"] = settings["steps"]
     if peft == "head":
@@ -125,7 +174,9 @@ def estimate_noise(peft: str, layers: str, perturbations: int, repeats: int) -> 
     manifest = load_manifest(path)
     backend = open_backend(path, "onnxruntime", options={"threads": 1}, manifest=manifest)
     labels = manifest.model.labels
-    batch = backend.tokenizer().batch([Example(e["text"], labels.index(e["label"])) for e in load_dataset(DATA).train[:8]])
+    batch = backend.tokenizer().batch(
+        [Example(e["text"], labels.index(e["label"])) for e in load_dataset(DATA).train[:8]]
+    )
     theta = load_theta(path, manifest)
     d = theta.size
     total, squares, norms = np.zeros(d), 0.0, []
@@ -142,10 +193,17 @@ def estimate_noise(peft: str, layers: str, perturbations: int, repeats: int) -> 
     backend.close()
     n = repeats * perturbations
     signal = (float(total @ total) - squares) / (n * (n - 1))
-    grad = signal ** 0.5 if signal > 0 else float("nan")
-    return {"part": "estimate", "config": f"{peft} ({layers} layers)", "d": d, "N": perturbations,
-            "estimate_norm": statistics.mean(norms), "gradient_norm": grad,
-            "norm_ratio": statistics.mean(norms) / grad, "theory_ratio": (1 + (d + 1) / perturbations) ** 0.5}
+    grad = signal**0.5 if signal > 0 else float("nan")
+    return {
+        "part": "estimate",
+        "config": f"{peft} ({layers} layers)",
+        "d": d,
+        "N": perturbations,
+        "estimate_norm": statistics.mean(norms),
+        "gradient_norm": grad,
+        "norm_ratio": statistics.mean(norms) / grad,
+        "theory_ratio": (1 + (d + 1) / perturbations) ** 0.5,
+    }
 
 
 def theta_file(name: str, seed: int, quick: bool) -> Path:
@@ -168,12 +226,21 @@ def study_run(name: str, seed: int, quick: bool, done: list[dict] = ()) -> dict:
     res.save_theta(theta_file(name, seed, quick))
     evals = res.evals()
     trace = [(r["step"] + 1, round(r["test_accuracy"], 4)) for r in evals]
-    entry = {"part": "run", "config": name, "seed": seed, "steps_run": len(res.rows),
-             "final_accuracy": res.final["test_accuracy"], "initial_accuracy": res.before["test_accuracy"],
-             "best_accuracy": max([a for _, a in trace] or [res.final["test_accuracy"]]), "trace": trace,
-             "perturbations": sum(r["perturbations"] for r in res.rows), "wall_s": res.wall_s,
-             "cpu_s": time.process_time() - started, "device_seconds": sum(r["device_seconds"] for r in res.rows),
-             "early_stopped": any(r.get("early_stopped") for r in res.rows)}
+    entry = {
+        "part": "run",
+        "config": name,
+        "seed": seed,
+        "steps_run": len(res.rows),
+        "final_accuracy": res.final["test_accuracy"],
+        "initial_accuracy": res.before["test_accuracy"],
+        "best_accuracy": max([a for _, a in trace] or [res.final["test_accuracy"]]),
+        "trace": trace,
+        "perturbations": sum(r["perturbations"] for r in res.rows),
+        "wall_s": res.wall_s,
+        "cpu_s": time.process_time() - started,
+        "device_seconds": sum(r["device_seconds"] for r in res.rows),
+        "early_stopped": any(r.get("early_stopped") for r in res.rows),
+    }
     if stage is not None:
         entry["warm_from"] = stage["config"]
         for key in ("steps_run", "perturbations", "wall_s", "cpu_s", "device_seconds"):
@@ -190,19 +257,28 @@ def summarise(runs: list[dict]) -> list[dict]:
     for name in dict.fromkeys(r["config"] for r in runs):
         mine = [r for r in runs if r["config"] == name]
         finals = [r["final_accuracy"] for r in mine]
-        rows.append({"configuration": name, "seeds": len(mine), "final acc mean": statistics.mean(finals),
-                     "final acc sd": statistics.stdev(finals) if len(finals) > 1 else 0.0,
-                     "final acc min": min(finals), "best seen (mean)": statistics.mean(r["best_accuracy"] for r in mine),
-                     "steps": statistics.mean(r["steps_run"] for r in mine),
-                     "perturbations": statistics.mean(r["perturbations"] for r in mine),
-                     "wall s (mean)": statistics.mean(r["wall_s"] for r in mine),
-                     "cpu s (mean)": statistics.mean(r["cpu_s"] for r in mine)})
+        rows.append(
+            {
+                "configuration": name,
+                "seeds": len(mine),
+                "final acc mean": statistics.mean(finals),
+                "final acc sd": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                "final acc min": min(finals),
+                "best seen (mean)": statistics.mean(r["best_accuracy"] for r in mine),
+                "steps": statistics.mean(r["steps_run"] for r in mine),
+                "perturbations": statistics.mean(r["perturbations"] for r in mine),
+                "wall s (mean)": statistics.mean(r["wall_s"] for r in mine),
+                "cpu s (mean)": statistics.mean(r["cpu_s"] for r in mine),
+            }
+        )
     return rows
 
 
 # (feature, configuration with it, the same configuration without it)
-ON_OFF = [("variance control", "head sgd lr 2 + variance control", "head sgd lr 2"),
-          ("the discriminative sampler", "head sgd lr 2 + sampler", "head sgd lr 2")]
+ON_OFF = [
+    ("variance control", "head sgd lr 2 + variance control", "head sgd lr 2"),
+    ("the discriminative sampler", "head sgd lr 2 + sampler", "head sgd lr 2"),
+]
 
 
 def on_off(rows: list[dict]) -> str:
@@ -212,12 +288,20 @@ def on_off(rows: list[dict]) -> str:
     for feature, with_it, without in ON_OFF:
         if with_it in by_name and without in by_name:
             a, b = by_name[with_it], by_name[without]
-            out.append(f"{feature}: {a['final acc mean']:.3f} ± {a['final acc sd']:.3f} with it, "
-                       f"{b['final acc mean']:.3f} ± {b['final acc sd']:.3f} without ({a['seeds']} and {b['seeds']} seeds, "
-                       f"{a['final acc mean'] - b['final acc mean']:+.3f}), at {a['perturbations'] / b['perturbations']:.2f}× "
-                       "the perturbations")
-    return ("On against off, same steps and seeds: " + "; ".join(out) + ". A difference within the spread across seeds "
-            "is no gain.") if out else ""
+            out.append(
+                f"{feature}: {a['final acc mean']:.3f} ± {a['final acc sd']:.3f} with it, "
+                f"{b['final acc mean']:.3f} ± {b['final acc sd']:.3f} without ({a['seeds']} and {b['seeds']} seeds, "
+                f"{a['final acc mean'] - b['final acc mean']:+.3f}), at {a['perturbations'] / b['perturbations']:.2f}× "
+                "the perturbations"
+            )
+    return (
+        (
+            "On against off, same steps and seeds: " + "; ".join(out) + ". A difference within the spread across seeds "
+            "is no gain."
+        )
+        if out
+        else ""
+    )
 
 
 def plot_traces(runs: list[dict], path: Path) -> Path:
@@ -261,17 +345,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-estimate", action="store_true", help="skip part 1")
     p.add_argument("--estimate-only", action="store_true", help="part 1 only")
     p.add_argument("--table-only", action="store_true", help="write the table from the runs in --log; run nothing")
-    p.add_argument("--log", type=Path, default=RESULTS_DIR / "recipe-runs.jsonl", help="finished runs are appended here")
+    p.add_argument(
+        "--log", type=Path, default=RESULTS_DIR / "recipe-runs.jsonl", help="finished runs are appended here"
+    )
     p.add_argument("--resume", action="store_true", help="reuse the runs in --log (a long study in several processes)")
     args = p.parse_args(argv)
-    names = [] if args.estimate_only else args.configs or ([LP_FT] if args.quick else list(LEAN) if args.lean else list(CONFIGS))
+    names = (
+        []
+        if args.estimate_only
+        else args.configs or ([LP_FT] if args.quick else list(LEAN) if args.lean else list(CONFIGS))
+    )
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"unknown configuration(s) {unknown}; known: {list(CONFIGS)}")
+
     def seeds_of(name: str) -> int:
         return 1 if args.quick else LEAN[name] if args.lean and not args.configs else args.seeds
 
-    done = [json.loads(x) for x in args.log.read_text().splitlines()] if (args.resume or args.table_only) and args.log.exists() else []
+    done = (
+        [json.loads(x) for x in args.log.read_text().splitlines()]
+        if (args.resume or args.table_only) and args.log.exists()
+        else []
+    )
 
     def remember(entry: dict) -> dict:
         if not args.quick:
@@ -286,48 +381,76 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.no_estimate:
         cases = [("head", "head"), ("bitfit", "top:1"), ("bitfit", "all")]
         for peft, layers in tqdm(cases[:2] if args.quick else cases, desc="estimate noise"):
-            for n in ([16] if args.quick else [10, 100]):
+            for n in [16] if args.quick else [10, 100]:
                 label = f"{peft} ({layers} layers)"
-                cached = next((e for e in done if e["part"] == "estimate" and e["config"] == label and e["N"] == n), None)
+                cached = next(
+                    (e for e in done if e["part"] == "estimate" and e["config"] == label and e["N"] == n), None
+                )
                 estimate.append(cached or remember(estimate_noise(peft, layers, n, 2 if args.quick else 4)))
     runs = [r for r in done if r["part"] == "run"] if args.table_only else []
     for name in [] if args.table_only else names:
         for seed in range(args.first_seed, args.first_seed + seeds_of(name)):
-            cached = next((r for r in done + runs if r["part"] == "run" and r["config"] == name and r["seed"] == seed), None)
+            cached = next(
+                (r for r in done + runs if r["part"] == "run" and r["config"] == name and r["seed"] == seed), None
+            )
             runs.append(cached or remember(study_run(name, seed, args.quick, done + runs)))
     rows = summarise(runs)
-    columns = ["configuration", "seeds", "final acc mean", "final acc sd", "final acc min", "best seen (mean)", "steps",
-               "perturbations", "wall s (mean)", "cpu s (mean)"]
-    est_md = "\n".join(f"| {e['config']} | {e['d']:,} | {e['N']} | {e['estimate_norm']:.3g} | {_num(e['gradient_norm'])} | "
-                       f"{_num(e['norm_ratio'])} | {e['theory_ratio']:.1f} |" for e in estimate)
-    notes = ("BBC News, MiniLM-L6, sequence 64, batch 8, 100 clients (Dirichlet α=0.5), 10 per step, ε=0.01 central "
-             "differences, Gaussian perturbations; accuracy on the 445 held-out documents at the end of the run. "
-             "Wall and CPU seconds are this process's on a shared 2-core machine (compare within the table).\n\n"
-             "The estimate on one batch at θ0 (‖g‖ from the pooled perturbations, unbiased; theory for ‖ĝ‖/‖g‖: √(1+(d+1)/N)):\n\n"
-             "| trainable set | d | N | ‖ĝ‖ | ‖g‖ | ‖ĝ‖/‖g‖ | theory |\n|---|---|---|---|---|---|---|\n" + est_md +
-             "\n\nWhy plain SGD collapses: with N perturbations per step the estimate is ‖g‖·√(1+(d+1)/N) long but "
-             "only its ‖g‖ part points downhill; the rest is a random direction. At a constant learning rate those "
-             "random parts add up like a random walk (displacement ∝ lr·‖ĝ‖·√T) while the useful part grows ∝ lr·‖g‖²·T, "
-             "and for all-layer BitFit (d≈27.7k, N=10: ‖ĝ‖≈53‖g‖) the walk through the encoder biases eventually "
-             "wrecks the features. The remedies CONFIGS runs (a configuration missing from the table above was not run in this report): decay (the walk stops growing), a normalised or clipped "
-             "step (a loss spike cannot make a larger step), smaller rates for the encoder biases, more perturbations "
-             "per step (variance control), and early stopping on a validation split. ‖g‖ n/a: the pooled estimate of "
-             "‖g‖² came out negative (too few perturbations for that d).\n\n"
-             "Why all-layer BitFit from zero is slow even without a collapse: the head starts at zero, so early "
-             "progress is head learning, but every one of its perturbations reruns the encoder and carries the "
-             "27.7k-dimensional noise of the biases. LP-FT (linear probing, then fine-tuning; Kumar et al. 2022) "
-             f"trains the head first with prefix reuse ({HEAD_RECIPE!r}), then all biases and the head from there "
-             f"({LP_FT!r}, same seed; its steps, perturbations and seconds include the head stage). Compare it with "
-             f"the head alone and with {FROM_ZERO!r}, the same BitFit budget from a zero head.")
+    columns = [
+        "configuration",
+        "seeds",
+        "final acc mean",
+        "final acc sd",
+        "final acc min",
+        "best seen (mean)",
+        "steps",
+        "perturbations",
+        "wall s (mean)",
+        "cpu s (mean)",
+    ]
+    est_md = "\n".join(
+        f"| {e['config']} | {e['d']:,} | {e['N']} | {e['estimate_norm']:.3g} | {_num(e['gradient_norm'])} | "
+        f"{_num(e['norm_ratio'])} | {e['theory_ratio']:.1f} |"
+        for e in estimate
+    )
+    notes = (
+        "BBC News, MiniLM-L6, sequence 64, batch 8, 100 clients (Dirichlet α=0.5), 10 per step, ε=0.01 central "
+        "differences, Gaussian perturbations; accuracy on the 445 held-out documents at the end of the run. "
+        "Wall and CPU seconds are this process's on a shared 2-core machine (compare within the table).\n\n"
+        "The estimate on one batch at θ0 (‖g‖ from the pooled perturbations, unbiased; theory for ‖ĝ‖/‖g‖: √(1+(d+1)/N)):\n\n"
+        "| trainable set | d | N | ‖ĝ‖ | ‖g‖ | ‖ĝ‖/‖g‖ | theory |\n|---|---|---|---|---|---|---|\n"
+        + est_md
+        + "\n\nWhy plain SGD collapses: with N perturbations per step the estimate is ‖g‖·√(1+(d+1)/N) long but "
+        "only its ‖g‖ part points downhill; the rest is a random direction. At a constant learning rate those "
+        "random parts add up like a random walk (displacement ∝ lr·‖ĝ‖·√T) while the useful part grows ∝ lr·‖g‖²·T, "
+        "and for all-layer BitFit (d≈27.7k, N=10: ‖ĝ‖≈53‖g‖) the walk through the encoder biases eventually "
+        "wrecks the features. The remedies CONFIGS runs (a configuration missing from the table above was not run in this report): decay (the walk stops growing), a normalised or clipped "
+        "step (a loss spike cannot make a larger step), smaller rates for the encoder biases, more perturbations "
+        "per step (variance control), and early stopping on a validation split. ‖g‖ n/a: the pooled estimate of "
+        "‖g‖² came out negative (too few perturbations for that d).\n\n"
+        "Why all-layer BitFit from zero is slow even without a collapse: the head starts at zero, so early "
+        "progress is head learning, but every one of its perturbations reruns the encoder and carries the "
+        "27.7k-dimensional noise of the biases. LP-FT (linear probing, then fine-tuning; Kumar et al. 2022) "
+        f"trains the head first with prefix reuse ({HEAD_RECIPE!r}), then all biases and the head from there "
+        f"({LP_FT!r}, same seed; its steps, perturbations and seconds include the head stage). Compare it with "
+        f"the head alone and with {FROM_ZERO!r}, the same BitFit budget from a zero head."
+    )
     if verdict := on_off(rows):
         notes += "\n\n" + verdict
     figure = plot_traces(runs, ROOT / "bench" / "figures" / ("recipe-quick.png" if args.quick else "recipe.png"))
     notes += f"\n\n![accuracy along each run]({figure.relative_to(ROOT)})"
-    cmd = "python bench/recipe.py" + (" --quick" if args.quick else " --lean" if args.lean else
-                                      " (runs in separate processes with --resume, then --table-only)" if args.table_only else "")
+    cmd = "python bench/recipe.py" + (
+        " --quick"
+        if args.quick
+        else " --lean"
+        if args.lean
+        else " (runs in separate processes with --resume, then --table-only)"
+        if args.table_only
+        else ""
+    )
     write_results("recipe", cmd, rows, columns, notes)
-    (RESULTS_DIR / "recipe-detail.json").write_text(json.dumps({"command": cmd, "estimate": estimate, "runs": runs},
-                                                                indent=1) + "\n")
+    (RESULTS_DIR / "recipe-detail.json").write_text(
+        json.dumps({"command": cmd, "estimate": estimate, "runs": runs}, indent=1) + "\n"
+    )
     print((RESULTS_DIR / "recipe.md").read_text())
     return 0
 

@@ -11,9 +11,9 @@ import os
 import platform
 import statistics
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -29,7 +29,7 @@ def machine() -> dict:
         "python": platform.python_version(),
         "versions": versions(),
         "platform": platform.platform(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -81,8 +81,9 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def write_results(name: str, command: str, rows: list[dict], columns: list[str], notes: str = "",
-                  measured: dict | None = None) -> Path:
+def write_results(
+    name: str, command: str, rows: list[dict], columns: list[str], notes: str = "", measured: dict | None = None
+) -> Path:
     """Write results/<name>.json and results/<name>.md; return the Markdown path.
 
     ``measured``: the machine record of the run that measured ``rows``, when they are written again (new notes)

@@ -44,32 +44,89 @@ class Section:
 
 
 SECTIONS = [
-    Section("Seeded perturbation generator", "perturbation.py", ["perturbation"], ["--values", "1000000", "--repeats", "3"],
-            timed=True),
+    Section(
+        "Seeded perturbation generator",
+        "perturbation.py",
+        ["perturbation"],
+        ["--values", "1000000", "--repeats", "3"],
+        timed=True,
+    ),
     Section("Communication per device per step", "communication.py", ["communication"]),
     Section("Export time and bundle size", "export.py", ["export"], ["--quick"], timed=True),
-    Section("Coordinator aggregation and load", "aggregation.py", ["aggregation"],
-            ["--seeds", "64", "--clients", "100", "--repeats", "2"], timed=True),
+    Section(
+        "Coordinator aggregation and load",
+        "aggregation.py",
+        ["aggregation"],
+        ["--seeds", "64", "--clients", "100", "--repeats", "2"],
+        timed=True,
+    ),
     Section("Device memory: fwdllm vs backprop", "memory.py", ["memory"], ["--quick"], minutes=18),
-    Section("Backprop baselines: FedAvg of PEFT parameters in PyTorch", "baselines.py", ["baselines"], ["--quick"],
-            minutes=28),
-    Section("Training recipe: BBC News, final accuracy over 3 seeds", "recipe.py", ["recipe"], ["--quick"],
-            ["--lean"], minutes=27),
-    Section("Time to accuracy: AG News, fwdllm vs backprop", "time_to_accuracy.py", ["time_to_accuracy"], ["--quick"],
-            after=("baselines.py", "memory.py"), minutes=14),
+    Section(
+        "Backprop baselines: FedAvg of PEFT parameters in PyTorch",
+        "baselines.py",
+        ["baselines"],
+        ["--quick"],
+        minutes=28,
+    ),
+    Section(
+        "Training recipe: BBC News, final accuracy over 3 seeds",
+        "recipe.py",
+        ["recipe"],
+        ["--quick"],
+        ["--lean"],
+        minutes=27,
+    ),
+    Section(
+        "Time to accuracy: AG News, fwdllm vs backprop",
+        "time_to_accuracy.py",
+        ["time_to_accuracy"],
+        ["--quick"],
+        after=("baselines.py", "memory.py"),
+        minutes=14,
+    ),
     Section("Scaling with clients per step", "scaling.py", ["scaling"], ["--quick"], minutes=5.5),
-    Section("llama.cpp: θ channels (LoRA file, control vector) vs plain evaluation", "llama_channels.py",
-            ["llama_channels"], ["--quick"], timed=True),
-    Section("llama.cpp: a top-K suffix GGUF from cached hidden states vs the whole model", "llama_prefix.py",
-            ["llama_prefix"], ["--quick"], timed=True),
-    Section("Decoders: what one perturbed evaluation costs, top-K suffix vs full graph", "decoder_cost.py",
-            ["decoder_cost"], ["--quick"], timed=True),
-    Section("Decoders: SmolLM2-135M + LoRA classifying BBC News by label words", "decoder.py", ["decoder"], ["--quick"],
-            minutes=45),
-    Section("LLaMA-7B on paper: memory and seconds per perturbed evaluation, extrapolated from SmolLM2", "llama7b.py",
-            ["llama7b"], ["--quick"], timed=True),
-    Section("Device runtime: perturbed vs plain inference, P batching, memory, prefix reuse (MiniLM, 8×64)", "device.py",
-            ["device"], ["--quick"], timed=True),
+    Section(
+        "llama.cpp: θ channels (LoRA file, control vector) vs plain evaluation",
+        "llama_channels.py",
+        ["llama_channels"],
+        ["--quick"],
+        timed=True,
+    ),
+    Section(
+        "llama.cpp: a top-K suffix GGUF from cached hidden states vs the whole model",
+        "llama_prefix.py",
+        ["llama_prefix"],
+        ["--quick"],
+        timed=True,
+    ),
+    Section(
+        "Decoders: what one perturbed evaluation costs, top-K suffix vs full graph",
+        "decoder_cost.py",
+        ["decoder_cost"],
+        ["--quick"],
+        timed=True,
+    ),
+    Section(
+        "Decoders: SmolLM2-135M + LoRA classifying BBC News by label words",
+        "decoder.py",
+        ["decoder"],
+        ["--quick"],
+        minutes=45,
+    ),
+    Section(
+        "LLaMA-7B on paper: memory and seconds per perturbed evaluation, extrapolated from SmolLM2",
+        "llama7b.py",
+        ["llama7b"],
+        ["--quick"],
+        timed=True,
+    ),
+    Section(
+        "Device runtime: perturbed vs plain inference, P batching, memory, prefix reuse (MiniLM, 8×64)",
+        "device.py",
+        ["device"],
+        ["--quick"],
+        timed=True,
+    ),
 ]
 
 
@@ -95,8 +152,12 @@ def run_sections(sections: list[Section], quick: bool, jobs: int) -> dict[str, t
         stderr = (LOGS_DIR / f"{Path(sec.script).stem}.log").read_text(errors="replace")
         done[sec.script] = (proc.returncode, stderr, time.perf_counter() - began)
         ok = proc.returncode == 0
-        print(f"{'ok' if ok else 'FAILED'} {sec.script} ({done[sec.script][2]:.0f} s)" + ("" if ok else f"\n{stderr[-3000:]}"),
-              file=sys.stdout if ok else sys.stderr, flush=True)
+        print(
+            f"{'ok' if ok else 'FAILED'} {sec.script} ({done[sec.script][2]:.0f} s)"
+            + ("" if ok else f"\n{stderr[-3000:]}"),
+            file=sys.stdout if ok else sys.stderr,
+            flush=True,
+        )
 
     LOGS_DIR.mkdir(parents=True, exist_ok=True)
     for sec in (s for s in sections if s.timed):
@@ -124,12 +185,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, few repeats: checks the scripts still run")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
-    parser.add_argument("--from-results", action="store_true",
-                        help="run nothing: assemble the report from bench/results as the scripts last wrote them")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                        help="untimed sections run this many at a time (default: the number of cores)")
-    parser.add_argument("--sections", nargs="*", metavar="SCRIPT",
-                        help="run only these scripts (e.g. recipe.py); the report takes the others' last results")
+    parser.add_argument(
+        "--from-results",
+        action="store_true",
+        help="run nothing: assemble the report from bench/results as the scripts last wrote them",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="untimed sections run this many at a time (default: the number of cores)",
+    )
+    parser.add_argument(
+        "--sections",
+        nargs="*",
+        metavar="SCRIPT",
+        help="run only these scripts (e.g. recipe.py); the report takes the others' last results",
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.sections or []) - {s.script for s in SECTIONS})
     if unknown:
@@ -139,14 +211,22 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     selected = [] if args.from_results else [s for s in SECTIONS if args.sections is None or s.script in args.sections]
     outcomes = run_sections(selected, args.quick, max(1, args.jobs))
-    flags = "".join(f for f, on in ((" --quick", args.quick), (" --from-results", args.from_results),
-                                    (" --sections " + " ".join(args.sections or []), args.sections)) if on)
+    flags = "".join(
+        f
+        for f, on in (
+            (" --quick", args.quick),
+            (" --from-results", args.from_results),
+            (" --sections " + " ".join(args.sections or []), args.sections),
+        )
+        if on
+    )
     parts = [
         "# fwdllm benchmarks\n",
         f"Generated by `python bench/run_all.py{flags}` on {info['date']}"
         f"{'' if args.from_results else f' in {(time.perf_counter() - started) / 60:.0f} min'}: "
         f"{info['cpu']}, {info['cores']} cores, {info['platform']}, Python {info['python']}; "
-        + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + ". "
+        + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+        + ". "
         "Timed sections ran alone; the others (accuracy, bytes, peak memory) ran side by side, one per core. Medians "
         "over repeated runs; compare ratios measured in the same run, not absolute times.\n",
     ]

@@ -65,13 +65,20 @@ def main(argv: list[str] | None = None) -> int:
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=110)
     plt.close(fig)
-    columns = ["clients per step", "perturbations per step", *(f"steps to ≥{t:g}" for t in TARGETS),
-               *(f"device s to ≥{t:g}" for t in TARGETS), "final acc"]
-    notes = (f"AG News, MiniLM-L6 head-only with prefix reuse, {clients} non-IID clients (α=0.5), {PER_CLIENT} "
-             f"perturbations per client, SGD on the normalised estimate (step length {LR}, linear decay over {steps} steps); accuracy on the first "
-             f"{limit} held-out articles every {every} steps. The paper reports fewer steps to target as clients per "
-             "step grow; compare the rows (the estimate's noise falls as 1/perturbations per step).\n\n"
-             f"![scaling]({figure.relative_to(ROOT)})")
+    columns = [
+        "clients per step",
+        "perturbations per step",
+        *(f"steps to ≥{t:g}" for t in TARGETS),
+        *(f"device s to ≥{t:g}" for t in TARGETS),
+        "final acc",
+    ]
+    notes = (
+        f"AG News, MiniLM-L6 head-only with prefix reuse, {clients} non-IID clients (α=0.5), {PER_CLIENT} "
+        f"perturbations per client, SGD on the normalised estimate (step length {LR}, linear decay over {steps} steps); accuracy on the first "
+        f"{limit} held-out articles every {every} steps. The paper reports fewer steps to target as clients per "
+        "step grow; compare the rows (the estimate's noise falls as 1/perturbations per step).\n\n"
+        f"![scaling]({figure.relative_to(ROOT)})"
+    )
     write_results("scaling", "python bench/scaling.py" + (" --quick" if args.quick else ""), rows, columns, notes)
     print((ROOT / "bench" / "results" / "scaling.md").read_text())
     return 0

@@ -31,9 +31,18 @@ def default_threads() -> int:
 class SeedMatrix:
     """The matrix whose rows are v(seed) for ``seeds``, restricted to columns [start, stop)."""
 
-    def __init__(self, seeds, dim: int, dist: Distribution | str = Distribution.GAUSSIAN, *,
-                 start: int = 0, stop: int | None = None, chunk: int = DEFAULT_CHUNK,
-                 seed_group: int = DEFAULT_SEED_GROUP, threads: int | None = None):
+    def __init__(
+        self,
+        seeds,
+        dim: int,
+        dist: Distribution | str = Distribution.GAUSSIAN,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        chunk: int = DEFAULT_CHUNK,
+        seed_group: int = DEFAULT_SEED_GROUP,
+        threads: int | None = None,
+    ):
         self.seeds = np.asarray(seeds, dtype=np.uint64).reshape(-1)
         self.dist = Distribution(dist)
         self.start, self.stop = int(start), int(dim if stop is None else stop)
@@ -164,8 +173,16 @@ def trimmed_mean(trim: float):
     return reduce
 
 
-def aggregate(scalars: CleanedScalars, dim: int, dist: Distribution | str, *, method: str = "mean",
-              trim: float = 0.1, chunk: int = DEFAULT_CHUNK, threads: int | None = None) -> np.ndarray:
+def aggregate(
+    scalars: CleanedScalars,
+    dim: int,
+    dist: Distribution | str,
+    *,
+    method: str = "mean",
+    trim: float = 0.1,
+    chunk: int = DEFAULT_CHUNK,
+    threads: int | None = None,
+) -> np.ndarray:
     """The gradient estimate from cleaned scalars.
 
     ``mean``: (1/N) sum_i jvp_i v_i, the FwdLLM estimator. ``trimmed``/``median``: each
@@ -186,8 +203,16 @@ def aggregate(scalars: CleanedScalars, dim: int, dist: Distribution | str, *, me
     return matrix.rmatvec_groups(scalars.jvp / counts[groups], groups, present.size, reduce)
 
 
-def split_half_variance(scalars: CleanedScalars, dim: int, dist: Distribution | str, start: int, stop: int,
-                        *, chunk: int = DEFAULT_CHUNK, threads: int | None = None) -> float:
+def split_half_variance(
+    scalars: CleanedScalars,
+    dim: int,
+    dist: Distribution | str,
+    start: int,
+    stop: int,
+    *,
+    chunk: int = DEFAULT_CHUNK,
+    threads: int | None = None,
+) -> float:
     """FwdLLM's variance probe: the mean over probe elements of var(m1, m2) = (m1 - m2)^2 / 2.
 
     m1 and m2 are the estimates from the two halves of the scalars (alternate seeds, so
@@ -199,5 +224,6 @@ def split_half_variance(scalars: CleanedScalars, dim: int, dist: Distribution | 
         return float("inf")
     sign = np.where(np.arange(n) % 2 == 0, 1.0 / ((n + 1) // 2), -1.0 / (n // 2)).astype(np.float32)
     diff = SeedMatrix(scalars.seeds, dim, dist, start=start, stop=stop, chunk=chunk, threads=threads).rmatvec(
-        scalars.jvp * sign)
+        scalars.jvp * sign
+    )
     return float(np.mean(diff.astype(np.float64) ** 2) / 2.0)

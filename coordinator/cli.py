@@ -9,8 +9,11 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("coordinator", help="run and inspect the federated server",
-                              description="The gRPC coordinator: rounds, seeds, aggregation, optimiser, persistence.")
+    p = subparsers.add_parser(
+        "coordinator",
+        help="run and inspect the federated server",
+        description="The gRPC coordinator: rounds, seeds, aggregation, optimiser, persistence.",
+    )
     sub = p.add_subparsers(dest="coordinator_command", metavar="ACTION", required=True)
 
     s = sub.add_parser("serve", help="serve a run (resumes from --state if it holds one)")
@@ -21,8 +24,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--config", type=Path, help="TOML or JSON settings (see coordinator/config.py)")
     s.add_argument("--tls-cert", type=Path, help="PEM server certificate (with --tls-key)")
     s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
-    s.add_argument("--token", action="append", default=[],
-                   help="also accept this enrolment token (repeatable; stored like `coordinator token`)")
+    s.add_argument(
+        "--token",
+        action="append",
+        default=[],
+        help="also accept this enrolment token (repeatable; stored like `coordinator token`)",
+    )
     s.add_argument("--exit-when-finished", action="store_true", help="stop serving once the last step is applied")
     s.set_defaults(handler=_serve)
 
@@ -61,8 +68,14 @@ def _serve(args: argparse.Namespace) -> int:
             coordinator.store.add_token(token, "serve --token")
     running = start(coordinator, args.host, args.port, args.tls_cert, args.tls_key)
     logging.getLogger("fwdllm.coordinator").info(  # shown by default: fwdllm's INFO records are progress
-        "serving %s on %s:%d (step %d of %d, state %s)", args.bundle, args.host, running.port, coordinator.step,
-        cfg.run.steps, args.state)
+        "serving %s on %s:%d (step %d of %d, state %s)",
+        args.bundle,
+        args.host,
+        running.port,
+        coordinator.step,
+        cfg.run.steps,
+        args.state,
+    )
     print(f"fwdllm coordinator: listening on {args.host}:{running.port}", flush=True)
     serve_forever(running, args.state / "endpoint", exit_when_finished=args.exit_when_finished)
     return 0

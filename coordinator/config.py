@@ -101,10 +101,16 @@ class CoordinatorConfig:
         _choice("run.distribution", r.distribution, ("gaussian", "rademacher"))
         _choice("aggregation.method", self.aggregation.method, ("mean", "trimmed", "median"))
         _choice("variance.mode", self.variance.mode, ("off", "fixed", "threshold", "relative"))
-        for name, value in [("run.steps", r.steps), ("run.clients_per_step", r.clients_per_step),
-                            ("run.perturbations_per_client", r.perturbations_per_client), ("run.batch_size", r.batch_size),
-                            ("run.min_results", r.min_results), ("variance.max_waves", self.variance.max_waves),
-                            ("variance.fixed_waves", self.variance.fixed_waves), ("sampler.pool_factor", self.sampler.pool_factor)]:
+        for name, value in [
+            ("run.steps", r.steps),
+            ("run.clients_per_step", r.clients_per_step),
+            ("run.perturbations_per_client", r.perturbations_per_client),
+            ("run.batch_size", r.batch_size),
+            ("run.min_results", r.min_results),
+            ("variance.max_waves", self.variance.max_waves),
+            ("variance.fixed_waves", self.variance.fixed_waves),
+            ("sampler.pool_factor", self.sampler.pool_factor),
+        ]:
             if int(value) < 1:
                 raise UserError(f"{name} must be at least 1, got {value}")
         if not r.epsilon > 0 or not r.deadline_s > 0 or r.over_select < 0:
@@ -170,5 +176,7 @@ def load_config(path: str | Path | None) -> CoordinatorConfig:
     try:
         data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else json.loads(path.read_text())
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}") from exc
+        raise UserError(
+            f"config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}"
+        ) from exc
     return from_dict(data)

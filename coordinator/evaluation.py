@@ -83,8 +83,11 @@ class BackendEvaluator:
         logits = np.concatenate(logits)
         shifted = logits - logits.max(axis=1, keepdims=True)
         nll = np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(len(targets)), targets]
-        return {"eval_loss": float(nll.mean()), "accuracy": choice_accuracy(logits, candidates, targets),
-                "eval_examples": len(self.examples)}
+        return {
+            "eval_loss": float(nll.mean()),
+            "accuracy": choice_accuracy(logits, candidates, targets),
+            "eval_examples": len(self.examples),
+        }
 
 
 def single_token_targets(tok, examples) -> tuple[np.ndarray, np.ndarray] | None:
@@ -116,5 +119,7 @@ def evaluator_from_config(cfg: EvalConfig, bundle: Path):
     if cfg.every <= 0:
         return None
     if not cfg.data:
-        raise UserError("eval.every is set but eval.data is empty; name a held-out JSONL file (`fwdllm data partition`)")
+        raise UserError(
+            "eval.every is set but eval.data is empty; name a held-out JSONL file (`fwdllm data partition`)"
+        )
     return BackendEvaluator(Path(bundle), Path(cfg.data), cfg.backend, cfg.batch_size, cfg.limit)

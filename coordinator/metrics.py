@@ -13,9 +13,27 @@ from pathlib import Path
 
 from fwdllm.errors import UserError
 
-COLUMNS = ["step", "theta_version", "time", "loss", "eval_loss", "accuracy", "perturbations", "waves", "variance",
-           "lr", "grad_norm", "grad_scale", "bytes_up", "bytes_down", "step_time_s", "clients_answered",
-           "clients_failed", "dropped_nonfinite", "clipped"]
+COLUMNS = [
+    "step",
+    "theta_version",
+    "time",
+    "loss",
+    "eval_loss",
+    "accuracy",
+    "perturbations",
+    "waves",
+    "variance",
+    "lr",
+    "grad_norm",
+    "grad_scale",
+    "bytes_up",
+    "bytes_down",
+    "step_time_s",
+    "clients_answered",
+    "clients_failed",
+    "dropped_nonfinite",
+    "clipped",
+]
 
 
 class MetricsLog:
@@ -66,8 +84,14 @@ def plot(rows: list[dict], out: Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("loss", "train loss (devices)"), ("eval_loss", "held-out loss"), ("accuracy", "held-out accuracy"),
-              ("perturbations", "perturbations per step"), ("variance", "split-half variance"), ("lr", "learning rate")]
+    panels = [
+        ("loss", "train loss (devices)"),
+        ("eval_loss", "held-out loss"),
+        ("accuracy", "held-out accuracy"),
+        ("perturbations", "perturbations per step"),
+        ("variance", "split-half variance"),
+        ("lr", "learning rate"),
+    ]
     present = [(k, label) for k, label in panels if any(_num(r.get(k)) is not None for r in rows)]
     if not present:
         raise UserError("the metrics hold no numeric curves to plot")

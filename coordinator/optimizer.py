@@ -71,7 +71,9 @@ def lr_scales(cfg: OptimizerConfig, layout: ThetaLayout) -> np.ndarray | None:
     if not cfg.groups:
         return None
     scales = np.ones(layout.dim, dtype=np.float32)
-    unmatched = [g["match"] for g in cfg.groups if not any(fnmatch.fnmatchcase(s.name, g["match"]) for s in layout.tensors)]
+    unmatched = [
+        g["match"] for g in cfg.groups if not any(fnmatch.fnmatchcase(s.name, g["match"]) for s in layout.tensors)
+    ]
     if unmatched:
         names = [s.name for s in layout.tensors][:8]
         raise UserError(f"optimizer.groups patterns {unmatched} match no theta tensor; tensors look like {names}")
@@ -116,7 +118,9 @@ class Optimizer:
             return self.cfg.clip_norm / norm
         return 1.0
 
-    def apply(self, theta: np.ndarray, grad: np.ndarray, step: int, jvp_std: float = math.nan) -> tuple[np.ndarray, dict]:
+    def apply(
+        self, theta: np.ndarray, grad: np.ndarray, step: int, jvp_std: float = math.nan
+    ) -> tuple[np.ndarray, dict]:
         """theta after one step on ``grad``; info has lr, grad_norm and the scale applied.
 
         ``jvp_std``: the std of the directional derivatives ``grad`` was built from (``jvp_std`` option)."""
@@ -149,7 +153,9 @@ class Optimizer:
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         missing = sorted(set(self.state) - set(state))
         if missing:
-            raise UserError(f"the checkpoint lacks optimiser state {missing}: it was written with another "
-                            "optimizer.name; keep the run's config or start a new --state folder")
+            raise UserError(
+                f"the checkpoint lacks optimiser state {missing}: it was written with another "
+                "optimizer.name; keep the run's config or start a new --state folder"
+            )
         for k in self.state:
             self.state[k] = np.array(state[k], dtype=np.float32)

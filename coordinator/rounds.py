@@ -21,10 +21,10 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Callable
 
 import grpc
 import numpy as np
@@ -72,7 +72,7 @@ class TaskRow:
     status: str
 
     @classmethod
-    def of(cls, row: tuple) -> "TaskRow":
+    def of(cls, row: tuple) -> TaskRow:
         t = cls(*row)
         t.seeds = np.frombuffer(row[4], dtype="<u8")
         t.explicit = bool(row[5])
@@ -103,8 +103,9 @@ class TokenBucket:
 
 
 class Coordinator:
-    def __init__(self, bundle: str | Path, state_dir: str | Path, cfg: CoordinatorConfig,
-                 evaluator: Evaluator | None = None):
+    def __init__(
+        self, bundle: str | Path, state_dir: str | Path, cfg: CoordinatorConfig, evaluator: Evaluator | None = None
+    ):
         self.cfg, self.evaluator = cfg, evaluator
         self.manifest = load_manifest(Path(bundle))
         self.layout = self.manifest.theta
@@ -129,8 +130,10 @@ class Coordinator:
         for slot in self.layout.tensors:
             if slot.name == probe:
                 return slot.offset, slot.offset + slot.size
-        raise UserError(f"variance.probe {probe!r} is not a theta tensor; use \"all\" or one of "
-                        f"{[s.name for s in self.layout.tensors][:10]}")
+        raise UserError(
+            f'variance.probe {probe!r} is not a theta tensor; use "all" or one of '
+            f"{[s.name for s in self.layout.tensors][:10]}"
+        )
 
     def _restore_or_init(self, bundle: Path) -> None:
         fp = self.store.get("fingerprint")
@@ -138,25 +141,46 @@ class Coordinator:
             theta = load_theta(bundle, self.manifest)
             if self.cfg.run.init_theta:
                 theta, taken = warm_start(self.layout, theta, Path(self.cfg.run.init_theta))
-                log.info("θ starts from %s: %d of %d tensors taken", self.cfg.run.init_theta, len(taken),
-                         len(self.layout.tensors))
-            self.store.save_checkpoint(1, self.layout, theta, dict(self.optimizer.state), self.cfg.server.checkpoints_keep)
+                log.info(
+                    "θ starts from %s: %d of %d tensors taken",
+                    self.cfg.run.init_theta,
+                    len(taken),
+                    len(self.layout.tensors),
+                )
+            self.store.save_checkpoint(
+                1, self.layout, theta, dict(self.optimizer.state), self.cfg.server.checkpoints_keep
+            )
             with self.store.transaction() as db:
-                for key, value in {"fingerprint": self.fingerprint, "step": 0, "wave": 0, "wave_open": False,
-                                   "wave_deadline_ms": 0, "next_ordinal": 0, "finished": False, "var0": None,
-                                   "wave_variances": [], "step_started_ms": now_ms()}.items():
+                for key, value in {
+                    "fingerprint": self.fingerprint,
+                    "step": 0,
+                    "wave": 0,
+                    "wave_open": False,
+                    "wave_deadline_ms": 0,
+                    "next_ordinal": 0,
+                    "finished": False,
+                    "var0": None,
+                    "wave_variances": [],
+                    "step_started_ms": now_ms(),
+                }.items():
                     self.store.put(db, key, value)
         elif fp != self.fingerprint:
-            raise UserError(f"the state folder {self.store.dir} belongs to another bundle (fingerprint {fp[:12]}, "
-                            f"this bundle {self.fingerprint[:12]}); use a new --state folder for a new model")
+            raise UserError(
+                f"the state folder {self.store.dir} belongs to another bundle (fingerprint {fp[:12]}, "
+                f"this bundle {self.fingerprint[:12]}); use a new --state folder for a new model"
+            )
         self.step = int(self.store.get("step"))
         self.theta, extra = self.store.load_checkpoint(self.step + 1, self.layout)
         self.prev_grad = extra.pop("prev_grad", None)
         self.optimizer.load_state(extra)
         if self.evaluator is not None and self.cfg.eval.every > 0 and not self.store.query("SELECT 1 FROM metrics"):
             # The starting point of the curves: the bundle's theta, recorded as step -1.
-            row = {"step": -1, "theta_version": 1, "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                   **self.evaluator(self.theta)}
+            row = {
+                "step": -1,
+                "theta_version": 1,
+                "time": datetime.now(UTC).isoformat(timespec="seconds"),
+                **self.evaluator(self.theta),
+            }
             with self.store.transaction() as db:
                 db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?)", (-1, json.dumps(row)))
         self.metrics_log.rewrite([json.loads(r[0]) for r in self.store.query("SELECT row FROM metrics ORDER BY step")])
@@ -173,16 +197,25 @@ class Coordinator:
     def _auth(self, client_id: str, session_token: str) -> None:
         rows = self.store.query("SELECT session_hash, active FROM clients WHERE client_id=?", (client_id,))
         if not rows:
-            raise Reject(grpc.StatusCode.UNAUTHENTICATED, "rejected_unknown_client",
-                         f"unknown client {client_id[:64]!r}: Join first with an enrolment token")
+            raise Reject(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "rejected_unknown_client",
+                f"unknown client {client_id[:64]!r}: Join first with an enrolment token",
+            )
         if not rows[0][1] or rows[0][0] is None:
-            raise Reject(grpc.StatusCode.UNAUTHENTICATED, "rejected_inactive_client",
-                         "this client left or its enrolment token was revoked: Join again")
+            raise Reject(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "rejected_inactive_client",
+                "this client left or its enrolment token was revoked: Join again",
+            )
         if not secrets.compare_digest(rows[0][0], token_hash(session_token)):
             raise Reject(grpc.StatusCode.UNAUTHENTICATED, "rejected_bad_token", "wrong session token for this client")
         if not self.limiter.allow(client_id):
-            raise Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, "rejected_rate_limited",
-                         f"more than {self.cfg.server.rate_per_s:g} requests/s from this client; slow down")
+            raise Reject(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "rejected_rate_limited",
+                f"more than {self.cfg.server.rate_per_s:g} requests/s from this client; slow down",
+            )
         self.last_seen[client_id] = now_ms()
 
     def count(self, name: str, by: int = 1) -> None:
@@ -191,44 +224,79 @@ class Coordinator:
 
     def join(self, req: pb.JoinRequest) -> pb.JoinResponse:
         if req.protocol_version != pb.PROTOCOL_VERSION_1:
-            raise Reject(grpc.StatusCode.FAILED_PRECONDITION, "rejected_protocol",
-                         f"protocol version {req.protocol_version} is not spoken here (v1); update the device")
+            raise Reject(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "rejected_protocol",
+                f"protocol version {req.protocol_version} is not spoken here (v1); update the device",
+            )
         state = self.store.token_state(req.enrolment_token)
         if state != "valid":
-            raise Reject(grpc.StatusCode.PERMISSION_DENIED if state == "revoked" else grpc.StatusCode.UNAUTHENTICATED,
-                         f"rejected_token_{state}", f"enrolment token is {state}; ask the operator for one "
-                         "(`fwdllm coordinator token`)")
+            raise Reject(
+                grpc.StatusCode.PERMISSION_DENIED if state == "revoked" else grpc.StatusCode.UNAUTHENTICATED,
+                f"rejected_token_{state}",
+                f"enrolment token is {state}; ask the operator for one (`fwdllm coordinator token`)",
+            )
         if req.model_fingerprint != self.fingerprint:
-            raise Reject(grpc.StatusCode.FAILED_PRECONDITION, "rejected_fingerprint",
-                         f"model fingerprint {req.model_fingerprint[:12]!r} differs from the coordinator's "
-                         f"{self.fingerprint[:12]}: install the bundle this run trains")
+            raise Reject(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "rejected_fingerprint",
+                f"model fingerprint {req.model_fingerprint[:12]!r} differs from the coordinator's "
+                f"{self.fingerprint[:12]}: install the bundle this run trains",
+            )
         th = token_hash(req.enrolment_token)
         session = secrets.token_urlsafe(24)
-        caps = json.dumps({"backend": req.capabilities.backend, "cpu_count": req.capabilities.cpu_count,
-                           "memory_bytes": req.capabilities.memory_bytes, "precision": req.capabilities.precision,
-                           "abi": req.capabilities.abi, "os": req.capabilities.os,
-                           "max_perturbations_per_call": req.capabilities.max_perturbations_per_call})
+        caps = json.dumps(
+            {
+                "backend": req.capabilities.backend,
+                "cpu_count": req.capabilities.cpu_count,
+                "memory_bytes": req.capabilities.memory_bytes,
+                "precision": req.capabilities.precision,
+                "abi": req.capabilities.abi,
+                "os": req.capabilities.os,
+                "max_perturbations_per_call": req.capabilities.max_perturbations_per_call,
+            }
+        )
         with self.lock, self.store.transaction() as db:
             client_id = ""
             if req.previous_client_id:
-                row = db.execute("SELECT token_hash FROM clients WHERE client_id=?", (req.previous_client_id,)).fetchall()
+                row = db.execute(
+                    "SELECT token_hash FROM clients WHERE client_id=?", (req.previous_client_id,)
+                ).fetchall()
                 if row and row[0][0] == th:
                     client_id = req.previous_client_id
             if client_id:
-                db.execute("UPDATE clients SET session_hash=?, name=?, capabilities=?, num_examples=?, last_seen_ms=?, "
-                           "active=1 WHERE client_id=?", (token_hash(session), req.client_name[:200], caps,
-                                                          int(req.num_examples), now_ms(), client_id))
+                db.execute(
+                    "UPDATE clients SET session_hash=?, name=?, capabilities=?, num_examples=?, last_seen_ms=?, "
+                    "active=1 WHERE client_id=?",
+                    (token_hash(session), req.client_name[:200], caps, int(req.num_examples), now_ms(), client_id),
+                )
             else:
                 client_id = uuid.uuid4().hex
-                db.execute("INSERT INTO clients (client_id, session_hash, token_hash, name, capabilities, num_examples, "
-                           "joined_ms, last_seen_ms) VALUES (?,?,?,?,?,?,?,?)",
-                           (client_id, token_hash(session), th, req.client_name[:200], caps, int(req.num_examples),
-                            now_ms(), now_ms()))
+                db.execute(
+                    "INSERT INTO clients (client_id, session_hash, token_hash, name, capabilities, num_examples, "
+                    "joined_ms, last_seen_ms) VALUES (?,?,?,?,?,?,?,?)",
+                    (
+                        client_id,
+                        token_hash(session),
+                        th,
+                        req.client_name[:200],
+                        caps,
+                        int(req.num_examples),
+                        now_ms(),
+                        now_ms(),
+                    ),
+                )
             Store.bump(db, "joined")
         self.last_seen[client_id] = now_ms()
-        return pb.JoinResponse(client_id=client_id, session_token=session, protocol_version=pb.PROTOCOL_VERSION_1,
-                               model_fingerprint=self.fingerprint, theta_dim=self.dim, theta_version=self.theta_version,
-                               heartbeat_interval_ms=self.cfg.server.heartbeat_ms)
+        return pb.JoinResponse(
+            client_id=client_id,
+            session_token=session,
+            protocol_version=pb.PROTOCOL_VERSION_1,
+            model_fingerprint=self.fingerprint,
+            theta_dim=self.dim,
+            theta_version=self.theta_version,
+            heartbeat_interval_ms=self.cfg.server.heartbeat_ms,
+        )
 
     def leave(self, req: pb.LeaveRequest) -> pb.LeaveResponse:
         self._auth(req.client_id, req.session_token)
@@ -254,8 +322,12 @@ class Coordinator:
         rng = np.random.default_rng([self.cfg.run.seed, self.step, wave])
         if self.cfg.run.selection == "weighted":
             # Reliability (Laplace-smoothed answered share) times sqrt(cpu count).
-            weights = np.array([(a + 1) / (a + f + 2) * math.sqrt(max(1, json.loads(c or "{}").get("cpu_count", 1)))
-                                for _, a, f, c in candidates])
+            weights = np.array(
+                [
+                    (a + 1) / (a + f + 2) * math.sqrt(max(1, json.loads(c or "{}").get("cpu_count", 1)))
+                    for _, a, f, c in candidates
+                ]
+            )
         else:
             weights = np.ones(len(candidates))
         picked = rng.choice(len(candidates), size=k, replace=False, p=weights / weights.sum())
@@ -270,28 +342,57 @@ class Coordinator:
             raise Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, "rejected_seed_space", "this step has used all 2^32 seeds")
         seeds = np.array([seed_for(self.step, o) for o in range(ordinal, ordinal + drawn)], dtype=np.uint64)
         if use_sampler:
-            seeds, _ = sampler.select(seeds, self.prev_grad, k, self.cfg.run.distribution,
-                                      threads=self.cfg.aggregation.threads or None)
+            seeds, _ = sampler.select(
+                seeds, self.prev_grad, k, self.cfg.run.distribution, threads=self.cfg.aggregation.threads or None
+            )
         self.store.put(db, "next_ordinal", ordinal + drawn)
         return seeds, use_sampler
 
     def _create_task(self, db, client_id: str, now: int) -> TaskRow:
         wave = int(self.store.get("wave"))
         seeds, explicit = self._draw_seeds(db, self.cfg.run.perturbations_per_client)
-        task = TaskRow(f"t{self.step}-{wave}-{uuid.uuid4().hex[:12]}", self.step, wave, client_id, seeds, explicit,
-                       self.step * self.cfg.run.batch_size, self.cfg.run.batch_size,
-                       now + int(self.cfg.run.deadline_s * 1000), "open")
-        db.execute(f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                   (task.task_id, task.step, task.wave, client_id, seeds.astype("<u8").tobytes(), int(explicit),
-                    task.batch_start, task.batch_size, task.deadline_ms, "open"))
+        task = TaskRow(
+            f"t{self.step}-{wave}-{uuid.uuid4().hex[:12]}",
+            self.step,
+            wave,
+            client_id,
+            seeds,
+            explicit,
+            self.step * self.cfg.run.batch_size,
+            self.cfg.run.batch_size,
+            now + int(self.cfg.run.deadline_s * 1000),
+            "open",
+        )
+        db.execute(
+            f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                task.task_id,
+                task.step,
+                task.wave,
+                client_id,
+                seeds.astype("<u8").tobytes(),
+                int(explicit),
+                task.batch_start,
+                task.batch_size,
+                task.deadline_ms,
+                "open",
+            ),
+        )
         Store.bump(db, "tasks_issued")
         return task
 
     def task_message(self, t: TaskRow) -> pb.Task:
-        task = pb.Task(task_id=t.task_id, step=t.step, wave=t.wave, theta_version=t.step + 1,
-                       distribution=DIST[self.cfg.run.distribution], epsilon=self.cfg.run.epsilon,
-                       scheme=SCHEME[self.cfg.run.scheme], batch=pb.BatchRef(start=t.batch_start, size=t.batch_size),
-                       deadline_unix_ms=t.deadline_ms)
+        task = pb.Task(
+            task_id=t.task_id,
+            step=t.step,
+            wave=t.wave,
+            theta_version=t.step + 1,
+            distribution=DIST[self.cfg.run.distribution],
+            epsilon=self.cfg.run.epsilon,
+            scheme=SCHEME[self.cfg.run.scheme],
+            batch=pb.BatchRef(start=t.batch_start, size=t.batch_size),
+            deadline_unix_ms=t.deadline_ms,
+        )
         if t.explicit:
             task.seeds.extend(int(s) for s in t.seeds)
         else:
@@ -315,15 +416,18 @@ class Coordinator:
             if not self.store.get("wave_open"):
                 return retry
             wave = self.store.get("wave")
-            mine = self._tasks("step=? AND wave=? AND client_id=? AND status IN ('open','accepted')",
-                               (self.step, wave, req.client_id))
+            mine = self._tasks(
+                "step=? AND wave=? AND client_id=? AND status IN ('open','accepted')", (self.step, wave, req.client_id)
+            )
             if mine:
                 if mine[0].status == "accepted":
                     return retry
                 response = pb.PullTaskResponse(task=self.task_message(mine[0]))
             else:
-                issued = self.store.query("SELECT COUNT(*) FROM tasks WHERE step=? AND wave=? AND status IN "
-                                          "('open','accepted')", (self.step, wave))[0][0]
+                issued = self.store.query(
+                    "SELECT COUNT(*) FROM tasks WHERE step=? AND wave=? AND status IN ('open','accepted')",
+                    (self.step, wave),
+                )[0][0]
                 if issued >= self._issue_count():
                     return retry
                 with self.store.transaction() as db:
@@ -342,53 +446,101 @@ class Coordinator:
                 raise Reject(grpc.StatusCode.NOT_FOUND, "rejected_unknown_task", f"no task {req.task_id[:64]!r} exists")
             task = found[0]
             if task.client_id != req.client_id:
-                raise Reject(grpc.StatusCode.PERMISSION_DENIED, "rejected_not_your_task",
-                             "this task was handed to another client")
+                raise Reject(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "rejected_not_your_task",
+                    "this task was handed to another client",
+                )
             if req.step != task.step:
-                raise Reject(grpc.StatusCode.INVALID_ARGUMENT, "rejected_wrong_round",
-                             f"task {task.task_id} belongs to step {task.step}, the submit says step {req.step}")
+                raise Reject(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "rejected_wrong_round",
+                    f"task {task.task_id} belongs to step {task.step}, the submit says step {req.step}",
+                )
             if task.step != self.step:
-                raise Reject(grpc.StatusCode.FAILED_PRECONDITION, "rejected_stale",
-                             f"step {task.step} is closed (the run is at step {self.step}); pull a new task")
-            digest = hashlib.sha256(np.asarray(req.seeds, "<u8").tobytes() + np.asarray(req.jvp, "<f4").tobytes()
-                                    + np.asarray(req.nonfinite, "<u4").tobytes()).hexdigest()
+                raise Reject(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "rejected_stale",
+                    f"step {task.step} is closed (the run is at step {self.step}); pull a new task",
+                )
+            digest = hashlib.sha256(
+                np.asarray(req.seeds, "<u8").tobytes()
+                + np.asarray(req.jvp, "<f4").tobytes()
+                + np.asarray(req.nonfinite, "<u4").tobytes()
+            ).hexdigest()
             if task.status == "accepted":
                 prior = self.store.query("SELECT digest FROM results WHERE task_id=?", (task.task_id,))[0][0]
                 if prior == digest:
                     self.count("duplicate")
                     return pb.SubmitResponse(accepted=True, duplicate=True, message="already accepted; nothing changed")
-                raise Reject(grpc.StatusCode.ALREADY_EXISTS, "rejected_duplicate",
-                             "a different result for this task was already accepted")
+                raise Reject(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    "rejected_duplicate",
+                    "a different result for this task was already accepted",
+                )
             if task.status != "open":
-                raise Reject(grpc.StatusCode.FAILED_PRECONDITION, "rejected_cancelled",
-                             f"task {task.task_id} was {task.status}: its wave no longer needs it")
+                raise Reject(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    "rejected_cancelled",
+                    f"task {task.task_id} was {task.status}: its wave no longer needs it",
+                )
             if now > task.deadline_ms:
-                raise Reject(grpc.StatusCode.DEADLINE_EXCEEDED, "rejected_late",
-                             f"the task's deadline passed {now - task.deadline_ms} ms ago")
+                raise Reject(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "rejected_late",
+                    f"the task's deadline passed {now - task.deadline_ms} ms ago",
+                )
             seeds = np.asarray(req.seeds, dtype=np.uint64)
             if seeds.shape != task.seeds.shape or not np.array_equal(seeds, task.seeds):
-                raise Reject(grpc.StatusCode.INVALID_ARGUMENT, "rejected_wrong_seeds",
-                             f"the submit's seeds differ from the {task.seeds.size} seeds of task {task.task_id}")
+                raise Reject(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "rejected_wrong_seeds",
+                    f"the submit's seeds differ from the {task.seeds.size} seeds of task {task.task_id}",
+                )
             jvp = np.asarray(req.jvp, dtype=np.float32)
             if jvp.size != seeds.size:
-                raise Reject(grpc.StatusCode.INVALID_ARGUMENT, "rejected_malformed",
-                             f"{jvp.size} jvp values for {seeds.size} seeds")
+                raise Reject(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "rejected_malformed",
+                    f"{jvp.size} jvp values for {seeds.size} seeds",
+                )
             flagged = np.asarray(req.nonfinite, dtype=np.int64)
-            if flagged.size and (flagged.min() < 0 or flagged.max() >= seeds.size or np.unique(flagged).size != flagged.size):
-                raise Reject(grpc.StatusCode.INVALID_ARGUMENT, "rejected_malformed",
-                             "nonfinite holds indices outside the task's seeds or repeats one")
+            if flagged.size and (
+                flagged.min() < 0 or flagged.max() >= seeds.size or np.unique(flagged).size != flagged.size
+            ):
+                raise Reject(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "rejected_malformed",
+                    "nonfinite holds indices outside the task's seeds or repeats one",
+                )
             unflagged = ~np.isfinite(jvp)
             unflagged[flagged] = False
             if unflagged.any():
-                raise Reject(grpc.StatusCode.INVALID_ARGUMENT, "rejected_nonfinite",
-                             f"jvp holds {int(unflagged.sum())} NaN/Inf values not listed in nonfinite")
+                raise Reject(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "rejected_nonfinite",
+                    f"jvp holds {int(unflagged.sum())} NaN/Inf values not listed in nonfinite",
+                )
             jvp = jvp.copy()
             jvp[flagged] = np.nan  # dropped (and counted) by aggregation
             with self.store.transaction() as db:
-                db.execute("INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                           (task.task_id, task.step, task.wave, task.client_id, seeds.astype("<u8").tobytes(),
-                            jvp.astype("<f4").tobytes(), flagged.astype("<u4").tobytes(), float(req.loss.mean),
-                            int(req.num_examples), int(nbytes), now, digest))
+                db.execute(
+                    "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (
+                        task.task_id,
+                        task.step,
+                        task.wave,
+                        task.client_id,
+                        seeds.astype("<u8").tobytes(),
+                        jvp.astype("<f4").tobytes(),
+                        flagged.astype("<u4").tobytes(),
+                        float(req.loss.mean),
+                        int(req.num_examples),
+                        int(nbytes),
+                        now,
+                        digest,
+                    ),
+                )
                 db.execute("UPDATE tasks SET status='accepted' WHERE task_id=?", (task.task_id,))
                 db.execute("UPDATE clients SET answered=answered+1 WHERE client_id=?", (task.client_id,))
                 Store.bump(db, "accepted")
@@ -401,10 +553,13 @@ class Coordinator:
         self._auth(req.client_id, req.session_token)
         with self.lock:
             self._advance(now_ms())
-            cancelled = self.store.query("SELECT task_id FROM tasks WHERE client_id=? AND step>=? AND status IN "
-                                         "('cancelled','expired')", (req.client_id, self.step - 1))
-        return pb.HeartbeatResponse(cancel_task_ids=[r[0] for r in cancelled], theta_version=self.theta_version,
-                                    server_time_unix_ms=now_ms())
+            cancelled = self.store.query(
+                "SELECT task_id FROM tasks WHERE client_id=? AND step>=? AND status IN ('cancelled','expired')",
+                (req.client_id, self.step - 1),
+            )
+        return pb.HeartbeatResponse(
+            cancel_task_ids=[r[0] for r in cancelled], theta_version=self.theta_version, server_time_unix_ms=now_ms()
+        )
 
     # ------------------------------------------------------------ waves and steps
     def tick(self) -> None:
@@ -431,8 +586,10 @@ class Coordinator:
                 return
         wave = int(self.store.get("wave"))
         if self.store.get("wave_open"):
-            overdue = self.store.query("SELECT task_id, client_id FROM tasks WHERE step=? AND status='open' AND "
-                                       "deadline_ms<?", (self.step, now))
+            overdue = self.store.query(
+                "SELECT task_id, client_id FROM tasks WHERE step=? AND status='open' AND deadline_ms<?",
+                (self.step, now),
+            )
             if overdue:
                 with self.store.transaction() as db:
                     for task_id, client_id in overdue:
@@ -456,7 +613,9 @@ class Coordinator:
             return
         wave = int(self.store.get("wave"))
         if wave > 0:  # the same devices again, so the extra wave sees the same batches
-            answered = {r[0] for r in self.store.query("SELECT DISTINCT client_id FROM results WHERE step=?", (self.step,))}
+            answered = {
+                r[0] for r in self.store.query("SELECT DISTINCT client_id FROM results WHERE step=?", (self.step,))
+            }
             preferred = [c for c in active if c[0] in answered]
             active = preferred if len(preferred) >= self.cfg.run.min_results else active
         chosen = self._select(active, self._issue_count(), wave)
@@ -467,8 +626,11 @@ class Coordinator:
                 self._create_task(db, client_id, now)
 
     def _step_scalars(self) -> tuple[CleanedScalars, list]:
-        rows = self.store.query("SELECT seeds, jvp, loss_mean, num_examples, client_id, bytes_up FROM results "
-                                "WHERE step=? ORDER BY task_id", (self.step,))
+        rows = self.store.query(
+            "SELECT seeds, jvp, loss_mean, num_examples, client_id, bytes_up FROM results "
+            "WHERE step=? ORDER BY task_id",
+            (self.step,),
+        )
         contributions = [(np.frombuffer(r[0], "<u8"), np.frombuffer(r[1], "<f4")) for r in rows]
         return clean(contributions, self.cfg.aggregation.clip or None), rows
 
@@ -484,8 +646,9 @@ class Coordinator:
         variance = float("nan")
         if vc.mode in ("threshold", "relative"):
             a = self.cfg.aggregation
-            variance = split_half_variance(scalars, self.dim, self.cfg.run.distribution, *self.probe,
-                                           chunk=a.chunk, threads=a.threads or None)
+            variance = split_half_variance(
+                scalars, self.dim, self.cfg.run.distribution, *self.probe, chunk=a.chunk, threads=a.threads or None
+            )
         variances = list(self.store.get("wave_variances") or []) + [variance]
         more = False
         var0 = self.store.get("var0")
@@ -516,20 +679,30 @@ class Coordinator:
         scalars, rows = self._step_scalars()
         variances = list(self.store.get("wave_variances") or [float("nan")])
         a, run = self.cfg.aggregation, self.cfg.run
-        grad = aggregate(scalars, self.dim, run.distribution, method=a.method, trim=a.trim, chunk=a.chunk,
-                         threads=a.threads or None)
+        grad = aggregate(
+            scalars, self.dim, run.distribution, method=a.method, trim=a.trim, chunk=a.chunk, threads=a.threads or None
+        )
         spread = float(np.std(scalars.jvp.astype(np.float64))) if scalars.jvp.size > 1 else math.nan
         theta, info = self.optimizer.apply(self.theta, grad, self.step, jvp_std=spread)
-        row = {"step": self.step, "theta_version": self.step + 2,
-               "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "loss": _weighted_loss(rows), "perturbations": int(scalars.seeds.size), "waves": len(variances),
-               "variance": variances[-1] if math.isfinite(variances[-1]) else None, **info,
-               "bytes_up": int(sum(r[5] for r in rows)), "bytes_down": int(self.bytes_down),
-               "step_time_s": (now - int(self.store.get("step_started_ms"))) / 1000.0,
-               "clients_answered": len({r[4] for r in rows}),
-               "clients_failed": self.store.query("SELECT COUNT(*) FROM tasks WHERE step=? AND status='expired'",
-                                                  (self.step,))[0][0],
-               "dropped_nonfinite": scalars.dropped_nonfinite, "clipped": scalars.clipped}
+        row = {
+            "step": self.step,
+            "theta_version": self.step + 2,
+            "time": datetime.now(UTC).isoformat(timespec="seconds"),
+            "loss": _weighted_loss(rows),
+            "perturbations": int(scalars.seeds.size),
+            "waves": len(variances),
+            "variance": variances[-1] if math.isfinite(variances[-1]) else None,
+            **info,
+            "bytes_up": int(sum(r[5] for r in rows)),
+            "bytes_down": int(self.bytes_down),
+            "step_time_s": (now - int(self.store.get("step_started_ms"))) / 1000.0,
+            "clients_answered": len({r[4] for r in rows}),
+            "clients_failed": self.store.query(
+                "SELECT COUNT(*) FROM tasks WHERE step=? AND status='expired'", (self.step,)
+            )[0][0],
+            "dropped_nonfinite": scalars.dropped_nonfinite,
+            "clipped": scalars.clipped,
+        }
         last = self.step + 1 >= run.steps
         every = self.cfg.eval.every
         version = self.step + 2
@@ -544,27 +717,42 @@ class Coordinator:
                     theta = self.store.load_named(BEST_FILE, self.layout)
                     row["restored_version"] = early["best_version"]
         restored = "restored_version" in row
-        self.store.save_checkpoint(version, self.layout, theta, {**self.optimizer.state, "prev_grad": grad},
-                                   self.cfg.server.checkpoints_keep)
+        self.store.save_checkpoint(
+            version, self.layout, theta, {**self.optimizer.state, "prev_grad": grad}, self.cfg.server.checkpoints_keep
+        )
         with self.store.transaction() as db:
             for key, value in early.items():
                 self.store.put(db, key, value)
             if self.optimizer.replayable and a.method == "mean" and scalars.seeds.size and not restored:
                 coeffs = scalars.jvp / np.float32(scalars.seeds.size) * np.float32(info["grad_scale"])
-                db.execute("INSERT OR REPLACE INTO history VALUES (?,?,?,?)",
-                           (version, info["lr"], scalars.seeds.astype("<u8").tobytes(), coeffs.astype("<f4").tobytes()))
+                db.execute(
+                    "INSERT OR REPLACE INTO history VALUES (?,?,?,?)",
+                    (version, info["lr"], scalars.seeds.astype("<u8").tobytes(), coeffs.astype("<f4").tobytes()),
+                )
                 db.execute("DELETE FROM history WHERE version<=?", (version - self.cfg.server.history_keep,))
             db.execute("INSERT OR REPLACE INTO metrics VALUES (?, ?)", (self.step, json.dumps(row)))
             db.execute("DELETE FROM results WHERE step=?", (self.step,))
-            for key, value in {"step": self.step + 1, "wave": 0, "wave_open": False, "next_ordinal": 0,
-                               "finished": last, "wave_variances": [], "step_started_ms": now,
-                               "step_ready": False}.items():
+            for key, value in {
+                "step": self.step + 1,
+                "wave": 0,
+                "wave_open": False,
+                "next_ordinal": 0,
+                "finished": last,
+                "wave_variances": [],
+                "step_started_ms": now,
+                "step_ready": False,
+            }.items():
                 self.store.put(db, key, value)
             Store.bump(db, "steps")
         self.theta, self.prev_grad, self.step, self.bytes_down = theta, grad, self.step + 1, 0
         self.metrics_log.append(row)
-        log.info("step %d applied: %d perturbations, loss %s, lr %.3g", row["step"], row["perturbations"],
-                 row["loss"], row["lr"])
+        log.info(
+            "step %d applied: %d perturbations, loss %s, lr %.3g",
+            row["step"],
+            row["perturbations"],
+            row["loss"],
+            row["lr"],
+        )
 
     def _early_stopping(self, row: dict, theta: np.ndarray, version: int) -> dict:
         """Track the best held-out loss; the meta updates to commit, with early_stop when patience ran out.
@@ -581,8 +769,11 @@ class Coordinator:
             self.store.save_named(BEST_FILE, self.layout, theta)
             return {"best_eval_loss": loss, "best_version": version, "evals_since_best": 0}
         since = int(self.store.get("evals_since_best", 0)) + 1
-        return {"evals_since_best": since, "best_version": self.store.get("best_version"),
-                "early_stop": since >= patience}
+        return {
+            "evals_since_best": since,
+            "best_version": self.store.get("best_version"),
+            "early_stop": since >= patience,
+        }
 
     # ------------------------------------------------------------ model distribution
     def theta_at(self, version: int) -> tuple[int, np.ndarray]:
@@ -591,8 +782,11 @@ class Coordinator:
             if version in (0, current):
                 return current, self.theta
         if version > current or not self.store.checkpoint_path(version).is_file():
-            raise Reject(grpc.StatusCode.NOT_FOUND, "rejected_unknown_version",
-                         f"theta version {version} is not kept (current {current}); ask for 0, the latest")
+            raise Reject(
+                grpc.StatusCode.NOT_FOUND,
+                "rejected_unknown_version",
+                f"theta version {version} is not kept (current {current}); ask for 0, the latest",
+            )
         return version, self.store.load_checkpoint(version, self.layout)[0]
 
     def fetch_parameters(self, req: pb.FetchParametersRequest):
@@ -604,8 +798,13 @@ class Coordinator:
         digest = hashlib.sha256(data).hexdigest()
         for offset in range(0, self.dim, chunk):
             last = offset + chunk >= self.dim
-            msg = pb.ParameterChunk(version=version, offset=offset, total=self.dim,
-                                    values=data[4 * offset : 4 * min(self.dim, offset + chunk)], sha256=digest if last else "")
+            msg = pb.ParameterChunk(
+                version=version,
+                offset=offset,
+                total=self.dim,
+                values=data[4 * offset : 4 * min(self.dim, offset + chunk)],
+                sha256=digest if last else "",
+            )
             self._count_down(msg.ByteSize())
             yield msg
 
@@ -624,6 +823,7 @@ class Coordinator:
         """The caps are checked before the answer is built: the stored seed count bounds the replay work
         and, at 4 bytes per coefficient, the answer's size from below, so an over-long history is refused
         without reading it; one that passes is at most ``max_bytes / 4`` seeds, built and measured exactly."""
+
         def refuse(why: int) -> pb.FetchHistoryResponse:
             return pb.FetchHistoryResponse(available=False, theta_dim=self.dim, refusal=why)
 
@@ -634,21 +834,35 @@ class Coordinator:
         if not 1 <= start <= to_version <= self.theta_version:
             return refuse(pb.HISTORY_NOT_KEPT)
         window, wanted = (start, to_version), list(range(start + 1, to_version + 1))
-        sizes = self.store.query("SELECT version, LENGTH(seeds) / 8 FROM history WHERE version>? AND version<=? "
-                                 "ORDER BY version", window)
+        sizes = self.store.query(
+            "SELECT version, LENGTH(seeds) / 8 FROM history WHERE version>? AND version<=? ORDER BY version", window
+        )
         if [r[0] for r in sizes] != wanted:
             return refuse(pb.HISTORY_NOT_KEPT)
         seeds = sum(r[1] for r in sizes)
         if (req.max_seeds and seeds > req.max_seeds) or (req.max_bytes and 4 * seeds > req.max_bytes):
             return refuse(pb.HISTORY_OVER_CAP)
-        rows = self.store.query("SELECT version, lr, seeds, coefficients FROM history WHERE version>? AND version<=? "
-                                "ORDER BY version", window)
+        rows = self.store.query(
+            "SELECT version, lr, seeds, coefficients FROM history WHERE version>? AND version<=? ORDER BY version",
+            window,
+        )
         if [r[0] for r in rows] != wanted:  # a step pruned the oldest record between the two reads
             return refuse(pb.HISTORY_NOT_KEPT)
         dist = DIST[self.cfg.run.distribution]
-        response = pb.FetchHistoryResponse(available=True, theta_dim=self.dim, updates=[
-            pb.UpdateRecord(version=v, lr=lr, seeds=np.frombuffer(s, "<u8").tolist(),
-                            coefficients=np.frombuffer(c, "<f4").tolist(), distribution=dist) for v, lr, s, c in rows])
+        response = pb.FetchHistoryResponse(
+            available=True,
+            theta_dim=self.dim,
+            updates=[
+                pb.UpdateRecord(
+                    version=v,
+                    lr=lr,
+                    seeds=np.frombuffer(s, "<u8").tolist(),
+                    coefficients=np.frombuffer(c, "<f4").tolist(),
+                    distribution=dist,
+                )
+                for v, lr, s, c in rows
+            ],
+        )
         if req.max_bytes and response.ByteSize() > req.max_bytes:
             return refuse(pb.HISTORY_OVER_CAP)
         return response
@@ -665,13 +879,21 @@ class Coordinator:
             now = now_ms()
             registered = self.store.query("SELECT COUNT(*) FROM clients")[0][0]
             last = self.store.query("SELECT row FROM metrics ORDER BY step DESC LIMIT 1")
-            metrics = {k: float(v) for k, v in (json.loads(last[0][0]).items() if last else [])
-                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            metrics = {
+                k: float(v)
+                for k, v in (json.loads(last[0][0]).items() if last else [])
+                if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
             return pb.StatusResponse(
-                model_fingerprint=self.fingerprint, step=self.step, theta_version=self.theta_version,
+                model_fingerprint=self.fingerprint,
+                step=self.step,
+                theta_version=self.theta_version,
                 clients_registered=registered,
                 clients_active=sum(1 for t in self.last_seen.values() if now - t <= window),
-                counters=self.store.counters(), metrics=metrics, finished=bool(self.store.get("finished")))
+                counters=self.store.counters(),
+                metrics=metrics,
+                finished=bool(self.store.get("finished")),
+            )
 
     def close(self) -> None:
         self.store.close()

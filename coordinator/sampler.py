@@ -25,8 +25,9 @@ def cosines(seeds, reference: np.ndarray, dist: Distribution | str, *, threads: 
     return dots / np.maximum(np.sqrt(sq) * ref_norm, 1e-30)
 
 
-def select(candidates, reference: np.ndarray, k: int, dist: Distribution | str, *,
-           threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def select(
+    candidates, reference: np.ndarray, k: int, dist: Distribution | str, *, threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The k candidates with the highest cosine to ``reference``, best first, and their cosines."""
     candidates = np.asarray(candidates, dtype=np.uint64)
     scores = cosines(candidates, reference, dist, threads=threads)

@@ -50,8 +50,13 @@ class Servicer:
 
     def _unary(self, method: str, fn, request, context):
         if isinstance(request, Malformed):
-            self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, "rejected_malformed",
-                       f"the {request.size}-byte request is not a valid {method} message ({request.error})", method)
+            self._fail(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "rejected_malformed",
+                f"the {request.size}-byte request is not a valid {method} message ({request.error})",
+                method,
+            )
         try:
             return fn(request)
         except Reject as r:
@@ -69,12 +74,20 @@ class Servicer:
                 return self._unary(method, fn, request, context)
 
             return grpc.unary_unary_rpc_method_handler(
-                behaviour, request_deserializer=_parser(request_type), response_serializer=lambda m: m.SerializeToString())
+                behaviour,
+                request_deserializer=_parser(request_type),
+                response_serializer=lambda m: m.SerializeToString(),
+            )
 
         def fetch(request, context):
             if isinstance(request, Malformed):
-                self._fail(context, grpc.StatusCode.INVALID_ARGUMENT, "rejected_malformed",
-                           f"not a valid FetchParameters message ({request.error})", "FetchParameters")
+                self._fail(
+                    context,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "rejected_malformed",
+                    f"not a valid FetchParameters message ({request.error})",
+                    "FetchParameters",
+                )
             try:
                 yield from c.fetch_parameters(request)
             except Reject as r:
@@ -89,8 +102,10 @@ class Servicer:
             "FetchHistory": unary("FetchHistory", c.fetch_history, pb.FetchHistoryRequest),
             "GetStatus": unary("GetStatus", lambda r: c.status(), pb.GetStatusRequest),
             "FetchParameters": grpc.unary_stream_rpc_method_handler(
-                fetch, request_deserializer=_parser(pb.FetchParametersRequest),
-                response_serializer=lambda m: m.SerializeToString()),
+                fetch,
+                request_deserializer=_parser(pb.FetchParametersRequest),
+                response_serializer=lambda m: m.SerializeToString(),
+            ),
         }
         return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
@@ -129,22 +144,37 @@ class RunningServer:
         self.coordinator.close()
 
 
-def start(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0,
-          tls_cert: Path | None = None, tls_key: Path | None = None) -> RunningServer:
+def start(
+    coordinator: Coordinator,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+) -> RunningServer:
     scfg = coordinator.cfg.server
-    options = [("grpc.max_receive_message_length", scfg.max_message_bytes),
-               ("grpc.max_send_message_length", scfg.max_message_bytes),
-               ("grpc.so_reuseport", 0)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=scfg.workers), options=options,
-                         maximum_concurrent_rpcs=max(64, 64 * scfg.workers))
+    options = [
+        ("grpc.max_receive_message_length", scfg.max_message_bytes),
+        ("grpc.max_send_message_length", scfg.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=scfg.workers),
+        options=options,
+        maximum_concurrent_rpcs=max(64, 64 * scfg.workers),
+    )
     server.add_generic_rpc_handlers((Servicer(coordinator).handler(),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in (SERVICE, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection(
-        (pb.DESCRIPTOR.services_by_name["FwdLLM"].full_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME), server)
+        (
+            pb.DESCRIPTOR.services_by_name["FwdLLM"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
     address = f"{host}:{port}"
     if (tls_cert is None) != (tls_key is None):
         raise UserError("give both --tls-cert and --tls-key, or neither")
@@ -157,7 +187,9 @@ def start(coordinator: Coordinator, host: str = "127.0.0.1", port: int = 0,
     except (OSError, RuntimeError) as exc:
         raise UserError(f"cannot listen on {address} ({exc}); choose another --host/--port") from exc
     if not bound:
-        raise UserError(f"cannot listen on {address}: the port is taken or the host is not local; choose another --port")
+        raise UserError(
+            f"cannot listen on {address}: the port is taken or the host is not local; choose another --port"
+        )
     server.start()
     return RunningServer(coordinator, server, bound, health_servicer)
 
@@ -180,8 +212,13 @@ def serve_forever(running: RunningServer, endpoint_file: Path | None = None, exi
             last = c.store.query("SELECT row FROM metrics ORDER BY step DESC LIMIT 1")
             if last:
                 row = json.loads(last[0][0])
-                bar.set_postfix({k: f"{row[k]:.4g}" for k in ("loss", "accuracy", "perturbations")
-                                 if isinstance(row.get(k), (int, float))})
+                bar.set_postfix(
+                    {
+                        k: f"{row[k]:.4g}"
+                        for k in ("loss", "accuracy", "perturbations")
+                        if isinstance(row.get(k), (int, float))
+                    }
+                )
         if exit_when_finished and c.store.get("finished"):
             # Give devices a few heartbeats to hear run_finished before the port closes.
             finished_since = finished_since or time.monotonic()

@@ -109,7 +109,9 @@ class Store:
 
     @staticmethod
     def bump(db, name: str, by: int = 1) -> None:
-        db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?", (name, by, by))
+        db.execute(
+            "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?", (name, by, by)
+        )
 
     def counters(self) -> dict[str, int]:
         return dict(self.query("SELECT name, value FROM counters"))
@@ -147,8 +149,9 @@ class Store:
             os.fsync(fh.fileno())
         tmp.replace(path)
 
-    def save_checkpoint(self, version: int, layout: ThetaLayout, theta: np.ndarray,
-                        extra: dict[str, np.ndarray], keep: int) -> None:
+    def save_checkpoint(
+        self, version: int, layout: ThetaLayout, theta: np.ndarray, extra: dict[str, np.ndarray], keep: int
+    ) -> None:
         """theta of ``version`` plus optimiser state; only the last ``keep`` versions stay."""
         self._write(self.checkpoint_path(version), layout, theta, extra)
         for old in sorted((self.dir / CHECKPOINT_DIR).glob("theta-v*.safetensors"))[:-keep]:
@@ -167,8 +170,10 @@ class Store:
 
         path = self.checkpoint_path(version)
         if not path.is_file():
-            raise UserError(f"the state folder {self.dir} records theta version {version} but {path.name} is missing; "
-                            "restore the checkpoints folder or start a new --state folder")
+            raise UserError(
+                f"the state folder {self.dir} records theta version {version} but {path.name} is missing; "
+                "restore the checkpoints folder or start a new --state folder"
+            )
         tensors = load_file(str(path))
         extra = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("__state__.")}
         return layout.flatten({k: v for k, v in tensors.items() if not k.startswith("__state__.")}), extra

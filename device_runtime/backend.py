@@ -67,8 +67,9 @@ def load_examples(path: str | Path, manifest: Manifest) -> list[Example]:
         if not line.strip():
             continue
         try:
-            examples.append(_parse_example(json.loads(line), task, labels, num_labels,
-                                           bool(manifest.model.label_token_ids)))
+            examples.append(
+                _parse_example(json.loads(line), task, labels, num_labels, bool(manifest.model.label_token_ids))
+            )
         except (ValueError, TypeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
             problems.append(f"line {lineno}: {str(exc)[:200]}")
     if problems:
@@ -87,8 +88,9 @@ def _parse_example(obj: Any, task: str, labels: list[str] | None, num_labels: in
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError('empty or missing "prompt"')
         label = obj["label"] if "label" in obj else obj.get("target")
-        return Example(prompt=prompt, label=_label_index(label.strip() if isinstance(label, str) else label,
-                                                         labels, num_labels))
+        return Example(
+            prompt=prompt, label=_label_index(label.strip() if isinstance(label, str) else label, labels, num_labels)
+        )
     if task == "seq-cls":
         text, label = obj.get("text"), obj.get("label")
         if not isinstance(text, str) or not text.strip():
@@ -139,8 +141,9 @@ class Batch:
     real_rows: int | None = field(default=None, compare=False)  # rows before padding; None: all are real
 
     @classmethod
-    def of(cls, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray,
-           real_rows: int | None = None) -> "Batch":
+    def of(
+        cls, input_ids: np.ndarray, attention_mask: np.ndarray, labels: np.ndarray, real_rows: int | None = None
+    ) -> Batch:
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         mask = np.ascontiguousarray(attention_mask, dtype=np.int64)
         lab = np.ascontiguousarray(labels, dtype=np.int64)
@@ -167,7 +170,7 @@ class Batch:
             return self.size if self.real_rows is None else self.real_rows
         return int((self.labels[:, 1:] != IGNORE_INDEX).sum())
 
-    def rows(self, start: int, stop: int, pad_to: int | None = None) -> "Batch":
+    def rows(self, start: int, stop: int, pad_to: int | None = None) -> Batch:
         """Rows [start, stop), padded to ``pad_to`` rows with copies of the first row.
 
         Padding rows carry no loss: causal-lm labels are IGNORE_INDEX; seq-cls labels are a
@@ -180,7 +183,11 @@ class Batch:
         if missing > 0:
             ids = np.concatenate([ids, np.repeat(ids[:1], missing, 0)])
             mask = np.concatenate([mask, np.repeat(mask[:1], missing, 0)])
-            fill = np.full((missing, *lab.shape[1:]), IGNORE_INDEX, dtype=np.int64) if lab.ndim > 1 else np.repeat(lab[:1], missing)
+            fill = (
+                np.full((missing, *lab.shape[1:]), IGNORE_INDEX, dtype=np.int64)
+                if lab.ndim > 1
+                else np.repeat(lab[:1], missing)
+            )
             lab = np.concatenate([lab, fill])
         return Batch.of(ids, mask, lab, real if missing > 0 else None)
 
@@ -190,8 +197,9 @@ class Tokenizer:
     ``pad_to_longest`` (graphs whose sequence axis is dynamic) only to the batch's longest row: short
     prompts then cost what their tokens cost."""
 
-    def __init__(self, bundle_dir: str | Path, manifest: Manifest, seq_len: int | None = None,
-                 pad_to_longest: bool = False):
+    def __init__(
+        self, bundle_dir: str | Path, manifest: Manifest, seq_len: int | None = None, pad_to_longest: bool = False
+    ):
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(bundle_dir) / manifest.model.tokenizer
@@ -216,8 +224,11 @@ class Tokenizer:
         if self.task == "seq-cls":
             labels = np.array([e.label for e in examples], dtype=np.int64)
             for i, enc in enumerate(self._tok.encode_batch([e.text for e in examples])):
-                row = _truncate(enc.ids, s, keep_last=bool(enc.ids) and len(enc.special_tokens_mask) > 0
-                                and enc.special_tokens_mask[-1] == 1)
+                row = _truncate(
+                    enc.ids,
+                    s,
+                    keep_last=bool(enc.ids) and len(enc.special_tokens_mask) > 0 and enc.special_tokens_mask[-1] == 1,
+                )
                 ids[i, : len(row)], mask[i, : len(row)] = row, 1
             return self._batch(ids, mask, labels)
         if self.label_words:  # the answer is scored after the prompt's last token: keep the end, cut the start
@@ -329,7 +340,7 @@ class Backend(ABC):
     def close(self) -> None:
         """Release runtime resources; the default has nothing to release."""
 
-    def __enter__(self) -> "Backend":
+    def __enter__(self) -> Backend:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -372,8 +383,13 @@ def select_graph(manifest: Manifest, name: str, precision: str | None = None) ->
         raise
 
 
-def open_backend(bundle_dir: str | Path, name: str, precision: str | None = None,
-                 options: dict[str, Any] | None = None, manifest: Manifest | None = None) -> Backend:
+def open_backend(
+    bundle_dir: str | Path,
+    name: str,
+    precision: str | None = None,
+    options: dict[str, Any] | None = None,
+    manifest: Manifest | None = None,
+) -> Backend:
     """Load a bundle (checking checksums unless a manifest is given) and open one backend on it."""
     manifest = manifest or load_manifest(Path(bundle_dir))
     graph = select_graph(manifest, name, precision)

@@ -185,13 +185,13 @@ def run_backprop(spec: dict[str, Any]) -> dict[str, Any]:
         opt.step()
         opt.zero_grad()
         times.append((time.perf_counter() - t) * 1000)
-    return {"train_step_ms": statistics.median(times),
-            "peak_rss_mb": _peak_rss_mb()}
+    return {"train_step_ms": statistics.median(times), "peak_rss_mb": _peak_rss_mb()}
 
 
 def _subprocess(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "fwdllm.device_runtime.bench", kind, json.dumps(spec)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fwdllm.device_runtime.bench", kind, json.dumps(spec)], capture_output=True, text=True
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -199,8 +199,9 @@ def _subprocess(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def configurations(bundle: Path, backends: list[str] | None, delegates: list[str] | None,
-                   precisions: list[str] | None, threads: int) -> list[dict[str, Any]]:
+def configurations(
+    bundle: Path, backends: list[str] | None, delegates: list[str] | None, precisions: list[str] | None, threads: int
+) -> list[dict[str, Any]]:
     """Every runnable (backend, delegate, precision, prefix reuse) of the bundle, filtered by the arguments."""
     from fwdllm.device_runtime.backend import BACKEND_FORMATS
     from fwdllm.proto.manifest import load_manifest
@@ -216,12 +217,20 @@ def configurations(bundle: Path, backends: list[str] | None, delegates: list[str
                 continue
             cut = (precision, "prefix") in roles and (precision, "suffix") in roles
             for delegate, options in _delegates(name, delegates, threads):
-                for reuse in ([True, False] if cut else [False]):
-                    configs.append({"backend": name, "delegate": delegate, "precision": precision,
-                                    "options": {**options, "prefix_reuse": reuse}})
+                for reuse in [True, False] if cut else [False]:
+                    configs.append(
+                        {
+                            "backend": name,
+                            "delegate": delegate,
+                            "precision": precision,
+                            "options": {**options, "prefix_reuse": reuse},
+                        }
+                    )
     if not configs:
-        raise UserError(f"no backend in {backends or 'any'} can run {bundle} with the delegates/precisions asked for; "
-                        "see `fwdllm device info --bundle B`")
+        raise UserError(
+            f"no backend in {backends or 'any'} can run {bundle} with the delegates/precisions asked for; "
+            "see `fwdllm device info --bundle B`"
+        )
     return configs
 
 
@@ -232,22 +241,45 @@ def _delegates(backend: str, wanted: list[str] | None, threads: int) -> list[tup
 
         out = [(p, {"providers": [p], "threads": threads}) for p in available_providers()]
     elif backend == "litert":
-        out = [("xnnpack", {"kernels": "xnnpack", "threads": threads}),
-               ("builtin", {"kernels": "builtin", "threads": threads})]
-        out += [(Path(w).name, {"kernels": "builtin", "threads": threads, "delegates": [{"path": w}]})
-                for w in (wanted or []) if w.endswith(".so")]
+        out = [
+            ("xnnpack", {"kernels": "xnnpack", "threads": threads}),
+            ("builtin", {"kernels": "builtin", "threads": threads}),
+        ]
+        out += [
+            (Path(w).name, {"kernels": "builtin", "threads": threads, "delegates": [{"path": w}]})
+            for w in (wanted or [])
+            if w.endswith(".so")
+        ]
     elif backend == "llama.cpp":
         out = [("cpu", {"threads": threads})]
     return [(d, o) for d, o in out if not wanted or d in wanted or "delegates" in o]
 
 
-def bench(bundle: Path, backends=None, delegates=None, precisions=None, perturbations=8, threads=1, batch=8,
-          seeds=16, runs=10, warmup=3, backprop=True, progress=True) -> dict[str, Any]:
+def bench(
+    bundle: Path,
+    backends=None,
+    delegates=None,
+    precisions=None,
+    perturbations=8,
+    threads=1,
+    batch=8,
+    seeds=16,
+    runs=10,
+    warmup=3,
+    backprop=True,
+    progress=True,
+) -> dict[str, Any]:
     from tqdm import tqdm
 
     configs = configurations(Path(bundle), backends, delegates, precisions, threads)
-    base = {"bundle": str(bundle), "batch": batch, "perturbations": perturbations, "seeds": seeds, "runs": runs,
-            "warmup": warmup}
+    base = {
+        "bundle": str(bundle),
+        "batch": batch,
+        "perturbations": perturbations,
+        "seeds": seeds,
+        "runs": runs,
+        "warmup": warmup,
+    }
     rows = []
     plain_rss: dict[tuple, float] = {}
     for cfg in tqdm(configs, desc="bench", disable=not progress):
@@ -259,8 +291,12 @@ def bench(bundle: Path, backends=None, delegates=None, precisions=None, perturba
         if "peak_rss_mb" in row:
             row["rss_vs_plain"] = row["peak_rss_mb"] / plain_rss[key]
         rows.append(row)
-    result = {"bundle": str(bundle), "machine": {"platform": platform.platform(), "python": platform.python_version()},
-              "settings": {**base, "threads": threads}, "configurations": rows}
+    result = {
+        "bundle": str(bundle),
+        "machine": {"platform": platform.platform(), "python": platform.python_version()},
+        "settings": {**base, "threads": threads},
+        "configurations": rows,
+    }
     if backprop:
         bp = _subprocess("backprop", {**base, "threads": threads})
         result["pytorch_lora_adamw"] = bp
@@ -278,10 +314,16 @@ def _reuse_ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for without in rows:
             same = all(without[k] == with_[k] for k in ("backend", "delegate", "precision"))
             if same and not without["options"].get("prefix_reuse") and "perturbed_eval_ms" in without:
-                out.append({"backend": with_["backend"], "delegate": with_["delegate"], "precision": with_["precision"],
-                            "eval_ms_with_reuse": with_["perturbed_eval_ms"],
-                            "eval_ms_without_reuse": without["perturbed_eval_ms"],
-                            "speedup": without["perturbed_eval_ms"] / with_["perturbed_eval_ms"]})
+                out.append(
+                    {
+                        "backend": with_["backend"],
+                        "delegate": with_["delegate"],
+                        "precision": with_["precision"],
+                        "eval_ms_with_reuse": with_["perturbed_eval_ms"],
+                        "eval_ms_without_reuse": without["perturbed_eval_ms"],
+                        "speedup": without["perturbed_eval_ms"] / with_["perturbed_eval_ms"],
+                    }
+                )
     return out
 
 
@@ -311,12 +353,18 @@ def table(result: dict[str, Any], markdown: bool = False) -> str:
     bp = result.get("pytorch_lora_adamw")
     if bp:
         out.append("")
-        out.append(f"PyTorch LoRA r8 + AdamW backprop: {_fmt(bp.get('peak_rss_mb'))} MiB peak RSS, "
-                   f"{_fmt(bp.get('train_step_ms'))} ms/step" if "error" not in bp else f"PyTorch backprop: {bp['error']}")
+        out.append(
+            f"PyTorch LoRA r8 + AdamW backprop: {_fmt(bp.get('peak_rss_mb'))} MiB peak RSS, "
+            f"{_fmt(bp.get('train_step_ms'))} ms/step"
+            if "error" not in bp
+            else f"PyTorch backprop: {bp['error']}"
+        )
     for r in result.get("prefix_reuse_ratios", []):
-        out.append(f"prefix reuse {r['backend']}/{r['delegate']}/{r['precision']}: one perturbed evaluation "
-                   f"{_fmt(r['eval_ms_without_reuse'])} ms -> {_fmt(r['eval_ms_with_reuse'])} ms "
-                   f"({r['speedup']:.2f}x)")
+        out.append(
+            f"prefix reuse {r['backend']}/{r['delegate']}/{r['precision']}: one perturbed evaluation "
+            f"{_fmt(r['eval_ms_without_reuse'])} ms -> {_fmt(r['eval_ms_with_reuse'])} ms "
+            f"({r['speedup']:.2f}x)"
+        )
     return "\n".join(out)
 
 

@@ -17,16 +17,38 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "litert", "llama.cpp"])
     p.add_argument("--precision", help="graph precision to run (default: the first the bundle has)")
     p.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
-    p.add_argument("--provider", type=_csv, help="onnxruntime providers in fallback order, e.g. nnapi,xnnpack,cpu "
-                   "(default: every accelerator this build has, then cpu)")
-    p.add_argument("--optimization", default="all", choices=["disable", "basic", "extended", "all"],
-                   help="onnxruntime graph optimisation level")
-    p.add_argument("--kernels", default="xnnpack", choices=["xnnpack", "builtin", "reference"],
-                   help="LiteRT kernels: XNNPACK (default), builtin without XNNPACK, or the reference kernels")
-    p.add_argument("--delegate", action="append", default=[], metavar="LIB.so",
-                   help="LiteRT external delegate library (repeatable); one that fails to load falls back to CPU")
-    p.add_argument("--delegate-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="option passed to every --delegate (repeatable)")
+    p.add_argument(
+        "--provider",
+        type=_csv,
+        help="onnxruntime providers in fallback order, e.g. nnapi,xnnpack,cpu "
+        "(default: every accelerator this build has, then cpu)",
+    )
+    p.add_argument(
+        "--optimization",
+        default="all",
+        choices=["disable", "basic", "extended", "all"],
+        help="onnxruntime graph optimisation level",
+    )
+    p.add_argument(
+        "--kernels",
+        default="xnnpack",
+        choices=["xnnpack", "builtin", "reference"],
+        help="LiteRT kernels: XNNPACK (default), builtin without XNNPACK, or the reference kernels",
+    )
+    p.add_argument(
+        "--delegate",
+        action="append",
+        default=[],
+        metavar="LIB.so",
+        help="LiteRT external delegate library (repeatable); one that fails to load falls back to CPU",
+    )
+    p.add_argument(
+        "--delegate-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="option passed to every --delegate (repeatable)",
+    )
     p.add_argument("--no-prefix-reuse", action="store_true", help="run the full graph even when the bundle is cut")
 
 
@@ -91,11 +113,16 @@ def _info(args: argparse.Namespace) -> int:
     from fwdllm.device_runtime.backend import BACKENDS, open_backend
     from fwdllm.errors import UserError
 
-    report = {"abi": platform.machine(), "os": f"{platform.system()} {platform.release()}",
-              "cpu_count": os.cpu_count(), "backends": {}}
+    report = {
+        "abi": platform.machine(),
+        "os": f"{platform.system()} {platform.release()}",
+        "cpu_count": os.cpu_count(),
+        "backends": {},
+    }
     try:
-        from fwdllm.device_runtime.onnx_backend import available_providers
         import onnxruntime
+
+        from fwdllm.device_runtime.onnx_backend import available_providers
 
         report["backends"]["onnxruntime"] = {"version": onnxruntime.__version__, "providers": available_providers()}
     except ImportError as exc:
@@ -103,16 +130,20 @@ def _info(args: argparse.Namespace) -> int:
     try:
         import ai_edge_litert
 
-        report["backends"]["litert"] = {"version": getattr(ai_edge_litert, "__version__", ""),
-                                        "kernels": ["xnnpack", "builtin", "reference"],
-                                        "external_delegates": "by path (--delegate LIB.so)"}
+        report["backends"]["litert"] = {
+            "version": getattr(ai_edge_litert, "__version__", ""),
+            "kernels": ["xnnpack", "builtin", "reference"],
+            "external_delegates": "by path (--delegate LIB.so)",
+        }
     except ImportError as exc:
         report["backends"]["litert"] = {"error": str(exc)}
     try:
         import llama_cpp
 
-        report["backends"]["llama.cpp"] = {"version": llama_cpp.__version__,
-                                           "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
+        report["backends"]["llama.cpp"] = {
+            "version": llama_cpp.__version__,
+            "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+        }
     except ImportError as exc:
         report["backends"]["llama.cpp"] = {"error": str(exc)}
     if args.bundle:
@@ -138,16 +169,29 @@ def _info(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from fwdllm.device_runtime.client import ClientConfig, DeviceClient
 
-    cfg = ClientConfig(coordinator=args.coordinator, bundle=args.bundle, data=args.data, backend=args.backend,
-                       precision=args.precision, options=backend_options(args), token=args.token, tls_ca=args.tls_ca,
-                       name=args.name, state_file=args.state, max_seeds=args.max_seeds)
+    cfg = ClientConfig(
+        coordinator=args.coordinator,
+        bundle=args.bundle,
+        data=args.data,
+        backend=args.backend,
+        precision=args.precision,
+        options=backend_options(args),
+        token=args.token,
+        tls_ca=args.tls_ca,
+        name=args.name,
+        state_file=args.state,
+        max_seeds=args.max_seeds,
+    )
     client = DeviceClient(cfg)
 
     stopped_by: list[int] = []
 
     def stop(signum, _frame):  # first Ctrl-C / SIGTERM: leave cleanly; a second one interrupts at once
-        print(f"fwdllm device run: interrupted ({signal.Signals(signum).name}); submitting what is computed and "
-              "leaving the run", file=sys.stderr)
+        print(
+            f"fwdllm device run: interrupted ({signal.Signals(signum).name}); submitting what is computed and "
+            "leaving the run",
+            file=sys.stderr,
+        )
         signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
         stopped_by.append(signum)
         client.stop()
@@ -162,12 +206,25 @@ def _run(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from fwdllm.device_runtime.bench import bench, table
 
-    result = bench(args.bundle, args.backend, args.delegate, args.precision, args.perturbations, args.threads,
-                   args.batch, args.seeds, args.runs, args.warmup, backprop=not args.no_backprop)
+    result = bench(
+        args.bundle,
+        args.backend,
+        args.delegate,
+        args.precision,
+        args.perturbations,
+        args.threads,
+        args.batch,
+        args.seeds,
+        args.runs,
+        args.warmup,
+        backprop=not args.no_backprop,
+    )
     result["command"] = "fwdllm bench " + " ".join(
         f"--{k.replace('_', '-')} {','.join(v) if isinstance(v, list) else v}"
-        for k, v in vars(args).items() if k in ("bundle", "backend", "delegate", "precision", "perturbations",
-                                                  "seeds", "batch", "threads", "runs") and v)
+        for k, v in vars(args).items()
+        if k in ("bundle", "backend", "delegate", "precision", "perturbations", "seeds", "batch", "threads", "runs")
+        and v
+    )
     print(table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")

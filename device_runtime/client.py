@@ -19,9 +19,10 @@ import platform
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
 
@@ -39,8 +40,12 @@ log = logging.getLogger("fwdllm.device")
 SCHEME = {pb.CENTRAL: "central", pb.FORWARD: "forward", pb.DIFFERENCE_SCHEME_UNSPECIFIED: "central"}
 DEFAULT_EPSILON = 0.01
 #: Codes that mean "try again later"; anything else is the coordinator's final answer.
-TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED,
-             grpc.StatusCode.UNKNOWN}
+TRANSIENT = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+}
 MAX_MESSAGE_BYTES = 64 << 20
 
 
@@ -86,9 +91,13 @@ def capabilities(backend: Backend) -> pb.Capabilities:
     except (ValueError, OSError, AttributeError):
         memory = 0
     return pb.Capabilities(
-        backend=backend.name, delegates=list(info.get("providers") or info.get("delegates") or []),
-        precision=backend.graph.precision, memory_bytes=memory, abi=platform.machine(),
-        os=f"{platform.system()} {platform.release()}", cpu_count=os.cpu_count() or 1,
+        backend=backend.name,
+        delegates=list(info.get("providers") or info.get("delegates") or []),
+        precision=backend.graph.precision,
+        memory_bytes=memory,
+        abi=platform.machine(),
+        os=f"{platform.system()} {platform.release()}",
+        cpu_count=os.cpu_count() or 1,
         max_perturbations_per_call=backend.max_perturbations or 0,
         versions={"fwdllm": __version__, backend.name: str(info.get("version", ""))},
     )
@@ -108,8 +117,18 @@ class DeviceClient(ThetaSync):
         self.settled: set[str] = set()  # task ids the coordinator has answered for good
         self.cancelled: set[str] = set()
         self.current_task = ""
-        self.stats = {"tasks": 0, "accepted": 0, "duplicate": 0, "rejected": 0, "failed": 0, "cancelled": 0,
-                      "retries": 0, "rejoins": 0, "theta_fetches": 0, "theta_replays": 0}
+        self.stats = {
+            "tasks": 0,
+            "accepted": 0,
+            "duplicate": 0,
+            "rejected": 0,
+            "failed": 0,
+            "cancelled": 0,
+            "retries": 0,
+            "rejoins": 0,
+            "theta_fetches": 0,
+            "theta_replays": 0,
+        }
         self._stop = threading.Event()
         self._leave_on_stop = True
         self._lock = threading.Lock()
@@ -119,10 +138,12 @@ class DeviceClient(ThetaSync):
 
     # ------------------------------------------------------------ connection
     def _channel(self) -> grpc.Channel:
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.initial_reconnect_backoff_ms", int(self.cfg.backoff_s[0] * 1000)),
-                   ("grpc.max_reconnect_backoff_ms", int(self.cfg.backoff_s[1] * 1000))]
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.initial_reconnect_backoff_ms", int(self.cfg.backoff_s[0] * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(self.cfg.backoff_s[1] * 1000)),
+        ]
         if self.cfg.tls_ca:
             ca = Path(self.cfg.tls_ca)
             if not ca.is_file():
@@ -159,26 +180,40 @@ class DeviceClient(ThetaSync):
 
     def join(self) -> pb.JoinResponse:
         def request():
-            return pb.JoinRequest(protocol_version=pb.PROTOCOL_VERSION_1, enrolment_token=self.cfg.token,
-                                  client_name=self.cfg.name or platform.node(), capabilities=capabilities(self.backend),
-                                  model_fingerprint=self.fingerprint, num_examples=len(self.examples),
-                                  previous_client_id=self.client_id)
+            return pb.JoinRequest(
+                protocol_version=pb.PROTOCOL_VERSION_1,
+                enrolment_token=self.cfg.token,
+                client_name=self.cfg.name or platform.node(),
+                capabilities=capabilities(self.backend),
+                model_fingerprint=self.fingerprint,
+                num_examples=len(self.examples),
+                previous_client_id=self.client_id,
+            )
 
         try:
             resp = self._call("Join", request)
         except grpc.RpcError as exc:
             raise ClientError(f"the coordinator refused to let this device join ({exc.code().name}): {exc.details()}")
         if resp.model_fingerprint and resp.model_fingerprint != self.fingerprint:
-            raise ClientError(f"bundle {self.cfg.bundle} (fingerprint {self.fingerprint[:12]}) is not the model this "
-                              f"coordinator trains ({resp.model_fingerprint[:12]}); install the run's bundle")
+            raise ClientError(
+                f"bundle {self.cfg.bundle} (fingerprint {self.fingerprint[:12]}) is not the model this "
+                f"coordinator trains ({resp.model_fingerprint[:12]}); install the run's bundle"
+            )
         if resp.theta_dim and resp.theta_dim != self.manifest.theta.dim:
-            raise ClientError(f"the coordinator's θ has {resp.theta_dim} values, this bundle's {self.manifest.theta.dim}")
+            raise ClientError(
+                f"the coordinator's θ has {resp.theta_dim} values, this bundle's {self.manifest.theta.dim}"
+            )
         self.client_id, self.session = resp.client_id, resp.session_token
         self.history_replayable = True  # a restarted coordinator may run another optimiser
         self.heartbeat_s = max(0.05, (resp.heartbeat_interval_ms or 5000) / 1000)
         self._save_state()
-        log.info("joined %s as %s (θ version %d, heartbeat %.1f s)", self.cfg.coordinator, self.client_id,
-                 resp.theta_version, self.heartbeat_s)
+        log.info(
+            "joined %s as %s (θ version %d, heartbeat %.1f s)",
+            self.cfg.coordinator,
+            self.client_id,
+            resp.theta_version,
+            self.heartbeat_s,
+        )
         return resp
 
     # ------------------------------------------------------------ the loop
@@ -197,8 +232,12 @@ class DeviceClient(ThetaSync):
         try:
             while not self._stop.is_set() and (max_tasks is None or handled < max_tasks):
                 self._submit_pending()
-                resp = self._call("PullTask", lambda: pb.PullTaskRequest(
-                    client_id=self.client_id, session_token=self.session, theta_version=self.theta_version))
+                resp = self._call(
+                    "PullTask",
+                    lambda: pb.PullTaskRequest(
+                        client_id=self.client_id, session_token=self.session, theta_version=self.theta_version
+                    ),
+                )
                 outcome = resp.WhichOneof("outcome")
                 if outcome == "run_finished":
                     log.info("the run is finished; leaving")
@@ -229,16 +268,22 @@ class DeviceClient(ThetaSync):
 
     def _leave(self, reason: str) -> None:
         try:
-            self.stub.Leave(pb.LeaveRequest(client_id=self.client_id, session_token=self.session, reason=reason),
-                            timeout=self.cfg.rpc_timeout_s)
+            self.stub.Leave(
+                pb.LeaveRequest(client_id=self.client_id, session_token=self.session, reason=reason),
+                timeout=self.cfg.rpc_timeout_s,
+            )
         except grpc.RpcError as exc:
             log.info("leave failed (%s); the coordinator will time this device out", exc.code().name)
 
     def _heartbeats(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
-                resp = self.stub.Heartbeat(pb.HeartbeatRequest(client_id=self.client_id, session_token=self.session,
-                                                               task_id=self.current_task), timeout=self.heartbeat_s * 2)
+                resp = self.stub.Heartbeat(
+                    pb.HeartbeatRequest(
+                        client_id=self.client_id, session_token=self.session, task_id=self.current_task
+                    ),
+                    timeout=self.heartbeat_s * 2,
+                )
             except grpc.RpcError as exc:  # the main loop handles reconnection; a missed beat is harmless
                 log.debug("heartbeat failed: %s", exc.code().name)
                 continue
@@ -269,9 +314,17 @@ class DeviceClient(ThetaSync):
             seeds = task_seeds(task)
             theta = self._theta_at(task.theta_version)
             batch = self.tokenizer.batch(select(self.examples, task.batch.start, task.batch.size))
-            result = forward_gradients(self.backend, batch, theta, seeds, epsilon=task.epsilon or DEFAULT_EPSILON,
-                                       scheme=SCHEME.get(task.scheme, "?"), distribution=DIST.get(task.distribution, "?"),
-                                       max_seeds=self.cfg.max_seeds, should_stop=should_stop)
+            result = forward_gradients(
+                self.backend,
+                batch,
+                theta,
+                seeds,
+                epsilon=task.epsilon or DEFAULT_EPSILON,
+                scheme=SCHEME.get(task.scheme, "?"),
+                distribution=DIST.get(task.distribution, "?"),
+                max_seeds=self.cfg.max_seeds,
+                should_stop=should_stop,
+            )
         except Cancelled:
             self.stats["cancelled"] += 1
             why = "cancelled by the coordinator" if tid in self.cancelled else "deadline passed"
@@ -286,28 +339,46 @@ class DeviceClient(ThetaSync):
             self.current_task = ""
         elapsed_ms = int((time.perf_counter() - started) * 1000)
         request = pb.SubmitRequest(
-            task_id=tid, step=task.step, seeds=seeds, jvp=result.jvp.tolist(), nonfinite=result.nonfinite,
+            task_id=tid,
+            step=task.step,
+            seeds=seeds,
+            jvp=result.jvp.tolist(),
+            nonfinite=result.nonfinite,
             loss=pb.LossStats(mean=result.loss_mean, min=result.loss_min, max=result.loss_max, base=result.loss_base),
-            num_examples=task.batch.size, compute_time_ms=elapsed_ms)
+            num_examples=task.batch.size,
+            compute_time_ms=elapsed_ms,
+        )
         self.pending[tid] = request
         self._save_state()
         outcome = self._submit_pending().get(tid, "kept for resubmission")
-        log.info("%s: %d seeds, %d non-finite, loss %.4f, %d ms, %d calls -> %s", head, len(seeds),
-                 len(result.nonfinite), result.loss_mean, elapsed_ms, result.calls, outcome)
+        log.info(
+            "%s: %d seeds, %d non-finite, loss %.4f, %d ms, %d calls -> %s",
+            head,
+            len(seeds),
+            len(result.nonfinite),
+            result.loss_mean,
+            elapsed_ms,
+            result.calls,
+            outcome,
+        )
 
     def _submit_pending(self) -> dict[str, str]:
         """Send every unacknowledged result; returns task id -> outcome for those settled now."""
         outcomes = {}
         final = frozenset(c for c in grpc.StatusCode if c not in TRANSIENT and c != grpc.StatusCode.UNAUTHENTICATED)
         for tid, request in list(self.pending.items()):
+
             def make(request=request):
                 request.client_id, request.session_token = self.client_id, self.session
                 return request
 
             try:
                 resp = self._call("Submit", make, final=final)
-                outcome = "duplicate (already accepted)" if resp.duplicate else ("accepted" if resp.accepted
-                                                                                 else f"refused: {resp.message}")
+                outcome = (
+                    "duplicate (already accepted)"
+                    if resp.duplicate
+                    else ("accepted" if resp.accepted else f"refused: {resp.message}")
+                )
                 self.stats["duplicate" if resp.duplicate else "accepted" if resp.accepted else "rejected"] += 1
             except grpc.RpcError as exc:
                 if exc.code() not in final:
@@ -338,8 +409,11 @@ class DeviceClient(ThetaSync):
         path = self.cfg.state_file
         if not path:
             return
-        state = {"fingerprint": self.fingerprint, "client_id": self.client_id,
-                 "pending": {t: base64.b64encode(r.SerializeToString()).decode() for t, r in self.pending.items()}}
+        state = {
+            "fingerprint": self.fingerprint,
+            "client_id": self.client_id,
+            "pending": {t: base64.b64encode(r.SerializeToString()).decode() for t, r in self.pending.items()},
+        }
         tmp = Path(str(path) + ".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(path)

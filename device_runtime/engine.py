@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -117,7 +117,9 @@ def _check(backend, theta, seeds, epsilon, scheme, distribution, max_seeds) -> n
         raise EngineError(f"seeds must be unsigned 64-bit integers, got {bad[:3]}")
     theta = np.asarray(theta)
     if theta.ndim != 1 or theta.shape[0] != backend.theta_dim:
-        raise EngineError(f"θ must be a vector of length {backend.theta_dim} for this bundle, got shape {list(theta.shape)}")
+        raise EngineError(
+            f"θ must be a vector of length {backend.theta_dim} for this bundle, got shape {list(theta.shape)}"
+        )
     theta = np.ascontiguousarray(theta, dtype=np.float32)
     if not np.isfinite(theta).all():
         raise EngineError("θ contains NaN or Inf; fetch the parameters again")
@@ -139,7 +141,14 @@ def _result(seeds, plus, minus, base, epsilon, scheme, calls, seconds) -> Gradie
     jvp = np.where(ok, jvp, 0.0).astype(np.float32)
     stats = (float(losses.mean()), float(losses.min()), float(losses.max())) if losses.size else (math.nan,) * 3
     return GradientResult(
-        seeds=list(seeds), jvp=jvp, nonfinite=[int(i) for i in np.flatnonzero(~ok)],
-        loss_mean=stats[0], loss_min=stats[1], loss_max=stats[2], loss_base=float(base),
-        evaluations=evaluations, calls=calls, seconds=seconds,
+        seeds=list(seeds),
+        jvp=jvp,
+        nonfinite=[int(i) for i in np.flatnonzero(~ok)],
+        loss_mean=stats[0],
+        loss_min=stats[1],
+        loss_max=stats[2],
+        loss_base=float(base),
+        evaluations=evaluations,
+        calls=calls,
+        seconds=seconds,
     )

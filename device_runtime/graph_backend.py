@@ -46,8 +46,11 @@ class GraphBackend(Backend):
         self.prefix_runs = 0  # how often the prefix actually ran (tests and benchmarks read it)
 
     def _sibling(self, role: str) -> GraphSpec | None:
-        found = [g for g in self.manifest.graphs
-                 if g.format == self.graph.format and g.role == role and g.precision == self.graph.precision]
+        found = [
+            g
+            for g in self.manifest.graphs
+            if g.format == self.graph.format and g.role == role and g.precision == self.graph.precision
+        ]
         return found[0] if found else None
 
     @property
@@ -86,16 +89,20 @@ class GraphBackend(Backend):
         thetas = self.check_thetas(np.asarray(theta).reshape(1, -1))
         self._check_batch(batch)
         if not self.manifest.model.classifies:
-            raise BackendError("logits() is for classifying bundles (seq-cls or label words); this causal-lm "
-                               "graph returns only the next-token loss")
+            raise BackendError(
+                "logits() is for classifying bundles (seq-cls or label words); this causal-lm "
+                "graph returns only the next-token loss"
+            )
         parts = [self._over_thetas(chunk, thetas, "logits")[0] for chunk in self._chunks(batch)]
         return np.concatenate(parts)[: batch.size]
 
     # ----- helpers -----
     def _check_batch(self, batch: Batch) -> None:
         if self.graph.seq_len and batch.seq_len != self.graph.seq_len:
-            raise BackendError(f"this graph was exported for sequence length {self.graph.seq_len}, the batch has "
-                               f"{batch.seq_len}; build batches with backend.tokenizer()")
+            raise BackendError(
+                f"this graph was exported for sequence length {self.graph.seq_len}, the batch has "
+                f"{batch.seq_len}; build batches with backend.tokenizer()"
+            )
 
     def _chunks(self, batch: Batch):
         """The batch in pieces the graph accepts: all at once, or fixed-size with padding rows."""
@@ -131,8 +138,12 @@ class GraphBackend(Backend):
         return np.concatenate(parts)
 
     def _evaluate(self, chunk: Batch, thetas: np.ndarray) -> dict[str, np.ndarray]:
-        values = {"input_ids": chunk.input_ids, "attention_mask": chunk.attention_mask,
-                  "labels": chunk.labels, "theta": thetas}
+        values = {
+            "input_ids": chunk.input_ids,
+            "attention_mask": chunk.attention_mask,
+            "labels": chunk.labels,
+            "theta": thetas,
+        }
         if self.cut:
             values["hidden"] = self._prefix_hidden(chunk)
             return self._call("suffix", values)
@@ -166,7 +177,9 @@ class GraphBackend(Backend):
         step = self.batch_size or len(rows)
         for start in range(0, len(rows), step):
             part = sub.rows(start, min(start + step, len(rows)), pad_to=self.batch_size)
-            hidden = self._call("prefix", {"input_ids": part.input_ids, "attention_mask": part.attention_mask})["hidden"]
+            hidden = self._call("prefix", {"input_ids": part.input_ids, "attention_mask": part.attention_mask})[
+                "hidden"
+            ]
             self.prefix_runs += 1
             for j, i in enumerate(rows[start : start + step]):
                 value = np.array(hidden[j, : lengths[i]], dtype=np.float32)
@@ -180,8 +193,10 @@ class GraphBackend(Backend):
         spec = self.specs[role]
         missing = [t.name for t in spec.inputs if t.name not in values]
         if missing:
-            raise BackendError(f"the manifest's {role} graph wants inputs {missing} that fwdllm does not know; "
-                               "the manifest does not match this fwdllm's graph contract, re-export the bundle")
+            raise BackendError(
+                f"the manifest's {role} graph wants inputs {missing} that fwdllm does not know; "
+                "the manifest does not match this fwdllm's graph contract, re-export the bundle"
+            )
         return self._run(self._handles[role], spec, {t.name: values[t.name] for t in spec.inputs})
 
     def clear_cache(self) -> None:
@@ -203,16 +218,22 @@ class GraphBackend(Backend):
 
 def check_io(spec: GraphSpec, inputs: list[str], outputs: list[str], path: Path, by_name: bool) -> None:
     """The graph file's own inputs/outputs must be the manifest's: by name (ONNX) or by count (TFLite)."""
-    for kind, have, want in (("inputs", inputs, [t.name for t in spec.inputs]),
-                             ("outputs", outputs, [t.name for t in spec.outputs])):
+    for kind, have, want in (
+        ("inputs", inputs, [t.name for t in spec.inputs]),
+        ("outputs", outputs, [t.name for t in spec.outputs]),
+    ):
         if (sorted(have) != sorted(want)) if by_name else (len(have) != len(want)):
-            raise BackendError(f"{path.name} has {kind} {have} but the manifest says {want}: "
-                               "the manifest does not match the graph; re-export the bundle")
+            raise BackendError(
+                f"{path.name} has {kind} {have} but the manifest says {want}: "
+                "the manifest does not match the graph; re-export the bundle"
+            )
 
 
 def check_theta_dim(spec: GraphSpec, shape: list[Any], dim: int, path: Path) -> None:
     """A graph whose θ input has another length than the manifest's layout cannot be fed."""
     last = shape[-1] if shape else None
     if spec.theta_channel == "input" and isinstance(last, (int, np.integer)) and last > 0 and int(last) != dim:
-        raise BackendError(f"{path.name} takes θ of length {last}, the manifest's layout has {dim}: "
-                           "the manifest does not match the graph; re-export the bundle")
+        raise BackendError(
+            f"{path.name} takes θ of length {last}, the manifest's layout has {dim}: "
+            "the manifest does not match the graph; re-export the bundle"
+        )

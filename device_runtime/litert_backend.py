@@ -54,7 +54,8 @@ class LiteRTBackend(GraphBackend):
 
     def _interpreter(self, path: Path, kernels: str, with_delegates: bool = True):
         return self._litert.Interpreter(
-            model_path=str(path), num_threads=self.threads,
+            model_path=str(path),
+            num_threads=self.threads,
             experimental_delegates=[d for _, d in self.delegates] if with_delegates else None,
             experimental_op_resolver_type=getattr(self._litert.OpResolverType, KERNELS[kernels]),
         )
@@ -66,8 +67,10 @@ class LiteRTBackend(GraphBackend):
             interp = self._interpreter(path, self.kernels)
             interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
-            raise BackendError(f"LiteRT cannot load {path.name}: it is corrupt, truncated or not a TFLite model "
-                               f"({str(exc).splitlines()[0][:200]}); copy or re-export the bundle") from exc
+            raise BackendError(
+                f"LiteRT cannot load {path.name}: it is corrupt, truncated or not a TFLite model "
+                f"({str(exc).splitlines()[0][:200]}); copy or re-export the bundle"
+            ) from exc
         signatures = interp._get_full_signature_list()
         if len(signatures) == 1:
             sig = next(iter(signatures.values()))
@@ -81,7 +84,9 @@ class LiteRTBackend(GraphBackend):
         in_idx = [ins[n] for n in want_in] if set(want_in) == set(ins) else list(ins.values())
         out_idx = [outs[n] for n in want_out] if set(want_out) == set(outs) else list(outs.values())
         details = {d["index"]: d for d in interp.get_input_details()}
-        inputs = {name: (idx, details[idx]["dtype"], tuple(details[idx]["shape"])) for name, idx in zip(want_in, in_idx)}
+        inputs = {
+            name: (idx, details[idx]["dtype"], tuple(details[idx]["shape"])) for name, idx in zip(want_in, in_idx)
+        }
         if "theta" in inputs:
             check_theta_dim(spec, list(inputs["theta"][2]), self.manifest.theta.dim, path)
         return interp, inputs, dict(zip(want_out, out_idx))
@@ -91,8 +96,10 @@ class LiteRTBackend(GraphBackend):
         for name, value in feeds.items():
             idx, dtype, shape = inputs[name]
             if tuple(value.shape) != shape:
-                raise BackendError(f"{spec.file} input {name} has the fixed shape {list(shape)}, got "
-                                   f"{list(value.shape)}; the batch or θ does not match the exported graph")
+                raise BackendError(
+                    f"{spec.file} input {name} has the fixed shape {list(shape)}, got "
+                    f"{list(value.shape)}; the batch or θ does not match the exported graph"
+                )
             interp.set_tensor(idx, np.ascontiguousarray(value, dtype=dtype))
         interp.invoke()
         return {name: interp.get_tensor(idx) for name, idx in outputs.items()}

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from fwdllm.errors import UserError
 from fwdllm.device_runtime.backend import IGNORE_INDEX, Backend, BackendError, Batch
+from fwdllm.errors import UserError
 from fwdllm.proto.manifest import BundleError, GraphSpec, Manifest
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,9 @@ class LlamaBackend(Backend):
 
     name = "llama.cpp"
 
-    def __init__(self, bundle_dir: str | Path, manifest: Manifest, graph: GraphSpec, options: dict[str, Any] | None = None):
+    def __init__(
+        self, bundle_dir: str | Path, manifest: Manifest, graph: GraphSpec, options: dict[str, Any] | None = None
+    ):
         from fwdllm.export.gguf_lora import LoraAdapterWriter, lora_alpha
 
         super().__init__(bundle_dir, manifest, graph, options or {})
@@ -161,8 +163,12 @@ class LlamaBackend(Backend):
             self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
             ids = manifest.model.label_token_ids
             self.label_ids = np.array(ids, dtype=np.int64) if ids else None
-            writer_args = (manifest.theta, lora_alpha(manifest.peft.config),
-                           L.llama_model_n_head(self.model), L.llama_model_n_head_kv(self.model))
+            writer_args = (
+                manifest.theta,
+                lora_alpha(manifest.peft.config),
+                L.llama_model_n_head(self.model),
+                L.llama_model_n_head_kv(self.model),
+            )
             suffix = self._suffix_spec()
             if suffix is not None:  # θ acts in the suffix: its adapter names count blocks from the cut
                 from fwdllm.device_runtime.llama_suffix import CutModel
@@ -188,15 +194,20 @@ class LlamaBackend(Backend):
         mparams.load_mode = L.LLAMA_LOAD_MODE_MMAP if self.options.get("mmap", True) else L.LLAMA_LOAD_MODE_NONE
         model = L.llama_model_load_from_file(str(path).encode(), mparams)
         if not model:
-            raise BundleError(f"llama.cpp could not load {path}: the file is corrupt or not a GGUF model; copy it again")
+            raise BundleError(
+                f"llama.cpp could not load {path}: the file is corrupt or not a GGUF model; copy it again"
+            )
         return model
 
     def _suffix_spec(self) -> GraphSpec | None:
         """The suffix GGUF at this precision when prefix reuse applies: a label-word bundle cut at a layer."""
         if not self.options.get("prefix_reuse", True) or self.label_ids is None or not self.manifest.cut_layer:
             return None
-        found = [g for g in self.manifest.graphs
-                 if g.format == "gguf" and g.role == "suffix" and g.precision == self.graph.precision]
+        found = [
+            g
+            for g in self.manifest.graphs
+            if g.format == "gguf" and g.role == "suffix" and g.precision == self.graph.precision
+        ]
         return found[0] if found else None
 
     def info(self) -> dict[str, Any]:
@@ -255,12 +266,18 @@ class LlamaBackend(Backend):
         if self.label_ids is not None:
             return self.answer_logits([self._kept(batch, i)[0] for i in range(batch.size)]).astype(np.float32)
         rows = [self._kept(batch, i)[0] for i in range(batch.size)]
-        return np.stack([self.token_logits(t, np.array([t.size - 1])) for t in rows]).reshape(batch.size, -1).astype(np.float32)
+        return (
+            np.stack([self.token_logits(t, np.array([t.size - 1])) for t in rows])
+            .reshape(batch.size, -1)
+            .astype(np.float32)
+        )
 
     def prompts(self, batch: Batch) -> list[np.ndarray]:
         """The real rows' prompt tokens of a label-word batch (labels [B])."""
         if batch.labels.ndim != 1:
-            raise BackendError("this bundle answers with label words; its batches carry one label per row, not token labels")
+            raise BackendError(
+                "this bundle answers with label words; its batches carry one label per row, not token labels"
+            )
         return [self._kept(batch, i)[0] for i in range(batch.real_rows or batch.size)]
 
     def answer_logits(self, prompts: list[np.ndarray]) -> np.ndarray:
@@ -275,15 +292,21 @@ class LlamaBackend(Backend):
         if tokens.size == 0:
             raise BackendError(f"row {i} of the batch has no tokens (its attention mask is all 0)")
         if tokens.size > self.n_ctx:
-            raise BackendError(f"a sequence has {tokens.size} tokens, more than this context's {self.n_ctx}; truncate the data")
+            raise BackendError(
+                f"a sequence has {tokens.size} tokens, more than this context's {self.n_ctx}; truncate the data"
+            )
         if tokens.max() >= self.n_vocab or tokens.min() < 0:
-            raise BackendError(f"a token id is outside the model's vocabulary of {self.n_vocab}; is the tokenizer the bundle's?")
+            raise BackendError(
+                f"a token id is outside the model's vocabulary of {self.n_vocab}; is the tokenizer the bundle's?"
+            )
         return tokens, batch.labels[i][keep] if batch.labels.ndim == 2 else batch.labels[i]
 
     def sequences(self, batch: Batch) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Per sequence: its tokens, the positions whose logits predict a label, and those labels."""
         if batch.labels.ndim != 2:
-            raise BackendError("the llama.cpp backend runs causal-LM batches (labels [B, S]); this batch is for classification")
+            raise BackendError(
+                "the llama.cpp backend runs causal-LM batches (labels [B, S]); this batch is for classification"
+            )
         out = []
         for i in range(batch.size):
             tokens, labels = self._kept(batch, i)
@@ -307,8 +330,10 @@ class LlamaBackend(Backend):
     def token_logits(self, tokens: np.ndarray, where: np.ndarray) -> np.ndarray:
         """Logits [len(where), vocab] at the positions ``where`` of one sequence, as float64."""
         if self.cut is not None:
-            raise BackendError("under prefix reuse θ acts in the suffix GGUF, which scores only the label words; "
-                               "open the backend with prefix_reuse=False for logits over the vocabulary")
+            raise BackendError(
+                "under prefix reuse θ acts in the suffix GGUF, which scores only the label words; "
+                "open the backend with prefix_reuse=False for logits over the vocabulary"
+            )
         L, b = self.L, self._lbatch
         n = int(tokens.size)
         want = np.zeros(n, dtype=np.int8)

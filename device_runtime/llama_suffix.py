@@ -101,12 +101,17 @@ class CutModel:
     def _open(self, backend) -> None:
         L = self.L
         self.model = backend.load_model(self.spec)
-        have = (L.llama_model_n_layer(self.model), L.llama_model_n_embd(self.model),
-                L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model)))
+        have = (
+            L.llama_model_n_layer(self.model),
+            L.llama_model_n_embd(self.model),
+            L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model)),
+        )
         want = (L.llama_model_n_layer(backend.model) - self.layer, self.n_embd, self.n_labels)
         if have != want:
-            raise BundleError(f"{self.spec.file} has (layers, width, outputs) {have}, the bundle's cut needs {want}; "
-                              "re-export the bundle")
+            raise BundleError(
+                f"{self.spec.file} has (layers, width, outputs) {have}, the bundle's cut needs {want}; "
+                "re-export the bundle"
+            )
         self.pctx = new_context(L, backend.model, backend.n_ctx, backend.threads, self._tap)
         self.ctx = new_context(L, self.model, backend.n_ctx, backend.threads)
         self._tbatch = L.llama_batch_init(backend.n_ctx, 0, 1)
@@ -142,8 +147,10 @@ class CutModel:
         decode(self.L, self.pctx, self._tbatch, n, want)
         value, self._captured = self._captured, None
         if value is None or value.shape[0] != n:
-            raise BackendError(f"llama.cpp did not expose the hidden states of layer {self.layer - 1} "
-                               f"({self._want.decode()}) for {n} tokens; open the backend with prefix_reuse=False")
+            raise BackendError(
+                f"llama.cpp did not expose the hidden states of layer {self.layer - 1} "
+                f"({self._want.decode()}) for {n} tokens; open the backend with prefix_reuse=False"
+            )
         self.prefix_runs += 1
         self.cache.put(key, value)
         return value

@@ -30,11 +30,19 @@ PROVIDERS = {
     "cpu": "CPUExecutionProvider",
 }
 
-OPTIMIZATION = {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
-                "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+OPTIMIZATION = {
+    "disable": "ORT_DISABLE_ALL",
+    "basic": "ORT_ENABLE_BASIC",
+    "extended": "ORT_ENABLE_EXTENDED",
+    "all": "ORT_ENABLE_ALL",
+}
 
-_NUMPY = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32,
-          "tensor(float16)": np.float16}
+_NUMPY = {
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+}
 
 
 def available_providers() -> list[str]:
@@ -54,7 +62,7 @@ def resolve_providers(requested: list[str] | None) -> list[str]:
         raise BackendError(f"unknown onnxruntime provider(s) {unknown}; choose from {list(PROVIDERS)} or auto")
     chosen: list[str] = []
     for r in requested:
-        for name in (have if r == "auto" else [r]):
+        for name in have if r == "auto" else [r]:
             if name not in have:
                 log.warning("onnxruntime provider %s is not in this build (it has %s); falling back", name, have)
             elif name not in chosen:
@@ -105,11 +113,14 @@ class OnnxBackend(GraphBackend):
         if not path.is_file():
             raise BackendError(f"graph file {path} is missing; copy the whole bundle folder again")
         try:
-            session = self._ort.InferenceSession(str(path), sess_options=self._session_options(),
-                                                 providers=self._provider_list())
+            session = self._ort.InferenceSession(
+                str(path), sess_options=self._session_options(), providers=self._provider_list()
+            )
         except Exception as exc:  # ORT raises its own Fail/InvalidProtobuf/InvalidGraph types
-            raise BackendError(f"onnxruntime cannot load {path.name}: it is corrupt, truncated or not an ONNX "
-                               f"graph ({str(exc).splitlines()[0][:200]}); copy or re-export the bundle") from exc
+            raise BackendError(
+                f"onnxruntime cannot load {path.name}: it is corrupt, truncated or not an ONNX "
+                f"graph ({str(exc).splitlines()[0][:200]}); copy or re-export the bundle"
+            ) from exc
         inputs = {i.name: i for i in session.get_inputs()}
         check_io(spec, list(inputs), [o.name for o in session.get_outputs()], path, by_name=True)
         if "theta" in inputs:

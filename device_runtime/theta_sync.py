@@ -39,8 +39,12 @@ class ThetaSync:
     def _theta_at(self, version: int) -> np.ndarray:
         if self.theta is not None and version in (self.theta_version, 0):
             return self.theta
-        if self.theta is not None and self.history_replayable and 0 < self.theta_version < version \
-                and self._replay(version):
+        if (
+            self.theta is not None
+            and self.history_replayable
+            and 0 < self.theta_version < version
+            and self._replay(version)
+        ):
             return self.theta
         self._fetch(version)
         return self.theta
@@ -48,9 +52,17 @@ class ThetaSync:
     def _replay(self, version: int) -> bool:
         """Catch up by replaying updates when the coordinator has them within θ's size and the seed cap."""
         max_bytes, max_seeds = 4 * self.manifest.theta.dim, self.cfg.replay_max_seeds
-        resp = self._call("FetchHistory", lambda: pb.FetchHistoryRequest(
-            client_id=self.client_id, session_token=self.session, from_version=self.theta_version, to_version=version,
-            max_bytes=max_bytes, max_seeds=max_seeds))
+        resp = self._call(
+            "FetchHistory",
+            lambda: pb.FetchHistoryRequest(
+                client_id=self.client_id,
+                session_token=self.session,
+                from_version=self.theta_version,
+                to_version=version,
+                max_bytes=max_bytes,
+                max_seeds=max_seeds,
+            ),
+        )
         if resp.refusal == pb.HISTORY_NOT_REPLAYABLE:
             self.history_replayable = False
             log.info("the coordinator's updates are not replayable; θ is downloaded when its version changes")
@@ -70,16 +82,31 @@ class ThetaSync:
             theta = theta.astype(np.float32).astype(np.float64)  # the coordinator stores each version in float32
         self.theta, self.theta_version = theta.astype(np.float32), version
         self.stats["theta_replays"] += 1
-        log.info("θ version %d rebuilt from %d updates (%d seeds, %d bytes) instead of downloading %d bytes",
-                 version, len(resp.updates), total, resp.ByteSize(), max_bytes)
+        log.info(
+            "θ version %d rebuilt from %d updates (%d seeds, %d bytes) instead of downloading %d bytes",
+            version,
+            len(resp.updates),
+            total,
+            resp.ByteSize(),
+            max_bytes,
+        )
         return True
 
     def _fetch(self, version: int) -> None:
         d = self.manifest.theta.dim
         for attempt in range(3):
             buf, digest, got_version, filled = bytearray(4 * d), "", 0, 0
-            chunks = self._retry("FetchParameters", lambda: list(self.stub.FetchParameters(pb.FetchParametersRequest(
-                client_id=self.client_id, session_token=self.session, version=version), timeout=self.cfg.rpc_timeout_s)))
+            chunks = self._retry(
+                "FetchParameters",
+                lambda: list(
+                    self.stub.FetchParameters(
+                        pb.FetchParametersRequest(
+                            client_id=self.client_id, session_token=self.session, version=version
+                        ),
+                        timeout=self.cfg.rpc_timeout_s,
+                    )
+                ),
+            )
             for chunk in chunks:
                 if chunk.total != d or chunk.offset + len(chunk.values) // 4 > d or len(chunk.values) % 4:
                     raise UserError(f"the coordinator sent θ of length {chunk.total}; this bundle's is {d}")

@@ -14,7 +14,6 @@ import torch
 
 from fwdllm.export.archs import ArchSpec
 
-
 FULL = "full_attention"
 SLIDING = "sliding_attention"
 
@@ -56,7 +55,9 @@ class DecoderSpec(ArchSpec):
         ctx = {"position_ids": position_ids}
         for kind in dict.fromkeys(self.layer_types(cfg)):
             inputs = {
-                "attention_mask": causal_mask(attention_mask, hidden.dtype, cfg.sliding_window if kind == SLIDING else None),
+                "attention_mask": causal_mask(
+                    attention_mask, hidden.dtype, cfg.sliding_window if kind == SLIDING else None
+                ),
                 "position_embeddings": self.rotary(model, hidden, position_ids, kind),
             }
             if kind == FULL:

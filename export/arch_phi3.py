@@ -31,7 +31,9 @@ class Phi3Spec(DecoderSpec):
         inv_freq = torch.where(position_ids.max() + 1 > original, long_inv_freq, rot.original_inv_freq)
         freqs = position_ids[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * rot.attention_scaling).to(hidden.dtype), (emb.sin() * rot.attention_scaling).to(hidden.dtype)
+        return (emb.cos() * rot.attention_scaling).to(hidden.dtype), (emb.sin() * rot.attention_scaling).to(
+            hidden.dtype
+        )
 
 
 SPEC = Phi3Spec(

@@ -61,8 +61,9 @@ class ArchSpec:
         out = self.layer_module(model, i)(hidden, ctx["attention_mask"])
         return out[0] if isinstance(out, tuple) else out
 
-    def run_layer_at(self, model: nn.Module, i: int, hidden: torch.Tensor, ctx: dict[str, Any],
-                     where: torch.Tensor) -> torch.Tensor:
+    def run_layer_at(
+        self, model: nn.Module, i: int, hidden: torch.Tensor, ctx: dict[str, Any], where: torch.Tensor
+    ) -> torch.Tensor:
         """Layer ``i``'s output ``[N, 1, H]`` at one position per row (``where`` [N]): what a label-word
         head needs from the last layer. This default runs the whole layer; a spec may compute only
         that position (its keys and values still cover every position)."""
@@ -103,7 +104,16 @@ def vocab_rows(lm_head: nn.Linear, token_ids: list[int]) -> nn.Linear:
 
 
 def _registry() -> dict[str, ArchSpec]:
-    from fwdllm.export import arch_albert, arch_bert, arch_distilbert, arch_gemma, arch_llama, arch_phi3, arch_qwen2, arch_roberta
+    from fwdllm.export import (
+        arch_albert,
+        arch_bert,
+        arch_distilbert,
+        arch_gemma,
+        arch_llama,
+        arch_phi3,
+        arch_qwen2,
+        arch_roberta,
+    )
 
     modules = (arch_bert, arch_distilbert, arch_albert, arch_roberta, arch_llama, arch_qwen2, arch_gemma, arch_phi3)
     specs = [m.SPEC for m in modules]

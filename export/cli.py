@@ -11,25 +11,47 @@ def _csv(text: str) -> list[str]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "export", help="turn a Hugging Face checkpoint + PEFT choice into a bundle (BUNDLE.md)",
+        "export",
+        help="turn a Hugging Face checkpoint + PEFT choice into a bundle (BUNDLE.md)",
         description="Export a model whose PEFT parameters θ are a graph input with a perturbation axis, "
         "validate every graph against PyTorch, and write a bundle.",
     )
-    p.add_argument("--model", required=True, help="Hugging Face checkpoint folder, or a shipped default: minilm | smollm2")
+    p.add_argument(
+        "--model", required=True, help="Hugging Face checkpoint folder, or a shipped default: minilm | smollm2"
+    )
     p.add_argument("--task", required=True, choices=["seq-cls", "causal-lm"])
     p.add_argument("--labels", type=int, help="number of classes (seq-cls)")
-    p.add_argument("--label-names", type=_csv,
-                   help="class names, comma-separated (seq-cls: sets --labels; causal-lm: the label words the model "
-                        "answers with after the prompt, each starting with a distinct token)")
-    p.add_argument("--peft", default="lora", choices=["head", "bitfit", "adapter", "lora"], help="trainable parameters (default lora)")
+    p.add_argument(
+        "--label-names",
+        type=_csv,
+        help="class names, comma-separated (seq-cls: sets --labels; causal-lm: the label words the model "
+        "answers with after the prompt, each starting with a distinct token)",
+    )
+    p.add_argument(
+        "--peft",
+        default="lora",
+        choices=["head", "bitfit", "adapter", "lora"],
+        help="trainable parameters (default lora)",
+    )
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--lora-targets", type=_csv, default=[], help="Linear names, comma-separated (default: the architecture's query/value)")
+    p.add_argument(
+        "--lora-targets",
+        type=_csv,
+        default=[],
+        help="Linear names, comma-separated (default: the architecture's query/value)",
+    )
     p.add_argument("--adapter-reduction", type=int, default=16, help="adapter bottleneck = hidden / this (default 16)")
-    p.add_argument("--trainable-layers", default="all", help="head | top:K | all (default all); head or top:K also write prefix/suffix graphs")
+    p.add_argument(
+        "--trainable-layers",
+        default="all",
+        help="head | top:K | all (default all); head or top:K also write prefix/suffix graphs",
+    )
     p.add_argument("--from-peft-adapter", metavar="DIR", help="start θ from an existing peft LoRA adapter folder")
     p.add_argument("--format", type=_csv, default=["onnx"], help="onnx,tflite,gguf (default onnx)")
-    p.add_argument("--precision", type=_csv, help="e.g. fp32,int8,fp16,f16,q8_0,q4_0; each format takes those it supports")
+    p.add_argument(
+        "--precision", type=_csv, help="e.g. fp32,int8,fp16,f16,q8_0,q4_0; each format takes those it supports"
+    )
     p.add_argument("--seq-len", type=int, default=64, help="sequence length (fixed in TFLite graphs; default 64)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size fixed in TFLite graphs (default 8)")
     p.add_argument("--perturbations", type=int, default=8, help="θ rows P fixed in TFLite graphs (default 8)")
@@ -43,7 +65,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     q.set_defaults(handler=_inspect)
 
     r = subparsers.add_parser(
-        "export-peft", help="write a trained θ as a Hugging Face peft adapter or merged checkpoint",
+        "export-peft",
+        help="write a trained θ as a Hugging Face peft adapter or merged checkpoint",
     )
     r.add_argument("bundle")
     r.add_argument("--theta", required=True, help="θ safetensors (the bundle's layout), e.g. a coordinator checkpoint")
@@ -64,13 +87,26 @@ def _export(args: argparse.Namespace) -> int:
         from fwdllm.export.plan import PeftOptions
 
         req = ExportRequest(
-            model=args.model, task=args.task, out=Path(args.out), formats=args.format, precisions=args.precision,
-            num_labels=args.labels, label_names=args.label_names,
-            peft=PeftOptions(method=args.peft, trainable_layers=args.trainable_layers, lora_r=args.lora_r,
-                             lora_alpha=args.lora_alpha, lora_targets=args.lora_targets,
-                             adapter_reduction=args.adapter_reduction, from_peft_adapter=args.from_peft_adapter,
-                             seed=args.seed),
-            seq_len=args.seq_len, batch_size=args.batch_size, perturbations=args.perturbations,
+            model=args.model,
+            task=args.task,
+            out=Path(args.out),
+            formats=args.format,
+            precisions=args.precision,
+            num_labels=args.labels,
+            label_names=args.label_names,
+            peft=PeftOptions(
+                method=args.peft,
+                trainable_layers=args.trainable_layers,
+                lora_r=args.lora_r,
+                lora_alpha=args.lora_alpha,
+                lora_targets=args.lora_targets,
+                adapter_reduction=args.adapter_reduction,
+                from_peft_adapter=args.from_peft_adapter,
+                seed=args.seed,
+            ),
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            perturbations=args.perturbations,
         )
         manifest = export(req)
     from fwdllm.export.inspect_bundle import describe

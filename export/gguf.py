@@ -95,8 +95,13 @@ def export_gguf(
     tokenizer = Path(tokenizer) if tokenizer else smollm2_gguf()
 
     # θ0 must map onto the model's projections before any big file is written.
-    writer = LoraAdapterWriter(layout, lora_alpha(peft_info.config), cfg.num_attention_heads, cfg.num_key_value_heads,
-                               first_layer=suffix[0] if suffix else 0)
+    writer = LoraAdapterWriter(
+        layout,
+        lora_alpha(peft_info.config),
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+        first_layer=suffix[0] if suffix else 0,
+    )
     writer.write(out_dir / ".theta0-check.gguf", theta0).unlink()
 
     specs = []
@@ -123,23 +128,43 @@ def _graph_spec(precision: str, dim: int, hidden_size: int | None = None) -> Gra
     """The ``base`` model's entry, or with ``hidden_size`` the ``suffix``'s (hidden states in, label logits out)."""
     theta = TensorSpec("theta", ["perturbations", dim], "float32")
     if hidden_size is None:
-        inputs = [TensorSpec("input_ids", ["batch", "seq"], "int32"), TensorSpec("attention_mask", ["batch", "seq"], "int32"),
-                  TensorSpec("labels", ["batch", "seq"], "int32"), theta]
+        inputs = [
+            TensorSpec("input_ids", ["batch", "seq"], "int32"),
+            TensorSpec("attention_mask", ["batch", "seq"], "int32"),
+            TensorSpec("labels", ["batch", "seq"], "int32"),
+            theta,
+        ]
         outputs = [TensorSpec("loss", ["perturbations"], "float32")]
     else:
-        inputs = [TensorSpec("hidden", ["batch", "seq", hidden_size], "float32"),
-                  TensorSpec("attention_mask", ["batch", "seq"], "int32"), TensorSpec("labels", ["batch"], "int32"), theta]
-        outputs = [TensorSpec("loss", ["perturbations"], "float32"), TensorSpec("logits", ["perturbations", "batch", "labels"], "float32")]
+        inputs = [
+            TensorSpec("hidden", ["batch", "seq", hidden_size], "float32"),
+            TensorSpec("attention_mask", ["batch", "seq"], "int32"),
+            TensorSpec("labels", ["batch"], "int32"),
+            theta,
+        ]
+        outputs = [
+            TensorSpec("loss", ["perturbations"], "float32"),
+            TensorSpec("logits", ["perturbations", "batch", "labels"], "float32"),
+        ]
     role = "base" if hidden_size is None else "suffix"
-    return GraphSpec(role=role, format="gguf", precision=precision, file=gguf_file_name(precision, role),
-                     inputs=inputs, outputs=outputs, theta_channel=THETA_CHANNEL)
+    return GraphSpec(
+        role=role,
+        format="gguf",
+        precision=precision,
+        file=gguf_file_name(precision, role),
+        inputs=inputs,
+        outputs=outputs,
+        theta_channel=THETA_CHANNEL,
+    )
 
 
 def _rope_theta(cfg) -> float:
     params = getattr(cfg, "rope_parameters", None) or {}
     scaling = params.get("rope_type", "default") if isinstance(params, dict) else "default"
     legacy = getattr(cfg, "rope_scaling", None)
-    if scaling != "default" or (isinstance(legacy, dict) and legacy.get("rope_type", legacy.get("type")) not in (None, "default")):
+    if scaling != "default" or (
+        isinstance(legacy, dict) and legacy.get("rope_type", legacy.get("type")) not in (None, "default")
+    ):
         raise UserError(f"RoPE scaling {params or legacy} is not supported by the GGUF export; use --format onnx")
     theta = params.get("rope_theta") if isinstance(params, dict) else None
     return float(theta if theta is not None else getattr(cfg, "rope_theta", 10000.0))
@@ -154,15 +179,20 @@ def _tokenizer_keys(path: Path, vocab_size: int) -> dict[str, tuple]:
         raise UserError(f"tokenizer {path} does not exist; pass a GGUF with a tokenizer or a tokenizer.json")
     if path.suffix == ".gguf":
         fields = gguf.GGUFReader(str(path)).fields
-        keys = {k: (f.contents(), f.types[0], f.types[-1] if f.types[0] == T.ARRAY else None)
-                for k, f in fields.items() if k.startswith("tokenizer.")}
+        keys = {
+            k: (f.contents(), f.types[0], f.types[-1] if f.types[0] == T.ARRAY else None)
+            for k, f in fields.items()
+            if k.startswith("tokenizer.")
+        }
         if "tokenizer.ggml.tokens" not in keys:
             raise UserError(f"{path} holds no tokenizer (tokenizer.ggml.tokens); pass a GGUF that has one")
     else:
         keys = _bpe_keys(path, vocab_size)
     n = len(keys["tokenizer.ggml.tokens"][0])
     if n != vocab_size:
-        raise UserError(f"the tokenizer in {path} has {n} tokens, the model {vocab_size}: pass the tokenizer that belongs to this model")
+        raise UserError(
+            f"the tokenizer in {path} has {n} tokens, the model {vocab_size}: pass the tokenizer that belongs to this model"
+        )
     return keys
 
 
@@ -179,7 +209,9 @@ def _bpe_keys(path: Path, vocab_size: int) -> dict[str, tuple]:
     except (ValueError, KeyError) as exc:
         raise UserError(f"{path} is not a tokenizers JSON file ({exc}); pass the model's tokenizer.json") from exc
     if model.get("type") != "BPE":
-        raise UserError(f"{path} is a {model.get('type')} tokenizer; the GGUF export writes byte-level BPE vocabularies only")
+        raise UserError(
+            f"{path} is a {model.get('type')} tokenizer; the GGUF export writes byte-level BPE vocabularies only"
+        )
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [int(Tok.UNUSED)] * vocab_size
     for text, i in model["vocab"].items():
@@ -227,7 +259,11 @@ def _write_f16(model, tokenizer: Path, path: Path) -> None:
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
     for key, (value, vtype, sub_type) in tokenizer_keys.items():
         w.add_key_value(key, value, vtype, sub_type)
-    for attr, key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
+    for attr, key in (
+        ("bos_token_id", "bos_token_id"),
+        ("eos_token_id", "eos_token_id"),
+        ("pad_token_id", "padding_token_id"),
+    ):
         token = getattr(cfg, attr, None)
         if isinstance(token, int) and f"tokenizer.ggml.{key}" not in tokenizer_keys:
             w.add_uint32(f"tokenizer.ggml.{key}", token)

@@ -33,8 +33,8 @@ def export_all(ctx, precisions: list[str]) -> list:
     """Base (and suffix) GGUFs at each precision, each validated on llama.cpp against the PyTorch reference."""
     from fwdllm.device_runtime.backend import Batch
     from fwdllm.device_runtime.llama_backend import LlamaBackend
-    from fwdllm.export.graphs import errors
     from fwdllm.export.gguf import export_gguf, smollm2_gguf
+    from fwdllm.export.graphs import errors
 
     req, plan = ctx.req, ctx.plan
     peft = PeftInfo(method=req.peft.method, trainable_layers=req.peft.trainable_layers, config=req.peft.config())
@@ -43,14 +43,32 @@ def export_all(ctx, precisions: list[str]) -> list:
     words = list(plan.label_token_ids or [])
     cut = plan.cut_layer if ctx.cut and words and (plan.cut_layer or 0) >= 1 else None
     with ctx.step("gguf: base models" + (" and suffixes" if cut else "")):
-        specs = export_gguf(ctx.loaded.model, plan.layout, plan.theta0().numpy(), peft, ctx.dir, precisions, tokenizer,
-                            suffix=(cut, words) if cut else None)
+        specs = export_gguf(
+            ctx.loaded.model,
+            plan.layout,
+            plan.theta0().numpy(),
+            peft,
+            ctx.dir,
+            precisions,
+            tokenizer,
+            suffix=(cut, words) if cut else None,
+        )
     # The backend reads θ's layout, LoRA alpha, the context length and the cut from a manifest.
     manifest = Manifest(
-        model=ModelInfo(source=ctx.loaded.source, architecture="llama", task="causal-lm",
-                        max_seq_len=req.seq_len, tokenizer="tokenizer.json", num_labels=plan.num_labels,
-                        labels=req.label_names, label_token_ids=words or None),
-        peft=peft, theta=plan.layout, graphs=specs, cut_layer=cut,
+        model=ModelInfo(
+            source=ctx.loaded.source,
+            architecture="llama",
+            task="causal-lm",
+            max_seq_len=req.seq_len,
+            tokenizer="tokenizer.json",
+            num_labels=plan.num_labels,
+            labels=req.label_names,
+            label_token_ids=words or None,
+        ),
+        peft=peft,
+        theta=plan.layout,
+        graphs=specs,
+        cut_layer=cut,
     )
     batch = Batch.of(ctx.sample["input_ids"], ctx.sample["attention_mask"], ctx.sample["labels"])
     tolerance = LABEL_WORD_TOLERANCE if words else TOLERANCE
@@ -69,8 +87,12 @@ def export_all(ctx, precisions: list[str]) -> list:
             backend = LlamaBackend(ctx.dir, manifest, base, {"threads": 1, "prefix_reuse": spec.role == "suffix"})
             outputs = {}
             try:
-                spec.validation = ctx.validate(lambda role, feeds: outputs.setdefault(role, run(backend, feeds)),
-                                               ["full"], tolerance[spec.precision], what)["full"]
+                spec.validation = ctx.validate(
+                    lambda role, feeds: outputs.setdefault(role, run(backend, feeds)),
+                    ["full"],
+                    tolerance[spec.precision],
+                    what,
+                )["full"]
             finally:
                 backend.close()
         if spec.role == "suffix":

@@ -59,8 +59,10 @@ def gguf_lora_name(theta_name: str, first_layer: int = 0) -> str:
         )
     layer, proj, ab = match.groups()
     if int(layer) < first_layer:
-        raise BundleError(f"θ tensor {theta_name!r} lies below layer {first_layer}, where the suffix GGUF starts; "
-                          "open the backend with prefix_reuse=False or re-export the bundle")
+        raise BundleError(
+            f"θ tensor {theta_name!r} lies below layer {first_layer}, where the suffix GGUF starts; "
+            "open the backend with prefix_reuse=False or re-export the bundle"
+        )
     return f"blk.{int(layer) - first_layer}.{HF_TO_GGUF_PROJ[proj]}.weight.lora_{ab.lower()}"
 
 
@@ -89,8 +91,9 @@ class LoraAdapterWriter:
     perturbation cheap. ``first_layer`` names the tensors for a suffix GGUF (``gguf_lora_name``).
     """
 
-    def __init__(self, layout: ThetaLayout, alpha: float, n_head: int, n_head_kv: int, arch: str = "llama",
-                 first_layer: int = 0):
+    def __init__(
+        self, layout: ThetaLayout, alpha: float, n_head: int, n_head_kv: int, arch: str = "llama", first_layer: int = 0
+    ):
         self.alpha, self.arch = float(alpha), arch
         slots = []
         for s in layout.tensors:
@@ -147,8 +150,8 @@ class LoraAdapterWriter:
         del reader
         self._image = bytearray(path.read_bytes())
         self._views = [
-            np.frombuffer(self._image, dtype=np.float32, count=int(np.prod(s.shape)), offset=offsets[s.gguf_name]).reshape(
-                s.shape
-            )
+            np.frombuffer(
+                self._image, dtype=np.float32, count=int(np.prod(s.shape)), offset=offsets[s.gguf_name]
+            ).reshape(s.shape)
             for s in self._slots
         ]

@@ -52,7 +52,9 @@ def write_suffix(base: Path, out: Path, first_layer: int, label_ids: list[int]) 
         if key in replaced:
             writer.add_uint32(key, replaced[key])
         else:
-            writer.add_key_value(key, field.contents(), field.types[0], field.types[-1] if field.types[0] == T.ARRAY else None)
+            writer.add_key_value(
+                key, field.contents(), field.types[0], field.types[-1] if field.types[0] == T.ARRAY else None
+            )
     writer.add_string("tokenizer.ggml.model", "none")
     writer.add_uint32(FIRST_LAYER_KEY, first_layer)
     for tensor in reader.tensors:

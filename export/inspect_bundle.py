@@ -34,8 +34,15 @@ def describe(m: Manifest, bundle: Path) -> str:
     lines.append("graphs")
     for g in m.graphs:
         size = (bundle / g.file).stat().st_size / 2**20 if (bundle / g.file).exists() else float("nan")
-        sig = ", ".join(f"{t.name}{_shape(t.shape)}" for t in g.inputs) + " -> " + ", ".join(f"{t.name}{_shape(t.shape)}" for t in g.outputs)
-        lines.append(f"  {g.format:6} {g.role:6} {g.precision:5} {g.file} ({size:.1f} MiB)" + ("  θ via " + g.theta_channel if any(t.name == "theta" for t in g.inputs) or g.role == "base" else ""))
+        sig = (
+            ", ".join(f"{t.name}{_shape(t.shape)}" for t in g.inputs)
+            + " -> "
+            + ", ".join(f"{t.name}{_shape(t.shape)}" for t in g.outputs)
+        )
+        lines.append(
+            f"  {g.format:6} {g.role:6} {g.precision:5} {g.file} ({size:.1f} MiB)"
+            + ("  θ via " + g.theta_channel if any(t.name == "theta" for t in g.inputs) or g.role == "base" else "")
+        )
         if g.inputs:
             lines.append(f"         {sig}")
         # validation and delegation are free-form records of the export: shown as far as they hold what it writes
@@ -46,6 +53,8 @@ def describe(m: Manifest, bundle: Path) -> str:
         if d:
             builtin = d.get("builtin") if isinstance(d.get("builtin"), dict) else {}
             left = ", ".join(f"{op}×{n}" for op, n in sorted(builtin.items(), key=str))
-            lines.append(f"         XNNPACK takes {d.get('xnnpack', '?')} of {d.get('ops', '?')} ops in "
-                         f"{d.get('xnnpack_partitions', '?')} partition(s)" + (f"; builtin kernels run {left}" if left else ""))
+            lines.append(
+                f"         XNNPACK takes {d.get('xnnpack', '?')} of {d.get('ops', '?')} ops in "
+                f"{d.get('xnnpack_partitions', '?')} partition(s)" + (f"; builtin kernels run {left}" if left else "")
+            )
     return "\n".join(lines)

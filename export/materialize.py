@@ -18,7 +18,9 @@ from fwdllm.export.perturbable import Plan
 
 
 def _tensors(plan: Plan, theta_row: np.ndarray) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.array(v)) for k, v in plan.layout.split(np.asarray(theta_row, dtype=np.float32)).items()}
+    return {
+        k: torch.from_numpy(np.array(v)) for k, v in plan.layout.split(np.asarray(theta_row, dtype=np.float32)).items()
+    }
 
 
 def _adapter_hook(down_w, down_b, up_w, up_b):
@@ -44,9 +46,12 @@ def materialize(model: nn.Module, plan: Plan, theta_row: np.ndarray) -> nn.Modul
         from peft import LoraConfig, inject_adapter_in_model
 
         r = lora_sites[0].tensors[0][1].shape[0]
-        cfg = LoraConfig(r=r,
-                         lora_alpha=lora_sites[0].options["scaling"] * r,
-                         target_modules=[s.path for s in lora_sites], lora_dropout=0.0)
+        cfg = LoraConfig(
+            r=r,
+            lora_alpha=lora_sites[0].options["scaling"] * r,
+            target_modules=[s.path for s in lora_sites],
+            lora_dropout=0.0,
+        )
         model = inject_adapter_in_model(cfg, model)
         for site in lora_sites:
             mod = model.get_submodule(site.path)
@@ -80,7 +85,9 @@ def reference(model: nn.Module, plan: Plan, theta: np.ndarray, input_ids, attent
         elif plan.task == "causal-lm":
             logits = out.logits[:, :-1, :]
             target = lab[:, 1:]
-            losses.append(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100))
+            losses.append(
+                nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100)
+            )
         else:
             logits = head_logits(plan, out.last_hidden_state, mask, row)
             losses.append(nn.functional.cross_entropy(logits, lab))

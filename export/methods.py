@@ -9,13 +9,15 @@ method.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from fwdllm.errors import UserError
+
 
 @dataclass
 class Site:
@@ -36,7 +38,12 @@ Method = Callable[[nn.Module, Any, list[tuple[str, nn.Module]], dict[str, Any]],
 def methods() -> dict[str, Method]:
     from fwdllm.export import peft_adapter, peft_bitfit, peft_head, peft_lora
 
-    return {"head": peft_head.METHOD, "bitfit": peft_bitfit.METHOD, "adapter": peft_adapter.METHOD, "lora": peft_lora.METHOD}
+    return {
+        "head": peft_head.METHOD,
+        "bitfit": peft_bitfit.METHOD,
+        "adapter": peft_adapter.METHOD,
+        "lora": peft_lora.METHOD,
+    }
 
 
 def parse_trainable_layers(text: str, num_layers: int) -> list[int]:
@@ -51,7 +58,9 @@ def parse_trainable_layers(text: str, num_layers: int) -> list[int]:
         except ValueError:
             k = -1
         if not 1 <= k <= num_layers:
-            raise UserError(f"--trainable-layers {text}: K must be an integer in 1..{num_layers} (the model has {num_layers} layers)")
+            raise UserError(
+                f"--trainable-layers {text}: K must be an integer in 1..{num_layers} (the model has {num_layers} layers)"
+            )
         return list(range(num_layers - k + 1, num_layers + 1))
     raise UserError(f"--trainable-layers {text!r} is not one of head, top:K, all")
 

@@ -43,7 +43,9 @@ def resolve(model: str) -> tuple[Path, str]:
         return path, model
     folder = Path(model)
     if not folder.is_dir():
-        raise UserError(f"--model {model}: no such folder; pass a Hugging Face checkpoint folder, or one of {sorted(DEFAULTS)}")
+        raise UserError(
+            f"--model {model}: no such folder; pass a Hugging Face checkpoint folder, or one of {sorted(DEFAULTS)}"
+        )
     return folder, str(folder.resolve())
 
 
@@ -79,9 +81,13 @@ def load(model: str, task: str) -> Loaded:
     folder, source = resolve(model)
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
-        raise UserError(f"{folder} has no config.json; pass a Hugging Face checkpoint folder (config.json + weights + tokenizer.json)")
+        raise UserError(
+            f"{folder} has no config.json; pass a Hugging Face checkpoint folder (config.json + weights + tokenizer.json)"
+        )
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-        raise UserError(f"{folder} has no weights (*.safetensors or pytorch_model.bin); download the checkpoint's weights into it")
+        raise UserError(
+            f"{folder} has no weights (*.safetensors or pytorch_model.bin); download the checkpoint's weights into it"
+        )
     tok = folder / "tokenizer.json"
     if not tok.is_file():
         raise UserError(

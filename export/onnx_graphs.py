@@ -17,7 +17,9 @@ log = logging.getLogger(__name__)
 OPSET = 17
 
 
-def export_role(pm: PerturbableModel, role: str, sample: dict[str, np.ndarray], hidden: np.ndarray | None, path: Path) -> None:
+def export_role(
+    pm: PerturbableModel, role: str, sample: dict[str, np.ndarray], hidden: np.ndarray | None, path: Path
+) -> None:
     """Trace one role to ``path``. The trace uses a P=2 sample; every axis is declared dynamic."""
     feeds = dict(sample, hidden=hidden)
     names = ROLE_INPUTS[role]
@@ -25,17 +27,26 @@ def export_role(pm: PerturbableModel, role: str, sample: dict[str, np.ndarray], 
     outs = outputs(pm.plan, role)
     seq_axes = {0: "B", 1: "S"}
     axes = {
-        "input_ids": seq_axes, "attention_mask": seq_axes, "hidden": seq_axes,
+        "input_ids": seq_axes,
+        "attention_mask": seq_axes,
+        "hidden": seq_axes,
         "labels": {0: "B"} if pm.plan.classifies else seq_axes,
-        "theta": {0: "P"}, "loss": {0: "P"}, "logits": {0: "P", 1: "B"},
+        "theta": {0: "P"},
+        "loss": {0: "P"},
+        "logits": {0: "P", 1: "B"},
     }
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            GraphModule(pm, role, names, outs).eval(), args, str(path),
-            input_names=list(names), output_names=list(outs),
+            GraphModule(pm, role, names, outs).eval(),
+            args,
+            str(path),
+            input_names=list(names),
+            output_names=list(outs),
             dynamic_axes={n: axes[n] for n in (*names, *outs)},
-            opset_version=OPSET, dynamo=False, do_constant_folding=True,
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
         )
 
 
@@ -87,11 +98,22 @@ def export_all(ctx, precisions: list[str]) -> list:
                 with ctx.step(f"onnx {role}: quantize {precision}"):
                     quantize_int8(fp32[role], files[role])
         with ctx.step(f"onnx {precision}: validate"):
-            validation = ctx.validate(lambda role, feeds: run(files[role], feeds), role_list, TOLERANCE[precision], f"onnx {precision}")
+            validation = ctx.validate(
+                lambda role, feeds: run(files[role], feeds), role_list, TOLERANCE[precision], f"onnx {precision}"
+            )
         for role in role_list:
             ins, outs = tensor_specs(ctx.plan, role, ctx.hidden_size, "int64")
-            specs.append(GraphSpec(role=role, format="onnx", precision=precision, file=files[role].name,
-                                   inputs=ins, outputs=outs, validation=validation[role]))
+            specs.append(
+                GraphSpec(
+                    role=role,
+                    format="onnx",
+                    precision=precision,
+                    file=files[role].name,
+                    inputs=ins,
+                    outputs=outs,
+                    validation=validation[role],
+                )
+            )
     if "fp32" not in precisions:
         for path in fp32.values():
             path.unlink()

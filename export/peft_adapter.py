@@ -21,7 +21,9 @@ def METHOD(model, spec, modules, options):
             h = module.out_features
             m = h // reduction
             if m < 1:
-                raise UserError(f"--adapter-reduction {reduction} leaves no bottleneck for hidden size {h}; use at most {h}")
+                raise UserError(
+                    f"--adapter-reduction {reduction} leaves no bottleneck for hidden size {h}; use at most {h}"
+                )
             tensors = [
                 ("adapter.down.weight", torch.randn(m, h, generator=gen) * 0.01),
                 ("adapter.down.bias", torch.zeros(m)),

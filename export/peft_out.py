@@ -20,14 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from fwdllm.errors import UserError
-from fwdllm.proto.manifest import BundleError, load_manifest
+from fwdllm.proto.manifest import load_manifest
 
 
 def _load_theta(path: Path, manifest) -> np.ndarray:
     from safetensors.numpy import load_file
 
     if not path.is_file():
-        raise UserError(f"--theta {path}: no such file; pass a θ safetensors file (e.g. a coordinator checkpoint or the bundle's theta.safetensors)")
+        raise UserError(
+            f"--theta {path}: no such file; pass a θ safetensors file (e.g. a coordinator checkpoint or the bundle's theta.safetensors)"
+        )
     return manifest.theta.flatten(load_file(str(path)))
 
 
@@ -56,7 +58,9 @@ def export_peft(bundle: Path, theta_file: Path, out: Path, merged: bool = False)
 
         sites = [s for s in plan.sites if s.kind == "lora"]
         r = int(sites[0].tensors[0][1].shape[0])
-        cfg = LoraConfig(r=r, lora_alpha=sites[0].options["scaling"] * r, target_modules=[s.path for s in sites], lora_dropout=0.0)
+        cfg = LoraConfig(
+            r=r, lora_alpha=sites[0].options["scaling"] * r, target_modules=[s.path for s in sites], lora_dropout=0.0
+        )
         model = get_peft_model(loaded.model, cfg)
         model.base_model.model.name_or_path = str(resolve(manifest.model.source)[0])
         for site in sites:
@@ -69,12 +73,18 @@ def export_peft(bundle: Path, theta_file: Path, out: Path, merged: bool = False)
     elif method == "adapter":
         names = [n for s in plan.sites if s.kind == "adapter" for n in s.names()]
         save_file({n: tensors[n].contiguous() for n in names}, str(out / "adapter_model.safetensors"))
-        (out / "fwdllm_adapter.json").write_text(json.dumps({
-            "base_model": str(resolve(manifest.model.source)[0]),
-            "formula": "y = h + up(relu(down(h))), h = output of the named Linear, before the residual",
-            "modules": sorted({s.path for s in plan.sites if s.kind == "adapter"}),
-            "tensors": "<module>.adapter.{down,up}.{weight,bias}; down [H/reduction, H], up [H, H/reduction]",
-        }, indent=2) + "\n")
+        (out / "fwdllm_adapter.json").write_text(
+            json.dumps(
+                {
+                    "base_model": str(resolve(manifest.model.source)[0]),
+                    "formula": "y = h + up(relu(down(h))), h = output of the named Linear, before the residual",
+                    "modules": sorted({s.path for s in plan.sites if s.kind == "adapter"}),
+                    "tensors": "<module>.adapter.{down,up}.{weight,bias}; down [H/reduction, H], up [H, H/reduction]",
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     else:
         model = materialize(loaded.model, plan, theta)
         if method == "lora":
@@ -87,13 +97,22 @@ def export_peft(bundle: Path, theta_file: Path, out: Path, merged: bool = False)
         model.save_pretrained(str(out))
         shutil.copyfile(loaded.tokenizer_file, out / "tokenizer.json")
     if manifest.model.task == "seq-cls":
-        save_file({"weight": tensors["classifier.weight"].contiguous(), "bias": tensors["classifier.bias"].contiguous()},
-                  str(out / "classifier.safetensors"))
-        (out / "fwdllm_head.json").write_text(json.dumps({
-            "pooling": "mean over tokens with attention_mask = 1 of the last hidden states",
-            "head": "logits = pooled @ weight.T + bias (classifier.safetensors)",
-            "num_labels": manifest.model.num_labels, "labels": manifest.model.labels,
-        }, indent=2) + "\n")
+        save_file(
+            {"weight": tensors["classifier.weight"].contiguous(), "bias": tensors["classifier.bias"].contiguous()},
+            str(out / "classifier.safetensors"),
+        )
+        (out / "fwdllm_head.json").write_text(
+            json.dumps(
+                {
+                    "pooling": "mean over tokens with attention_mask = 1 of the last hidden states",
+                    "head": "logits = pooled @ weight.T + bias (classifier.safetensors)",
+                    "num_labels": manifest.model.num_labels,
+                    "labels": manifest.model.labels,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     return [p for p in out.iterdir()]
 
 

@@ -34,9 +34,7 @@ class ThetaSource:
         self.views: dict[str, torch.Tensor] = {}
 
     def bind(self, theta: torch.Tensor) -> None:
-        self.views = {
-            s.name: theta[:, s.offset : s.offset + s.size].reshape(-1, *s.shape) for s in self.layout.tensors
-        }
+        self.views = {s.name: theta[:, s.offset : s.offset + s.size].reshape(-1, *s.shape) for s in self.layout.tensors}
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.views[name]

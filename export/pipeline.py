@@ -8,9 +8,9 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -76,15 +76,33 @@ class ExportContext:
         """A random batch of fixed shape with P = ``rows`` θ rows, its reference outputs, and the prefix's hidden states."""
         from fwdllm.export.materialize import reference
 
-        sample = sample_batch(self.plan, int(self.loaded.config.vocab_size), batch, seq, rows, self.plan.theta0().numpy(), seed)
-        loss, logits = reference(self.loaded.model, self.plan, sample["theta"], sample["input_ids"], sample["attention_mask"], sample["labels"])
+        sample = sample_batch(
+            self.plan, int(self.loaded.config.vocab_size), batch, seq, rows, self.plan.theta0().numpy(), seed
+        )
+        loss, logits = reference(
+            self.loaded.model,
+            self.plan,
+            sample["theta"],
+            sample["input_ids"],
+            sample["attention_mask"],
+            sample["labels"],
+        )
         if self.cut:
             with torch.no_grad():
-                sample["hidden"] = self.pm.prefix(torch.from_numpy(sample["input_ids"]), torch.from_numpy(sample["attention_mask"])).numpy()
+                sample["hidden"] = self.pm.prefix(
+                    torch.from_numpy(sample["input_ids"]), torch.from_numpy(sample["attention_mask"])
+                ).numpy()
         return sample, {"loss": loss, "logits": logits}
 
-    def validate(self, run: Callable[[str, dict], dict], roles: list[str], tol: float, what: str,
-                 sample: dict | None = None, want: dict | None = None) -> dict[str, dict]:
+    def validate(
+        self,
+        run: Callable[[str, dict], dict],
+        roles: list[str],
+        tol: float,
+        what: str,
+        sample: dict | None = None,
+        want: dict | None = None,
+    ) -> dict[str, dict]:
         """Run the graphs on a validation batch (default: the P=3 one); compare full (and prefix->suffix) with PyTorch.
 
         Raises ValidationError beyond ``tol`` (scale-relative, graphs.errors).
@@ -99,7 +117,9 @@ class ExportContext:
             serr = errors(split, want)
             vs_full = errors(split, {k: v for k, v in full.items()})
             serr["max_rel_err_vs_full"] = vs_full["max_rel_err"]
-            result["suffix"] = dict(serr, tolerance=tol, theta_rows=VALIDATION_ROWS, reference="prefix then suffix vs PyTorch")
+            result["suffix"] = dict(
+                serr, tolerance=tol, theta_rows=VALIDATION_ROWS, reference="prefix then suffix vs PyTorch"
+            )
             result["prefix"] = {"checked_through": "suffix"}
             err = {"max_rel_err": max(err["max_rel_err"], serr["max_rel_err"])}
         if not err["max_rel_err"] <= tol:
@@ -111,7 +131,11 @@ class ExportContext:
         return result
 
 
-FORMAT_MODULES = {"onnx": "fwdllm.export.onnx_graphs", "tflite": "fwdllm.export.tflite_graphs", "gguf": "fwdllm.export.gguf_bridge"}
+FORMAT_MODULES = {
+    "onnx": "fwdllm.export.onnx_graphs",
+    "tflite": "fwdllm.export.tflite_graphs",
+    "gguf": "fwdllm.export.gguf_bridge",
+}
 
 
 def _exporters(formats: list[str]):
@@ -137,19 +161,27 @@ def check_request(req: ExportRequest) -> None:
     if req.task not in ("seq-cls", "causal-lm"):
         raise UserError(f"--task {req.task!r}: choose seq-cls or causal-lm")
     if "gguf" in req.formats and req.task != "causal-lm":
-        raise UserError("--format gguf is for llama decoders (--task causal-lm); export encoders with --format onnx,tflite")
+        raise UserError(
+            "--format gguf is for llama decoders (--task causal-lm); export encoders with --format onnx,tflite"
+        )
     for name in ("seq_len", "batch_size", "perturbations"):
         if getattr(req, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if req.label_names is not None:
         if req.num_labels is not None and req.num_labels != len(req.label_names):
-            raise UserError(f"--labels {req.num_labels} disagrees with the {len(req.label_names)} --label-names; give one of them")
+            raise UserError(
+                f"--labels {req.num_labels} disagrees with the {len(req.label_names)} --label-names; give one of them"
+            )
         req.num_labels = len(req.label_names)
     if req.task == "seq-cls" and (req.num_labels is None or req.num_labels < 2):
-        raise UserError(f"a classifier needs at least 2 labels, got {req.num_labels}; pass --labels N (N >= 2) or --label-names a,b")
+        raise UserError(
+            f"a classifier needs at least 2 labels, got {req.num_labels}; pass --labels N (N >= 2) or --label-names a,b"
+        )
     if req.task == "causal-lm" and req.num_labels is not None:
         if req.label_names is None:
-            raise UserError("--task causal-lm answers with label words: name them with --label-names a,b (not --labels N)")
+            raise UserError(
+                "--task causal-lm answers with label words: name them with --label-names a,b (not --labels N)"
+            )
         if req.num_labels < 2:
             raise UserError(f"label-word classification needs at least 2 --label-names, got {req.label_names}")
     out = Path(req.out)
@@ -181,8 +213,10 @@ def label_word_ids(tokenizer_file: Path, names: list[str]) -> list[int]:
     first: dict[int, str] = {}
     for name, (token, *_) in zip(names, ids):
         if token in first:
-            raise UserError(f"--label-names {first[token]!r} and {name!r} start with the same token ({token}, "
-                            f"{tok.id_to_token(token)!r}); rename one so that every label word starts differently")
+            raise UserError(
+                f"--label-names {first[token]!r} and {name!r} start with the same token ({token}, "
+                f"{tok.id_to_token(token)!r}); rename one so that every label word starts differently"
+            )
         first[token] = name
     return [i[0] for i in ids]
 
@@ -213,12 +247,16 @@ def _export_into(tmp: Path, req: ExportRequest) -> Manifest:
     torch.manual_seed(0)
     t_start = time.perf_counter()
     loaded = load(req.model, req.task)
-    word_ids = label_word_ids(loaded.tokenizer_file, req.label_names) if req.task == "causal-lm" and req.label_names else None
+    word_ids = (
+        label_word_ids(loaded.tokenizer_file, req.label_names) if req.task == "causal-lm" and req.label_names else None
+    )
     plan = build_plan(loaded.model, req.task, req.num_labels, req.peft, word_ids)
     spec = plan.spec
     max_pos = spec.max_positions(loaded.config)
     if req.seq_len > max_pos:
-        raise UserError(f"--seq-len {req.seq_len} is above this model's {max_pos} positions; use --seq-len {max_pos} or less")
+        raise UserError(
+            f"--seq-len {req.seq_len} is above this model's {max_pos} positions; use --seq-len {max_pos} or less"
+        )
     exporters = _exporters(req.formats)
     precisions = {f: _precisions_for(f, exporters[f].PRECISIONS, req.precisions) for f in req.formats}
     pm = PerturbableModel(loaded.model, plan).eval()
@@ -228,31 +266,50 @@ def _export_into(tmp: Path, req: ExportRequest) -> Manifest:
     vocab = int(loaded.config.vocab_size)
     seq = min(req.validation_seq_len, req.seq_len)
     cut = req.peft.trainable_layers != "all" and plan.cut_layer is not None
-    ctx = ExportContext(dir=tmp, req=req, loaded=loaded, plan=plan, pm=pm, cut=cut, hidden_size=spec.hidden_size(loaded.config))
+    ctx = ExportContext(
+        dir=tmp, req=req, loaded=loaded, plan=plan, pm=pm, cut=cut, hidden_size=spec.hidden_size(loaded.config)
+    )
     ctx.sample, ctx.want = ctx.batch(2, seq, VALIDATION_ROWS, seed=1)
     ctx.trace_sample = sample_batch(plan, vocab, 2, seq, 2, theta0, seed=2)
     with torch.no_grad():
-        ctx.trace_hidden = pm.prefix(torch.from_numpy(ctx.trace_sample["input_ids"]), torch.from_numpy(ctx.trace_sample["attention_mask"])).numpy() if cut else None
+        ctx.trace_hidden = (
+            pm.prefix(
+                torch.from_numpy(ctx.trace_sample["input_ids"]), torch.from_numpy(ctx.trace_sample["attention_mask"])
+            ).numpy()
+            if cut
+            else None
+        )
     graphs = []
     for fmt in req.formats:
         graphs += exporters[fmt].export_all(ctx, precisions[fmt])
     cfg = loaded.config
     manifest = Manifest(
         model=ModelInfo(
-            source=loaded.source, architecture=spec.name, task=req.task, max_seq_len=req.seq_len,
-            tokenizer="tokenizer.json", num_labels=plan.num_labels, labels=req.label_names,
-            num_layers=plan.num_layers, hidden_size=ctx.hidden_size,
-            pad_token_id=getattr(cfg, "pad_token_id", None), label_token_ids=word_ids,
-            extra={"model_type": cfg.model_type, "max_position_embeddings": max_pos, "vocab_size": vocab,
-                   "pooling": "mean" if req.task == "seq-cls" else None,
-                   "head": _head_description(req.task, word_ids)},
+            source=loaded.source,
+            architecture=spec.name,
+            task=req.task,
+            max_seq_len=req.seq_len,
+            tokenizer="tokenizer.json",
+            num_labels=plan.num_labels,
+            labels=req.label_names,
+            num_layers=plan.num_layers,
+            hidden_size=ctx.hidden_size,
+            pad_token_id=getattr(cfg, "pad_token_id", None),
+            label_token_ids=word_ids,
+            extra={
+                "model_type": cfg.model_type,
+                "max_position_embeddings": max_pos,
+                "vocab_size": vocab,
+                "pooling": "mean" if req.task == "seq-cls" else None,
+                "head": _head_description(req.task, word_ids),
+            },
         ),
         peft=PeftInfo(method=req.peft.method, trainable_layers=req.peft.trainable_layers, config=req.peft.config()),
         theta=plan.layout,
         graphs=graphs,
         cut_layer=plan.cut_layer if cut else None,
         fwdllm_version=__version__,
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
     ctx.timings["total"] = round(time.perf_counter() - t_start, 3)
     manifest.model.extra["export_timings_s"] = ctx.timings

@@ -31,7 +31,11 @@ class PeftOptions:
         if self.method == "lora":
             return {"r": self.lora_r, "alpha": self.lora_alpha, "targets": list(self.lora_targets)}
         if self.method == "adapter":
-            return {"reduction": self.adapter_reduction, "activation": "relu", "placement": "attention-output,ffn-output"}
+            return {
+                "reduction": self.adapter_reduction,
+                "activation": "relu",
+                "placement": "attention-output,ffn-output",
+            }
         return {}
 
 
@@ -50,10 +54,14 @@ def _apply_peft_adapter(folder: str, opts: PeftOptions) -> dict[str, torch.Tenso
     d = Path(folder)
     cfg_file, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
-        raise UserError(f"--from-peft-adapter {folder}: needs adapter_config.json and adapter_model.safetensors (a peft save_pretrained folder)")
+        raise UserError(
+            f"--from-peft-adapter {folder}: needs adapter_config.json and adapter_model.safetensors (a peft save_pretrained folder)"
+        )
     cfg = json.loads(cfg_file.read_text())
     if cfg.get("peft_type") != "LORA":
-        raise UserError(f"--from-peft-adapter {folder}: peft type {cfg.get('peft_type')!r} is not supported; only LORA adapters start a LoRA export")
+        raise UserError(
+            f"--from-peft-adapter {folder}: peft type {cfg.get('peft_type')!r} is not supported; only LORA adapters start a LoRA export"
+        )
     opts.method = "lora"
     opts.lora_r, opts.lora_alpha = int(cfg["r"]), float(cfg["lora_alpha"])
     targets = cfg.get("target_modules") or []
@@ -69,13 +77,18 @@ def _adapter_value(tensors: dict[str, torch.Tensor], name: str, hf_prefix: str) 
         k = key.replace(".default", "")
         if k.endswith("." + name) or k == name:
             stem = k[: -len(name)].rstrip(".").split(".")
-            if stem[-2:] in (["base_model", "model"], ["model", hf_prefix]) or stem[-1:] in (["model"], [hf_prefix]) or stem == [""]:
+            if (
+                stem[-2:] in (["base_model", "model"], ["model", hf_prefix])
+                or stem[-1:] in (["model"], [hf_prefix])
+                or stem == [""]
+            ):
                 return value
     return None
 
 
-def build_plan(model: nn.Module, task: str, num_labels: int | None, opts: PeftOptions,
-               label_token_ids: list[int] | None = None) -> Plan:
+def build_plan(
+    model: nn.Module, task: str, num_labels: int | None, opts: PeftOptions, label_token_ids: list[int] | None = None
+) -> Plan:
     """``label_token_ids`` (causal-lm): the label words' token ids; the graphs then score those words at the
     answer position instead of next tokens over the whole vocabulary."""
     spec = spec_for(model.config.model_type)
@@ -93,33 +106,63 @@ def build_plan(model: nn.Module, task: str, num_labels: int | None, opts: PeftOp
     stages = set(parse_trainable_layers(opts.trainable_layers, num_layers))
     owner = _stage_of(model, spec)
     modules = [(p, m) for p, m in model.named_modules() if p and owner.get(id(m), -1) in stages]
-    sites: list[Site] = table[opts.method](model, spec, modules, {
-        "lora_r": opts.lora_r, "lora_alpha": opts.lora_alpha, "lora_targets": opts.lora_targets,
-        "adapter_reduction": opts.adapter_reduction, "seed": opts.seed,
-    })
+    sites: list[Site] = table[opts.method](
+        model,
+        spec,
+        modules,
+        {
+            "lora_r": opts.lora_r,
+            "lora_alpha": opts.lora_alpha,
+            "lora_targets": opts.lora_targets,
+            "adapter_reduction": opts.adapter_reduction,
+            "seed": opts.seed,
+        },
+    )
     if start is not None:
         for site in sites:
             for i, (suffix, init) in enumerate(site.tensors):
                 value = _adapter_value(start, f"{site.path}.{suffix}", spec.hf_prefix)
                 if value is None:
-                    raise UserError(f"--from-peft-adapter: no tensor for {site.path}.{suffix} in adapter_model.safetensors")
+                    raise UserError(
+                        f"--from-peft-adapter: no tensor for {site.path}.{suffix} in adapter_model.safetensors"
+                    )
                 if tuple(value.shape) != tuple(init.shape):
-                    raise UserError(f"--from-peft-adapter: {site.path}.{suffix} has shape {tuple(value.shape)}, the model needs {tuple(init.shape)}")
+                    raise UserError(
+                        f"--from-peft-adapter: {site.path}.{suffix} has shape {tuple(value.shape)}, the model needs {tuple(init.shape)}"
+                    )
                 site.tensors[i] = (suffix, value.float())
     modules_by_path = dict(model.named_modules())
     expand = min((owner[id(modules_by_path[s.path])] for s in sites), default=num_layers + 1)
     if task == "seq-cls":
         if num_labels is None or num_labels < 2:
-            raise UserError(f"a classifier needs at least 2 labels, got {num_labels}; pass --labels N (N >= 2) or --label-names a,b")
+            raise UserError(
+                f"a classifier needs at least 2 labels, got {num_labels}; pass --labels N (N >= 2) or --label-names a,b"
+            )
         hidden = spec.hidden_size(model.config)
-        sites.append(Site("", "head", [("classifier.weight", torch.zeros(num_labels, hidden)), ("classifier.bias", torch.zeros(num_labels))]))
+        sites.append(
+            Site(
+                "",
+                "head",
+                [("classifier.weight", torch.zeros(num_labels, hidden)), ("classifier.bias", torch.zeros(num_labels))],
+            )
+        )
     if not sites:
-        raise UserError(f"--peft {opts.method} with --trainable-layers {opts.trainable_layers} leaves nothing trainable")
+        raise UserError(
+            f"--peft {opts.method} with --trainable-layers {opts.trainable_layers} leaves nothing trainable"
+        )
     layout = ThetaLayout.from_shapes([(n, tuple(t.shape)) for s in sites for n, (_, t) in zip(s.names(), s.tensors)])
     if task == "causal-lm" and label_token_ids:
         num_labels = len(label_token_ids)
-    return Plan(spec, sites, layout, num_layers, expand, task, num_labels,
-                tuple(label_token_ids) if task == "causal-lm" and label_token_ids else None)
+    return Plan(
+        spec,
+        sites,
+        layout,
+        num_layers,
+        expand,
+        task,
+        num_labels,
+        tuple(label_token_ids) if task == "causal-lm" and label_token_ids else None,
+    )
 
 
 def options_from_manifest(peft_info) -> PeftOptions:
@@ -137,9 +180,16 @@ def plan_from_manifest(model: nn.Module, manifest) -> Plan:
     """Rebuild a bundle's plan on its frozen model; fails when the model is not the one exported."""
     from fwdllm.proto.manifest import BundleError
 
-    plan = build_plan(model, manifest.model.task, manifest.model.num_labels, options_from_manifest(manifest.peft),
-                      manifest.model.label_token_ids)
+    plan = build_plan(
+        model,
+        manifest.model.task,
+        manifest.model.num_labels,
+        options_from_manifest(manifest.peft),
+        manifest.model.label_token_ids,
+    )
     if plan.layout != manifest.theta:
-        raise BundleError(f"the model at {manifest.model.source} does not give this bundle's θ layout; "
-                          "point the bundle's model source at the checkpoint it was exported from")
+        raise BundleError(
+            f"the model at {manifest.model.source} does not give this bundle's θ layout; "
+            "point the bundle's model source at the checkpoint it was exported from"
+        )
     return plan

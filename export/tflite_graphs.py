@@ -44,8 +44,12 @@ def quantize(src: Path, dst: Path, precision: str) -> None:
     if precision == "int8":
         q.load_quantization_recipe(recipe.dynamic_wi8_afp32())
     else:
-        q.add_weight_only_config(regex=".*", operation_name=qtyping.TFLOperationName.FULLY_CONNECTED, num_bits=16,
-                                 algorithm_key=AlgorithmName.FLOAT_CASTING)
+        q.add_weight_only_config(
+            regex=".*",
+            operation_name=qtyping.TFLOperationName.FULLY_CONNECTED,
+            num_bits=16,
+            algorithm_key=AlgorithmName.FLOAT_CASTING,
+        )
     q.quantize().export_model(str(dst), overwrite=True)
 
 
@@ -114,14 +118,31 @@ def export_all(ctx, precisions: list[str]) -> list:
                 with ctx.step(f"tflite {role}: quantize {precision}"):
                     quantize(fp32[role], files[role], precision)
         with ctx.step(f"tflite {precision}: validate"):
-            validation = ctx.validate(lambda role, feeds: run(files[role], feeds), role_list, TOLERANCE[precision],
-                                      f"tflite {precision}", sample, want)
+            validation = ctx.validate(
+                lambda role, feeds: run(files[role], feeds),
+                role_list,
+                TOLERANCE[precision],
+                f"tflite {precision}",
+                sample,
+                want,
+            )
         for role in role_list:
             ins, outs = tensor_specs(ctx.plan, role, ctx.hidden_size, "int32", fixed)
-            specs.append(GraphSpec(role=role, format="tflite", precision=precision, file=files[role].name,
-                                   inputs=ins, outputs=outs, perturbations=req.perturbations if role != "prefix" else None,
-                                   batch_size=req.batch_size, seq_len=req.seq_len,
-                                   validation=validation[role], delegation=delegation(files[role])))
+            specs.append(
+                GraphSpec(
+                    role=role,
+                    format="tflite",
+                    precision=precision,
+                    file=files[role].name,
+                    inputs=ins,
+                    outputs=outs,
+                    perturbations=req.perturbations if role != "prefix" else None,
+                    batch_size=req.batch_size,
+                    seq_len=req.seq_len,
+                    validation=validation[role],
+                    delegation=delegation(files[role]),
+                )
+            )
     if "fp32" not in precisions:
         for path in fp32.values():
             path.unlink()

@@ -16,8 +16,10 @@ REPORT_FILE = "report.md"
 
 def plot_rows(records: list[dict]) -> list[dict]:
     """Baseline records under the coordinator's metric names (``loss`` is the clients' mean local loss)."""
-    return [{"step": r["step"], "loss": r["train_loss"], "eval_loss": r["heldout_loss"], "accuracy": r["heldout_accuracy"]}
-            for r in records]
+    return [
+        {"step": r["step"], "loss": r["train_loss"], "eval_loss": r["heldout_loss"], "accuracy": r["heldout_accuracy"]}
+        for r in records
+    ]
 
 
 def write_report(out: Path, config: dict, records: list[dict]) -> Path:
@@ -35,7 +37,7 @@ def _markdown(c: dict, records: list[dict]) -> str:
     first, last = records[0], records[-1]
     # label words: round 0 is the pretrained decoder (every PEFT starts as the identity); a classifier's head starts at zero
     start = "round 0 (zero-shot)" if c.get("label_words") else "round 0 (zero head)"
-    local = ("FedSGD: one local step" if c["local_steps"] == 1 else f"FedAvg: {c['local_steps']} local SGD steps")
+    local = "FedSGD: one local step" if c["local_steps"] == 1 else f"FedAvg: {c['local_steps']} local SGD steps"
     skew = "IID" if c["alpha"] is None else f"Dirichlet α={c['alpha']}"
     words = f"; label words {', '.join(c['label_words'])}" if c.get("label_words") else ""
     lines = [
@@ -60,8 +62,11 @@ def _markdown(c: dict, records: list[dict]) -> str:
         "",
         "| round | held-out accuracy | held-out loss | train loss |",
         "|---|---|---|---|",
-        *(f"| {r['step']} | {r['heldout_accuracy']:.3f} | {r['heldout_loss']:.3f} | "
-          f"{'-' if r['train_loss'] is None else format(r['train_loss'], '.3f')} |" for r in records),
+        *(
+            f"| {r['step']} | {r['heldout_accuracy']:.3f} | {r['heldout_loss']:.3f} | "
+            f"{'-' if r['train_loss'] is None else format(r['train_loss'], '.3f')} |"
+            for r in records
+        ),
         "",
         "Configuration (`config.json`):",
         "",

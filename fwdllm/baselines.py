@@ -79,7 +79,9 @@ class BaselineConfig:
         if not 1 <= self.per_step <= self.clients:
             raise UserError(f"--per-step must lie in 1..--clients ({self.clients}), got {self.per_step}")
         if self.peft == "fedadapter" and self.trainable_layers != "all":
-            raise UserError("--trainable-layers: fedadapter chooses its own depth (a growing schedule); leave it at all")
+            raise UserError(
+                "--trainable-layers: fedadapter chooses its own depth (a growing schedule); leave it at all"
+            )
         for name in ("steps", "batch_size", "seq_len", "local_steps", "eval_every", "threads"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
@@ -88,8 +90,17 @@ class BaselineConfig:
 class TrainableModel:
     """The exporter's perturbable model with θ (and, for full fine-tuning, every weight) trainable."""
 
-    def __init__(self, model: str, peft: str, labels: list[str], seed: int, stage: tuple[int, int] | None = None,
-                 task: str = "seq-cls", trainable_layers: str = "all", label_words: bool = False):
+    def __init__(
+        self,
+        model: str,
+        peft: str,
+        labels: list[str],
+        seed: int,
+        stage: tuple[int, int] | None = None,
+        task: str = "seq-cls",
+        trainable_layers: str = "all",
+        label_words: bool = False,
+    ):
         """``stage``: fedadapter's (depth, width); None = the schedule's first stage. ``task`` causal-lm: a decoder
         trained on next tokens (labels unused), as bench/memory.py measures it, or with ``label_words`` on
         ``labels`` as the words it answers with."""
@@ -104,8 +115,9 @@ class TrainableModel:
         word_ids = label_word_ids(loaded.tokenizer_file, labels) if label_words else None
         # full fine-tuning keeps the smallest θ beside every weight: the head, or a decoder's (zero) BitFit biases
         full = "head" if task == "seq-cls" else "bitfit"
-        options = PeftOptions(method={"full": full, "fedadapter": "adapter"}.get(peft, peft), trainable_layers=trainable_layers,
-                              seed=seed)
+        options = PeftOptions(
+            method={"full": full, "fedadapter": "adapter"}.get(peft, peft), trainable_layers=trainable_layers, seed=seed
+        )
         self.stage: dict[str, int] = {}  # fedadapter: the depth and width of this model's adapters
         if peft == "fedadapter":
             spec = spec_for(loaded.model.config.model_type)
@@ -113,7 +125,9 @@ class TrainableModel:
             depth, width = stage or self.schedule[0]
             hidden = spec.hidden_size(loaded.model.config)
             if hidden % width:
-                raise UserError(f"fedadapter width {width} does not divide the hidden size {hidden}; use a divisor of {hidden}")
+                raise UserError(
+                    f"fedadapter width {width} does not divide the hidden size {hidden}; use a divisor of {hidden}"
+                )
             options.trainable_layers, options.adapter_reduction = f"top:{depth}", hidden // width
             self.stage = {"depth": depth, "width": width}
         plan = build_plan(loaded.model, task, len(labels) if task == "seq-cls" else None, options, word_ids)
@@ -142,8 +156,9 @@ class TrainableModel:
         enc = self.tokenizer(texts, truncation=True, max_length=seq_len, padding="max_length", return_tensors="pt")
         return enc["input_ids"], enc["attention_mask"]
 
-    def loss_logits(self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
-                    hidden: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_logits(
+        self, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, hidden: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``hidden``: what the frozen layers give for ``ids`` (``self.pm.prefix``); only the layers above then run."""
         if hidden is None:
             out = self.pm.full(ids, mask, labels, self.theta)  # (loss, logits); causal-lm: (loss,)
@@ -190,9 +205,17 @@ class _PromptEncoder:
     def __init__(self, loaded, plan, options, labels: list[str], word_ids: list[int]):
         from fwdllm.proto.manifest import ModelInfo, PeftInfo
 
-        self.info = ModelInfo(source=loaded.source, architecture=plan.spec.name, task=CAUSAL_LM, max_seq_len=0,
-                              tokenizer=loaded.tokenizer_file.name, num_labels=len(labels), labels=list(labels),
-                              pad_token_id=getattr(loaded.config, "pad_token_id", None), label_token_ids=list(word_ids))
+        self.info = ModelInfo(
+            source=loaded.source,
+            architecture=plan.spec.name,
+            task=CAUSAL_LM,
+            max_seq_len=0,
+            tokenizer=loaded.tokenizer_file.name,
+            num_labels=len(labels),
+            labels=list(labels),
+            pad_token_id=getattr(loaded.config, "pad_token_id", None),
+            label_token_ids=list(word_ids),
+        )
         self.peft = PeftInfo(method=options.method, trainable_layers=options.trainable_layers, config=options.config())
         self.folder, self.layout = loaded.tokenizer_file.parent, plan.layout
         self.tokenizers = {}  # seq_len -> Tokenizer (each reads tokenizer.json once)
@@ -204,7 +227,9 @@ class _PromptEncoder:
         from fwdllm.proto.manifest import Manifest
 
         if seq_len not in self.tokenizers:  # the manifest of a bundle exported with --seq-len seq_len, less its graphs
-            manifest = Manifest(model=replace(self.info, max_seq_len=seq_len), peft=self.peft, theta=self.layout, graphs=[])
+            manifest = Manifest(
+                model=replace(self.info, max_seq_len=seq_len), peft=self.peft, theta=self.layout, graphs=[]
+            )
             self.tokenizers[seq_len] = Tokenizer(self.folder, manifest)
         batch = self.tokenizers[seq_len].batch([Example(prompt=p) for p in prompts])
         return torch.from_numpy(batch.input_ids), torch.from_numpy(batch.attention_mask)
@@ -236,8 +261,9 @@ class _Encoded:
         return ids, mask, self.labels[rows]
 
 
-def evaluate(model: TrainableModel, data: _Encoded, frozen: dict[int, torch.Tensor],
-             batch_size: int = 32) -> tuple[float, float]:
+def evaluate(
+    model: TrainableModel, data: _Encoded, frozen: dict[int, torch.Tensor], batch_size: int = 32
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over ``data``.
 
     ``frozen`` (batch start -> hidden states) is kept between evaluations where the model has a frozen prefix: a
@@ -274,10 +300,19 @@ def run_baseline(cfg: BaselineConfig, out: Path, fed: FederatedData | None = Non
     fed = fed or open_federated(cfg.data, cfg.clients, alpha=cfg.alpha, seed=cfg.seed)
     label_words = fed.task == CAUSAL_LM and bool(fed.labels)
     if fed.task != "seq-cls" and not label_words:
-        raise UserError(f"the backprop baselines train classifiers (or decoders answering with label words, such as "
-                        f"bbc-lm); {cfg.data} is a {fed.task} data set without labels")
-    model = TrainableModel(cfg.model, cfg.peft, fed.labels, cfg.seed, task=fed.task,
-                           trainable_layers=cfg.trainable_layers, label_words=label_words)
+        raise UserError(
+            f"the backprop baselines train classifiers (or decoders answering with label words, such as "
+            f"bbc-lm); {cfg.data} is a {fed.task} data set without labels"
+        )
+    model = TrainableModel(
+        cfg.model,
+        cfg.peft,
+        fed.labels,
+        cfg.seed,
+        task=fed.task,
+        trainable_layers=cfg.trainable_layers,
+        label_words=label_words,
+    )
     clients = [_Encoded(model, c, fed.labels, cfg.seq_len) for c in fed.clients]
     heldout_examples = fed.heldout[: cfg.eval_limit] if cfg.eval_limit else fed.heldout
     heldout = _Encoded(model, heldout_examples, fed.labels, cfg.seq_len)
@@ -289,9 +324,15 @@ def run_baseline(cfg: BaselineConfig, out: Path, fed: FederatedData | None = Non
     orders = [rng.permutation(len(c)) for c in clients]
 
     out.mkdir(parents=True, exist_ok=True)
-    config = {**asdict(cfg), "lr": lr, "num_trainable": model.num_trainable, "heldout_examples": len(heldout),
-              "label_words": fed.labels if label_words else None, **({"stages": model.schedule} if model.stage else {}),
-              "partition": {k: v for k, v in fed.info.items() if k != "clients"}}
+    config = {
+        **asdict(cfg),
+        "lr": lr,
+        "num_trainable": model.num_trainable,
+        "heldout_examples": len(heldout),
+        "label_words": fed.labels if label_words else None,
+        **({"stages": model.schedule} if model.stage else {}),
+        "partition": {k: v for k, v in fed.info.items() if k != "clients"},
+    }
     (out / "config.json").write_text(json.dumps(config, indent=1) + "\n")
     records: list[dict] = []
     device_seconds, bytes_up, t0 = 0.0, 0, time.perf_counter()
@@ -300,9 +341,17 @@ def run_baseline(cfg: BaselineConfig, out: Path, fed: FederatedData | None = Non
 
     def record(step: int, train_loss: float | None) -> None:
         loss, acc = evaluate(model, heldout, frozen)
-        rec = {"step": step, "heldout_loss": loss, "heldout_accuracy": acc, "train_loss": train_loss,
-               "device_seconds": device_seconds, "bytes_up": bytes_up, "peak_rss_mib": peak_rss_mib(),
-               "wall_seconds": time.perf_counter() - t0, **model.stage}
+        rec = {
+            "step": step,
+            "heldout_loss": loss,
+            "heldout_accuracy": acc,
+            "train_loss": train_loss,
+            "device_seconds": device_seconds,
+            "bytes_up": bytes_up,
+            "peak_rss_mib": peak_rss_mib(),
+            "wall_seconds": time.perf_counter() - t0,
+            **model.stage,
+        }
         records.append(rec)
         with open(out / METRICS_FILE, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
@@ -358,7 +407,9 @@ def run_baseline(cfg: BaselineConfig, out: Path, fed: FederatedData | None = Non
 
 def summarize(records: list[dict], cfg: BaselineConfig) -> str:
     last = records[-1]
-    return (f"{cfg.peft} on {cfg.data}: held-out accuracy {records[0]['heldout_accuracy']:.3f} → {last['heldout_accuracy']:.3f} "
-            f"(loss {records[0]['heldout_loss']:.3f} → {last['heldout_loss']:.3f}) after {last['step']} steps; "
-            f"device compute {last['device_seconds']:.1f} s, uploaded {last['bytes_up'] / 2**20:.1f} MiB, "
-            f"peak RSS {last['peak_rss_mib']:.0f} MiB")
+    return (
+        f"{cfg.peft} on {cfg.data}: held-out accuracy {records[0]['heldout_accuracy']:.3f} → {last['heldout_accuracy']:.3f} "
+        f"(loss {records[0]['heldout_loss']:.3f} → {last['heldout_loss']:.3f}) after {last['step']} steps; "
+        f"device compute {last['device_seconds']:.1f} s, uploaded {last['bytes_up'] / 2**20:.1f} MiB, "
+        f"peak RSS {last['peak_rss_mib']:.0f} MiB"
+    )

@@ -41,8 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Federated fine-tuning of language models with forward gradients.",
     )
     parser.add_argument("--version", action="version", version=f"fwdllm {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="also show library warnings and converter output (-vv: debug records too)")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="also show library warnings and converter output (-vv: debug records too)",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in ROLE_CLIS:
         if importlib.util.find_spec(name) is not None:

@@ -31,7 +31,7 @@ from pathlib import Path
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOGS_KEPT = 50  # the newest log files are kept; older ones are removed when a new one is created
 
-_active: "Console | None" = None
+_active: Console | None = None
 
 
 def log_folder() -> Path:
@@ -93,7 +93,7 @@ class Console:
         """Whether anything reached the log file (then an error line names it)."""
         return self.path.is_file()
 
-    def __enter__(self) -> "Console":
+    def __enter__(self) -> Console:
         global _active
         root = logging.getLogger()
         self._root_level = root.level

@@ -82,7 +82,9 @@ class SimConfig:
         if self.init_theta and not Path(self.init_theta).is_file():
             raise UserError(f"--init-theta {self.init_theta} does not exist; give an earlier run's theta.safetensors")
         if not Path(self.bundle, "manifest.json").is_file():
-            raise UserError(f"--bundle {self.bundle} is not a bundle (no manifest.json); create one with `fwdllm export`")
+            raise UserError(
+                f"--bundle {self.bundle} is not a bundle (no manifest.json); create one with `fwdllm export`"
+            )
 
     def coordinator_config(self, heldout: Path) -> dict:
         """The coordinator's settings for this simulation (see coordinator/config.py)."""
@@ -91,10 +93,19 @@ class SimConfig:
             optimizer["clip_norm"] = self.clip_norm
         return {
             # Exactly per_step tasks per wave, all awaited: results, and so θ, depend on the seeds alone.
-            "run": {"steps": self.steps, "clients_per_step": self.per_step, "perturbations_per_client": self.perturbations,
-                    "over_select": 0.0, "min_clients": self.clients, "min_results": self.per_step,
-                    "batch_size": self.batch_size, "epsilon": self.epsilon, "seed": self.seed, "deadline_s": self.deadline_s,
-                    "init_theta": str(self.init_theta or "")},
+            "run": {
+                "steps": self.steps,
+                "clients_per_step": self.per_step,
+                "perturbations_per_client": self.perturbations,
+                "over_select": 0.0,
+                "min_clients": self.clients,
+                "min_results": self.per_step,
+                "batch_size": self.batch_size,
+                "epsilon": self.epsilon,
+                "seed": self.seed,
+                "deadline_s": self.deadline_s,
+                "init_theta": str(self.init_theta or ""),
+            },
             "optimizer": optimizer,
             "variance": {"mode": self.variance, "max_waves": self.max_waves},
             "sampler": {"enabled": self.sampler},
@@ -115,7 +126,7 @@ class Simulation:
 
     # ----- set-up -----
     @classmethod
-    def create(cls, cfg: SimConfig, out: Path, options=None) -> "Simulation":
+    def create(cls, cfg: SimConfig, out: Path, options=None) -> Simulation:
         """A new run folder: settings, partition (``options``: how to read the data) and enrolment token."""
         from fwdllm.data.partition import open_federated, write_partition
 
@@ -130,14 +141,17 @@ class Simulation:
 
         labels = load_manifest(Path(cfg.bundle)).model.labels
         if fed.labels and labels and list(labels) != list(fed.labels):
-            raise UserError(f"the bundle's labels {labels} differ from the data's {fed.labels}; export with "
-                            f"--label-names {','.join(fed.labels)}")
-        (out / SIM_FILE).write_text(json.dumps({"config": asdict(cfg), "token": secrets.token_hex(24), "wall_s": 0.0},
-                                               indent=1) + "\n")
+            raise UserError(
+                f"the bundle's labels {labels} differ from the data's {fed.labels}; export with "
+                f"--label-names {','.join(fed.labels)}"
+            )
+        (out / SIM_FILE).write_text(
+            json.dumps({"config": asdict(cfg), "token": secrets.token_hex(24), "wall_s": 0.0}, indent=1) + "\n"
+        )
         return sim
 
     @classmethod
-    def resume(cls, out: Path) -> "Simulation":
+    def resume(cls, out: Path) -> Simulation:
         out = Path(out)
         if not (out / SIM_FILE).exists():
             raise UserError(f"{out} holds no simulation to resume (no {SIM_FILE}); start one without --resume")
@@ -153,8 +167,9 @@ class Simulation:
         log = open(self.logs / f"{name}.log", "a")
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         # A session of its own: Ctrl-C reaches the simulator only, which then stops the children in order.
-        proc = subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, *args], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         log.close()
         self.procs.append((name, proc))
         return proc
@@ -163,9 +178,13 @@ class Simulation:
         start = time.monotonic()
         while not path.exists():
             if proc.poll() is not None:
-                raise UserError(f"the {name} process exited (code {proc.returncode}) while starting; see {self.logs / name}.log")
+                raise UserError(
+                    f"the {name} process exited (code {proc.returncode}) while starting; see {self.logs / name}.log"
+                )
             if time.monotonic() - start > START_TIMEOUT_S:
-                raise UserError(f"the {name} process did not start within {START_TIMEOUT_S:.0f} s; see {self.logs / name}.log")
+                raise UserError(
+                    f"the {name} process did not start within {START_TIMEOUT_S:.0f} s; see {self.logs / name}.log"
+                )
             time.sleep(0.1)
 
     def _start(self) -> str:
@@ -174,9 +193,25 @@ class Simulation:
         config_file.write_text(json.dumps(cfg.coordinator_config(self.data / "heldout.jsonl"), indent=1) + "\n")
         self.state.mkdir(parents=True, exist_ok=True)
         (self.state / "endpoint").unlink(missing_ok=True)
-        coord = self._spawn("coordinator", ["-m", "fwdllm.cli", "coordinator", "serve", "--bundle", cfg.bundle,
-                                            "--state", str(self.state), "--port", "0", "--config", str(config_file),
-                                            f"--token={meta['token']}", "--exit-when-finished"])
+        coord = self._spawn(
+            "coordinator",
+            [
+                "-m",
+                "fwdllm.cli",
+                "coordinator",
+                "serve",
+                "--bundle",
+                cfg.bundle,
+                "--state",
+                str(self.state),
+                "--port",
+                "0",
+                "--config",
+                str(config_file),
+                f"--token={meta['token']}",
+                "--exit-when-finished",
+            ],
+        )
         self._wait_for(self.state / "endpoint", coord, "coordinator")
         address = f"127.0.0.1:{(self.state / 'endpoint').read_text().strip()}"
         self.devices.mkdir(parents=True, exist_ok=True)
@@ -184,11 +219,30 @@ class Simulation:
         for k in range(cfg.workers):
             ready = self.devices / f"worker-{k}.ready"
             ready.unlink(missing_ok=True)
-            worker = self._spawn(f"worker-{k}", ["-m", "fwdllm.simulate", "--coordinator", address, "--bundle", cfg.bundle,
-                                                 "--partition", str(self.data), "--first", str(bounds[k]),
-                                                 "--count", str(bounds[k + 1] - bounds[k]), f"--token={meta['token']}",
-                                                 "--devices", str(self.devices), "--backend", cfg.backend,
-                                                 "--ready", str(ready)])
+            worker = self._spawn(
+                f"worker-{k}",
+                [
+                    "-m",
+                    "fwdllm.simulate",
+                    "--coordinator",
+                    address,
+                    "--bundle",
+                    cfg.bundle,
+                    "--partition",
+                    str(self.data),
+                    "--first",
+                    str(bounds[k]),
+                    "--count",
+                    str(bounds[k + 1] - bounds[k]),
+                    f"--token={meta['token']}",
+                    "--devices",
+                    str(self.devices),
+                    "--backend",
+                    cfg.backend,
+                    "--ready",
+                    str(ready),
+                ],
+            )
             self._wait_for(ready, worker, f"worker-{k}")  # in order: the coordinator sees a fixed join order
         return address
 
@@ -229,7 +283,9 @@ class Simulation:
                     raise UserError(f"device process {dead[0]} failed; see {self.logs / dead[0]}.log")
                 time.sleep(0.5)
             if coordinator.returncode != 0:
-                raise UserError(f"the coordinator exited with code {coordinator.returncode}; see {self.logs}/coordinator.log")
+                raise UserError(
+                    f"the coordinator exited with code {coordinator.returncode}; see {self.logs}/coordinator.log"
+                )
             for name, proc in self.procs[1:]:
                 try:
                     proc.wait(timeout=60)
@@ -263,15 +319,22 @@ class Simulation:
         finally:
             store.close()
         save_file({k: v.copy() for k, v in manifest.theta.split(theta).items()}, str(self.out / "theta.safetensors"))
-        png = plot(all_rows, self.out / "convergence.png", title=f"{self.cfg.data}: {self.cfg.clients} clients, {self.cfg.per_step} per step")
+        png = plot(
+            all_rows,
+            self.out / "convergence.png",
+            title=f"{self.cfg.data}: {self.cfg.clients} clients, {self.cfg.per_step} per step",
+        )
         after = next((r for r in reversed(rows) if r.get("accuracy") is not None or r.get("eval_loss") is not None), {})
         summary = {
-            "steps": len(rows), "before": {k: initial.get(k) for k in ("accuracy", "eval_loss") if initial.get(k) is not None},
+            "steps": len(rows),
+            "before": {k: initial.get(k) for k in ("accuracy", "eval_loss") if initial.get(k) is not None},
             "after": {k: after.get(k) for k in ("accuracy", "eval_loss") if after.get(k) is not None},
             "bytes_up": int(sum(r.get("bytes_up", 0) for r in rows)),
             "bytes_down": int(sum(r.get("bytes_down", 0) for r in rows)),
             "perturbations": int(sum(r.get("perturbations", 0) for r in rows)),
-            "wall_s": self._meta()["wall_s"], "plot": str(png), "report": str(self.out / "report.md"),
+            "wall_s": self._meta()["wall_s"],
+            "plot": str(png),
+            "report": str(self.out / "report.md"),
             "theta": str(self.out / "theta.safetensors"),
         }
         (self.out / "report.md").write_text(_report(self.cfg, summary, all_rows))
@@ -391,9 +454,15 @@ def worker_main(argv: list[str] | None = None) -> int:
     shared = _Serialized(open_backend(args.bundle, args.backend, options={"threads": 1}, manifest=manifest))
     clients = []
     for i in range(args.first, args.first + args.count):
-        cfg = ClientConfig(coordinator=args.coordinator, bundle=args.bundle, data=args.partition / client_file(i),
-                           backend=args.backend, token=args.token, name=f"sim-{i:05d}",
-                           state_file=args.devices / f"client-{i:05d}.json")
+        cfg = ClientConfig(
+            coordinator=args.coordinator,
+            bundle=args.bundle,
+            data=args.partition / client_file(i),
+            backend=args.backend,
+            token=args.token,
+            name=f"sim-{i:05d}",
+            state_file=args.devices / f"client-{i:05d}.json",
+        )
         client = DeviceClient(cfg, backend=shared)
         client.join()
         clients.append(client)
@@ -407,7 +476,9 @@ def worker_main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     codes: list[int] = []
-    threads = [threading.Thread(target=lambda c=c: codes.append(c.run()), name=c.cfg.name, daemon=True) for c in clients]
+    threads = [
+        threading.Thread(target=lambda c=c: codes.append(c.run()), name=c.cfg.name, daemon=True) for c in clients
+    ]
     for t in threads:
         t.start()
     args.ready.touch()

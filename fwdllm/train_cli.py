@@ -10,13 +10,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from fwdllm.data.cli import add_data_arguments
 
     s = subparsers.add_parser(
-        "simulate", help="a federated run on this machine: real coordinator and device processes over loopback gRPC",
+        "simulate",
+        help="a federated run on this machine: real coordinator and device processes over loopback gRPC",
         description="Partitions the data, starts `fwdllm coordinator serve` and device worker processes (each hosting "
-                    "several virtual clients), shows progress, and writes OUT/convergence.png, OUT/report.md and the "
-                    "final OUT/theta.safetensors. Ctrl-C stops it; --resume continues it.",
+        "several virtual clients), shows progress, and writes OUT/convergence.png, OUT/report.md and the "
+        "final OUT/theta.safetensors. Ctrl-C stops it; --resume continues it.",
     )
     s.add_argument("--out", required=True, type=Path, help="run folder")
-    s.add_argument("--resume", action="store_true", help="continue the stopped simulation in --out (other settings come from it)")
+    s.add_argument(
+        "--resume", action="store_true", help="continue the stopped simulation in --out (other settings come from it)"
+    )
     s.add_argument("--bundle", help="bundle folder (`fwdllm export`)")
     s.add_argument("--data", metavar="DATA", help="data set spec (NAME or NAME:PATH) or a partition folder")
     s.add_argument("--text-column", help="csv/tsv/jsonl: the text column")
@@ -35,28 +38,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--lr", type=float, default=0.01)
     s.add_argument("--schedule", default="linear", help="learning-rate schedule (default linear decay, as FwdLLM)")
     s.add_argument("--clip-norm", type=float, default=None, help="clip the gradient estimate to this L2 norm")
-    s.add_argument("--variance", choices=["off", "fixed", "threshold", "relative"], default="off",
-                   help="variance control: more waves of perturbations while the estimate is noisy (default off)")
+    s.add_argument(
+        "--variance",
+        choices=["off", "fixed", "threshold", "relative"],
+        default="off",
+        help="variance control: more waves of perturbations while the estimate is noisy (default off)",
+    )
     s.add_argument("--max-waves", type=int, default=8, help="waves per step at most, with variance control")
     s.add_argument("--sampler", action="store_true", help="FwdLLM's discriminative perturbation sampler")
     skew = s.add_mutually_exclusive_group()
     skew.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew (default 0.5)")
     skew.add_argument("--iid", action="store_true", help="IID clients")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--init-theta", type=Path, metavar="FILE",
-                   help="start from an earlier run's theta.safetensors: tensors of the same name replace the bundle's "
-                        "initial values (e.g. BitFit from a trained head)")
+    s.add_argument(
+        "--init-theta",
+        type=Path,
+        metavar="FILE",
+        help="start from an earlier run's theta.safetensors: tensors of the same name replace the bundle's "
+        "initial values (e.g. BitFit from a trained head)",
+    )
     s.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations (default 10)")
     s.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N held-out examples (default all)")
     s.set_defaults(handler=_simulate)
 
     p = subparsers.add_parser(
-        "baseline", help="backprop federated fine-tuning (FedAvg of PEFT parameters) in PyTorch",
+        "baseline",
+        help="backprop federated fine-tuning (FedAvg of PEFT parameters) in PyTorch",
         description="FedAvg with a server optimizer over the same PEFT parameters a bundle trains: an encoder "
-                    "classifier, or a decoder answering with label words when the data set poses its labels so "
-                    "(e.g. --model smollm2 --data bbc-lm). Writes OUT/metrics.jsonl (held-out loss/accuracy, device "
-                    "seconds, bytes uploaded, peak RSS per evaluation), OUT/config.json, the final "
-                    "OUT/theta.safetensors, OUT/report.md and OUT/convergence.png.",
+        "classifier, or a decoder answering with label words when the data set poses its labels so "
+        "(e.g. --model smollm2 --data bbc-lm). Writes OUT/metrics.jsonl (held-out loss/accuracy, device "
+        "seconds, bytes uploaded, peak RSS per evaluation), OUT/config.json, the final "
+        "OUT/theta.safetensors, OUT/report.md and OUT/convergence.png.",
     )
     add_data_arguments(p)
     p.add_argument("--peft", choices=["head", "bitfit", "adapter", "fedadapter", "lora", "full"], default="bitfit")
@@ -70,7 +82,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     skew.add_argument("--iid", action="store_true", help="IID clients")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--local-steps", type=int, default=1, help="local SGD steps per client per round (default 1: FedSGD)")
+    p.add_argument(
+        "--local-steps", type=int, default=1, help="local SGD steps per client per round (default 1: FedSGD)"
+    )
     p.add_argument("--local-lr", type=float, default=1.0, help="local SGD learning rate (default 1)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="server optimizer (default adam)")
     p.add_argument("--lr", type=float, default=None, help="server learning rate (default per --peft)")
@@ -92,18 +106,36 @@ def _simulate(args: argparse.Namespace) -> int:
         if not args.bundle or not args.data:
             raise UserError("--bundle and --data are required (unless --resume continues a run in --out)")
         cfg = SimConfig(
-            bundle=args.bundle, data=args.data, clients=args.clients, per_step=args.per_step, steps=args.steps,
-            workers=args.workers, backend=args.backend, perturbations=args.perturbations, batch_size=args.batch_size,
-            epsilon=args.epsilon, optimizer=args.optimizer, lr=args.lr, schedule=args.schedule, clip_norm=args.clip_norm,
-            variance=args.variance, max_waves=args.max_waves, sampler=args.sampler, alpha=None if args.iid else args.alpha,
-            seed=args.seed, eval_every=args.eval_every, eval_limit=args.eval_limit,
+            bundle=args.bundle,
+            data=args.data,
+            clients=args.clients,
+            per_step=args.per_step,
+            steps=args.steps,
+            workers=args.workers,
+            backend=args.backend,
+            perturbations=args.perturbations,
+            batch_size=args.batch_size,
+            epsilon=args.epsilon,
+            optimizer=args.optimizer,
+            lr=args.lr,
+            schedule=args.schedule,
+            clip_norm=args.clip_norm,
+            variance=args.variance,
+            max_waves=args.max_waves,
+            sampler=args.sampler,
+            alpha=None if args.iid else args.alpha,
+            seed=args.seed,
+            eval_every=args.eval_every,
+            eval_limit=args.eval_limit,
             init_theta=str(args.init_theta) if args.init_theta else None,
         )
     s = simulate(cfg, args.out, resume=args.resume, options=None if args.resume else options_from_args(args))
     before, after = s["before"], s["after"]
-    print(f"held-out accuracy {_pct(before.get('accuracy'))} -> {_pct(after.get('accuracy'))}, "
-          f"loss {before.get('eval_loss', float('nan')):.3f} -> {after.get('eval_loss', float('nan')):.3f} "
-          f"after {s['steps']} steps ({s['wall_s']:.0f} s)")
+    print(
+        f"held-out accuracy {_pct(before.get('accuracy'))} -> {_pct(after.get('accuracy'))}, "
+        f"loss {before.get('eval_loss', float('nan')):.3f} -> {after.get('eval_loss', float('nan')):.3f} "
+        f"after {s['steps']} steps ({s['wall_s']:.0f} s)"
+    )
     print(f"devices uploaded {s['bytes_up']:,} bytes ({s['perturbations']:,} perturbations)")
     print(f"plot: {s['plot']}\nreport: {s['report']}")
     return 0
@@ -119,16 +151,31 @@ def _baseline(args: argparse.Namespace) -> int:
     from fwdllm.data.partition import open_federated
 
     cfg = BaselineConfig(
-        data=args.data, peft=args.peft, model=args.model, trainable_layers=args.trainable_layers, clients=args.clients,
-        per_step=args.per_step, steps=args.steps,
-        alpha=None if args.iid else args.alpha, batch_size=args.batch_size, seq_len=args.seq_len,
-        local_steps=args.local_steps, local_lr=args.local_lr, optimizer=args.optimizer, lr=args.lr,
-        eval_every=args.eval_every, eval_limit=args.eval_limit, seed=args.seed, threads=args.threads,
+        data=args.data,
+        peft=args.peft,
+        model=args.model,
+        trainable_layers=args.trainable_layers,
+        clients=args.clients,
+        per_step=args.per_step,
+        steps=args.steps,
+        alpha=None if args.iid else args.alpha,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        local_steps=args.local_steps,
+        local_lr=args.local_lr,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        eval_every=args.eval_every,
+        eval_limit=args.eval_limit,
+        seed=args.seed,
+        threads=args.threads,
     )
     cfg.check()
     fed = open_federated(args.data, args.clients, alpha=cfg.alpha, seed=args.seed, options=options_from_args(args))
     records = run_baseline(cfg, Path(args.out), fed)
     print(summarize(records, cfg))
-    print(f"metrics: {Path(args.out) / 'metrics.jsonl'}\nplot: {Path(args.out) / 'convergence.png'}\n"
-          f"report: {Path(args.out) / 'report.md'}")
+    print(
+        f"metrics: {Path(args.out) / 'metrics.jsonl'}\nplot: {Path(args.out) / 'convergence.png'}\n"
+        f"report: {Path(args.out) / 'report.md'}"
+    )
     return 0

@@ -35,11 +35,18 @@ def _perturb(args: argparse.Namespace) -> int:
         raise UserError("--offset and --count must be non-negative")
     values = generate(args.seed, args.offset, args.count, args.dist)
     if args.json:
-        print(json.dumps({
-            "spec_version": SPEC_VERSION, "seed": args.seed, "offset": args.offset, "dist": args.dist,
-            "values": [float(v) for v in values],
-            "bits": [f"{b:08x}" for b in values.view("<u4").tolist()],
-        }))
+        print(
+            json.dumps(
+                {
+                    "spec_version": SPEC_VERSION,
+                    "seed": args.seed,
+                    "offset": args.offset,
+                    "dist": args.dist,
+                    "values": [float(v) for v in values],
+                    "bits": [f"{b:08x}" for b in values.view("<u4").tolist()],
+                }
+            )
+        )
     else:
         for i, v in enumerate(values.tolist()):
             print(f"{args.offset + i}\t{v:.9g}")

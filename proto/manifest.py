@@ -60,7 +60,7 @@ class ThetaLayout:
     tensors: tuple[TensorSlot, ...]
 
     @classmethod
-    def from_shapes(cls, named_shapes: list[tuple[str, tuple[int, ...]]]) -> "ThetaLayout":
+    def from_shapes(cls, named_shapes: list[tuple[str, tuple[int, ...]]]) -> ThetaLayout:
         slots, offset = [], 0
         for name, shape in named_shapes:
             slot = TensorSlot(name, tuple(int(s) for s in shape), offset)
@@ -103,12 +103,14 @@ class ThetaLayout:
         return [{"name": s.name, "shape": list(s.shape), "offset": s.offset, "size": s.size} for s in self.tensors]
 
     @classmethod
-    def from_json(cls, items: list[dict[str, Any]]) -> "ThetaLayout":
+    def from_json(cls, items: list[dict[str, Any]]) -> ThetaLayout:
         layout = cls.from_shapes([(t["name"], tuple(t["shape"])) for t in items])
         for slot, item in zip(layout.tensors, items):
             if (slot.offset, slot.size) != (item["offset"], item.get("size", slot.size)):
-                raise BundleError(f"manifest offset and size of {slot.name} are {item['offset']} and {item.get('size')}, "
-                                  f"its shapes give {slot.offset} and {slot.size}; re-export the bundle")
+                raise BundleError(
+                    f"manifest offset and size of {slot.name} are {item['offset']} and {item.get('size')}, "
+                    f"its shapes give {slot.offset} and {slot.size}; re-export the bundle"
+                )
         return layout
 
 
@@ -139,7 +141,7 @@ class GraphSpec:
     delegation: dict[str, Any] = field(default_factory=dict)  # ops each delegate would take
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "GraphSpec":
+    def from_json(cls, d: dict[str, Any]) -> GraphSpec:
         d = dict(d)
         d["inputs"] = [TensorSpec(**t) for t in d.get("inputs", [])]
         d["outputs"] = [TensorSpec(**t) for t in d.get("outputs", [])]
@@ -227,14 +229,19 @@ class Manifest:
             "fingerprint": self.fingerprint(),
             "model": asdict(self.model),
             "peft": asdict(self.peft),
-            "theta": {"file": self.theta_file, "dim": self.theta.dim, "dtype": "float32", "tensors": self.theta.to_json()},
+            "theta": {
+                "file": self.theta_file,
+                "dim": self.theta.dim,
+                "dtype": "float32",
+                "tensors": self.theta.to_json(),
+            },
             "cut_layer": self.cut_layer,
             "graphs": [asdict(g) for g in self.graphs],
             "files": self.files,
         }
 
     @classmethod
-    def from_json(cls, d: Any) -> "Manifest":
+    def from_json(cls, d: Any) -> Manifest:
         """The manifest of parsed manifest.json ``d``, after the schema checks; a BundleError names what is wrong."""
         from fwdllm.proto.manifest_check import check_json  # it imports this module's dataclasses
 
@@ -251,11 +258,15 @@ class Manifest:
             created=d.get("created", ""),
         )
         if manifest.theta.dim != d["theta"]["dim"]:
-            raise BundleError(f"manifest theta.dim {d['theta']['dim']} disagrees with its tensors ({manifest.theta.dim}); "
-                              "re-export the bundle")
+            raise BundleError(
+                f"manifest theta.dim {d['theta']['dim']} disagrees with its tensors ({manifest.theta.dim}); "
+                "re-export the bundle"
+            )
         if d["fingerprint"] != manifest.fingerprint():
-            raise BundleError("manifest fingerprint does not match its contents: the manifest was edited by hand; "
-                              "re-export the bundle or copy its original manifest.json again")
+            raise BundleError(
+                "manifest fingerprint does not match its contents: the manifest was edited by hand; "
+                "re-export the bundle or copy its original manifest.json again"
+            )
         return manifest
 
 
@@ -320,8 +331,10 @@ def warm_start(layout: ThetaLayout, theta: np.ndarray, path: Path) -> tuple[np.n
 
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"init θ {path} does not exist; give the theta.safetensors of an earlier run "
-                        "(`fwdllm simulate` writes one) or a coordinator checkpoint")
+        raise UserError(
+            f"init θ {path} does not exist; give the theta.safetensors of an earlier run "
+            "(`fwdllm simulate` writes one) or a coordinator checkpoint"
+        )
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
@@ -332,15 +345,19 @@ def warm_start(layout: ThetaLayout, theta: np.ndarray, path: Path) -> tuple[np.n
             continue
         value = tensors[slot.name]
         if tuple(value.shape) != tuple(slot.shape):
-            raise UserError(f"init θ {path}: {slot.name} has shape {list(value.shape)}, this bundle's is "
-                            f"{list(slot.shape)}; start from a run of the same model and labels")
+            raise UserError(
+                f"init θ {path}: {slot.name} has shape {list(value.shape)}, this bundle's is "
+                f"{list(slot.shape)}; start from a run of the same model and labels"
+            )
         if not np.isfinite(value).all():
             raise UserError(f"init θ {path}: {slot.name} holds NaN or Inf")
         theta[slot.offset : slot.offset + slot.size] = value.reshape(-1)
         taken.append(slot.name)
     if not taken:
-        raise UserError(f"init θ {path} shares no tensor name with this bundle's θ ({layout.tensors[0].name}, ...); "
-                        "it comes from another model")
+        raise UserError(
+            f"init θ {path} shares no tensor name with this bundle's θ ({layout.tensors[0].name}, ...); "
+            "it comes from another model"
+        )
     return theta, taken
 
 

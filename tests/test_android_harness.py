@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import reference_philox
 from device_standin import TEXTS, shared_bundle, write_jsonl
+
 from fwdllm.android_harness import harness
 from fwdllm.android_harness.adb import Adb, AdbError
 from fwdllm.cli import main
@@ -25,9 +25,14 @@ from fwdllm.proto.manifest import load_manifest, load_theta, sha256_file
 
 SHIM = Path(harness.__file__).resolve().parent / "bin" / "adb-shim"
 PHONE_PROPS = {
-    "ro.product.cpu.abi": "x86_64", "ro.product.cpu.abilist": "x86_64,arm64-v8a",
-    "ro.build.version.release": "14", "ro.build.version.sdk": "34", "ro.product.manufacturer": "Google",
-    "ro.product.model": "Pixel 8", "ro.soc.manufacturer": "Google", "ro.soc.model": "Tensor G3",
+    "ro.product.cpu.abi": "x86_64",
+    "ro.product.cpu.abilist": "x86_64,arm64-v8a",
+    "ro.build.version.release": "14",
+    "ro.build.version.sdk": "34",
+    "ro.product.manufacturer": "Google",
+    "ro.product.model": "Pixel 8",
+    "ro.soc.manufacturer": "Google",
+    "ro.soc.model": "Tensor G3",
     "ro.hardware.egl": "mali",
 }
 
@@ -149,16 +154,22 @@ def test_shim_speaks_adb(one_phone, tmp_path):
 
 
 def test_abi_the_runtime_cannot_serve(tmp_path, monkeypatch, bundle):
-    shim = Shim(tmp_path, monkeypatch, [phone(tmp_path, **{"ro.product.cpu.abi": "armeabi-v7a",
-                                                           "ro.product.cpu.abilist": "armeabi-v7a,armeabi"})])
+    shim = Shim(
+        tmp_path,
+        monkeypatch,
+        [phone(tmp_path, **{"ro.product.cpu.abi": "armeabi-v7a", "ro.product.cpu.abilist": "armeabi-v7a,armeabi"})],
+    )
     with pytest.raises(harness.DeployError, match="armeabi-v7a.*serves only arm64-v8a, x86_64"):
         harness.deploy(shim.adb(), remote(tmp_path), bundle=bundle)
     assert not Path(remote(tmp_path)).exists()  # refused before anything was pushed
 
 
 def test_benchmark_binary_for_another_abi(tmp_path, monkeypatch):
-    shim = Shim(tmp_path, monkeypatch, [phone(tmp_path, **{"ro.product.cpu.abi": "arm64-v8a",
-                                                           "ro.product.cpu.abilist": "arm64-v8a"})])
+    shim = Shim(
+        tmp_path,
+        monkeypatch,
+        [phone(tmp_path, **{"ro.product.cpu.abi": "arm64-v8a", "ro.product.cpu.abilist": "arm64-v8a"})],
+    )
     host_binary = Path("/bin/true").resolve()  # an x86-64 ELF
     with pytest.raises(harness.DeployError, match="built for x86-64.*android_aarch64"):
         harness.deploy(shim.adb(), remote(tmp_path), runtime=False, benchmark_model=host_binary)
@@ -195,8 +206,9 @@ def deployed(tmp_path_factory, bundle, device_python, runtime_wheel):
     tmp = tmp_path_factory.mktemp("deployed")
     with pytest.MonkeyPatch.context() as mp:
         shim = Shim(tmp, mp, [phone(tmp)])
-        report = harness.deploy(shim.adb(), remote(tmp), bundle=bundle, runtime_wheel=runtime_wheel,
-                                remote_python=device_python)
+        report = harness.deploy(
+            shim.adb(), remote(tmp), bundle=bundle, runtime_wheel=runtime_wheel, remote_python=device_python
+        )
         yield shim, report
 
 
@@ -205,8 +217,10 @@ def test_deploy_installs_the_wheel_on_the_device(deployed, device_python):
     tmp_path = shim.tmp
     state = json.loads((Path(remote(tmp_path)) / "device.json").read_text())
     assert state["python"] == device_python and state["bundle"] == f"{remote(tmp_path)}/bundle"
-    where = shim.adb().shell_text(f"cd {remote(tmp_path)} && {device_python} -c "
-                                  "'import fwdllm.android_harness.benchmark_model as m; print(m.__file__)'")
+    where = shim.adb().shell_text(
+        f"cd {remote(tmp_path)} && {device_python} -c "
+        "'import fwdllm.android_harness.benchmark_model as m; print(m.__file__)'"
+    )
     assert where.startswith(str(Path(device_python).parents[1]))  # the wheel's copy, not this checkout
 
 
@@ -216,9 +230,17 @@ def test_deploy_installs_the_wheel_on_the_device(deployed, device_python):
 def test_bench_per_delegate_with_perturbed_theta(deployed, bundle, tmp_path):
     shim, _ = deployed
     out, tmp_path = tmp_path / "out", shim.tmp
-    doc = harness.bench(shim.adb(), bundle, remote(tmp_path), ("cpu", "xnnpack", "gpu"),
-                        qnn_delegate="/vendor/lib64/libQnnTFLiteDelegate.so", num_runs=3, warmup_runs=1,
-                        epsilon=0.01, seed_start=7)
+    doc = harness.bench(
+        shim.adb(),
+        bundle,
+        remote(tmp_path),
+        ("cpu", "xnnpack", "gpu"),
+        qnn_delegate="/vendor/lib64/libQnnTFLiteDelegate.so",
+        num_runs=3,
+        warmup_runs=1,
+        epsilon=0.01,
+        seed_start=7,
+    )
     rows = {r["delegate"]: r for r in doc["rows"]}
     assert rows["cpu"]["status"] == "ok" and rows["cpu"]["avg_us"] > 0
     assert rows["xnnpack"]["status"] == "ok" and rows["xnnpack"]["delegate_kernels"] >= 1
@@ -245,11 +267,13 @@ def test_bench_per_delegate_with_perturbed_theta(deployed, bundle, tmp_path):
 def test_bench_with_a_deployed_benchmark_binary(one_phone, tmp_path, bundle, capsys):
     # A benchmark_model stand-in for this x86-64 "phone": a script (not ELF, so no ABI check) running our runner.
     tool = tmp_path / "benchmark_model"
-    tool.write_text(f"#!/bin/sh\nexec {sys.executable} -m fwdllm.android_harness.benchmark_model \"$@\"\n")
+    tool.write_text(f'#!/bin/sh\nexec {sys.executable} -m fwdllm.android_harness.benchmark_model "$@"\n')
     assert main(["android", "deploy", "--remote-dir", remote(tmp_path), "--no-runtime"]) == 2
     assert "nothing to deploy" in capsys.readouterr().err
-    assert main(["android", "deploy", "--remote-dir", remote(tmp_path), "--no-runtime",
-                 "--benchmark-model", str(tool)]) == 0
+    assert (
+        main(["android", "deploy", "--remote-dir", remote(tmp_path), "--no-runtime", "--benchmark-model", str(tool)])
+        == 0
+    )
     assert os.access(Path(remote(tmp_path)) / "bin" / "benchmark_model", os.X_OK)
     doc = harness.bench(one_phone.adb(), bundle, remote(tmp_path), ("xnnpack",), num_runs=2, warmup_runs=1)
     assert doc["runner"] == f"{remote(tmp_path)}/bin/benchmark_model"
@@ -280,10 +304,22 @@ def _coordinator(bundle, state, steps):
     from fwdllm.coordinator.rounds import Coordinator
     from fwdllm.coordinator.server import start
 
-    config = from_dict({"run": {"steps": steps, "clients_per_step": 1, "perturbations_per_client": 2, "min_clients": 1,
-                                "over_select": 0.0, "batch_size": 4, "deadline_s": 60},
-                        "optimizer": {"name": "sgd", "lr": 0.1}, "aggregation": {"threads": 1},
-                        "server": {"heartbeat_ms": 200}})
+    config = from_dict(
+        {
+            "run": {
+                "steps": steps,
+                "clients_per_step": 1,
+                "perturbations_per_client": 2,
+                "min_clients": 1,
+                "over_select": 0.0,
+                "batch_size": 4,
+                "deadline_s": 60,
+            },
+            "optimizer": {"name": "sgd", "lr": 0.1},
+            "aggregation": {"threads": 1},
+            "server": {"heartbeat_ms": 200},
+        }
+    )
     coordinator = Coordinator(bundle, state, config)
     coordinator.store.add_token("tok")
     return coordinator, start(coordinator, "127.0.0.1", 0)
@@ -295,8 +331,15 @@ def test_run_client_through_adb_reverse(deployed, bundle, tmp_path):
     data = write_jsonl(tmp_path / "local.jsonl", [{"text": t, "label": lab} for t, lab in TEXTS])
     lines = []
     try:
-        code = harness.run_client(shim.adb(), server.port, remote(shim.tmp), ["--token", "tok", "--name", "phone"],
-                                  data=data, log_path=tmp_path / "client.log", echo=lines.append)
+        code = harness.run_client(
+            shim.adb(),
+            server.port,
+            remote(shim.tmp),
+            ["--token", "tok", "--name", "phone"],
+            data=data,
+            log_path=tmp_path / "client.log",
+            echo=lines.append,
+        )
         assert code == 0 and coordinator.meta("finished")
         assert coordinator.store.query("SELECT count(*) FROM history")[0][0] == 2  # two steps applied
     finally:
@@ -319,8 +362,9 @@ def test_run_client_is_stopped_cleanly(deployed, bundle, tmp_path):
             joined.set()
 
     try:
-        code = harness.run_client(shim.adb(), server.port, remote(shim.tmp), ["--token", "tok"], data=data,
-                                  echo=echo, stop=joined)
+        code = harness.run_client(
+            shim.adb(), server.port, remote(shim.tmp), ["--token", "tok"], data=data, echo=echo, stop=joined
+        )
         assert code == 130 and any("interrupted" in line for line in lines), "\n".join(lines[-20:])
         assert not coordinator.meta("finished")
     finally:

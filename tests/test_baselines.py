@@ -41,7 +41,9 @@ def _independent_fedsgd_step(fed: FederatedData, lr: float, seq_len: int) -> dic
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
     total = sum(len(c) for c in fed.clients)
     for client in fed.clients:
-        enc = tok([e["text"] for e in client], truncation=True, max_length=seq_len, padding="max_length", return_tensors="pt")
+        enc = tok(
+            [e["text"] for e in client], truncation=True, max_length=seq_len, padding="max_length", return_tensors="pt"
+        )
         labels = torch.tensor([fed.labels.index(e["label"]) for e in client])
         hidden = bert(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
         m = enc["attention_mask"].unsqueeze(-1).float()
@@ -56,8 +58,18 @@ def test_one_round_equals_fedsgd_by_autograd(bbc, tmp_path):
     # 3 clients of 4 examples, all sampled, batch = client size: the round is one exact FedSGD step.
     fed = FederatedData("bbc", "seq-cls", bbc.labels, [bbc.train[i : i + 4] for i in (0, 4, 8)], bbc.heldout[:8], {})
     lr, seq_len = 0.5, 24
-    cfg = BaselineConfig(data="bbc", peft="bitfit", clients=3, per_step=3, steps=1, batch_size=4, seq_len=seq_len,
-                         optimizer="sgd", lr=lr, eval_limit=8)
+    cfg = BaselineConfig(
+        data="bbc",
+        peft="bitfit",
+        clients=3,
+        per_step=3,
+        steps=1,
+        batch_size=4,
+        seq_len=seq_len,
+        optimizer="sgd",
+        lr=lr,
+        eval_limit=8,
+    )
     run_baseline(cfg, tmp_path, fed, progress=False)
     got = load_file(str(tmp_path / "theta.safetensors"))
     want = _independent_fedsgd_step(fed, lr, seq_len)
@@ -71,7 +83,9 @@ def test_one_round_equals_fedsgd_by_autograd(bbc, tmp_path):
 
 def test_short_bitfit_run_lowers_heldout_loss(bbc, tmp_path):
     fed = federate(bbc, 20, alpha=0.5, seed=1)
-    cfg = BaselineConfig(data="bbc", peft="bitfit", clients=20, per_step=3, steps=6, seq_len=32, eval_every=3, eval_limit=80)
+    cfg = BaselineConfig(
+        data="bbc", peft="bitfit", clients=20, per_step=3, steps=6, seq_len=32, eval_every=3, eval_limit=80
+    )
     records = run_baseline(cfg, tmp_path, fed, progress=False)
     lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines == records and [r["step"] for r in records] == [0, 3, 6]
@@ -92,7 +106,9 @@ def test_bad_config_names_the_flag(tmp_path):
 
 def test_full_finetuning_trains_every_used_weight(bbc, tmp_path):
     fed = FederatedData("bbc", "seq-cls", bbc.labels, [bbc.train[i : i + 4] for i in (0, 4)], bbc.heldout[:8], {})
-    cfg = BaselineConfig(data="bbc", peft="full", clients=2, per_step=2, steps=1, batch_size=4, seq_len=16, eval_limit=8)
+    cfg = BaselineConfig(
+        data="bbc", peft="full", clients=2, per_step=2, steps=1, batch_size=4, seq_len=16, eval_limit=8
+    )
     records = run_baseline(cfg, tmp_path, fed, progress=False)
     config = json.loads((tmp_path / "config.json").read_text())
     # all MiniLM weights except the pooler (384*384 + 384), plus the 5-way head
@@ -128,8 +144,17 @@ def test_fedadapter_upgrade_keeps_the_function(bbc):
 
 def test_fedadapter_schedule_and_bytes_up(bbc, tmp_path):
     fed = FederatedData("bbc", "seq-cls", bbc.labels, [bbc.train[i : i + 4] for i in (0, 4, 8)], bbc.heldout[:8], {})
-    cfg = BaselineConfig(data="bbc", peft="fedadapter", clients=3, per_step=2, steps=6, batch_size=4, seq_len=16,
-                         eval_every=1, eval_limit=8)
+    cfg = BaselineConfig(
+        data="bbc",
+        peft="fedadapter",
+        clients=3,
+        per_step=2,
+        steps=6,
+        batch_size=4,
+        seq_len=16,
+        eval_every=1,
+        eval_limit=8,
+    )
     records = run_baseline(cfg, tmp_path, fed, progress=False)
     # the record after round r (1-based step r+1) was trained by round r's stage; step 0 shows the first stage
     stages = [(2, 8), (2, 8), (2, 8), (4, 16), (4, 16), (6, 32), (6, 32)]
@@ -143,7 +168,9 @@ def test_fedadapter_schedule_and_bytes_up(bbc, tmp_path):
 
 def test_short_fedadapter_run_lowers_heldout_loss(bbc, tmp_path):
     fed = federate(bbc, 20, alpha=0.5, seed=1)
-    cfg = BaselineConfig(data="bbc", peft="fedadapter", clients=20, per_step=3, steps=6, seq_len=32, eval_every=3, eval_limit=80)
+    cfg = BaselineConfig(
+        data="bbc", peft="fedadapter", clients=20, per_step=3, steps=6, seq_len=32, eval_every=3, eval_limit=80
+    )
     records = run_baseline(cfg, tmp_path, fed, progress=False)
     assert records[-1]["heldout_loss"] < records[0]["heldout_loss"] - 0.05
     assert records[-1]["heldout_accuracy"] > records[0]["heldout_accuracy"]
@@ -161,8 +188,9 @@ def bbc_lm():
 def smol(bbc_lm):
     from fwdllm.baselines import TrainableModel
 
-    return TrainableModel("smollm2", "lora", bbc_lm.labels, seed=0, task="causal-lm", trainable_layers="top:2",
-                          label_words=True)
+    return TrainableModel(
+        "smollm2", "lora", bbc_lm.labels, seed=0, task="causal-lm", trainable_layers="top:2", label_words=True
+    )
 
 
 def _smol_folder():
@@ -188,7 +216,7 @@ def test_prompts_are_encoded_as_devices_do_right_padded_keeping_the_end(smol, bb
         kept = whole[-seq_len:]
         assert ids[row].tolist() == kept + [pad] * (seq_len - len(kept))
         assert mask[row].tolist() == [1] * len(kept) + [0] * (seq_len - len(kept))
-        assert kept[-len(cue):] == cue
+        assert kept[-len(cue) :] == cue
     assert mask[0].sum() == seq_len < len(tok.encode(prompts[0]).ids) and mask[-1].sum() < seq_len
 
 
@@ -202,9 +230,30 @@ def test_prompt_batches_equal_a_bundles_device_batches(smol, bbc_lm, tmp_path):
     from fwdllm.proto.manifest import load_manifest
 
     bundle = tmp_path / "bundle"
-    assert main(["export", "--model", "smollm2", "--task", "causal-lm", "--label-names", ",".join(bbc_lm.labels),
-                 "--peft", "lora", "--trainable-layers", "top:2", "--format", "onnx", "--seq-len", "48",
-                 "--out", str(bundle)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                "smollm2",
+                "--task",
+                "causal-lm",
+                "--label-names",
+                ",".join(bbc_lm.labels),
+                "--peft",
+                "lora",
+                "--trainable-layers",
+                "top:2",
+                "--format",
+                "onnx",
+                "--seq-len",
+                "48",
+                "--out",
+                str(bundle),
+            ]
+        )
+        == 0
+    )
     manifest = load_manifest(bundle)
     long = {"prompt": "Article: " + "word " * 80 + "\nTopic:", "label": "tech"}
     for chosen in (bbc_lm.heldout[:7], bbc_lm.heldout[7:12] + [long]):
@@ -227,10 +276,17 @@ def _peft_reference(theta_values: dict[str, np.ndarray], layers: list[int]):
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(str(_smol_folder()), dtype=torch.float32).eval()
-    model = get_peft_model(hf, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                                          layers_to_transform=layers, lora_dropout=0.0))
-    state = {"base_model.model." + n.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."):
-             torch.from_numpy(v) for n, v in theta_values.items()}
+    model = get_peft_model(
+        hf,
+        LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], layers_to_transform=layers, lora_dropout=0.0
+        ),
+    )
+    state = {
+        "base_model.model."
+        + n.replace(".lora_A.", ".lora_A.default.").replace(".lora_B.", ".lora_B.default."): torch.from_numpy(v)
+        for n, v in theta_values.items()
+    }
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and not [k for k in missing if "lora" in k]
     return model
@@ -251,8 +307,10 @@ def test_label_word_loss_and_gradient_equal_hf_llama_with_peft_lora(smol, bbc_lm
     values = smol.layout.split(smol.theta.detach()[0].numpy().copy())
     assert sorted({int(n.split(".")[2]) for n in values}) == [28, 29]  # top:2 of 30 layers
     ref = _peft_reference(values, [28, 29])
-    words = [AutoTokenizer.from_pretrained(str(_smol_folder()))(" " + w, add_special_tokens=False).input_ids[0]
-             for w in bbc_lm.labels]
+    words = [
+        AutoTokenizer.from_pretrained(str(_smol_folder()))(" " + w, add_special_tokens=False).input_ids[0]
+        for w in bbc_lm.labels
+    ]
     causal_lm = ref.base_model.model  # LlamaForCausalLM with LoRA layers in place
     hidden = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
     last = mask.sum(1) - 1  # the prompt's last token, right padding
@@ -284,8 +342,19 @@ def _lora_values(layers: int) -> int:
 
 def test_short_fedsgd_label_word_run_lowers_heldout_loss(bbc_lm, tmp_path):
     fed = federate(bbc_lm, 20, alpha=0.5, seed=1)
-    cfg = BaselineConfig(data="bbc-lm", model="smollm2", peft="lora", trainable_layers="top:1", clients=20, per_step=2,
-                         steps=3, seq_len=24, lr=1e-2, eval_every=3, eval_limit=24)
+    cfg = BaselineConfig(
+        data="bbc-lm",
+        model="smollm2",
+        peft="lora",
+        trainable_layers="top:1",
+        clients=20,
+        per_step=2,
+        steps=3,
+        seq_len=24,
+        lr=1e-2,
+        eval_every=3,
+        eval_limit=24,
+    )
     records = run_baseline(cfg, tmp_path, fed, progress=False)
     assert [r["step"] for r in records] == [0, 3]
     assert records[-1]["heldout_loss"] < records[0]["heldout_loss"] - 0.05
@@ -296,15 +365,50 @@ def test_fedavg_label_word_run_from_the_cli_counts_bytes_and_writes_report_and_p
     from fwdllm.cli import main
 
     out = tmp_path / "run"
-    assert main(["baseline", "--data", "bbc-lm", "--model", "smollm2", "--peft", "lora", "--trainable-layers", "top:1",
-                 "--clients", "20", "--per-step", "2", "--steps", "2", "--local-steps", "2", "--local-lr", "0.5",
-                 "--seq-len", "24", "--eval-every", "2", "--eval-limit", "16", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "baseline",
+                "--data",
+                "bbc-lm",
+                "--model",
+                "smollm2",
+                "--peft",
+                "lora",
+                "--trainable-layers",
+                "top:1",
+                "--clients",
+                "20",
+                "--per-step",
+                "2",
+                "--steps",
+                "2",
+                "--local-steps",
+                "2",
+                "--local-lr",
+                "0.5",
+                "--seq-len",
+                "24",
+                "--eval-every",
+                "2",
+                "--eval-limit",
+                "16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 2]
     # each sampled client uploads every trainable value once per round, whatever its local steps
     assert [r["bytes_up"] for r in records] == [0, 2 * 2 * _lora_values(1) * 4]
     config = json.loads((out / "config.json").read_text())
-    assert config["local_steps"] == 2 and config["trainable_layers"] == "top:1" and config["num_trainable"] == _lora_values(1)
+    assert (
+        config["local_steps"] == 2
+        and config["trainable_layers"] == "top:1"
+        and config["num_trainable"] == _lora_values(1)
+    )
     theta = load_file(str(out / "theta.safetensors"))
     assert any(np.abs(v).max() > 0 for n, v in theta.items() if "lora_B" in n)  # trained: B starts at zero
     report = (out / "report.md").read_text()
@@ -320,6 +424,8 @@ def test_label_words_config_errors_name_the_flag(tmp_path):
 
     with pytest.raises(UserError, match="--trainable-layers"):
         run_baseline(BaselineConfig(data="bbc", peft="fedadapter", trainable_layers="top:2"), tmp_path)
-    fed = FederatedData("x", "causal-lm", [], [[{"prompt": "a", "target": " b"}]], [{"prompt": "a", "target": " b"}], {})
+    fed = FederatedData(
+        "x", "causal-lm", [], [[{"prompt": "a", "target": " b"}]], [{"prompt": "a", "target": " b"}], {}
+    )
     with pytest.raises(UserError, match="without labels"):
         run_baseline(BaselineConfig(data="x", model="smollm2", peft="lora", clients=1, per_step=1), tmp_path, fed)

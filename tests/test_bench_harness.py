@@ -23,15 +23,44 @@ def tiny_bitfit_bundle(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("harness-tiny")
     out = root / "bundle"
-    assert main(["export", "--model", str(tiny_checkpoint("bert", root / "ckpt")), "--task", "seq-cls",
-                 "--label-names", BBC_LABELS, "--peft", "bitfit", "--format", "onnx", "--seq-len", "16",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(tiny_checkpoint("bert", root / "ckpt")),
+                "--task",
+                "seq-cls",
+                "--label-names",
+                BBC_LABELS,
+                "--peft",
+                "bitfit",
+                "--format",
+                "onnx",
+                "--seq-len",
+                "16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_harness_steps_match_a_direct_update(tiny_bitfit_bundle):
-    sim = SimConfig(bundle=str(tiny_bitfit_bundle), data="bbc", clients=5, per_step=3, steps=3, perturbations=4,
-                    lr=0.05, alpha=0.5, eval_every=2, eval_limit=24)
+    sim = SimConfig(
+        bundle=str(tiny_bitfit_bundle),
+        data="bbc",
+        clients=5,
+        per_step=3,
+        steps=3,
+        perturbations=4,
+        lr=0.05,
+        alpha=0.5,
+        eval_every=2,
+        eval_limit=24,
+    )
     result = run(sim, progress=False, keep_submissions=True)
 
     assert [r["step"] for r in result.rows] == [0, 1, 2]

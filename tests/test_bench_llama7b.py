@@ -12,16 +12,37 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.llama7b import (  # noqa: E402
-    BITS, LLAMA_7B, SMOLLM2, activation_bytes, fit_line, kv_bytes_per_layer, layer_flops, layer_params, lora_values,
-    memory_7b, params, phone_factor, seconds_7b, weight_bytes,
+    BITS,
+    LLAMA_7B,
+    SMOLLM2,
+    activation_bytes,
+    fit_line,
+    kv_bytes_per_layer,
+    layer_flops,
+    layer_params,
+    lora_values,
+    memory_7b,
+    params,
+    phone_factor,
+    seconds_7b,
+    weight_bytes,
 )
 
 # Multiply-adds of one layer per token, by hand. SmolLM2: q and o 576×576, k and v 576×192 (3 KV heads of 64),
 # gate/up/down 576×1536; LoRA r 8 on q (A 8×576, B 576×8) and v (A 8×576, B 192×8); attention q·k and p·v over 64 keys.
-SMOL_MACS = (576 * 576 + 576 * 192 + 576 * 192 + 576 * 576 + 3 * 576 * 1536
-             + (8 * 576 + 576 * 8) + (8 * 576 + 192 * 8) + 64 * 576 + 64 * 576)
+SMOL_MACS = (
+    576 * 576
+    + 576 * 192
+    + 576 * 192
+    + 576 * 576
+    + 3 * 576 * 1536
+    + (8 * 576 + 576 * 8)
+    + (8 * 576 + 192 * 8)
+    + 64 * 576
+    + 64 * 576
+)
 # LLaMA-7B: q, k, v, o 4096×4096 (32 KV heads), gate/up/down 4096×11008, LoRA r 8 on q and v, attention over 64 keys.
-LLAMA_MACS = (4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * (8 * 4096 + 4096 * 8) + 2 * 64 * 4096)
+LLAMA_MACS = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * (8 * 4096 + 4096 * 8) + 2 * 64 * 4096
 
 
 def test_layer_flops_are_twice_the_hand_counted_multiply_adds():
@@ -50,7 +71,8 @@ def test_weights_are_parameters_times_bits():
     # ONNX int8: every MatMul weight (layers, LM head) and the final norm at 1 byte, the embedding at 4
     layers = 32 * (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096)
     assert weight_bytes(LLAMA_7B, BITS["onnxruntime", "int8"]) == pytest.approx(
-        layers + 4096 + 32000 * 4096 * 4 + 32000 * 4096)
+        layers + 4096 + 32000 * 4096 * 4 + 32000 * 4096
+    )
 
 
 def test_seconds_scale_layers_by_flops_and_the_fixed_part_by_the_head():
@@ -71,8 +93,14 @@ def test_memory_with_formula_sized_layers_is_weights_plus_kv_plus_activations_pl
     act_7b = 64 * 32000 * (4 + 3 * 8) + 64 * 3 * 11008 * 4
     assert activation_bytes(SMOLLM2, "llama.cpp") == act_smol and activation_bytes(LLAMA_7B, "llama.cpp") == act_7b
     per_layer = (576 * 576 * 2 + 576 * 192 * 2 + 3 * 576 * 1536 + 2 * 576) * 4.5 / 8 + kv_smol
-    got = memory_7b(per_layer, overhead + fixed_weights_smol + act_smol, fixed_weights_smol, "llama.cpp",
-                    BITS["llama.cpp", "q4_0"], cells)
+    got = memory_7b(
+        per_layer,
+        overhead + fixed_weights_smol + act_smol,
+        fixed_weights_smol,
+        "llama.cpp",
+        BITS["llama.cpp", "q4_0"],
+        cells,
+    )
     assert got == pytest.approx(overhead + 6_738_415_616 * 4.5 / 8 + act_7b + 32 * kv_7b)
     assert got == pytest.approx(4_090_374_656)
 
@@ -82,8 +110,12 @@ def test_onnx_runtime_has_no_kv_cache_and_batch_wide_activations():
     per_layer = (4 * 4096**2 + 3 * 4096 * 11008 + 2 * 4096) / ((576 * 576 + 576 * 192) * 2 + 3 * 576 * 1536 + 2 * 576)
     got = memory_7b(1e6, 5e8, 1e8, "onnxruntime", BITS["onnxruntime", "fp32"], 256)
     act_smol = 8 * 64 * (2 * 49152 + 3 * 1536) * 4
-    expected = (5e8 - 1e8 - act_smol) + (2 * 32000 * 4096 + 4096) * 4 + 8 * 64 * (2 * 32000 + 3 * 11008) * 4 \
+    expected = (
+        (5e8 - 1e8 - act_smol)
+        + (2 * 32000 * 4096 + 4096) * 4
+        + 8 * 64 * (2 * 32000 + 3 * 11008) * 4
         + 32 * 1e6 * per_layer
+    )
     assert got == pytest.approx(expected)
 
 

@@ -35,8 +35,19 @@ def test_target_cells_and_verdict_state_where_fwdllm_loses_and_wins():
 
 
 def test_recipe_summary_is_judged_on_final_accuracy_not_the_best_seen():
-    runs = [{"config": "c", "seed": s, "final_accuracy": f, "best_accuracy": 0.95, "steps_run": 10, "perturbations": 100,
-             "wall_s": 1.0, "cpu_s": 1.0} for s, f in enumerate([0.9, 0.3, 0.6])]
+    runs = [
+        {
+            "config": "c",
+            "seed": s,
+            "final_accuracy": f,
+            "best_accuracy": 0.95,
+            "steps_run": 10,
+            "perturbations": 100,
+            "wall_s": 1.0,
+            "cpu_s": 1.0,
+        }
+        for s, f in enumerate([0.9, 0.3, 0.6])
+    ]
     (row,) = summarise(runs)
     assert row["seeds"] == 3 and abs(row["final acc mean"] - 0.6) < 1e-12 and row["final acc min"] == 0.3
     assert abs(row["final acc sd"] - 0.3) < 1e-12 and row["best seen (mean)"] == 0.95
@@ -45,8 +56,10 @@ def test_recipe_summary_is_judged_on_final_accuracy_not_the_best_seen():
 def test_memory_states_fwdllm_as_a_share_of_backprop_per_model_and_length():
     from bench.memory import paper_comparison
 
-    rows = [{"model": "minilm", "seq": 64, "kind": k, "peak_rss_mb": v} for k, v in
-            [("plain", 200.0), ("fwdllm", 210.0), ("fwdllm", 300.0), ("backprop", 600.0), ("backprop", 1000.0)]]
+    rows = [
+        {"model": "minilm", "seq": 64, "kind": k, "peak_rss_mb": v}
+        for k, v in [("plain", 200.0), ("fwdllm", 210.0), ("fwdllm", 300.0), ("backprop", 600.0), ("backprop", 1000.0)]
+    ]
     rows.append({"model": "minilm", "seq": 128, "kind": "backprop", "peak_rss_mb": "error: export failed"})
     assert paper_comparison(rows) == ["minilm seq 64: fwdllm at 21–50% of backprop's peak"]
 
@@ -55,9 +68,16 @@ def test_memory_says_where_fwdllm_tops_the_papers_range_and_how_much_is_plain_in
     from bench.memory import above_paper
 
     def case(model, plain, fwd, backprop):
-        return [{"model": model, "seq": 64, "kind": k, "configuration": c, "peak_rss_mb": v} for k, c, v in
-                [("plain", "one forward", plain), ("fwdllm", "ort", fwd), ("fwdllm", "litert", fwd + 10),
-                 ("backprop", "lora", backprop), ("backprop", "full", 2 * backprop)]]
+        return [
+            {"model": model, "seq": 64, "kind": k, "configuration": c, "peak_rss_mb": v}
+            for k, c, v in [
+                ("plain", "one forward", plain),
+                ("fwdllm", "ort", fwd),
+                ("fwdllm", "litert", fwd + 10),
+                ("backprop", "lora", backprop),
+                ("backprop", "full", 2 * backprop),
+            ]
+        ]
 
     rows = case("minilm", 200.0, 210.0, 700.0) + case("smollm2", 1160.0, 1190.0, 2000.0)
     assert above_paper(rows) == ["smollm2 seq 64: litert at 60%, +40 MiB over plain inference, which alone is at 58%"]
@@ -67,12 +87,23 @@ def test_recipe_reads_variance_control_and_sampler_on_against_off_off_the_table(
     from bench.recipe import on_off
 
     def row(name, mean, sd, perturbations):
-        return {"configuration": name, "seeds": 3, "final acc mean": mean, "final acc sd": sd,
-                "perturbations": perturbations}
+        return {
+            "configuration": name,
+            "seeds": 3,
+            "final acc mean": mean,
+            "final acc sd": sd,
+            "perturbations": perturbations,
+        }
 
-    rows = [row("head sgd lr 2", 0.89, 0.01, 20000), row("head sgd lr 2 + variance control", 0.92, 0.005, 44000),
-            row("head sgd lr 2 + sampler", 0.885, 0.02, 20000)]
+    rows = [
+        row("head sgd lr 2", 0.89, 0.01, 20000),
+        row("head sgd lr 2 + variance control", 0.92, 0.005, 44000),
+        row("head sgd lr 2 + sampler", 0.885, 0.02, 20000),
+    ]
     said = on_off(rows)
     assert "variance control: 0.920 ± 0.005 with it, 0.890 ± 0.010 without (3 and 3 seeds, +0.030), at 2.20×" in said
-    assert "the discriminative sampler: 0.885 ± 0.020 with it, 0.890 ± 0.010 without (3 and 3 seeds, -0.005), at 1.00×" in said
+    assert (
+        "the discriminative sampler: 0.885 ± 0.020 with it, 0.890 ± 0.010 without (3 and 3 seeds, -0.005), at 1.00×"
+        in said
+    )
     assert on_off(rows[:1]) == ""

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 import pytest
-
 from export_helpers import tiny_checkpoint
 
 #: fwdllm's log records on stderr: "<date> <time> LEVEL fwdllm.<module>: message".
@@ -23,13 +22,33 @@ THIRD_PARTY = ("Warning", "torchao", "triton", "_pytree")
 
 def fwdllm(*args: str, cache, stdout=subprocess.PIPE) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "FWDLLM_CACHE": str(cache)}
-    return subprocess.run([sys.executable, "-m", "fwdllm.cli", *args], stdout=stdout, stderr=subprocess.PIPE,
-                          text=True, env=env, timeout=900)
+    return subprocess.run(
+        [sys.executable, "-m", "fwdllm.cli", *args],
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        timeout=900,
+    )
 
 
 def export_args(model, out, peft=("--peft", "head", "--trainable-layers", "head")) -> list[str]:
-    return ["export", "--model", str(model), "--task", "seq-cls", "--labels", "3", *peft, "--format", "onnx",
-            "--seq-len", "16", "--out", str(out)]
+    return [
+        "export",
+        "--model",
+        str(model),
+        "--task",
+        "seq-cls",
+        "--labels",
+        "3",
+        *peft,
+        "--format",
+        "onnx",
+        "--seq-len",
+        "16",
+        "--out",
+        str(out),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +112,13 @@ def test_inspect_json_through_head(exported):
     """The same through a real shell pipe: head's two lines, nothing on stderr whoever finishes first."""
     _, bundle, logs, _ = exported
     env = {**os.environ, "FWDLLM_CACHE": str(logs.parent)}
-    shell = subprocess.run(["bash", "-c", f'"{sys.executable}" -m fwdllm.cli inspect --json "{bundle}" | head -2'],
-                           capture_output=True, text=True, env=env, timeout=300)
+    shell = subprocess.run(
+        ["bash", "-c", f'"{sys.executable}" -m fwdllm.cli inspect --json "{bundle}" | head -2'],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert shell.stdout.splitlines() == ["{", '  "schema_version": 1,'] and shell.stderr == ""
 
 
@@ -104,9 +128,25 @@ def test_serve_says_serving_at_info_by_default(tmp_path):
 
     bundle = make_bundle(tmp_path / "b")
     env = {**os.environ, "FWDLLM_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen([sys.executable, "-m", "fwdllm.cli", "coordinator", "serve", "--bundle", str(bundle),
-                             "--state", str(tmp_path / "s"), "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fwdllm.cli",
+            "coordinator",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--state",
+            str(tmp_path / "s"),
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert "listening on" in proc.stdout.readline()
     finally:

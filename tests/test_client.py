@@ -20,8 +20,8 @@ import grpc
 import numpy as np
 import pytest
 import torch
-
 from device_standin import TEXTS, initial_theta, shared_backend, shared_bundle, write_jsonl
+
 from fwdllm.device_runtime.backend import select
 from fwdllm.device_runtime.client import ClientConfig, ClientError, DeviceClient
 from fwdllm.proto.manifest import load_manifest
@@ -62,9 +62,15 @@ class MiniCoordinator(pb_grpc.FwdLLMServicer):
         client_id = request.previous_client_id or uuid.uuid4().hex
         session = uuid.uuid4().hex
         self.sessions[session] = client_id
-        return pb.JoinResponse(client_id=client_id, session_token=session, protocol_version=pb.PROTOCOL_VERSION_1,
-                               model_fingerprint=self.fingerprint, theta_dim=self.versions[1].size,
-                               theta_version=max(self.versions), heartbeat_interval_ms=50)
+        return pb.JoinResponse(
+            client_id=client_id,
+            session_token=session,
+            protocol_version=pb.PROTOCOL_VERSION_1,
+            model_fingerprint=self.fingerprint,
+            theta_dim=self.versions[1].size,
+            theta_version=max(self.versions),
+            heartbeat_interval_ms=50,
+        )
 
     def PullTask(self, request, context):
         self._auth(request, context)
@@ -106,9 +112,13 @@ class MiniCoordinator(pb_grpc.FwdLLMServicer):
         chunk = 40  # values per chunk, so θ takes several messages
         for offset in range(0, len(data) // 4, chunk):
             last = offset + chunk >= len(data) // 4
-            yield pb.ParameterChunk(version=version, offset=offset, total=len(data) // 4,
-                                    values=data[4 * offset : 4 * (offset + chunk)],
-                                    sha256=hashlib.sha256(data).hexdigest() if last else "")
+            yield pb.ParameterChunk(
+                version=version,
+                offset=offset,
+                total=len(data) // 4,
+                values=data[4 * offset : 4 * (offset + chunk)],
+                sha256=hashlib.sha256(data).hexdigest() if last else "",
+            )
 
     def FetchHistory(self, request, context):
         self._auth(request, context)
@@ -125,9 +135,17 @@ def serve(servicer, port=0):
 
 
 def make_task(tid, version, seeds=(), start=None, count=0, batch=(0, 4), deadline_ms=0, scheme=pb.CENTRAL):
-    task = pb.Task(task_id=tid, step=version - 1, theta_version=version, seeds=list(seeds),
-                   distribution=pb.GAUSSIAN, epsilon=0.01, scheme=scheme,
-                   batch=pb.BatchRef(start=batch[0], size=batch[1]), deadline_unix_ms=deadline_ms)
+    task = pb.Task(
+        task_id=tid,
+        step=version - 1,
+        theta_version=version,
+        seeds=list(seeds),
+        distribution=pb.GAUSSIAN,
+        epsilon=0.01,
+        scheme=scheme,
+        batch=pb.BatchRef(start=batch[0], size=batch[1]),
+        deadline_unix_ms=deadline_ms,
+    )
     if count:
         task.seed_ranges.append(pb.SeedRange(start=start, count=count))
     return task
@@ -144,8 +162,15 @@ def data(tmp_path):
 
 
 def client_for(bundle, data, port, **kw):
-    cfg = ClientConfig(coordinator=f"127.0.0.1:{port}", bundle=bundle[0], data=data, token=TOKEN,
-                       backoff_s=(0.05, 0.4), rpc_timeout_s=5, **kw)
+    cfg = ClientConfig(
+        coordinator=f"127.0.0.1:{port}",
+        bundle=bundle[0],
+        data=data,
+        token=TOKEN,
+        backoff_s=(0.05, 0.4),
+        rpc_timeout_s=5,
+        **kw,
+    )
     return DeviceClient(cfg, backend=shared_backend("onnxruntime", True))
 
 
@@ -161,7 +186,8 @@ def autograd_jvp(model, batch, theta, seeds):
     ids, mask, labels = (torch.tensor(x) for x in (batch.input_ids, batch.attention_mask, batch.labels))
     model = model.double()  # a float64 copy
     grad = torch.func.grad(lambda x: model.loss(ids, mask, labels, x[None])[0][0])(
-        torch.tensor(theta, dtype=torch.float64)).numpy()
+        torch.tensor(theta, dtype=torch.float64)
+    ).numpy()
     return np.array([generate(s, 0, grad.size).astype(np.float64) @ grad for s in seeds])
 
 
@@ -169,10 +195,14 @@ def test_client_serves_tasks_replays_history_and_matches_autograd(bundle, data, 
     fingerprint = load_manifest(bundle[0]).fingerprint()
     theta1 = initial_theta(5)
     update = pb.UpdateRecord(version=2, lr=0.1, seeds=[11, 12], coefficients=[0.5, -0.25], distribution=pb.GAUSSIAN)
-    theta2 = (theta1.astype(np.float64) - 0.1 * (0.5 * generate(11, 0, theta1.size).astype(np.float64)
-                                                  - 0.25 * generate(12, 0, theta1.size))).astype(np.float32)
-    tasks = [make_task("t1", 1, seeds=[5, 9], start=100, count=3, batch=(5, 4)),
-             make_task("t2", 2, start=1 << 32, count=4, batch=(0, 3))]
+    theta2 = (
+        theta1.astype(np.float64)
+        - 0.1 * (0.5 * generate(11, 0, theta1.size).astype(np.float64) - 0.25 * generate(12, 0, theta1.size))
+    ).astype(np.float32)
+    tasks = [
+        make_task("t1", 1, seeds=[5, 9], start=100, count=3, batch=(5, 4)),
+        make_task("t2", 2, start=1 << 32, count=4, batch=(0, 3)),
+    ]
     coord = MiniCoordinator(fingerprint, {1: theta1, 2: theta2}, tasks, history=[update])
     server, port = serve(coord)
     try:
@@ -291,23 +321,71 @@ def test_fwdllm_device_run_against_fwdllm_coordinator_serve(bundle, data, tmp_pa
     import sys
 
     config = tmp_path / "run.json"
-    config.write_text(json.dumps({
-        "run": {"steps": 2, "clients_per_step": 1, "perturbations_per_client": 4, "min_clients": 1,
-                "over_select": 0.0, "batch_size": 4, "deadline_s": 60},
-        "optimizer": {"name": "sgd", "lr": 0.1}, "aggregation": {"threads": 1}, "server": {"heartbeat_ms": 200}}))
+    config.write_text(
+        json.dumps(
+            {
+                "run": {
+                    "steps": 2,
+                    "clients_per_step": 1,
+                    "perturbations_per_client": 4,
+                    "min_clients": 1,
+                    "over_select": 0.0,
+                    "batch_size": 4,
+                    "deadline_s": 60,
+                },
+                "optimizer": {"name": "sgd", "lr": 0.1},
+                "aggregation": {"threads": 1},
+                "server": {"heartbeat_ms": 200},
+            }
+        )
+    )
     fwdllm = [sys.executable, "-m", "fwdllm.cli"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen([*fwdllm, "coordinator", "serve", "--bundle", str(bundle[0]), "--state",
-                               str(tmp_path / "state"), "--port", "0", "--config", str(config), "--token", TOKEN,
-                               "--exit-when-finished"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                              env=env)
+    server = subprocess.Popen(
+        [
+            *fwdllm,
+            "coordinator",
+            "serve",
+            "--bundle",
+            str(bundle[0]),
+            "--state",
+            str(tmp_path / "state"),
+            "--port",
+            "0",
+            "--config",
+            str(config),
+            "--token",
+            TOKEN,
+            "--exit-when-finished",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
     try:
         line = server.stdout.readline()
         assert "listening on" in line, line
         address = line.strip().rsplit(" ", 1)[-1]
-        device = subprocess.run([*fwdllm, "device", "run", "--coordinator", address, "--bundle", str(bundle[0]),
-                                 "--data", str(data), "--token", TOKEN], capture_output=True, text=True, env=env,
-                                timeout=300)
+        device = subprocess.run(
+            [
+                *fwdllm,
+                "device",
+                "run",
+                "--coordinator",
+                address,
+                "--bundle",
+                str(bundle[0]),
+                "--data",
+                str(data),
+                "--token",
+                TOKEN,
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
         assert device.returncode == 0, device.stderr[-2000:]
         stats = json.loads(device.stdout.strip().splitlines()[-1])
         assert stats["accepted"] == 2 and stats["rejected"] == 0 and stats["failed"] == 0
@@ -324,10 +402,31 @@ def test_client_over_tls_with_the_coordinators_ca(bundle, data, tmp_path):
 
     if shutil.which("openssl") is None:
         pytest.fail("the TLS test needs the openssl command")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "key.pem"),
-                    "-out", str(tmp_path / "cert.pem"), "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
-    coord = MiniCoordinator(load_manifest(bundle[0]).fingerprint(), {1: initial_theta()}, [make_task("t0", 1, seeds=[1])])
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(tmp_path / "key.pem"),
+            "-out",
+            str(tmp_path / "cert.pem"),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    coord = MiniCoordinator(
+        load_manifest(bundle[0]).fingerprint(), {1: initial_theta()}, [make_task("t0", 1, seeds=[1])]
+    )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     pb_grpc.add_FwdLLMServicer_to_server(coord, server)
     creds = grpc.ssl_server_credentials([((tmp_path / "key.pem").read_bytes(), (tmp_path / "cert.pem").read_bytes())])
@@ -355,10 +454,27 @@ def test_a_signal_makes_fwdllm_device_run_submit_and_leave(bundle, data, signum)
     coord.pull_delay_s = 0.05
     server, port = serve(coord)
     try:
-        device = subprocess.Popen([sys.executable, "-m", "fwdllm.cli", "device", "run", "--coordinator",
-                                   f"127.0.0.1:{port}", "--bundle", str(bundle[0]), "--data", str(data), "--token", TOKEN],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        device = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fwdllm.cli",
+                "device",
+                "run",
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--bundle",
+                str(bundle[0]),
+                "--data",
+                str(data),
+                "--token",
+                TOKEN,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
         deadline = time.time() + 120
         while not coord.results and time.time() < deadline and device.poll() is None:
             time.sleep(0.05)

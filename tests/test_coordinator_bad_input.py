@@ -7,17 +7,25 @@ import math
 import grpc
 import numpy as np
 import pytest
+from test_coordinator_fixtures import QuadraticDevice, make_bundle, task_seeds
 
 from fwdllm.coordinator.config import from_dict
 from fwdllm.coordinator.rounds import Coordinator
 from fwdllm.coordinator.server import SERVICE, start
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
-from test_coordinator_fixtures import QuadraticDevice, make_bundle, task_seeds
 
-CONFIG = {"run": {"steps": 5, "clients_per_step": 3, "perturbations_per_client": 3, "min_clients": 2,
-                  "over_select": 0.0, "deadline_s": 30},
-          "server": {"max_message_bytes": 64 * 1024, "rate_per_s": 1000, "rate_burst": 2000},
-          "aggregation": {"threads": 1}}
+CONFIG = {
+    "run": {
+        "steps": 5,
+        "clients_per_step": 3,
+        "perturbations_per_client": 3,
+        "min_clients": 2,
+        "over_select": 0.0,
+        "deadline_s": 30,
+    },
+    "server": {"max_message_bytes": 64 * 1024, "rate_per_s": 1000, "rate_burst": 2000},
+    "aggregation": {"threads": 1},
+}
 
 
 @pytest.fixture()
@@ -25,8 +33,7 @@ def env(tmp_path):
     coordinator = Coordinator(make_bundle(tmp_path / "b"), tmp_path / "s", from_dict(CONFIG))
     coordinator.store.add_token("tok")
     server = start(coordinator, "127.0.0.1", 0)
-    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}",
-                                    options=[("grpc.max_send_message_length", 8 << 20)])
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.max_send_message_length", 8 << 20)])
     a, b = QuadraticDevice(channel, 0), QuadraticDevice(channel, 1)
     a.join("tok", coordinator.fingerprint), b.join("tok", coordinator.fingerprint)
     task_a, task_b = a.pull().task, b.pull().task
@@ -49,10 +56,14 @@ def still_serving_and_nothing_lost(coordinator, a, task_a):
 
 def test_wrong_token_unknown_client_and_revoked_enrolment(env):
     coordinator, channel, a, b, task_a, task_b = env
-    assert code_of(lambda: b.stub.PullTask(pb.PullTaskRequest(client_id=b.client_id, session_token="nope"))) \
+    assert (
+        code_of(lambda: b.stub.PullTask(pb.PullTaskRequest(client_id=b.client_id, session_token="nope")))
         == grpc.StatusCode.UNAUTHENTICATED
-    assert code_of(lambda: b.stub.PullTask(pb.PullTaskRequest(client_id="ghost", session_token=b.session))) \
+    )
+    assert (
+        code_of(lambda: b.stub.PullTask(pb.PullTaskRequest(client_id="ghost", session_token=b.session)))
         == grpc.StatusCode.UNAUTHENTICATED
+    )
     assert code_of(lambda: b.submit(task_b, [0, 0, 0], session_token="nope")) == grpc.StatusCode.UNAUTHENTICATED
     c = QuadraticDevice(channel, 2)
     assert code_of(lambda: c.join("not-a-token", coordinator.fingerprint)) == grpc.StatusCode.UNAUTHENTICATED
@@ -114,11 +125,12 @@ def test_late_results_are_deadline_exceeded(env):
 
 def test_malformed_oversized_and_1000_random_messages(env):
     coordinator, channel, a, b, task_a, task_b = env
-    raw = {m: channel.unary_unary(f"/{SERVICE}/{m}", request_serializer=None, response_deserializer=None)
-           for m in ("Join", "PullTask", "Submit", "Heartbeat", "Leave", "FetchHistory", "GetStatus")}
+    raw = {
+        m: channel.unary_unary(f"/{SERVICE}/{m}", request_serializer=None, response_deserializer=None)
+        for m in ("Join", "PullTask", "Submit", "Heartbeat", "Leave", "FetchHistory", "GetStatus")
+    }
     assert code_of(lambda: raw["Submit"](b"\xff\xff\xff\xff\x0f", timeout=5)) == grpc.StatusCode.INVALID_ARGUMENT
-    huge = pb.SubmitRequest(client_id=b.client_id, session_token=b.session, task_id=task_b.task_id,
-                            jvp=[0.5] * 40_000)
+    huge = pb.SubmitRequest(client_id=b.client_id, session_token=b.session, task_id=task_b.task_id, jvp=[0.5] * 40_000)
     assert code_of(lambda: b.stub.Submit(huge, timeout=5)) == grpc.StatusCode.RESOURCE_EXHAUSTED
     rng = np.random.default_rng(0)
     codes = {}

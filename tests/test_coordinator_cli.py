@@ -11,6 +11,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from test_coordinator_fixtures import LAYOUT, QuadraticDevice, make_bundle, write_config
 
 from fwdllm.cli import main
 from fwdllm.coordinator.config import from_dict, load_config
@@ -21,7 +22,6 @@ from fwdllm.errors import UserError
 from fwdllm.proto.manifest import Manifest, ModelInfo, PeftInfo, load_manifest, save_theta, write_manifest
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
 from fwdllm.proto.v1 import fwdllm_pb2_grpc as pb_grpc
-from test_coordinator_fixtures import LAYOUT, QuadraticDevice, make_bundle, write_config
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +29,28 @@ def self_signed(tmp_path_factory):
     if shutil.which("openssl") is None:
         pytest.fail("the TLS test needs the openssl command (or the cryptography package)")
     d = tmp_path_factory.mktemp("tls")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(d / "key.pem"),
-                    "-out", str(d / "cert.pem"), "-days", "2", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(d / "key.pem"),
+            "-out",
+            str(d / "cert.pem"),
+            "-days",
+            "2",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
     return d / "cert.pem", d / "key.pem"
 
 
@@ -48,8 +67,10 @@ def test_tls_server_with_a_self_signed_certificate(tmp_path, self_signed, capsys
         with pytest.raises(grpc.RpcError) as info:
             pb_grpc.FwdLLMStub(plain).GetStatus(pb.GetStatusRequest(), timeout=3)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert main(["coordinator", "status", "--address", f"localhost:{server.port}", "--tls-ca", str(cert),
-                     "--json"]) == 0
+        assert (
+            main(["coordinator", "status", "--address", f"localhost:{server.port}", "--tls-ca", str(cert), "--json"])
+            == 0
+        )
         status = json.loads(capsys.readouterr().out)
         assert status["clients_registered"] == 1 and status["theta_version"] == "1"
         secure.close(), plain.close()
@@ -74,8 +95,17 @@ def test_status_of_nothing_is_a_clear_error(capsys):
 
 
 def test_plot_draws_the_metrics(tmp_path):
-    rows = [{"step": i, "loss": 1.0 / (i + 1), "accuracy": 0.5 + i / 40, "perturbations": 10 + i, "variance": 0.1,
-             "lr": 0.01} for i in range(10)]
+    rows = [
+        {
+            "step": i,
+            "loss": 1.0 / (i + 1),
+            "accuracy": 0.5 + i / 40,
+            "perturbations": 10 + i,
+            "variance": 0.1,
+            "lr": 0.01,
+        }
+        for i in range(10)
+    ]
     metrics = tmp_path / "metrics.jsonl"
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "curves.png"
@@ -89,14 +119,16 @@ def test_config_files_and_their_errors(tmp_path):
     toml.write_text('[run]\nsteps = 7\n[optimizer]\nname = "adam"\ngroups = [{match = "*.bias", lr_scale = 0.1}]\n')
     cfg = load_config(toml)
     assert cfg.run.steps == 7 and cfg.optimizer.name == "adam" and cfg.optimizer.groups[0]["lr_scale"] == 0.1
-    for bad, message in [({"run": {"stepz": 1}}, "unknown config key run.stepz"),
-                         ({"runn": {}}, "unknown config section"),
-                         ({"optimizer": {"name": "lion"}}, "optimizer.name"),
-                         ({"variance": {"mode": "sometimes"}}, "variance.mode"),
-                         ({"run": {"clients_per_step": 0}}, "at least 1"),
-                         ({"run": {"steps": "ten"}}, "run.steps must be an integer"),
-                         ({"sampler": {"enabled": 1}}, "true or false"),
-                         ({"optimizer": {"groups": "bias"}}, "optimizer.groups must be list")]:
+    for bad, message in [
+        ({"run": {"stepz": 1}}, "unknown config key run.stepz"),
+        ({"runn": {}}, "unknown config section"),
+        ({"optimizer": {"name": "lion"}}, "optimizer.name"),
+        ({"variance": {"mode": "sometimes"}}, "variance.mode"),
+        ({"run": {"clients_per_step": 0}}, "at least 1"),
+        ({"run": {"steps": "ten"}}, "run.steps must be an integer"),
+        ({"sampler": {"enabled": 1}}, "true or false"),
+        ({"optimizer": {"groups": "bias"}}, "optimizer.groups must be list"),
+    ]:
         with pytest.raises(UserError, match=message):
             from_dict(bad)
     (tmp_path / "broken.toml").write_text("[run\n")
@@ -109,20 +141,50 @@ def test_state_of_another_bundle_is_refused(tmp_path):
     other = make_bundle(tmp_path / "b2")
     (other / "theta.safetensors").unlink()
     save_theta(other / "theta.safetensors", LAYOUT, np.zeros(LAYOUT.dim, np.float32))
-    write_manifest(other, Manifest(model=ModelInfo(source="x", architecture="q", task="seq-cls", max_seq_len=8,
-                                                   tokenizer="tokenizer.json"),
-                                   peft=PeftInfo(method="bitfit", trainable_layers="all"), theta=LAYOUT, graphs=[]))
+    write_manifest(
+        other,
+        Manifest(
+            model=ModelInfo(source="x", architecture="q", task="seq-cls", max_seq_len=8, tokenizer="tokenizer.json"),
+            peft=PeftInfo(method="bitfit", trainable_layers="all"),
+            theta=LAYOUT,
+            graphs=[],
+        ),
+    )
     with pytest.raises(UserError, match="belongs to another bundle"):
         Coordinator(other, tmp_path / "s", from_dict({}))
 
 
 def test_serve_process_runs_to_the_end_and_exits(tmp_path):
     bundle = make_bundle(tmp_path / "b")
-    config = write_config(tmp_path / "c.json", {"run": {"steps": 2, "clients_per_step": 1, "over_select": 0.0},
-                                                "server": {"heartbeat_ms": 100, "rate_per_s": 1000}})
-    proc = subprocess.Popen([sys.executable, "-m", "fwdllm.cli", "coordinator", "serve", "--bundle", str(bundle),
-                             "--state", str(tmp_path / "s"), "--port", "0", "--config", str(config), "--token", "t",
-                             "--exit-when-finished"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    config = write_config(
+        tmp_path / "c.json",
+        {
+            "run": {"steps": 2, "clients_per_step": 1, "over_select": 0.0},
+            "server": {"heartbeat_ms": 100, "rate_per_s": 1000},
+        },
+    )
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fwdllm.cli",
+            "coordinator",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--state",
+            str(tmp_path / "s"),
+            "--port",
+            "0",
+            "--config",
+            str(config),
+            "--token",
+            "t",
+            "--exit-when-finished",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         while not (tmp_path / "s" / "endpoint").exists():
             assert proc.poll() is None, proc.stderr.read().decode()

@@ -12,10 +12,10 @@ import time
 import grpc
 import numpy as np
 import pytest
+from test_coordinator_fixtures import LAYOUT, QuadraticDevice, dense_v, make_bundle, task_seeds, write_config
 
 from fwdllm.proto.manifest import load_manifest
 from fwdllm.proto.v1.fwdllm_pb2_grpc import FwdLLMStub
-from test_coordinator_fixtures import LAYOUT, QuadraticDevice, dense_v, make_bundle, task_seeds, write_config
 
 STEPS = 5
 
@@ -26,11 +26,22 @@ class Server:
     def __init__(self, tmp_path):
         self.bundle = make_bundle(tmp_path / "bundle")
         self.state = tmp_path / "state"
-        self.config = write_config(tmp_path / "config.json", {
-            "run": {"steps": STEPS, "clients_per_step": 3, "perturbations_per_client": 2, "min_clients": 3,
-                    "over_select": 0.0, "deadline_s": 60},
-            "optimizer": {"name": "momentum", "lr": 0.05, "momentum": 0.5, "schedule": "constant"},
-            "aggregation": {"threads": 1}, "server": {"rate_per_s": 1000, "rate_burst": 2000}})
+        self.config = write_config(
+            tmp_path / "config.json",
+            {
+                "run": {
+                    "steps": STEPS,
+                    "clients_per_step": 3,
+                    "perturbations_per_client": 2,
+                    "min_clients": 3,
+                    "over_select": 0.0,
+                    "deadline_s": 60,
+                },
+                "optimizer": {"name": "momentum", "lr": 0.05, "momentum": 0.5, "schedule": "constant"},
+                "aggregation": {"threads": 1},
+                "server": {"rate_per_s": 1000, "rate_burst": 2000},
+            },
+        )
         self.log = open(tmp_path / "server.log", "ab")
         self.proc, self.port, self.starts = None, None, 0
 
@@ -40,9 +51,26 @@ class Server:
         while True:
             endpoint.unlink(missing_ok=True)
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "fwdllm.cli", "coordinator", "serve", "--bundle", str(self.bundle), "--state",
-                 str(self.state), "--port", "0", "--config", str(self.config), "--token", "tok"],
-                stdout=self.log, stderr=self.log)
+                [
+                    sys.executable,
+                    "-m",
+                    "fwdllm.cli",
+                    "coordinator",
+                    "serve",
+                    "--bundle",
+                    str(self.bundle),
+                    "--state",
+                    str(self.state),
+                    "--port",
+                    "0",
+                    "--config",
+                    str(self.config),
+                    "--token",
+                    "tok",
+                ],
+                stdout=self.log,
+                stderr=self.log,
+            )
             self.starts += 1
             deadline = time.monotonic() + 60
             while not endpoint.exists() and self.proc.poll() is None:
@@ -132,7 +160,9 @@ def test_sigkill_mid_step_repeatedly_loses_nothing_and_reuses_no_seed(tmp_path):
                 if task.step == 2 and not kills["after_pull_step2"]:
                     kills["after_pull_step2"] = True
                     server.kill()  # the task was handed out and committed; the device still holds it
-                if task.step >= 3 and len(random_kills) < task.step - 2:  # once in step 3, once in step 4, at a random instant
+                if (
+                    task.step >= 3 and len(random_kills) < task.step - 2
+                ):  # once in step 3, once in step 4, at a random instant
                     timer = threading.Timer(rng.uniform(0.0, 0.03), server.kill)
                     timer.start()
                     random_kills.append(timer)

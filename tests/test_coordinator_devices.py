@@ -6,6 +6,7 @@ import json
 import threading
 
 import numpy as np
+from device_standin import TEXTS, shared_bundle, write_jsonl
 
 from fwdllm.coordinator.config import from_dict
 from fwdllm.coordinator.evaluation import BackendEvaluator
@@ -15,18 +16,29 @@ from fwdllm.device_runtime.backend import open_backend
 from fwdllm.device_runtime.client import ClientConfig, DeviceClient
 from fwdllm.proto.manifest import load_manifest, load_theta
 from fwdllm.proto.perturbation import generate
-from device_standin import TEXTS, shared_bundle, write_jsonl
 
 
 def test_real_devices_complete_steps_with_evaluation(tmp_path):
     bundle = shared_bundle()[0]
     rows = [{"text": t, "label": lab} for t, lab in TEXTS]
     heldout = write_jsonl(tmp_path / "heldout.jsonl", rows)
-    config = from_dict({"run": {"steps": 3, "clients_per_step": 3, "perturbations_per_client": 2, "min_clients": 3,
-                                "over_select": 0.0, "batch_size": 4, "deadline_s": 60},
-                        "optimizer": {"name": "sgd", "lr": 0.5, "schedule": "linear"},
-                        "aggregation": {"threads": 1}, "server": {"heartbeat_ms": 200},
-                        "eval": {"every": 1, "data": str(heldout)}})
+    config = from_dict(
+        {
+            "run": {
+                "steps": 3,
+                "clients_per_step": 3,
+                "perturbations_per_client": 2,
+                "min_clients": 3,
+                "over_select": 0.0,
+                "batch_size": 4,
+                "deadline_s": 60,
+            },
+            "optimizer": {"name": "sgd", "lr": 0.5, "schedule": "linear"},
+            "aggregation": {"threads": 1},
+            "server": {"heartbeat_ms": 200},
+            "eval": {"every": 1, "data": str(heldout)},
+        }
+    )
     evaluator = BackendEvaluator(bundle, heldout, "onnxruntime", batch_size=4)
     coordinator = Coordinator(bundle, tmp_path / "state", config, evaluator=evaluator)
     coordinator.store.add_token("tok")
@@ -35,8 +47,15 @@ def test_real_devices_complete_steps_with_evaluation(tmp_path):
     try:
         for i in range(3):
             data = write_jsonl(tmp_path / f"client-{i}.jsonl", rows[i:] + rows[:i])
-            cfg = ClientConfig(coordinator=f"127.0.0.1:{server.port}", bundle=bundle, data=data, token="tok",
-                               name=f"dev{i}", backoff_s=(0.05, 0.4), rpc_timeout_s=10)
+            cfg = ClientConfig(
+                coordinator=f"127.0.0.1:{server.port}",
+                bundle=bundle,
+                data=data,
+                token="tok",
+                name=f"dev{i}",
+                backoff_s=(0.05, 0.4),
+                rpc_timeout_s=10,
+            )
             client = DeviceClient(cfg, backend=open_backend(bundle, "onnxruntime", options={"threads": 1}))
             clients.append(client)
             threads.append(threading.Thread(target=lambda c=client: codes.append(c.run()), daemon=True))

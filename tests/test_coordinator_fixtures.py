@@ -19,17 +19,28 @@ from fwdllm.proto.perturbation import generate
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
 from fwdllm.proto.v1 import fwdllm_pb2_grpc as pb_grpc
 
-LAYOUT = ThetaLayout.from_shapes([("encoder.layer.0.bias", (40,)), ("classifier.weight", (3, 12)),
-                                  ("classifier.bias", (3,))])
+LAYOUT = ThetaLayout.from_shapes(
+    [("encoder.layer.0.bias", (40,)), ("classifier.weight", (3, 12)), ("classifier.bias", (3,))]
+)
 
 
 def make_bundle(out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "tokenizer.json").write_text("{}")
     save_theta(out / "theta.safetensors", LAYOUT, np.linspace(-1, 1, LAYOUT.dim, dtype=np.float32))
-    manifest = Manifest(model=ModelInfo(source="test", architecture="quadratic", task="seq-cls", max_seq_len=8,
-                                        tokenizer="tokenizer.json", num_labels=3),
-                        peft=PeftInfo(method="bitfit", trainable_layers="all"), theta=LAYOUT, graphs=[])
+    manifest = Manifest(
+        model=ModelInfo(
+            source="test",
+            architecture="quadratic",
+            task="seq-cls",
+            max_seq_len=8,
+            tokenizer="tokenizer.json",
+            num_labels=3,
+        ),
+        peft=PeftInfo(method="bitfit", trainable_layers="all"),
+        theta=LAYOUT,
+        graphs=[],
+    )
     write_manifest(out, manifest)
     return out
 
@@ -61,10 +72,18 @@ class QuadraticDevice:
         self.theta_version, self.theta = 0, None
 
     def join(self, token: str, fingerprint: str, previous: str = "") -> pb.JoinResponse:
-        reply = self.stub.Join(pb.JoinRequest(
-            protocol_version=pb.PROTOCOL_VERSION_1, enrolment_token=token, client_name=f"quad-{self.index}",
-            model_fingerprint=fingerprint, num_examples=100, previous_client_id=previous,
-            capabilities=pb.Capabilities(backend="numpy", cpu_count=1 + self.index)), timeout=10)
+        reply = self.stub.Join(
+            pb.JoinRequest(
+                protocol_version=pb.PROTOCOL_VERSION_1,
+                enrolment_token=token,
+                client_name=f"quad-{self.index}",
+                model_fingerprint=fingerprint,
+                num_examples=100,
+                previous_client_id=previous,
+                capabilities=pb.Capabilities(backend="numpy", cpu_count=1 + self.index),
+            ),
+            timeout=10,
+        )
         self.client_id, self.session = reply.client_id, reply.session_token
         return reply
 
@@ -76,16 +95,24 @@ class QuadraticDevice:
 
     def fetch(self, version: int) -> np.ndarray:
         if version != self.theta_version:
-            chunks = list(self.stub.FetchParameters(pb.FetchParametersRequest(
-                client_id=self.client_id, session_token=self.session, version=version, chunk_values=17), timeout=10))
+            chunks = list(
+                self.stub.FetchParameters(
+                    pb.FetchParametersRequest(
+                        client_id=self.client_id, session_token=self.session, version=version, chunk_values=17
+                    ),
+                    timeout=10,
+                )
+            )
             data = b"".join(c.values for c in chunks)
             assert hashlib.sha256(data).hexdigest() == chunks[-1].sha256
             self.theta, self.theta_version = np.frombuffer(data, "<f4").astype(np.float64), chunks[-1].version
         return self.theta
 
     def pull(self) -> pb.PullTaskResponse:
-        return self.stub.PullTask(pb.PullTaskRequest(client_id=self.client_id, session_token=self.session,
-                                                     theta_version=self.theta_version), timeout=10)
+        return self.stub.PullTask(
+            pb.PullTaskRequest(client_id=self.client_id, session_token=self.session, theta_version=self.theta_version),
+            timeout=10,
+        )
 
     def compute(self, task: pb.Task) -> np.ndarray:
         theta, eps = self.fetch(task.theta_version), task.epsilon
@@ -95,8 +122,16 @@ class QuadraticDevice:
         return np.array(jvp, dtype=np.float32)
 
     def submit(self, task: pb.Task, jvp, nonfinite=(), **overrides) -> pb.SubmitResponse:
-        fields = dict(client_id=self.client_id, session_token=self.session, task_id=task.task_id, step=task.step,
-                      seeds=task_seeds(task), jvp=list(jvp), nonfinite=list(nonfinite),
-                      loss=pb.LossStats(mean=self.loss(self.fetch(task.theta_version))), num_examples=8)
+        fields = dict(
+            client_id=self.client_id,
+            session_token=self.session,
+            task_id=task.task_id,
+            step=task.step,
+            seeds=task_seeds(task),
+            jvp=list(jvp),
+            nonfinite=list(nonfinite),
+            loss=pb.LossStats(mean=self.loss(self.fetch(task.theta_version))),
+            num_examples=8,
+        )
         fields.update(overrides)
         return self.stub.Submit(pb.SubmitRequest(**fields), timeout=10)

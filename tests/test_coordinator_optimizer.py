@@ -10,7 +10,9 @@ from fwdllm.errors import UserError
 from fwdllm.proto.manifest import ThetaLayout
 from fwdllm.proto.perturbation import generate, seed_for
 
-LAYOUT = ThetaLayout.from_shapes([("encoder.layer.0.bias", (6,)), ("classifier.weight", (2, 3)), ("classifier.bias", (2,))])
+LAYOUT = ThetaLayout.from_shapes(
+    [("encoder.layer.0.bias", (6,)), ("classifier.weight", (2, 3)), ("classifier.bias", (2,))]
+)
 
 
 def test_linear_decay_is_fwdllms_schedule():
@@ -27,9 +29,11 @@ def test_matches_torch_optimizers(name):
     cfg = OptimizerConfig(name=name, lr=0.05, schedule="constant", momentum=0.8)
     opt = Optimizer(cfg, LAYOUT, total_steps=10)
     p = torch.nn.Parameter(torch.tensor(theta))
-    ref = {"sgd": lambda: torch.optim.SGD([p], lr=0.05),
-           "momentum": lambda: torch.optim.SGD([p], lr=0.05, momentum=0.8),
-           "adam": lambda: torch.optim.Adam([p], lr=0.05, betas=(0.9, 0.999), eps=1e-8)}[name]()
+    ref = {
+        "sgd": lambda: torch.optim.SGD([p], lr=0.05),
+        "momentum": lambda: torch.optim.SGD([p], lr=0.05, momentum=0.8),
+        "adam": lambda: torch.optim.Adam([p], lr=0.05, betas=(0.9, 0.999), eps=1e-8),
+    }[name]()
     for step in range(5):
         g = rng.normal(size=LAYOUT.dim).astype(np.float32)
         theta, _ = opt.apply(theta, g, step)
@@ -42,11 +46,16 @@ def test_clip_normalise_and_group_learning_rates():
     g = np.full(LAYOUT.dim, 2.0, dtype=np.float32)
     theta = np.zeros(LAYOUT.dim, dtype=np.float32)
     clipped, info = Optimizer(OptimizerConfig(lr=1.0, schedule="constant", clip_norm=1.0), LAYOUT, 1).apply(theta, g, 0)
-    assert np.linalg.norm(clipped) == pytest.approx(1.0, rel=1e-5) and info["grad_norm"] == pytest.approx(2 * np.sqrt(14))
+    assert np.linalg.norm(clipped) == pytest.approx(1.0, rel=1e-5) and info["grad_norm"] == pytest.approx(
+        2 * np.sqrt(14)
+    )
     normed, _ = Optimizer(OptimizerConfig(lr=0.5, schedule="constant", normalize=True), LAYOUT, 1).apply(theta, g, 0)
     assert np.linalg.norm(normed) == pytest.approx(0.5, rel=1e-5)
-    cfg = OptimizerConfig(lr=1.0, schedule="constant", groups=[{"match": "classifier.*", "lr_scale": 1.0},
-                                                                {"match": "*.bias", "lr_scale": 0.1}])
+    cfg = OptimizerConfig(
+        lr=1.0,
+        schedule="constant",
+        groups=[{"match": "classifier.*", "lr_scale": 1.0}, {"match": "*.bias", "lr_scale": 0.1}],
+    )
     opt = Optimizer(cfg, LAYOUT, 1)
     out, _ = opt.apply(theta, g, 0)
     np.testing.assert_allclose(out[:6], -0.2)  # encoder bias: second group

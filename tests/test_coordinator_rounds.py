@@ -8,23 +8,33 @@ import time
 import grpc
 import numpy as np
 import pytest
+from test_coordinator_fixtures import dense_v, make_bundle, task_seeds
 
 from fwdllm.coordinator.config import from_dict
 from fwdllm.coordinator.rounds import Coordinator, Reject
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
-from test_coordinator_fixtures import dense_v, make_bundle, task_seeds
 
 
 def setup(tmp_path, run: dict, clients: int = 3, **sections):
-    cfg = from_dict({"run": {"steps": 3, "perturbations_per_client": 2, "deadline_s": 30, **run},
-                     "aggregation": {"threads": 1}, **sections})
+    cfg = from_dict(
+        {
+            "run": {"steps": 3, "perturbations_per_client": 2, "deadline_s": 30, **run},
+            "aggregation": {"threads": 1},
+            **sections,
+        }
+    )
     c = Coordinator(make_bundle(tmp_path / "b"), tmp_path / "s", cfg)
     c.store.add_token("tok")
     ids = []
     for i in range(clients):
-        r = c.join(pb.JoinRequest(protocol_version=pb.PROTOCOL_VERSION_1, enrolment_token="tok",
-                                  model_fingerprint=c.fingerprint,
-                                  capabilities=pb.Capabilities(cpu_count=1 + 3 * i)))
+        r = c.join(
+            pb.JoinRequest(
+                protocol_version=pb.PROTOCOL_VERSION_1,
+                enrolment_token="tok",
+                model_fingerprint=c.fingerprint,
+                capabilities=pb.Capabilities(cpu_count=1 + 3 * i),
+            )
+        )
         ids.append((r.client_id, r.session_token))
     return c, ids
 
@@ -35,9 +45,19 @@ def pull(c, ident):
 
 def submit(c, ident, task, value=0.5):
     seeds = task_seeds(task)
-    return c.submit(pb.SubmitRequest(client_id=ident[0], session_token=ident[1], task_id=task.task_id,
-                                     step=task.step, seeds=seeds, jvp=[value] * len(seeds),
-                                     loss=pb.LossStats(mean=1.0), num_examples=8), 100)
+    return c.submit(
+        pb.SubmitRequest(
+            client_id=ident[0],
+            session_token=ident[1],
+            task_id=task.task_id,
+            step=task.step,
+            seeds=seeds,
+            jvp=[value] * len(seeds),
+            loss=pb.LossStats(mean=1.0),
+            num_examples=8,
+        ),
+        100,
+    )
 
 
 def reject_code(fn) -> grpc.StatusCode:
@@ -74,8 +94,11 @@ def test_deadline_closes_a_wave_with_the_results_that_arrived(tmp_path):
 
 
 def test_stragglers_expire_and_their_slots_are_handed_out_again(tmp_path):
-    c, ids = setup(tmp_path, {"clients_per_step": 2, "over_select": 0.0, "min_clients": 2, "min_results": 2,
-                              "deadline_s": 0.2}, clients=3)
+    c, ids = setup(
+        tmp_path,
+        {"clients_per_step": 2, "over_select": 0.0, "min_clients": 2, "min_results": 2, "deadline_s": 0.2},
+        clients=3,
+    )
     first = [pull(c, i) for i in ids]
     holders = [i for i, r in zip(ids, first) if r.WhichOneof("outcome") == "task"]
     idle = [i for i, r in zip(ids, first) if r.WhichOneof("outcome") != "task"]
@@ -98,8 +121,14 @@ def test_leaving_frees_the_task_and_needs_a_new_join(tmp_path):
     c.leave(pb.LeaveRequest(client_id=holder[0], session_token=holder[1]))
     assert pull(c, other).WhichOneof("outcome") == "task"
     assert reject_code(lambda: submit(c, holder, task)) == grpc.StatusCode.UNAUTHENTICATED
-    again = c.join(pb.JoinRequest(protocol_version=pb.PROTOCOL_VERSION_1, enrolment_token="tok",
-                                  model_fingerprint=c.fingerprint, previous_client_id=holder[0]))
+    again = c.join(
+        pb.JoinRequest(
+            protocol_version=pb.PROTOCOL_VERSION_1,
+            enrolment_token="tok",
+            model_fingerprint=c.fingerprint,
+            previous_client_id=holder[0],
+        )
+    )
     assert again.client_id == holder[0]
 
 
@@ -133,12 +162,18 @@ def test_early_stopping_ends_on_the_best_theta(tmp_path):
         seen.append(theta.copy())
         return {"eval_loss": next(script), "accuracy": 0.5}
 
-    cfg = from_dict({"run": {"steps": 10, "clients_per_step": 1, "over_select": 0.0},
-                     "eval": {"every": 1, "patience": 2}, "aggregation": {"threads": 1}})
+    cfg = from_dict(
+        {
+            "run": {"steps": 10, "clients_per_step": 1, "over_select": 0.0},
+            "eval": {"every": 1, "patience": 2},
+            "aggregation": {"threads": 1},
+        }
+    )
     c = Coordinator(make_bundle(tmp_path / "b"), tmp_path / "s", cfg, evaluator=evaluator)
     c.store.add_token("tok")
-    r = c.join(pb.JoinRequest(protocol_version=pb.PROTOCOL_VERSION_1, enrolment_token="tok",
-                              model_fingerprint=c.fingerprint))
+    r = c.join(
+        pb.JoinRequest(protocol_version=pb.PROTOCOL_VERSION_1, enrolment_token="tok", model_fingerprint=c.fingerprint)
+    )
     ident = (r.client_id, r.session_token)
     while not (reply := pull(c, ident)).run_finished:
         submit(c, ident, reply.task, value=1.0)
@@ -172,9 +207,10 @@ def test_a_crash_between_the_decision_and_the_update_applies_it_on_restart(tmp_p
 
 
 def test_init_theta_takes_tensors_by_name_once(tmp_path):
+    from test_coordinator_fixtures import LAYOUT
+
     from fwdllm.errors import UserError
     from fwdllm.proto.manifest import ThetaLayout, save_theta
-    from test_coordinator_fixtures import LAYOUT
 
     head = ThetaLayout.from_shapes([("classifier.weight", (3, 12)), ("classifier.bias", (3,)), ("other.bias", (5,))])
     trained = np.arange(head.dim, dtype=np.float32)
@@ -183,9 +219,9 @@ def test_init_theta_takes_tensors_by_name_once(tmp_path):
     bundle_theta = np.linspace(-1, 1, LAYOUT.dim, dtype=np.float32)
     slots = {s.name: s for s in LAYOUT.tensors}
     enc, w, b = slots["encoder.layer.0.bias"], slots["classifier.weight"], slots["classifier.bias"]
-    np.testing.assert_array_equal(c.theta[enc.offset:enc.offset + enc.size], bundle_theta[:enc.size])
-    np.testing.assert_array_equal(c.theta[w.offset:w.offset + w.size], trained[:36])
-    np.testing.assert_array_equal(c.theta[b.offset:b.offset + b.size], trained[36:39])
+    np.testing.assert_array_equal(c.theta[enc.offset : enc.offset + enc.size], bundle_theta[: enc.size])
+    np.testing.assert_array_equal(c.theta[w.offset : w.offset + w.size], trained[:36])
+    np.testing.assert_array_equal(c.theta[b.offset : b.offset + b.size], trained[36:39])
     c.close()
     # a restart resumes from its checkpoint: the file is read at the start of a run only
     resumed = Coordinator(tmp_path / "b", tmp_path / "s", from_dict({"run": {"init_theta": str(tmp_path / "gone")}}))
@@ -196,7 +232,14 @@ def test_init_theta_takes_tensors_by_name_once(tmp_path):
     save_theta(tmp_path / "wrong.safetensors", wrong, np.zeros(wrong.dim, dtype=np.float32))
     unrelated = ThetaLayout.from_shapes([("lm_head.bias", (3,))])
     save_theta(tmp_path / "unrelated.safetensors", unrelated, np.zeros(3, dtype=np.float32))
-    for name, message in [("wrong", r"has shape \[4, 12\]"), ("unrelated", "shares no tensor name"), ("missing", "does not exist")]:
+    for name, message in [
+        ("wrong", r"has shape \[4, 12\]"),
+        ("unrelated", "shares no tensor name"),
+        ("missing", "does not exist"),
+    ]:
         with pytest.raises(UserError, match=message):
-            Coordinator(make_bundle(tmp_path / f"b-{name}"), tmp_path / f"s-{name}",
-                        from_dict({"run": {"init_theta": str(tmp_path / f"{name}.safetensors")}}))
+            Coordinator(
+                make_bundle(tmp_path / f"b-{name}"),
+                tmp_path / f"s-{name}",
+                from_dict({"run": {"init_theta": str(tmp_path / f"{name}.safetensors")}}),
+            )

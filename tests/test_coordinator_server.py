@@ -8,6 +8,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_coordinator_fixtures import LAYOUT, QuadraticDevice, dense_v, make_bundle, task_seeds
 
 from fwdllm.coordinator.config import from_dict
 from fwdllm.coordinator.rounds import Coordinator
@@ -16,12 +17,20 @@ from fwdllm.coordinator.server import start
 from fwdllm.proto.perturbation import generate
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
 from fwdllm.proto.v1 import fwdllm_pb2_grpc as pb_grpc
-from test_coordinator_fixtures import LAYOUT, QuadraticDevice, dense_v, make_bundle, task_seeds
 
-BASE = {"run": {"steps": 3, "clients_per_step": 3, "perturbations_per_client": 4, "min_clients": 3,
-                "over_select": 0.0, "deadline_s": 30},
-        "optimizer": {"name": "sgd", "lr": 0.05, "schedule": "linear"},
-        "aggregation": {"threads": 1}, "server": {"rate_per_s": 1000, "rate_burst": 2000}}  # devices poll fast here
+BASE = {
+    "run": {
+        "steps": 3,
+        "clients_per_step": 3,
+        "perturbations_per_client": 4,
+        "min_clients": 3,
+        "over_select": 0.0,
+        "deadline_s": 30,
+    },
+    "optimizer": {"name": "sgd", "lr": 0.05, "schedule": "linear"},
+    "aggregation": {"threads": 1},
+    "server": {"rate_per_s": 1000, "rate_burst": 2000},
+}  # devices poll fast here
 
 
 def merged(**sections):
@@ -108,8 +117,9 @@ def test_history_replay_reproduces_theta(run):
     coordinator, channel, devices = run(BASE)
     drive(coordinator, devices)
     d = devices[0]
-    history = d.stub.FetchHistory(pb.FetchHistoryRequest(client_id=d.client_id, session_token=d.session,
-                                                         from_version=1))
+    history = d.stub.FetchHistory(
+        pb.FetchHistoryRequest(client_id=d.client_id, session_token=d.session, from_version=1)
+    )
     assert history.available and [u.version for u in history.updates] == [2, 3, 4]
     theta = np.linspace(-1, 1, LAYOUT.dim, dtype=np.float32)
     for u in history.updates:
@@ -128,8 +138,10 @@ def test_history_unavailable_with_adam(run):
 
 @pytest.mark.parametrize("threshold,waves", [(1e9, 1), (1e-12, 3)])
 def test_variance_control_raises_the_count_when_the_threshold_is_lowered(run, threshold, waves):
-    config = merged(run={"steps": 2}, variance={"mode": "threshold", "threshold": threshold, "max_waves": 3,
-                                                 "probe": "classifier.weight"})
+    config = merged(
+        run={"steps": 2},
+        variance={"mode": "threshold", "threshold": threshold, "max_waves": 3, "probe": "classifier.weight"},
+    )
     coordinator, channel, devices = run(config)
     ledger = drive(coordinator, devices)
     rows = [json.loads(line) for line in (coordinator.store.dir / "metrics.jsonl").read_text().splitlines()]

@@ -14,8 +14,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.harness import AG_NEWS  # noqa: E402
 from fwdllm.cli import main  # noqa: E402
 from fwdllm.data.datasets import CAUSAL_LM, DataError, LoadOptions, load_dataset, seeded_split  # noqa: E402
-from fwdllm.data.partition import (federate, label_skew, open_federated, partition_indices, read_examples,  # noqa: E402
-                                   read_partition, write_partition)
+from fwdllm.data.partition import (
+    federate,
+    label_skew,
+    open_federated,
+    partition_indices,
+    read_examples,  # noqa: E402
+    read_partition,
+    write_partition,
+)
 
 
 @pytest.fixture(scope="session")
@@ -73,8 +80,9 @@ def test_yelp_and_yahoo_csv_layouts(tmp_path):
 
     yahoo = tmp_path / "yahoo.csv"
     with open(yahoo, "w", newline="") as fh:
-        csv.writer(fh, quoting=csv.QUOTE_ALL).writerows([["3", "Flu?", "How long does flu last?", "About a week."]] * 4
-                                                       + [["6", "Goal", "", "Offside rule."]] * 4)
+        csv.writer(fh, quoting=csv.QUOTE_ALL).writerows(
+            [["3", "Flu?", "How long does flu last?", "About a week."]] * 4 + [["6", "Goal", "", "Offside rule."]] * 4
+        )
     data = load_dataset(f"yahoo:{yahoo}")
     texts = {e["text"]: e["label"] for e in data.train + data.heldout}
     assert texts == {"Flu? How long does flu last? About a week.": "Health", "Goal Offside rule.": "Sports"}
@@ -108,11 +116,26 @@ def test_generic_csv_tsv_jsonl_with_named_columns(tmp_path):
 
 def test_squad_gives_prompt_target_pairs_split_by_article(tmp_path):
     def article(title, n):
-        return {"title": title, "paragraphs": [{"context": f"{title} was founded in 19{i:02d}.", "qas": [
-            {"id": f"{title}{i}", "question": f"When was {title} founded?", "answers": [{"text": f"19{i:02d}", "answer_start": 20}]}]}
-            for i in range(n)]}
+        return {
+            "title": title,
+            "paragraphs": [
+                {
+                    "context": f"{title} was founded in 19{i:02d}.",
+                    "qas": [
+                        {
+                            "id": f"{title}{i}",
+                            "question": f"When was {title} founded?",
+                            "answers": [{"text": f"19{i:02d}", "answer_start": 20}],
+                        }
+                    ],
+                }
+                for i in range(n)
+            ],
+        }
 
-    (tmp_path / "squad.json").write_text(json.dumps({"version": "1.1", "data": [article(f"A{k}", 3) for k in range(10)]}))
+    (tmp_path / "squad.json").write_text(
+        json.dumps({"version": "1.1", "data": [article(f"A{k}", 3) for k in range(10)]})
+    )
     data = load_dataset(f"squad:{tmp_path / 'squad.json'}")
     assert data.task == CAUSAL_LM and len(data.train) + len(data.heldout) == 30 and len(data.heldout) == 6
     ex = data.train[0]
@@ -143,7 +166,9 @@ def test_seeded_split_is_fixed_disjoint_and_complete():
 # ----- partitions ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("alpha,sizes", [(None, "equal"), (0.5, "equal"), (0.1, "equal"), (0.5, "natural"), (5.0, "natural")])
+@pytest.mark.parametrize(
+    "alpha,sizes", [(None, "equal"), (0.5, "equal"), (0.1, "equal"), (0.5, "natural"), (5.0, "natural")]
+)
 def test_partition_covers_every_example_once(bbc, alpha, sizes):
     y = bbc.label_ids(bbc.train)
     parts = partition_indices(y, len(bbc.labels), 40, alpha=alpha, seed=7, sizes=sizes)
@@ -172,8 +197,12 @@ def test_label_skew_follows_alpha(bbc):
     rng = np.random.default_rng(0)
     prior = np.bincount(bbc.label_ids(bbc.train)) / len(bbc.train)
     for alpha in (0.5, 1.0):
-        model = np.mean([label_skew(np.array([rng.multinomial(18, rng.dirichlet(alpha * prior)) for _ in range(100)]))
-                         for _ in range(20)])
+        model = np.mean(
+            [
+                label_skew(np.array([rng.multinomial(18, rng.dirichlet(alpha * prior)) for _ in range(100)]))
+                for _ in range(20)
+            ]
+        )
         assert abs(skews[alpha] - model) < 0.1 * model, (alpha, skews[alpha], model)
     assert _skew(bbc, 0.5, "natural") > _skew(bbc, 5.0, "natural")
 
@@ -210,7 +239,9 @@ def test_partition_folder_is_what_devices_read(bbc, tmp_path):
 
 def test_cli_partition_and_show(tmp_path, capsys):
     out = tmp_path / "part"
-    assert main(["data", "partition", "--data", "bbc", "--clients", "20", "--iid", "--seed", "3", "--out", str(out)]) == 0
+    assert (
+        main(["data", "partition", "--data", "bbc", "--clients", "20", "--iid", "--seed", "3", "--out", str(out)]) == 0
+    )
     info = read_partition(out).info
     assert info["scheme"] == "iid" and len(info["clients"]) == 20 and sum(c["size"] for c in info["clients"]) == 1781
     assert main(["data", "show", str(out)]) == 0

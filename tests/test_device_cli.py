@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from device_standin import shared_bundle, write_jsonl
+
 from fwdllm.cli import main
 
 
@@ -21,7 +22,9 @@ def test_device_info_lists_backends_and_what_a_bundle_uses(capsys):
 
 def test_device_run_bad_input_is_a_message_not_a_traceback(tmp_path, capsys):
     data = write_jsonl(tmp_path / "c.jsonl", [{"text": "fine", "label": "no-such-label"}])
-    rc = main(["device", "run", "--coordinator", "127.0.0.1:1", "--bundle", str(shared_bundle()[0]), "--data", str(data)])
+    rc = main(
+        ["device", "run", "--coordinator", "127.0.0.1:1", "--bundle", str(shared_bundle()[0]), "--data", str(data)]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "unknown label 'no-such-label'" in err and "Traceback" not in err
     rc = main(["device", "run", "--coordinator", "127.0.0.1:1", "--bundle", str(tmp_path), "--data", str(data)])
@@ -30,8 +33,26 @@ def test_device_run_bad_input_is_a_message_not_a_traceback(tmp_path, capsys):
 
 def test_bench_writes_table_json_and_markdown(tmp_path, capsys):
     out_json, out_md = tmp_path / "bench.json", tmp_path / "bench.md"
-    rc = main(["bench", "--bundle", str(shared_bundle()[0]), "--backend", "onnxruntime", "--runs", "2", "--warmup", "1",
-               "--seeds", "4", "--no-backprop", "--json", str(out_json), "--markdown", str(out_md)])
+    rc = main(
+        [
+            "bench",
+            "--bundle",
+            str(shared_bundle()[0]),
+            "--backend",
+            "onnxruntime",
+            "--runs",
+            "2",
+            "--warmup",
+            "1",
+            "--seeds",
+            "4",
+            "--no-backprop",
+            "--json",
+            str(out_json),
+            "--markdown",
+            str(out_md),
+        ]
+    )
     assert rc == 0
     result = json.loads(out_json.read_text())
     rows = result["configurations"]

@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from device_standin import LABELS, TEXTS, initial_theta, shared_backend, shared_bundle, theta_dim
+
 from fwdllm.device_runtime.engine import Cancelled, EngineError, forward_gradients
 from fwdllm.proto.perturbation import generate
 
@@ -42,7 +42,8 @@ def autograd(model, batch, theta, seeds, dist="gaussian"):
     """∇f(θ)·v(seed) for each seed, and ∇f(θ), in float64 (one backward pass, then dot products)."""
     ids, mask, labels = (torch.tensor(x) for x in (batch.input_ids, batch.attention_mask, batch.labels))
     grad = torch.func.grad(lambda x: model.loss(ids, mask, labels, x[None])[0][0])(
-        torch.tensor(theta, dtype=torch.float64)).numpy()
+        torch.tensor(theta, dtype=torch.float64)
+    ).numpy()
     jvps = np.array([generate(s, 0, grad.size, dist).astype(np.float64) @ grad for s in seeds])
     return jvps, grad
 
@@ -67,8 +68,9 @@ def test_forward_scheme_and_rademacher(opened, reference, name):
     backend = opened(name, False)
     batch, theta = batch_of(backend), initial_theta(3)
     want, _ = autograd(reference, batch, theta, SEEDS[:12], "rademacher")
-    got = forward_gradients(backend, batch, theta, SEEDS[:12], epsilon=1e-3, scheme="forward",
-                            distribution="rademacher")
+    got = forward_gradients(
+        backend, batch, theta, SEEDS[:12], epsilon=1e-3, scheme="forward", distribution="rademacher"
+    )
     assert got.evaluations == 13 and np.isfinite(got.loss_base)
     np.testing.assert_allclose(got.jvp, want, rtol=0, atol=0.075)
 
@@ -135,6 +137,12 @@ def test_cancellation_between_calls(opened):
     backend = opened("onnxruntime", False)
     calls = []
     with pytest.raises(Cancelled):
-        forward_gradients(backend, batch_of(backend), initial_theta(), SEEDS, group=4,
-                          should_stop=lambda: calls.append(1) or len(calls) > 2)
+        forward_gradients(
+            backend,
+            batch_of(backend),
+            initial_theta(),
+            SEEDS,
+            group=4,
+            should_stop=lambda: calls.append(1) or len(calls) > 2,
+        )
     assert len(calls) == 3

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from export_helpers import export_bundle as _export, hf_reference as _reference, random_batch, rel_err, tiny_checkpoint
+from export_helpers import export_bundle as _export
+from export_helpers import hf_reference as _reference
+from export_helpers import random_batch, rel_err, tiny_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-ARCH_METHODS = [(a, m) for a in ("bert", "distilbert", "albert", "roberta") for m in ("bitfit", "adapter", "lora", "head")]
+ARCH_METHODS = [
+    (a, m) for a in ("bert", "distilbert", "albert", "roberta") for m in ("bitfit", "adapter", "lora", "head")
+]
 
 
 @pytest.fixture(scope="session")
@@ -45,8 +48,14 @@ def test_tiny_architectures_match_pytorch(arch, method, tiny_dirs, tmp_path):
 def test_tiny_llama_causal_lm_loss(tiny_dirs, tmp_path):
     from fwdllm.export.onnx_graphs import run
 
-    manifest = _export(tmp_path / "b", tiny_dirs("llama"), task="causal-lm", method="lora",
-                       lora_targets=["q_proj", "v_proj", "o_proj"], trainable_layers="top:1")
+    manifest = _export(
+        tmp_path / "b",
+        tiny_dirs("llama"),
+        task="causal-lm",
+        method="lora",
+        lora_targets=["q_proj", "v_proj", "o_proj"],
+        trainable_layers="top:1",
+    )
     assert [o.name for o in manifest.graph("onnx").outputs] == ["loss"]
     assert manifest.cut_layer == 1
     batch = random_batch(manifest, rows=2, seed=3)
@@ -58,12 +67,23 @@ def test_tiny_llama_causal_lm_loss(tiny_dirs, tmp_path):
     np.testing.assert_allclose(split["loss"], got["loss"], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["bitfit", pytest.param("adapter", marks=pytest.mark.slow), pytest.param("head", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "method", ["bitfit", pytest.param("adapter", marks=pytest.mark.slow), pytest.param("head", marks=pytest.mark.slow)]
+)
 def test_tiny_bert_tflite_per_method(method, tiny_dirs, tmp_path):
     from fwdllm.export import tflite_graphs
 
-    manifest = _export(tmp_path / "b", tiny_dirs("bert"), method=method, trainable_layers="all" if method != "head" else "head",
-                       formats=["tflite"], precisions=["fp32"], batch_size=3, seq_len=12, perturbations=2)
+    manifest = _export(
+        tmp_path / "b",
+        tiny_dirs("bert"),
+        method=method,
+        trainable_layers="all" if method != "head" else "head",
+        formats=["tflite"],
+        precisions=["fp32"],
+        batch_size=3,
+        seq_len=12,
+        perturbations=2,
+    )
     batch = random_batch(manifest, rows=2, seed=6)
     loss, logits = _reference(tiny_dirs("bert"), manifest, batch)
     got = tflite_graphs.run(tmp_path / "b" / manifest.graph("tflite").file, batch)
@@ -79,8 +99,17 @@ def test_minilm_every_method_onnx_and_tflite(method, tmp_path):
 
     from fwdllm.export import onnx_graphs, tflite_graphs
 
-    manifest = _export(tmp_path / "b", MINILM, method=method, trainable_layers="all" if method != "head" else "head",
-                       formats=["onnx", "tflite"], precisions=["fp32", "int8"], batch_size=3, seq_len=12, perturbations=3)
+    manifest = _export(
+        tmp_path / "b",
+        MINILM,
+        method=method,
+        trainable_layers="all" if method != "head" else "head",
+        formats=["onnx", "tflite"],
+        precisions=["fp32", "int8"],
+        batch_size=3,
+        seq_len=12,
+        perturbations=3,
+    )
     batch = random_batch(manifest, rows=3, seed=8)
     loss, logits = _reference(MINILM, manifest, batch)
     for fmt, mod in (("onnx", onnx_graphs), ("tflite", tflite_graphs)):
@@ -108,13 +137,42 @@ def test_cli_export_then_inspect(tiny_dirs, tmp_path, capsys):
     from fwdllm.proto.manifest import load_manifest
 
     out = tmp_path / "b"
-    argv = ["export", "--model", str(tiny_dirs("distilbert")), "--task", "seq-cls", "--label-names", "neg,neu,pos",
-            "--peft", "bitfit", "--trainable-layers", "top:1", "--out", str(out)]
+    argv = [
+        "export",
+        "--model",
+        str(tiny_dirs("distilbert")),
+        "--task",
+        "seq-cls",
+        "--label-names",
+        "neg,neu,pos",
+        "--peft",
+        "bitfit",
+        "--trainable-layers",
+        "top:1",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     assert "cut    prefix graphs run embeddings + 2 layers" in capsys.readouterr().out
     m = load_manifest(out)
     assert m.model.labels == ["neg", "neu", "pos"] and m.model.num_labels == 3 and m.cut_layer == 2
     assert sorted(g.role for g in m.graphs) == ["full", "prefix", "suffix"]
-    assert main(["export", "--model", str(tiny_dirs("distilbert")), "--task", "seq-cls", "--labels", "2",
-                 "--format", "gguf", "--out", str(tmp_path / "g")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(tiny_dirs("distilbert")),
+                "--task",
+                "seq-cls",
+                "--labels",
+                "2",
+                "--format",
+                "gguf",
+                "--out",
+                str(tmp_path / "g"),
+            ]
+        )
+        == 2
+    )
     assert "--task causal-lm" in capsys.readouterr().err

@@ -17,28 +17,68 @@ import pytest
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 VOCAB = 49152  # SmolLM2's tokenizer.json, copied into every checkpoint
-SMALL = dict(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64,
-             max_position_embeddings=128, vocab_size=VOCAB)
+SMALL = dict(
+    hidden_size=32,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    intermediate_size=64,
+    max_position_embeddings=128,
+    vocab_size=VOCAB,
+)
 GEMMA = dict(SMALL, num_hidden_layers=3, head_dim=16, query_pre_attn_scalar=16, sliding_window=4)
 
 # Sliding windows of 4 tokens bite on the exporter's 16-token validation batch; layer kinds mix.
 TINY = {
     # Llama 3.x: rope_type llama3 rescales the low rotary frequencies (a static change rotary_emb makes).
-    "llama3": ("LlamaConfig", dict(SMALL, num_hidden_layers=2, tie_word_embeddings=True, rope_scaling={
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+    "llama3": (
+        "LlamaConfig",
+        dict(
+            SMALL,
+            num_hidden_layers=2,
+            tie_word_embeddings=True,
+            rope_scaling={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 32,
+            },
+        ),
+    ),
     "qwen2": ("Qwen2Config", dict(SMALL, num_hidden_layers=2, tie_word_embeddings=True)),
     # Qwen3 with HF's sliding window on the layers from max_window_layers on (q/k norms in every layer).
-    "qwen3": ("Qwen3Config", dict(SMALL, num_hidden_layers=2, head_dim=16, tie_word_embeddings=True,
-                                  use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "qwen3": (
+        "Qwen3Config",
+        dict(
+            SMALL,
+            num_hidden_layers=2,
+            head_dim=16,
+            tie_word_embeddings=True,
+            use_sliding_window=True,
+            sliding_window=4,
+            max_window_layers=1,
+        ),
+    ),
     # Gemma 2: sliding and global layers alternate; the default soft-caps (attention 50, final 30).
     "gemma2": ("Gemma2Config", GEMMA),
     # Gemma 3: local layers rotate with base 1e4, the global one with 1e6 and linear scaling.
-    "gemma3": ("Gemma3TextConfig", dict(GEMMA, layer_types=["sliding_attention", "full_attention", "sliding_attention"],
-                                        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
-                                                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    "gemma3": (
+        "Gemma3TextConfig",
+        dict(
+            GEMMA,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            rope_parameters={
+                "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        ),
+    ),
     # Phi-3 with every layer sliding and partial rotary dimensions (half of each head rotates).
-    "phi3": ("Phi3Config", dict(SMALL, num_hidden_layers=2, sliding_window=4, partial_rotary_factor=0.5, pad_token_id=0)),
+    "phi3": (
+        "Phi3Config",
+        dict(SMALL, num_hidden_layers=2, sliding_window=4, partial_rotary_factor=0.5, pad_token_id=0),
+    ),
 }
 
 
@@ -80,8 +120,22 @@ def _export(checkpoint_dir, out, *extra):
     from fwdllm.cli import main
     from fwdllm.proto.manifest import load_manifest
 
-    argv = ["export", "--model", str(checkpoint_dir), "--task", "causal-lm", "--trainable-layers", "top:1",
-            "--format", "onnx", "--seq-len", "32", "--out", str(out), *extra]
+    argv = [
+        "export",
+        "--model",
+        str(checkpoint_dir),
+        "--task",
+        "causal-lm",
+        "--trainable-layers",
+        "top:1",
+        "--format",
+        "onnx",
+        "--seq-len",
+        "32",
+        "--out",
+        str(out),
+        *extra,
+    ]
     assert main(argv) == 0
     return load_manifest(out)
 
@@ -98,7 +152,9 @@ def _validated(manifest) -> dict[str, float]:
 @pytest.mark.parametrize("arch", sorted(TINY))
 def test_lora_export_matches_hf(arch, checkpoint, tmp_path):
     manifest = _export(checkpoint(arch), tmp_path / "b", "--peft", "lora")
-    assert manifest.model.extra["model_type"] == json.loads((checkpoint(arch) / "config.json").read_text())["model_type"]
+    assert (
+        manifest.model.extra["model_type"] == json.loads((checkpoint(arch) / "config.json").read_text())["model_type"]
+    )
     assert manifest.cut_layer == manifest.model.num_layers - 1
     errors = _validated(manifest)
     assert max(errors.values()) < 1e-4, errors
@@ -127,7 +183,9 @@ def test_gemma2_adapter_export_matches_hf(checkpoint, tmp_path):
     errors = _validated(manifest)
     assert max(errors.values()) < 1e-4, errors
     assert {n.rsplit(".adapter.", 1)[0] for n in _theta_names(manifest)} == {
-        "model.layers.2.self_attn.o_proj", "model.layers.2.mlp.down_proj"}
+        "model.layers.2.self_attn.o_proj",
+        "model.layers.2.mlp.down_proj",
+    }
 
 
 def test_llama3_rope_scaling_is_in_effect():
@@ -164,8 +222,12 @@ def _driver_and_hf(model, token_ids, rows=2, seed=0):
         pm.src.bind(theta)
         h, _ = pm._run(ids, mask, theta, 0, plan.num_layers + 1)
         final = plan.spec.final(pm.model, h).reshape(rows, *ids.shape, -1)
-        want = torch.stack([materialize(model, plan, row.numpy())(input_ids=ids, attention_mask=mask).logits[..., token_ids]
-                            for row in theta])
+        want = torch.stack(
+            [
+                materialize(model, plan, row.numpy())(input_ids=ids, attention_mask=mask).logits[..., token_ids]
+                for row in theta
+            ]
+        )
     return final, pm.model, want.double().numpy()
 
 
@@ -235,21 +297,33 @@ def test_phi3_longrope_graph_switches_factors_with_the_sequence_length(tmp_path)
     from fwdllm.export.onnx_graphs import run
 
     half = 4  # rotary dims / 2: head_dim 16 × partial_rotary_factor 0.5
-    rope = {"rope_type": "longrope", "original_max_position_embeddings": 8,
-            "short_factor": [1.0] * half, "long_factor": [16.0] * half}
+    rope = {
+        "rope_type": "longrope",
+        "original_max_position_embeddings": 8,
+        "short_factor": [1.0] * half,
+        "long_factor": [16.0] * half,
+    }
     folders = {}
     for name, long_factor in (("longrope", rope["long_factor"]), ("short-only", rope["short_factor"])):
         folders[name] = tmp_path / name
-        tiny_model("phi3", initializer_range=0.3, original_max_position_embeddings=8,
-                   rope_scaling=dict(rope, long_factor=long_factor)).save_pretrained(folders[name])
+        tiny_model(
+            "phi3",
+            initializer_range=0.3,
+            original_max_position_embeddings=8,
+            rope_scaling=dict(rope, long_factor=long_factor),
+        ).save_pretrained(folders[name])
         shutil.copyfile(resolve("smollm2")[0] / "tokenizer.json", folders[name] / "tokenizer.json")
     manifest = _export(folders["longrope"], tmp_path / "b", "--peft", "lora")
     assert max(_validated(manifest).values()) < 1e-4
     rng = np.random.default_rng(4)
     for seq in (6, 8, 9, 24):
         ids = rng.integers(5, VOCAB, size=(2, seq))
-        batch = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids,
-                 "theta": (0.05 * rng.standard_normal((2, manifest.theta.dim))).astype(np.float32)}
+        batch = {
+            "input_ids": ids,
+            "attention_mask": np.ones_like(ids),
+            "labels": ids,
+            "theta": (0.05 * rng.standard_normal((2, manifest.theta.dim))).astype(np.float32),
+        }
         want, _ = hf_reference(folders["longrope"], manifest, batch, task="causal-lm")
         assert _rel(run(tmp_path / "b" / manifest.graph("onnx").file, batch)["loss"], want) < 1e-4, seq
         if seq > 8:  # the long factors matter here: short ones alone give another loss

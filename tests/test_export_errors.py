@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-
 from export_helpers import MINILM, tiny_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -59,7 +58,9 @@ def test_missing_model_folder(capsys, tmp_path):
 
 
 def test_lora_targets_that_match_nothing(capsys, tmp_path, tiny_bert):
-    err = _fails(capsys, tmp_path, "--model", str(tiny_bert), "--labels", "2", "--peft", "lora", "--lora-targets", "q_proj")
+    err = _fails(
+        capsys, tmp_path, "--model", str(tiny_bert), "--labels", "2", "--peft", "lora", "--lora-targets", "q_proj"
+    )
     assert "match no Linear" in err and "query" in err
 
 

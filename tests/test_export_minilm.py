@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from export_helpers import MINILM, export_bundle as _export, hf_reference as _reference, random_batch, rel_err
+from export_helpers import MINILM, random_batch, rel_err
+from export_helpers import export_bundle as _export
+from export_helpers import hf_reference as _reference
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -13,8 +14,18 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 @pytest.fixture(scope="session")
 def minilm_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("minilm") / "bundle"
-    manifest = _export(out, "minilm", method="lora", trainable_layers="top:2", formats=["onnx", "tflite"],
-                       precisions=["fp32", "fp16", "int8"], num_labels=4, batch_size=3, seq_len=12, perturbations=3)
+    manifest = _export(
+        out,
+        "minilm",
+        method="lora",
+        trainable_layers="top:2",
+        formats=["onnx", "tflite"],
+        precisions=["fp32", "fp16", "int8"],
+        num_labels=4,
+        batch_size=3,
+        seq_len=12,
+        perturbations=3,
+    )
     return out, manifest
 
 
@@ -94,12 +105,17 @@ def test_lora_sites_are_the_ones_peft_picks(minilm_bundle):
     from transformers import AutoModel
 
     _, manifest = minilm_bundle
-    model = get_peft_model(AutoModel.from_pretrained(str(MINILM)), LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], layers_to_transform=[4, 5]))
-    peft_names = {n.replace("base_model.model.", "").replace(".default", "") for n, p in model.named_parameters() if p.requires_grad}
+    model = get_peft_model(
+        AutoModel.from_pretrained(str(MINILM)),
+        LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], layers_to_transform=[4, 5]),
+    )
+    peft_names = {
+        n.replace("base_model.model.", "").replace(".default", "")
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
     ours = {s.name for s in manifest.theta.tensors if not s.name.startswith("classifier.")}
     assert ours == peft_names
-
-
 
 
 def test_tflite_graphs_match_pytorch_and_onnx(minilm_bundle, minilm_reference):

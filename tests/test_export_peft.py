@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from export_helpers import export_bundle, random_batch, rel_err, tiny_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -56,7 +55,14 @@ def test_lora_round_trip(tiny_bert, tmp_path, merged):
 
     manifest = export_bundle(tmp_path / "b", tiny_bert, method="lora", trainable_layers="top:2")
     theta = _trained_theta(manifest, tmp_path / "theta.safetensors")
-    argv = ["export-peft", str(tmp_path / "b"), "--theta", str(tmp_path / "theta.safetensors"), "--out", str(tmp_path / "hf")]
+    argv = [
+        "export-peft",
+        str(tmp_path / "b"),
+        "--theta",
+        str(tmp_path / "theta.safetensors"),
+        "--out",
+        str(tmp_path / "hf"),
+    ]
     assert main(argv + (["--merged"] if merged else [])) == 0
     if merged:
         model = AutoModel.from_pretrained(str(tmp_path / "hf"))
@@ -101,7 +107,9 @@ def test_adapter_round_trip_by_its_documented_formula(tiny_bert, tmp_path):
     model = AutoModel.from_pretrained(str(tiny_bert)).eval()
     for path in doc["modules"]:
         w = [t[f"{path}.adapter.{k}"] for k in ("down.weight", "down.bias", "up.weight", "up.bias")]
-        model.get_submodule(path).register_forward_hook(lambda m, i, h, w=w: h + torch.relu(h @ w[0].T + w[1]) @ w[2].T + w[3])
+        model.get_submodule(path).register_forward_hook(
+            lambda m, i, h, w=w: h + torch.relu(h @ w[0].T + w[1]) @ w[2].T + w[3]
+        )
     batch = random_batch(manifest, rows=1, seed=4)
     ids, mask = _ids(batch)
     with torch.no_grad():
@@ -132,7 +140,9 @@ def test_export_starts_from_a_written_peft_adapter(tiny_bert, tmp_path):
     from fwdllm.export.peft_out import export_peft
     from fwdllm.proto.manifest import load_manifest, load_theta
 
-    manifest = export_bundle(tmp_path / "b", tiny_bert, method="lora", trainable_layers="top:2", lora_r=4, lora_alpha=8.0)
+    manifest = export_bundle(
+        tmp_path / "b", tiny_bert, method="lora", trainable_layers="top:2", lora_r=4, lora_alpha=8.0
+    )
     theta = _trained_theta(manifest, tmp_path / "theta.safetensors")
     export_peft(tmp_path / "b", tmp_path / "theta.safetensors", tmp_path / "hf")
     again = export_bundle(tmp_path / "b2", tiny_bert, from_peft_adapter=str(tmp_path / "hf"), trainable_layers="top:2")

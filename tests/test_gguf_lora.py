@@ -31,7 +31,10 @@ def test_rope_permute_is_inverted_by_transformers_gguf_loader(n_head):
 
 
 def test_names_map_to_llama_cpp_adapter_tensors():
-    assert gguf_lora_name("base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight") == "blk.3.attn_q.weight.lora_a"
+    assert (
+        gguf_lora_name("base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight")
+        == "blk.3.attn_q.weight.lora_a"
+    )
     assert gguf_lora_name("model.layers.12.mlp.down_proj.lora_B.weight") == "blk.12.ffn_down.weight.lora_b"
     with pytest.raises(BundleError, match="--peft lora"):
         gguf_lora_name("model.layers.0.self_attn.q_proj.bias")
@@ -58,7 +61,9 @@ def test_adapter_file_has_llama_cpp_layout_and_rewrites_equal_fresh_writes(tmp_p
     split = layout.split(second)
     q_a = tensors["blk.1.attn_q.weight.lora_a"]
     assert list(q_a.shape) == [HIDDEN, R]  # ggml ne: (in, r)
-    np.testing.assert_array_equal(q_a.data, split["base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight"])
+    np.testing.assert_array_equal(
+        q_a.data, split["base_model.model.model.layers.1.self_attn.q_proj.lora_A.default.weight"]
+    )
     k_b = tensors["blk.0.attn_k.weight.lora_b"]
     assert list(k_b.shape) == [R, KV]  # ggml ne: (r, out)
     expected = rope_permute(split["base_model.model.model.layers.0.self_attn.k_proj.lora_B.default.weight"], N_HEAD_KV)

@@ -49,14 +49,46 @@ def exported(tmp_path_factory):
     """A real bundle, and the peak RSS of `inspect` and of `coordinator serve` start-up on it."""
     root = tmp_path_factory.mktemp("hostile")
     bundle = root / "bundle"
-    subprocess.run([sys.executable, "-m", "fwdllm.cli", "export", "--model", "minilm", "--task", "seq-cls",
-                    "--labels", "2", "--peft", "head", "--trainable-layers", "head", "--format", "onnx",
-                    "--out", str(bundle)], check=True, capture_output=True, env=ENV)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fwdllm.cli",
+            "export",
+            "--model",
+            "minilm",
+            "--task",
+            "seq-cls",
+            "--labels",
+            "2",
+            "--peft",
+            "head",
+            "--trainable-layers",
+            "head",
+            "--format",
+            "onnx",
+            "--out",
+            str(bundle),
+        ],
+        check=True,
+        capture_output=True,
+        env=ENV,
+    )
     rc, err, inspect_kb = fwdllm("inspect", str(bundle))
     assert rc == 0, err
     (root / "broken.toml").write_text("[run\n")  # serve imports everything, then stops at the config
-    rc, err, serve_kb = fwdllm("coordinator", "serve", "--bundle", str(bundle), "--state", str(root / "state"),
-                               "--port", "0", "--config", str(root / "broken.toml"))
+    rc, err, serve_kb = fwdllm(
+        "coordinator",
+        "serve",
+        "--bundle",
+        str(bundle),
+        "--state",
+        str(root / "state"),
+        "--port",
+        "0",
+        "--config",
+        str(root / "broken.toml"),
+    )
     assert rc == 2 and "not valid TOML" in err
     return bundle, {"inspect": inspect_kb, "serve": serve_kb}
 
@@ -71,9 +103,14 @@ def copy_bundle(source: Path, dest: Path) -> Path:
 
 def refingerprint(m: dict) -> None:
     """Sign an edited manifest as the exporter would, so that only the checks after the fingerprint can stop it."""
-    m["fingerprint"] = Manifest(ModelInfo(**m["model"]), PeftInfo(**m["peft"]),
-                                ThetaLayout.from_json(m["theta"]["tensors"]), [], files=m["files"],
-                                theta_file=m["theta"]["file"]).fingerprint()
+    m["fingerprint"] = Manifest(
+        ModelInfo(**m["model"]),
+        PeftInfo(**m["peft"]),
+        ThetaLayout.from_json(m["theta"]["tensors"]),
+        [],
+        files=m["files"],
+        theta_file=m["theta"]["file"],
+    ).fingerprint()
 
 
 def layout(m: dict, shapes: dict[str, list[int]]) -> None:
@@ -92,6 +129,7 @@ def field(path: tuple, value):
         for key in path[:-1]:
             target = target[key]
         target[path[-1]] = value
+
     return edit
 
 
@@ -106,6 +144,7 @@ def huge_layout(sign: bool):
             refingerprint(m)
         else:
             drop_fingerprint(m, b, src)
+
     return edit
 
 
@@ -139,16 +178,22 @@ def symlink_out(m, b, src):
 HOSTILE = {
     "a list": (lambda m, b, src: [], "manifest.json must hold a JSON object, not []"),
     "an empty object": (lambda m, b, src: {}, "manifest.json schema_version is missing"),
-    "shape abc": (field(("theta", "tensors", 0, "shape"), "abc"),
-                  'theta.tensors[0].shape must be a list of positive ints, not "abc"'),
-    "negative dims": (field(("theta", "tensors", 0, "shape"), [-2, 384]),
-                      "theta.tensors[0].shape must be a list of positive ints, not [-2, 384]"),
+    "shape abc": (
+        field(("theta", "tensors", 0, "shape"), "abc"),
+        'theta.tensors[0].shape must be a list of positive ints, not "abc"',
+    ),
+    "negative dims": (
+        field(("theta", "tensors", 0, "shape"), [-2, 384]),
+        "theta.tensors[0].shape must be a list of positive ints, not [-2, 384]",
+    ),
     "4e11 values without fingerprint": (huge_layout(sign=False), "manifest.json fingerprint is missing"),
     "4e11 values re-signed": (huge_layout(sign=True), "add up to 400,000,000,000 float32 values"),
     "huge dim, small theta file": (huge_dim, "add up to 2,000,000,002 float32 values"),
-    "../ graph path": (field(("graphs", 0, "file"), "../../../etc/passwd"),
-                       'graphs[0].file is "../../../etc/passwd": bundle files are named relative'),
-    "absolute graph path": (absolute_graph, "graphs[0].file is \"/"),
+    "../ graph path": (
+        field(("graphs", 0, "file"), "../../../etc/passwd"),
+        'graphs[0].file is "../../../etc/passwd": bundle files are named relative',
+    ),
+    "absolute graph path": (absolute_graph, 'graphs[0].file is "/'),
     "theta file outside": (theta_outside, 'theta.file is "../outside.safetensors"'),
     "symlink out of the bundle": (symlink_out, "bundle file tokenizer.json is a symlink that leads out of"),
     "missing fingerprint": (drop_fingerprint, "manifest.json fingerprint is missing"),
@@ -192,9 +237,10 @@ def test_load_manifest_refuses_it_in_one_line(hostile):
 def test_inspect_and_serve_refuse_it_in_one_line(hostile, exported, tmp_path):
     bundle, message = hostile
     baseline = exported[1]
-    for command, args in (("inspect", ["inspect", str(bundle)]),
-                          ("serve", ["coordinator", "serve", "--bundle", str(bundle), "--state", str(tmp_path / "s"),
-                                     "--port", "0"])):
+    for command, args in (
+        ("inspect", ["inspect", str(bundle)]),
+        ("serve", ["coordinator", "serve", "--bundle", str(bundle), "--state", str(tmp_path / "s"), "--port", "0"]),
+    ):
         rc, err, peak_kb = fwdllm(*args)
         assert rc == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
         assert message in err
@@ -251,8 +297,9 @@ def test_device_examples(exported, tmp_path, capsys):
     data.write_bytes(LATIN1)
     with pytest.raises(DataError, match="^" + re.escape(f"{data}:2: {NOT_UTF8}")):
         load_examples(data, load_manifest(exported[0], verify_checksums=False))
-    err = one_line_error(capsys, ["device", "run", "--coordinator", "127.0.0.1:1", "--bundle", str(exported[0]),
-                                  "--data", str(data)])
+    err = one_line_error(
+        capsys, ["device", "run", "--coordinator", "127.0.0.1:1", "--bundle", str(exported[0]), "--data", str(data)]
+    )
     assert f"{data}:2: {NOT_UTF8}" in err
 
 
@@ -260,18 +307,31 @@ def test_coordinator_eval_data(exported, tmp_path):
     data, config = tmp_path / "heldout.jsonl", tmp_path / "c.json"
     data.write_bytes(LATIN1)
     config.write_text(json.dumps({"eval": {"every": 1, "data": str(data)}}))
-    rc, err, _ = fwdllm("coordinator", "serve", "--bundle", str(exported[0]), "--state", str(tmp_path / "s"),
-                        "--port", "0", "--config", str(config))
+    rc, err, _ = fwdllm(
+        "coordinator",
+        "serve",
+        "--bundle",
+        str(exported[0]),
+        "--state",
+        str(tmp_path / "s"),
+        "--port",
+        "0",
+        "--config",
+        str(config),
+    )
     assert rc == 2 and len(err.splitlines()) == 1 and f"{data}:2: {NOT_UTF8}" in err, err
 
 
-@pytest.mark.parametrize("spec,content", [
-    ("jsonl", LATIN1),
-    ("csv", b"text,label\ncaf\xe9,b\nfine,a\n"),
-    ("tsv", b"text\tlabel\ncaf\xe9\tb\nfine\ta\n"),
-    ("agnews", b'"1","fine","title"\n"2","caf\xe9","title"\n'),
-    ("squad", b'{"data": [\n{"title": "caf\xe9"}]}\n'),
-])
+@pytest.mark.parametrize(
+    "spec,content",
+    [
+        ("jsonl", LATIN1),
+        ("csv", b"text,label\ncaf\xe9,b\nfine,a\n"),
+        ("tsv", b"text\tlabel\ncaf\xe9\tb\nfine\ta\n"),
+        ("agnews", b'"1","fine","title"\n"2","caf\xe9","title"\n'),
+        ("squad", b'{"data": [\n{"title": "caf\xe9"}]}\n'),
+    ],
+)
 def test_data_set_loaders(tmp_path, spec, content):
     file = tmp_path / f"data.{spec}"
     file.write_bytes(content)
@@ -282,11 +342,16 @@ def test_data_set_loaders(tmp_path, spec, content):
 def test_data_partition_and_partition_folders(tmp_path, capsys):
     data = tmp_path / "data.jsonl"
     data.write_bytes(LATIN1)
-    err = one_line_error(capsys, ["data", "partition", "--data", f"jsonl:{data}", "--clients", "1", "--iid",
-                                  "--out", str(tmp_path / "p")])
+    err = one_line_error(
+        capsys,
+        ["data", "partition", "--data", f"jsonl:{data}", "--clients", "1", "--iid", "--out", str(tmp_path / "p")],
+    )
     assert f"{data}:2: {NOT_UTF8}" in err
     data.write_text('{"text": "fine", "label": "a"}\n{"text": "cafe", "label": "b"}\n' * 5)
-    assert main(["data", "partition", "--data", f"jsonl:{data}", "--clients", "2", "--iid", "--out", str(tmp_path / "p")]) == 0
+    assert (
+        main(["data", "partition", "--data", f"jsonl:{data}", "--clients", "2", "--iid", "--out", str(tmp_path / "p")])
+        == 0
+    )
     client = tmp_path / "p" / "client-00001.jsonl"
     client.write_bytes(client.read_bytes() + b'{"text": "caf\xe9", "label": "b"}\n')
     err = one_line_error(capsys, ["data", "show", str(tmp_path / "p")])

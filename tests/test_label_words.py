@@ -9,8 +9,8 @@ import json
 
 import numpy as np
 import pytest
-
 from export_helpers import rel_err, tiny_checkpoint
+
 from fwdllm.data.datasets import CAUSAL_LM, load_dataset
 
 BBC_WORDS = ["business", "entertainment", "politics", "sports", "tech"]
@@ -53,8 +53,8 @@ def test_label_words_partition_non_iid_like_the_classification_data(tmp_path):
 
 def test_export_refuses_label_words_that_share_a_first_token(tmp_path):
     from fwdllm.errors import UserError
-    from fwdllm.export.pipeline import label_word_ids
     from fwdllm.export.models import resolve
+    from fwdllm.export.pipeline import label_word_ids
 
     tok = resolve("smollm2")[0] / "tokenizer.json"
     ids = label_word_ids(tok, BBC_WORDS)
@@ -74,9 +74,30 @@ def tiny_words(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-words")
     ckpt = tiny_checkpoint("llama", root / "ckpt")
     out = root / "bundle"
-    assert main(["export", "--model", str(ckpt), "--task", "causal-lm", "--label-names", "yes,no,maybe",
-                 "--peft", "lora", "--trainable-layers", "top:1", "--format", "onnx", "--seq-len", "16",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(ckpt),
+                "--task",
+                "causal-lm",
+                "--label-names",
+                "yes,no,maybe",
+                "--peft",
+                "lora",
+                "--trainable-layers",
+                "top:1",
+                "--format",
+                "onnx",
+                "--seq-len",
+                "16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return ckpt, out
 
 
@@ -105,8 +126,9 @@ def test_label_word_graphs_match_the_hf_model_and_cut_equals_uncut(tiny_words):
     thetas = (0.2 * rng.standard_normal((3, manifest.theta.dim))).astype(np.float32)
     hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32, attn_implementation="eager").eval()
     plan = plan_from_manifest(hf, manifest)
-    want = np.stack([_hf_label_logits(materialize(hf, plan, row), ids, mask, manifest.model.label_token_ids)
-                     for row in thetas])
+    want = np.stack(
+        [_hf_label_logits(materialize(hf, plan, row), ids, mask, manifest.model.label_token_ids) for row in thetas]
+    )
     batch = Batch.of(ids, mask, labels)
     for reuse in (True, False):  # prefix + suffix, and the full graph
         with open_backend(bundle, "onnxruntime", options={"prefix_reuse": reuse}) as backend:
@@ -144,8 +166,10 @@ def test_forward_gradient_on_the_suffix_matches_autograd(tiny_words):
     loss = pm.full(torch.as_tensor(ids), torch.as_tensor(mask), torch.as_tensor(labels), t)[0][0]
     (grad,) = torch.autograd.grad(loss, t)
     seeds = [11, 12, 13, 14]
-    want = [float(grad[0].double() @ torch.from_numpy(generate(s, 0, theta.size, Distribution.GAUSSIAN)).double())
-            for s in seeds]
+    want = [
+        float(grad[0].double() @ torch.from_numpy(generate(s, 0, theta.size, Distribution.GAUSSIAN)).double())
+        for s in seeds
+    ]
     with open_backend(bundle, "onnxruntime") as backend:
         got = forward_gradients(backend, Batch.of(ids, mask, labels), theta, seeds, epsilon=1e-3).jvp
     assert np.allclose(got, want, rtol=2e-2, atol=2e-3 * max(abs(w) for w in want))
@@ -156,9 +180,14 @@ def test_devices_read_prompt_and_label_words_and_keep_the_end_of_long_prompts(ti
 
     _, bundle = tiny_words
     file = tmp_path / "client.jsonl"
-    file.write_text(json.dumps({"prompt": "one two three", "label": "no"}) + "\n"
-                    + json.dumps({"prompt": "four five", "target": " maybe"}) + "\n"
-                    + json.dumps({"prompt": " ".join(["word"] * 40) + " end", "label": 0}) + "\n")
+    file.write_text(
+        json.dumps({"prompt": "one two three", "label": "no"})
+        + "\n"
+        + json.dumps({"prompt": "four five", "target": " maybe"})
+        + "\n"
+        + json.dumps({"prompt": " ".join(["word"] * 40) + " end", "label": 0})
+        + "\n"
+    )
     with open_backend(bundle, "onnxruntime") as backend:
         examples = load_examples(file, backend.manifest)
         assert [e.label for e in examples] == [1, 2, 0]
@@ -185,9 +214,32 @@ def smollm2_words(tmp_path_factory):
     from fwdllm.cli import main
 
     out = tmp_path_factory.mktemp("smol-words") / "bundle"
-    assert main(["export", "--model", "smollm2", "--task", "causal-lm", "--label-names", ",".join(BBC_WORDS),
-                 "--peft", "lora", "--trainable-layers", "top:2", "--format", "onnx,gguf", "--precision", "fp32,f16",
-                 "--seq-len", "64", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                "smollm2",
+                "--task",
+                "causal-lm",
+                "--label-names",
+                ",".join(BBC_WORDS),
+                "--peft",
+                "lora",
+                "--trainable-layers",
+                "top:2",
+                "--format",
+                "onnx,gguf",
+                "--precision",
+                "fp32,f16",
+                "--seq-len",
+                "64",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -208,10 +260,15 @@ def test_smollm2_label_words_on_bbc_text_match_pytorch_on_every_backend(smollm2_
     theta = (0.02 * rng.standard_normal(manifest.theta.dim)).astype(np.float32)  # B ≠ 0: LoRA changes the logits
     tuned = materialize(hf, plan_from_manifest(hf, manifest), theta)
     labels = np.array([BBC_WORDS.index(e["label"]) for e in examples])
-    for name, options, tol in (("onnxruntime", {"prefix_reuse": True}, 1e-4), ("onnxruntime", {"prefix_reuse": False}, 1e-4),
-                               ("llama.cpp", {}, 2e-2)):
+    for name, options, tol in (
+        ("onnxruntime", {"prefix_reuse": True}, 1e-4),
+        ("onnxruntime", {"prefix_reuse": False}, 1e-4),
+        ("llama.cpp", {}, 2e-2),
+    ):
         with open_backend(smollm2_words, name, options=options) as backend:
-            batch = backend.tokenizer().batch([Example(prompt=e["prompt"], label=int(y)) for e, y in zip(examples, labels)])
+            batch = backend.tokenizer().batch(
+                [Example(prompt=e["prompt"], label=int(y)) for e, y in zip(examples, labels)]
+            )
             want = _hf_label_logits(tuned, batch.input_ids, batch.attention_mask, manifest.model.label_token_ids)
             got = backend.logits(batch, theta)
             loss = backend.losses(batch, theta[None])[0]
@@ -240,11 +297,25 @@ def test_a_short_federated_run_of_real_processes_lifts_smollm2_over_zero_shot(sm
     from fwdllm.simulate import SimConfig, simulate
 
     data = load_dataset("bbc-lm")
-    small = replace(data, train=data.train[:160], heldout=data.heldout[:150])  # each device's prefix runs once per example
+    small = replace(
+        data, train=data.train[:160], heldout=data.heldout[:150]
+    )  # each device's prefix runs once per example
     write_partition(federate(small, 10, alpha=None, seed=0), tmp_path / "parts")
-    cfg = SimConfig(bundle=str(smollm2_words), data=str(tmp_path / "parts"), clients=10, per_step=5, steps=30, workers=2,
-                    perturbations=4, batch_size=8, epsilon=1e-3, optimizer="adam", lr=1e-2, alpha=None,
-                    eval_every=30)
+    cfg = SimConfig(
+        bundle=str(smollm2_words),
+        data=str(tmp_path / "parts"),
+        clients=10,
+        per_step=5,
+        steps=30,
+        workers=2,
+        perturbations=4,
+        batch_size=8,
+        epsilon=1e-3,
+        optimizer="adam",
+        lr=1e-2,
+        alpha=None,
+        eval_every=30,
+    )
     summary = simulate(cfg, tmp_path / "run", progress=False)
     assert summary["steps"] == 30
     assert summary["after"]["accuracy"] > summary["before"]["accuracy"] + 0.04, summary

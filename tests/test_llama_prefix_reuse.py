@@ -7,8 +7,8 @@ uncut base model on llama.cpp (same precision, same kernels) and the Hugging Fac
 
 import numpy as np
 import pytest
-
 from export_helpers import rel_err
+
 from fwdllm.data.datasets import load_dataset
 
 BBC_WORDS = ["business", "entertainment", "politics", "sports", "tech"]
@@ -20,9 +20,32 @@ def bundle(tmp_path_factory):
     from fwdllm.cli import main
 
     out = tmp_path_factory.mktemp("smol-llama-cut") / "bundle"
-    assert main(["export", "--model", "smollm2", "--task", "causal-lm", "--label-names", ",".join(BBC_WORDS),
-                 "--peft", "lora", "--trainable-layers", f"top:{TOP}", "--format", "gguf", "--precision", "f16,q8_0",
-                 "--seq-len", "64", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                "smollm2",
+                "--task",
+                "causal-lm",
+                "--label-names",
+                ",".join(BBC_WORDS),
+                "--peft",
+                "lora",
+                "--trainable-layers",
+                f"top:{TOP}",
+                "--format",
+                "gguf",
+                "--precision",
+                "f16,q8_0",
+                "--seq-len",
+                "64",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return out
 
 

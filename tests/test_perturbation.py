@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 import reference_philox as ref
+
 from fwdllm.proto import perturbation as pt
 
 KNOWN_ANSWERS = Path(pt.__file__).with_name("known_answers.json")
@@ -35,7 +35,9 @@ def test_raw_blocks_match_reference(seed, first):
         assert blocks[j].tolist() == ref.block(seed, first + j)
 
 
-@pytest.mark.parametrize("case", json.loads(KNOWN_ANSWERS.read_text())["cases"], ids=lambda c: f"{c['dist']}-{c['seed']}-{c['offset']}")
+@pytest.mark.parametrize(
+    "case", json.loads(KNOWN_ANSWERS.read_text())["cases"], ids=lambda c: f"{c['dist']}-{c['seed']}-{c['offset']}"
+)
 def test_known_answers(case):
     got = pt.generate(int(case["seed"]), case["offset"], len(case["values"]), case["dist"])
     expected = np.array(case["values"], dtype=np.float32)
@@ -91,7 +93,9 @@ def test_seed_derivation_is_injective_and_bounded():
 def test_cli_prints_spec_values():
     out = subprocess.run(
         [sys.executable, "-m", "fwdllm.cli", "perturb", "--seed", "0x2a", "--offset", "5", "--count", "11", "--json"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     doc = json.loads(out)
     np.testing.assert_array_equal(np.array(doc["values"], dtype=np.float32), pt.generate(42, 5, 11))
@@ -99,5 +103,7 @@ def test_cli_prints_spec_values():
 
 
 def test_cli_rejects_bad_seed():
-    proc = subprocess.run([sys.executable, "-m", "fwdllm.cli", "perturb", "--seed", "-3"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fwdllm.cli", "perturb", "--seed", "-3"], capture_output=True, text=True
+    )
     assert proc.returncode == 2 and "unsigned 64-bit" in proc.stderr

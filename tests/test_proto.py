@@ -27,15 +27,31 @@ class EchoServicer(pb_grpc.FwdLLMServicer):
     def Join(self, request, context):
         if request.protocol_version != pb.PROTOCOL_VERSION_1:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "protocol version")
-        return pb.JoinResponse(client_id="c-" + request.client_name, session_token="tok",
-                               protocol_version=pb.PROTOCOL_VERSION_1, model_fingerprint=request.model_fingerprint,
-                               theta_dim=10, theta_version=3)
+        return pb.JoinResponse(
+            client_id="c-" + request.client_name,
+            session_token="tok",
+            protocol_version=pb.PROTOCOL_VERSION_1,
+            model_fingerprint=request.model_fingerprint,
+            theta_dim=10,
+            theta_version=3,
+        )
 
     def PullTask(self, request, context):
-        return pb.PullTaskResponse(task=pb.Task(
-            task_id="t1", step=4, wave=1, theta_version=request.theta_version, seeds=[2**64 - 1],
-            seed_ranges=[pb.SeedRange(start=4 << 32, count=8)], distribution=pb.GAUSSIAN,
-            epsilon=0.01, scheme=pb.CENTRAL, batch=pb.BatchRef(start=16, size=8), deadline_unix_ms=123))
+        return pb.PullTaskResponse(
+            task=pb.Task(
+                task_id="t1",
+                step=4,
+                wave=1,
+                theta_version=request.theta_version,
+                seeds=[2**64 - 1],
+                seed_ranges=[pb.SeedRange(start=4 << 32, count=8)],
+                distribution=pb.GAUSSIAN,
+                epsilon=0.01,
+                scheme=pb.CENTRAL,
+                batch=pb.BatchRef(start=16, size=8),
+                deadline_unix_ms=123,
+            )
+        )
 
     def Submit(self, request, context):
         self.submitted.append(request)
@@ -65,10 +81,16 @@ def test_round_trip_over_loopback(server):
     servicer, address = server
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.FwdLLMStub(channel)
-        joined = stub.Join(pb.JoinRequest(protocol_version=pb.PROTOCOL_VERSION_1, client_name="pixel",
-                                          model_fingerprint="abc",
-                                          capabilities=pb.Capabilities(backend="litert", delegates=["XNNPACK"],
-                                                                       abi="arm64-v8a", versions={"fwdllm": "0.1.0"})))
+        joined = stub.Join(
+            pb.JoinRequest(
+                protocol_version=pb.PROTOCOL_VERSION_1,
+                client_name="pixel",
+                model_fingerprint="abc",
+                capabilities=pb.Capabilities(
+                    backend="litert", delegates=["XNNPACK"], abi="arm64-v8a", versions={"fwdllm": "0.1.0"}
+                ),
+            )
+        )
         assert (joined.client_id, joined.model_fingerprint, joined.theta_dim) == ("c-pixel", "abc", 10)
 
         task = stub.PullTask(pb.PullTaskRequest(client_id=joined.client_id, theta_version=3)).task
@@ -77,8 +99,16 @@ def test_round_trip_over_loopback(server):
         assert abs(task.epsilon - 0.01) < 1e-9 and task.batch.size == 8
 
         jvp = [0.5, -1.25, float(np.float32(3.3))]
-        reply = stub.Submit(pb.SubmitRequest(client_id=joined.client_id, task_id=task.task_id, seeds=[1, 2, 3], jvp=jvp,
-                                             nonfinite=[1], loss=pb.LossStats(mean=1.5)))
+        reply = stub.Submit(
+            pb.SubmitRequest(
+                client_id=joined.client_id,
+                task_id=task.task_id,
+                seeds=[1, 2, 3],
+                jvp=jvp,
+                nonfinite=[1],
+                loss=pb.LossStats(mean=1.5),
+            )
+        )
         assert reply.accepted and reply.message == "3 values"
         got = servicer.submitted[0]
         assert list(got.jvp) == jvp and list(got.seeds) == [1, 2, 3] and list(got.nonfinite) == [1]

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +20,25 @@ BBC_LABELS = "business,entertainment,politics,sports,tech"
 
 
 def _export(out, model):
-    args = ["export", "--model", str(model), "--task", "seq-cls", "--label-names", BBC_LABELS, "--peft", "head",
-            "--trainable-layers", "head", "--format", "onnx", "--seq-len", "32", "--out", str(out)]
+    args = [
+        "export",
+        "--model",
+        str(model),
+        "--task",
+        "seq-cls",
+        "--label-names",
+        BBC_LABELS,
+        "--peft",
+        "head",
+        "--trainable-layers",
+        "head",
+        "--format",
+        "onnx",
+        "--seq-len",
+        "32",
+        "--out",
+        str(out),
+    ]
     assert main(args) == 0
     return out
 
@@ -41,8 +57,19 @@ def tiny_head_bundle(tmp_path_factory):
 
 
 def test_simulation_learns_through_real_processes(minilm_head_bundle, tmp_path):
-    cfg = SimConfig(bundle=str(minilm_head_bundle), data="bbc", clients=6, per_step=3, steps=6, workers=2,
-                    perturbations=20, lr=0.5, alpha=None, eval_every=3, eval_limit=80)
+    cfg = SimConfig(
+        bundle=str(minilm_head_bundle),
+        data="bbc",
+        clients=6,
+        per_step=3,
+        steps=6,
+        workers=2,
+        perturbations=20,
+        lr=0.5,
+        alpha=None,
+        eval_every=3,
+        eval_limit=80,
+    )
     s = simulate(cfg, tmp_path / "run", progress=False)
     assert s["steps"] == 6 and s["perturbations"] == 6 * 3 * 20
     assert s["after"]["eval_loss"] < s["before"]["eval_loss"] - 0.1
@@ -66,19 +93,62 @@ def _rows(run):
 
 
 def test_interrupted_run_resumes_to_the_same_theta(tiny_head_bundle, tmp_path):
-    settings = dict(bundle=str(tiny_head_bundle), data="bbc", clients=6, per_step=3, steps=16, workers=2,
-                    perturbations=4, lr=0.05, alpha=0.5, eval_every=16, eval_limit=40)
+    settings = dict(
+        bundle=str(tiny_head_bundle),
+        data="bbc",
+        clients=6,
+        per_step=3,
+        steps=16,
+        workers=2,
+        perturbations=4,
+        lr=0.05,
+        alpha=0.5,
+        eval_every=16,
+        eval_limit=40,
+    )
     whole = simulate(SimConfig(**settings), tmp_path / "whole", progress=False)
 
     run = tmp_path / "interrupted"
-    cmd = [sys.executable, "-m", "fwdllm.cli", "simulate", "--out", str(run), "--bundle", settings["bundle"], "--data", "bbc",
-           "--clients", "6", "--per-step", "3", "--steps", "16", "--workers", "2", "--perturbations", "4", "--lr", "0.05",
-           "--alpha", "0.5", "--eval-every", "16", "--eval-limit", "40"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fwdllm.cli",
+        "simulate",
+        "--out",
+        str(run),
+        "--bundle",
+        settings["bundle"],
+        "--data",
+        "bbc",
+        "--clients",
+        "6",
+        "--per-step",
+        "3",
+        "--steps",
+        "16",
+        "--workers",
+        "2",
+        "--perturbations",
+        "4",
+        "--lr",
+        "0.05",
+        "--alpha",
+        "0.5",
+        "--eval-every",
+        "16",
+        "--eval-limit",
+        "40",
+    ]
     # SIGINT back to its default in the child: a CI runner that starts us in the background hands down SIGINT
     # ignored, and Python then never turns Ctrl-C into KeyboardInterrupt (the run just finished, exit 0)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 240
     while len(_rows(run)) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -113,13 +183,40 @@ def _processes_mentioning(text: str) -> list[int]:
 
 def test_sigterm_stops_the_coordinator_and_workers_too(tiny_head_bundle, tmp_path):
     run = tmp_path / "terminated"
-    cmd = [sys.executable, "-m", "fwdllm.cli", "simulate", "--out", str(run), "--bundle", str(tiny_head_bundle), "--data", "bbc",
-           "--clients", "4", "--per-step", "2", "--steps", "200", "--workers", "2", "--perturbations", "2", "--eval-every", "200"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fwdllm.cli",
+        "simulate",
+        "--out",
+        str(run),
+        "--bundle",
+        str(tiny_head_bundle),
+        "--data",
+        "bbc",
+        "--clients",
+        "4",
+        "--per-step",
+        "2",
+        "--steps",
+        "200",
+        "--workers",
+        "2",
+        "--perturbations",
+        "2",
+        "--eval-every",
+        "200",
+    ]
     # SIGINT back to its default in the child: a CI runner that starts us in the background hands down SIGINT
     # ignored, and Python then never turns Ctrl-C into KeyboardInterrupt (the run just finished, exit 0)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 240
     while not _rows(run) and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -137,8 +234,21 @@ def test_a_token_that_starts_with_a_dash_still_starts_the_processes(tiny_head_bu
     import fwdllm.simulate as sim_module
 
     monkeypatch.setattr(sim_module.secrets, "token_hex", lambda n: "-looks-like-an-option")
-    summary = simulate(SimConfig(bundle=str(tiny_head_bundle), data="bbc", clients=4, per_step=2, steps=2, workers=1,
-                                 perturbations=2, eval_every=2, eval_limit=20), tmp_path / "dash", progress=False)
+    summary = simulate(
+        SimConfig(
+            bundle=str(tiny_head_bundle),
+            data="bbc",
+            clients=4,
+            per_step=2,
+            steps=2,
+            workers=1,
+            perturbations=2,
+            eval_every=2,
+            eval_limit=20,
+        ),
+        tmp_path / "dash",
+        progress=False,
+    )
     assert summary["steps"] == 2
 
 

@@ -13,14 +13,18 @@ import threading
 from dataclasses import dataclass
 
 from device_standin import TEXTS, shared_backend, shared_bundle, theta_dim, write_jsonl
+from test_coordinator_server import (
+    BASE,
+    drive,
+    run,  # noqa: F401 (the fixture that starts a coordinator for numpy devices)
+)
+
 from fwdllm.coordinator.config import from_dict
 from fwdllm.coordinator.rounds import Coordinator
 from fwdllm.coordinator.server import start
 from fwdllm.device_runtime.client import ClientConfig, DeviceClient
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
 from fwdllm.simulate import _Serialized
-from test_coordinator_server import BASE, drive
-from test_coordinator_server import run  # noqa: F401 (the fixture that starts a coordinator for numpy devices)
 
 TOKEN = "tok"
 #: A PullTaskResponse with a seed-range task is ~70 bytes and a history refusal ~6: 128 covers both.
@@ -28,12 +32,21 @@ TASK_AND_REFUSAL = 128
 
 
 def config(devices: int, per_step: int, seeds: int, steps: int, optimizer: str = "sgd") -> dict:
-    return {"run": {"steps": steps, "clients_per_step": per_step, "perturbations_per_client": seeds,
-                    "min_clients": devices, "min_results": per_step, "over_select": 0.0, "batch_size": 4,
-                    "deadline_s": 120},
-            "optimizer": {"name": optimizer, "lr": 0.01},
-            "aggregation": {"threads": 1},
-            "server": {"heartbeat_ms": 200, "retry_ms": 50, "rate_per_s": 1000, "rate_burst": 2000}}
+    return {
+        "run": {
+            "steps": steps,
+            "clients_per_step": per_step,
+            "perturbations_per_client": seeds,
+            "min_clients": devices,
+            "min_results": per_step,
+            "over_select": 0.0,
+            "batch_size": 4,
+            "deadline_s": 120,
+        },
+        "optimizer": {"name": optimizer, "lr": 0.01},
+        "aggregation": {"threads": 1},
+        "server": {"heartbeat_ms": 200, "retry_ms": 50, "rate_per_s": 1000, "rate_burst": 2000},
+    }
 
 
 def theta_message_bytes(dim: int) -> int:
@@ -59,9 +72,21 @@ def run_federation(tmp_path, cfg: dict, devices: int, history_calls: list | None
     server = start(coordinator, "127.0.0.1", 0)
     backend = _Serialized(shared_backend("onnxruntime", True))
     data = write_jsonl(tmp_path / "client.jsonl", [{"text": t, "label": lab} for t, lab in TEXTS])
-    clients = [DeviceClient(ClientConfig(coordinator=f"127.0.0.1:{server.port}", bundle=bundle, data=data, token=TOKEN,
-                                         name=f"d{i}", backoff_s=(0.05, 0.4), rpc_timeout_s=30), backend=backend)
-               for i in range(devices)]
+    clients = [
+        DeviceClient(
+            ClientConfig(
+                coordinator=f"127.0.0.1:{server.port}",
+                bundle=bundle,
+                data=data,
+                token=TOKEN,
+                name=f"d{i}",
+                backoff_s=(0.05, 0.4),
+                rpc_timeout_s=30,
+            ),
+            backend=backend,
+        )
+        for i in range(devices)
+    ]
     codes: list[int] = []
     threads = [threading.Thread(target=lambda c=c: codes.append(c.run()), daemon=True) for c in clients]
     try:
@@ -70,9 +95,11 @@ def run_federation(tmp_path, cfg: dict, devices: int, history_calls: list | None
         for t in threads:
             t.join(timeout=600)
         assert codes == [0] * devices, codes
-        return Outcome(rows=[json.loads(r[0]) for r in coordinator.store.query("SELECT row FROM metrics ORDER BY step")],
-                       tasks=dict(coordinator.store.query("SELECT step, COUNT(*) FROM tasks GROUP BY step")),
-                       clients=clients)
+        return Outcome(
+            rows=[json.loads(r[0]) for r in coordinator.store.query("SELECT row FROM metrics ORDER BY step")],
+            tasks=dict(coordinator.store.query("SELECT step, COUNT(*) FROM tasks GROUP BY step")),
+            clients=clients,
+        )
     finally:
         for c in clients:
             c.stop()
@@ -138,8 +165,9 @@ def test_history_caps_are_applied_before_sending(run):
 
     def ask(**caps):
         before = coordinator.bytes_down
-        reply = d.stub.FetchHistory(pb.FetchHistoryRequest(client_id=d.client_id, session_token=d.session,
-                                                           from_version=1, **caps))
+        reply = d.stub.FetchHistory(
+            pb.FetchHistoryRequest(client_id=d.client_id, session_token=d.session, from_version=1, **caps)
+        )
         assert coordinator.bytes_down - before == reply.ByteSize()  # what the device received, counted
         return reply
 
@@ -153,4 +181,3 @@ def test_history_caps_are_applied_before_sending(run):
         assert refused.ByteSize() < 16
     late = d.stub.FetchHistory(pb.FetchHistoryRequest(client_id=d.client_id, session_token=d.session, from_version=9))
     assert not late.available and late.refusal == pb.HISTORY_NOT_KEPT
-
