@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from fwdllm.proto.names import Distribution
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
@@ -15,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=_uint64, required=True, help="64-bit seed (decimal or 0x hex)")
     p.add_argument("--offset", type=int, default=0, help="index of the first element (default 0)")
     p.add_argument("--count", type=int, default=8, help="number of elements (default 8)")
-    p.add_argument("--dist", choices=["gaussian", "rademacher"], default="gaussian")
+    p.add_argument("--dist", choices=list(Distribution), default=Distribution.GAUSSIAN)
     p.add_argument("--json", action="store_true", help="one JSON object with float values and their bit patterns")
     p.set_defaults(handler=_perturb)
 

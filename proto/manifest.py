@@ -24,16 +24,11 @@ from typing import Any
 import numpy as np
 
 from fwdllm.errors import UserError
+from fwdllm.proto.names import GraphRole, Task, ThetaChannel
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 THETA_FILE = "theta.safetensors"
-
-TASKS = ("seq-cls", "causal-lm")
-GRAPH_ROLES = ("full", "prefix", "suffix", "base")
-GRAPH_FORMATS = ("onnx", "tflite", "gguf")
-GRAPH_PRECISIONS = ("fp32", "fp16", "int8", "f16", "q8_0", "q4_0")
-THETA_CHANNELS = ("input", "lora-adapter", "control-vector")
 
 
 class BundleError(UserError):
@@ -127,16 +122,16 @@ class TensorSpec:
 class GraphSpec:
     """One graph file of the bundle and how to call it."""
 
-    role: str  # full | prefix | suffix | base (a GGUF base model)
-    format: str  # onnx | tflite | gguf
-    precision: str  # fp32 | fp16 | int8 | f16 | q8_0 | q4_0
+    role: str  # a GraphRole
+    format: str  # a GraphFormat
+    precision: str  # a Precision
     file: str
     inputs: list[TensorSpec] = field(default_factory=list)
     outputs: list[TensorSpec] = field(default_factory=list)
     perturbations: int | None = None  # fixed P of the perturbation axis; None when dynamic
     batch_size: int | None = None  # fixed batch; None when dynamic
     seq_len: int | None = None
-    theta_channel: str = "input"  # how theta enters: graph "input", "lora-adapter" or "control-vector"
+    theta_channel: str = ThetaChannel.INPUT  # how theta enters: a ThetaChannel
     validation: dict[str, Any] = field(default_factory=dict)  # error against PyTorch measured at export
     delegation: dict[str, Any] = field(default_factory=dict)  # ops each delegate would take
 
@@ -152,7 +147,7 @@ class GraphSpec:
 class ModelInfo:
     source: str  # where the weights came from (path or shipped default name)
     architecture: str  # e.g. bert, distilbert, albert, roberta, llama
-    task: str  # seq-cls | causal-lm
+    task: str  # a Task
     max_seq_len: int
     tokenizer: str  # tokenizer file inside the bundle (tokenizers JSON)
     num_labels: int | None = None
@@ -168,7 +163,7 @@ class ModelInfo:
     @property
     def classifies(self) -> bool:
         """Whether the graphs score a closed label set (seq-cls, or a decoder's label words) and return logits."""
-        return self.task == "seq-cls" or bool(self.label_token_ids)
+        return self.task == Task.SEQ_CLS or bool(self.label_token_ids)
 
 
 @dataclass
@@ -210,7 +205,7 @@ class Manifest:
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
     # ----- lookup -----
-    def graph(self, format: str, role: str = "full", precision: str | None = None) -> GraphSpec:
+    def graph(self, format: str, role: str = GraphRole.FULL, precision: str | None = None) -> GraphSpec:
         found = [g for g in self.graphs if g.format == format and g.role == role and precision in (None, g.precision)]
         if not found:
             have = sorted({f"{g.format}/{g.role}/{g.precision}" for g in self.graphs})

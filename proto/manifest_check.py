@@ -15,23 +15,20 @@ import dataclasses
 import json
 import re
 import typing
+from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn
 
 from fwdllm.proto.manifest import (
-    GRAPH_FORMATS,
-    GRAPH_PRECISIONS,
-    GRAPH_ROLES,
     MANIFEST_FILE,
     SCHEMA_VERSION,
-    TASKS,
-    THETA_CHANNELS,
     BundleError,
     GraphSpec,
     Manifest,
     ModelInfo,
     PeftInfo,
 )
+from fwdllm.proto.names import GraphFormat, GraphRole, Precision, Task, ThetaChannel
 
 #: Bound on the sequence length, batch and perturbation counts a manifest may make a device allocate for.
 MAX_RUN_SIZE = 1 << 20
@@ -90,14 +87,14 @@ def check_json(d: Any) -> None:
             _fail(f"theta.tensors[{i}].shape", f"must be a list of positive ints, not {_shown(shape)}")
     if not _SHA256.fullmatch(d["fingerprint"]):
         _fail("fingerprint", "must be 64 lowercase hex digits (a sha256)")
-    _one_of(model["task"], TASKS, "model.task")
+    _one_of(model["task"], Task, "model.task")
     sizes = {"model.max_seq_len": model["max_seq_len"]}
     for i, g in enumerate(graphs):
         at = f"graphs[{i}]"
-        _one_of(g["role"], GRAPH_ROLES, f"{at}.role")
-        _one_of(g["format"], GRAPH_FORMATS, f"{at}.format")
-        _one_of(g["precision"], GRAPH_PRECISIONS, f"{at}.precision")
-        _one_of(g.get("theta_channel", "input"), THETA_CHANNELS, f"{at}.theta_channel")
+        _one_of(g["role"], GraphRole, f"{at}.role")
+        _one_of(g["format"], GraphFormat, f"{at}.format")
+        _one_of(g["precision"], Precision, f"{at}.precision")
+        _one_of(g.get("theta_channel", ThetaChannel.INPUT), ThetaChannel, f"{at}.theta_channel")
         _bundle_path(g["file"], f"{at}.file")
         sizes.update({f"{at}.{k}": g[k] for k in ("perturbations", "batch_size", "seq_len") if g.get(k) is not None})
         for kind in ("inputs", "outputs"):
@@ -219,9 +216,10 @@ def _dataclass_keys(cls: type) -> tuple[dict[str, Any], set[str]]:
     )
 
 
-def _one_of(value: Any, known: tuple, where: str) -> None:
-    if value not in known:
-        _fail(where, f"is {_shown(value)}, not one of {', '.join(known)}")
+def _one_of(value: Any, known: Iterable[str], where: str) -> None:
+    allowed = tuple(known)
+    if value not in allowed:
+        _fail(where, f"is {_shown(value)}, not one of {', '.join(allowed)}")
 
 
 def _bundle_path(name: str, where: str) -> None:

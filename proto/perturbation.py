@@ -12,9 +12,9 @@ written out here, so nothing depends on numpy's ``Generator`` distributions.
 
 from __future__ import annotations
 
-from enum import Enum
-
 import numpy as np
+
+from fwdllm.proto.names import Distribution
 
 SPEC_VERSION = 1
 
@@ -26,11 +26,6 @@ _TWO_POW_M32 = 2.0**-32
 _TWO_PI_TWO_POW_M32 = 2.0 * np.pi * 2.0**-32
 _CHUNK_WORDS = 1 << 13
 _COUNTER_SPACE = 1 << 256
-
-
-class Distribution(str, Enum):
-    GAUSSIAN = "gaussian"
-    RADEMACHER = "rademacher"
 
 
 def _philox(seed: int, first_block: int) -> np.random.Philox:

@@ -197,9 +197,20 @@ HOSTILE = {
     "theta file outside": (theta_outside, 'theta.file is "../outside.safetensors"'),
     "symlink out of the bundle": (symlink_out, "bundle file tokenizer.json is a symlink that leads out of"),
     "missing fingerprint": (drop_fingerprint, "manifest.json fingerprint is missing"),
-    "unknown role": (field(("graphs", 0, "role"), "middle"), 'graphs[0].role is "middle", not one of full'),
+    "unknown task": (field(("model", "task"), "token-cls"), 'model.task is "token-cls", not one of seq-cls, causal-lm'),
+    "unknown role": (
+        field(("graphs", 0, "role"), "middle"),
+        'graphs[0].role is "middle", not one of full, prefix, suffix, base',
+    ),
     "unknown format": (field(("graphs", 1, "format"), "pickle"), 'graphs[1].format is "pickle", not one of onnx'),
-    "unknown precision": (field(("graphs", 2, "precision"), "fp8"), 'graphs[2].precision is "fp8", not one of'),
+    "unknown precision": (
+        field(("graphs", 2, "precision"), "fp8"),
+        'graphs[2].precision is "fp8", not one of fp32, fp16, int8, f16, q8_0, q4_0',
+    ),
+    "unknown theta channel": (
+        field(("graphs", 0, "theta_channel"), "telepathy"),
+        'graphs[0].theta_channel is "telepathy", not one of input, lora-adapter, control-vector',
+    ),
     "absurd sequence length": (field(("model", "max_seq_len"), 10**12), "model.max_seq_len must lie in 1.."),
     "graph without checksum": (unlisted_graph, 'files has no checksum of "suffix.onnx"'),
     "not UTF-8": (None, "is not valid JSON"),

@@ -1,5 +1,6 @@
 """The wire contract: committed stubs are current, and a real server on loopback answers a real client."""
 
+import json
 import subprocess
 import sys
 from concurrent import futures
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from fwdllm.proto.names import DifferenceScheme, Distribution, Task
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
 from fwdllm.proto.v1 import fwdllm_pb2_grpc as pb_grpc
 
@@ -131,3 +133,18 @@ def test_health_service(server):
     with grpc.insecure_channel(address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service="fwdllm.v1.FwdLLM"))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.mark.parametrize("names", [Distribution, DifferenceScheme])
+def test_shared_names_map_to_the_protocol_enums_both_ways(names):
+    proto_enum = getattr(pb, names.__name__)
+    assert {proto_enum.Name(m.wire) for m in names} == {m.name for m in names}
+    assert [names.from_wire(m.wire) for m in names] == list(names)
+    assert names.from_wire(0) == list(names)[0]  # UNSPECIFIED reads as the protocol's default
+    with pytest.raises(ValueError, match=f"{names.__name__} 99 is not one of"):
+        names.from_wire(99)
+
+
+def test_shared_names_are_their_plain_strings():
+    assert Distribution.GAUSSIAN == "gaussian" and f"{Task.CAUSAL_LM}" == "causal-lm"
+    assert json.dumps([DifferenceScheme.FORWARD]) == '["forward"]'
