@@ -27,9 +27,11 @@ from typing import Any
 import grpc
 
 from fwdllm import __version__
-from fwdllm.device_runtime.backend import Backend, load_examples, open_backend, select
-from fwdllm.device_runtime.engine import Cancelled, forward_gradients
-from fwdllm.device_runtime.theta_sync import DIST, ThetaSync
+from fwdllm.device_runtime.backend import Backend, load_examples, open_backend
+from fwdllm.device_runtime.engine import Cancelled
+from fwdllm.device_runtime.messages import submit_request, task_from_pb
+from fwdllm.device_runtime.theta_sync import ThetaSync
+from fwdllm.device_runtime.work import LocalData, do_task
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import load_manifest
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
@@ -37,8 +39,6 @@ from fwdllm.proto.v1 import fwdllm_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fwdllm.device")
 
-SCHEME = {pb.CENTRAL: "central", pb.FORWARD: "forward", pb.DIFFERENCE_SCHEME_UNSPECIFIED: "central"}
-DEFAULT_EPSILON = 0.01
 #: Codes that mean "try again later"; anything else is the coordinator's final answer.
 TRANSIENT = {
     grpc.StatusCode.UNAVAILABLE,
@@ -76,14 +76,6 @@ class ClientConfig:
     backoff_s: tuple[float, float] = (0.5, 30.0)  # first and largest wait between retries
 
 
-def task_seeds(task: pb.Task) -> list[int]:
-    """The task's seeds in order: the explicit ones, then each range."""
-    seeds = [int(s) for s in task.seeds]
-    for r in task.seed_ranges:
-        seeds.extend(range(int(r.start), int(r.start) + int(r.count)))
-    return seeds
-
-
 def capabilities(backend: Backend) -> pb.Capabilities:
     info = backend.info()
     try:
@@ -109,8 +101,7 @@ class DeviceClient(ThetaSync):
         self.manifest = load_manifest(cfg.bundle)
         self.fingerprint = self.manifest.fingerprint()
         self.backend = backend or open_backend(cfg.bundle, cfg.backend, cfg.precision, cfg.options, self.manifest)
-        self.examples = load_examples(cfg.data, self.manifest)
-        self.tokenizer = self.backend.tokenizer()
+        self.data = LocalData(load_examples(cfg.data, self.manifest), self.backend.tokenizer())
         self.client_id, self.session = "", ""
         self.heartbeat_s = 5.0
         self.pending: dict[str, pb.SubmitRequest] = {}
@@ -186,14 +177,16 @@ class DeviceClient(ThetaSync):
                 client_name=self.cfg.name or platform.node(),
                 capabilities=capabilities(self.backend),
                 model_fingerprint=self.fingerprint,
-                num_examples=len(self.examples),
+                num_examples=len(self.data.examples),
                 previous_client_id=self.client_id,
             )
 
         try:
             resp = self._call("Join", request)
         except grpc.RpcError as exc:
-            raise ClientError(f"the coordinator refused to let this device join ({exc.code().name}): {exc.details()}")
+            raise ClientError(
+                f"the coordinator refused to let this device join ({exc.code().name}): {exc.details()}"
+            ) from exc
         if resp.model_fingerprint and resp.model_fingerprint != self.fingerprint:
             raise ClientError(
                 f"bundle {self.cfg.bundle} (fingerprint {self.fingerprint[:12]}) is not the model this "
@@ -311,19 +304,10 @@ class DeviceClient(ThetaSync):
         try:
             if should_stop():
                 raise Cancelled()
-            seeds = task_seeds(task)
+            work = task_from_pb(task)
             theta = self._theta_at(task.theta_version)
-            batch = self.tokenizer.batch(select(self.examples, task.batch.start, task.batch.size))
-            result = forward_gradients(
-                self.backend,
-                batch,
-                theta,
-                seeds,
-                epsilon=task.epsilon or DEFAULT_EPSILON,
-                scheme=SCHEME.get(task.scheme, "?"),
-                distribution=DIST.get(task.distribution, "?"),
-                max_seeds=self.cfg.max_seeds,
-                should_stop=should_stop,
+            result = do_task(
+                work, self.backend, self.data, theta, max_seeds=self.cfg.max_seeds, should_stop=should_stop
             )
         except Cancelled:
             self.stats["cancelled"] += 1
@@ -337,28 +321,19 @@ class DeviceClient(ThetaSync):
             return
         finally:
             self.current_task = ""
-        elapsed_ms = int((time.perf_counter() - started) * 1000)
-        request = pb.SubmitRequest(
-            task_id=tid,
-            step=task.step,
-            seeds=seeds,
-            jvp=result.jvp.tolist(),
-            nonfinite=result.nonfinite,
-            loss=pb.LossStats(mean=result.loss_mean, min=result.loss_min, max=result.loss_max, base=result.loss_base),
-            num_examples=task.batch.size,
-            compute_time_ms=elapsed_ms,
-        )
+        elapsed_ms = int((time.perf_counter() - started) * 1000)  # θ's download or replay included
+        request = submit_request(task, result, elapsed_ms)
         self.pending[tid] = request
         self._save_state()
         outcome = self._submit_pending().get(tid, "kept for resubmission")
         log.info(
             "%s: %d seeds, %d non-finite, loss %.4f, %d ms, %d calls -> %s",
             head,
-            len(seeds),
+            len(result.seeds),
             len(result.nonfinite),
             result.loss_mean,
             elapsed_ms,
-            result.calls,
+            result.backend_calls,
             outcome,
         )
 

@@ -50,8 +50,35 @@ def group_size(backend: Backend, scheme: str, requested: int | None = None) -> i
     """Seeds per backend call: ``requested``, else as many as fill the backend's rows per call."""
     if requested:
         return max(1, int(requested))
-    per_seed = 2 if scheme == "central" else 1
-    return max(1, backend.rows_per_call // per_seed)
+    return max(1, backend.rows_per_call // rows_per_seed(scheme))
+
+
+def rows_per_seed(scheme: str) -> int:
+    """θ rows one seed takes in a backend call: θ + εv and θ − εv (central), or θ + εv (forward)."""
+    return 2 if scheme == "central" else 1
+
+
+def perturbed_rows(
+    theta: np.ndarray,
+    seeds: list[int],
+    epsilon: float,
+    scheme: str = "central",
+    distribution: Distribution | str = Distribution.GAUSSIAN,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """The θ rows one backend call evaluates for ``seeds``: rows ``[0, k)`` are θ + ε·v(seed_j), and for the
+    central scheme rows ``[k, 2k)`` θ − ε·v(seed_j). ``out`` (at least that many rows) is filled instead of a
+    new array, so a task reuses one buffer for all its groups."""
+    k, dist, eps = len(seeds), Distribution(distribution), np.float32(epsilon)
+    n_rows = rows_per_seed(scheme) * k
+    rows = np.empty((n_rows, theta.shape[0]), dtype=np.float32) if out is None else out[:n_rows]
+    for j, seed in enumerate(seeds):
+        v = generate(int(seed), 0, theta.shape[0], dist)
+        np.multiply(v, eps, out=v)
+        np.add(theta, v, out=rows[j])
+        if scheme == "central":
+            np.subtract(theta, v, out=rows[k + j])
+    return rows
 
 
 def forward_gradients(
@@ -69,7 +96,7 @@ def forward_gradients(
     """jvp_i ≈ ∇f(θ)·v(seed_i) by central, (f(θ+εv)−f(θ−εv))/2ε, or forward, (f(θ+εv)−f(θ))/ε, differences."""
     started = time.perf_counter()
     theta = _check(backend, theta, seeds, epsilon, scheme, distribution, max_seeds)
-    dist, d, eps = Distribution(distribution), theta.shape[0], np.float32(epsilon)
+    dist, d = Distribution(distribution), theta.shape[0]
     seeds = [int(s) for s in seeds]
     g = group_size(backend, scheme, group)
     plus = np.empty(len(seeds), dtype=np.float32)
@@ -78,24 +105,18 @@ def forward_gradients(
     if scheme == "forward":
         base = float(backend.losses(batch, theta[None])[0])
         calls += 1
-    rows = np.empty((2 * g if scheme == "central" else g, d), dtype=np.float32)
+    rows = np.empty((rows_per_seed(scheme) * g, d), dtype=np.float32)
     for start in range(0, len(seeds), g):
         if should_stop is not None and should_stop():
             raise Cancelled()
         chunk = seeds[start : start + g]
         k = len(chunk)
-        for j, seed in enumerate(chunk):
-            v = generate(seed, 0, d, dist)
-            np.multiply(v, eps, out=v)
-            np.add(theta, v, out=rows[j])
-            if scheme == "central":
-                np.subtract(theta, v, out=rows[k + j])
-        n_rows = 2 * k if scheme == "central" else k
-        out = backend.losses(batch, rows[:n_rows])
+        block = perturbed_rows(theta, chunk, epsilon, scheme, dist, out=rows)
+        out = backend.losses(batch, block)
         calls += 1
         plus[start : start + k] = out[:k]
         if scheme == "central":
-            minus[start : start + k] = out[k:n_rows]
+            minus[start : start + k] = out[k:]
     return _result(seeds, plus, minus, base, epsilon, scheme, calls, time.perf_counter() - started)
 
 

@@ -19,13 +19,29 @@ import logging
 
 import numpy as np
 
+from fwdllm.device_runtime.messages import DIST
+from fwdllm.device_runtime.replay import apply_update
 from fwdllm.errors import UserError
-from fwdllm.proto.perturbation import generate
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
 
 log = logging.getLogger("fwdllm.device")
 
-DIST = {pb.GAUSSIAN: "gaussian", pb.RADEMACHER: "rademacher", pb.DISTRIBUTION_UNSPECIFIED: "gaussian"}
+
+def theta_from_chunks(chunks: list[pb.ParameterChunk], dim: int) -> tuple[np.ndarray | None, int]:
+    """(θ, its version) from FetchParameters' chunks; θ is None when they are incomplete or fail their sha256."""
+    buf, digest, version, filled = bytearray(4 * dim), "", 0, 0
+    for chunk in chunks:
+        if chunk.total != dim or chunk.offset + len(chunk.values) // 4 > dim or len(chunk.values) % 4:
+            raise UserError(f"the coordinator sent θ of length {chunk.total}; this bundle's is {dim}")
+        buf[4 * chunk.offset : 4 * chunk.offset + len(chunk.values)] = chunk.values
+        filled += len(chunk.values) // 4
+        version, digest = chunk.version, chunk.sha256 or digest
+    if filled != dim or digest != hashlib.sha256(bytes(buf)).hexdigest():
+        return None, version
+    theta = np.frombuffer(bytes(buf), dtype="<f4").astype(np.float32)
+    if not np.isfinite(theta).all():
+        raise UserError(f"θ version {version} from the coordinator contains NaN/Inf")
+    return theta, version
 
 
 class ThetaSync:
@@ -72,15 +88,12 @@ class ThetaSync:
             return False
         if [u.version for u in resp.updates] != list(range(self.theta_version + 1, version + 1)):
             return False
-        theta = self.theta.astype(np.float64)
-        d = theta.shape[0]
+        theta = self.theta
         for update in resp.updates:
-            step = np.zeros(d, dtype=np.float64)
-            for seed, coeff in zip(update.seeds, update.coefficients):
-                step += np.float64(coeff) * generate(int(seed), 0, d, DIST.get(update.distribution, "gaussian"))
-            theta -= np.float64(update.lr) * step
-            theta = theta.astype(np.float32).astype(np.float64)  # the coordinator stores each version in float32
-        self.theta, self.theta_version = theta.astype(np.float32), version
+            theta = apply_update(
+                theta, update.seeds, update.coefficients, update.lr, DIST.get(update.distribution, "gaussian")
+            )
+        self.theta, self.theta_version = theta, version
         self.stats["theta_replays"] += 1
         log.info(
             "θ version %d rebuilt from %d updates (%d seeds, %d bytes) instead of downloading %d bytes",
@@ -95,7 +108,6 @@ class ThetaSync:
     def _fetch(self, version: int) -> None:
         d = self.manifest.theta.dim
         for attempt in range(3):
-            buf, digest, got_version, filled = bytearray(4 * d), "", 0, 0
             chunks = self._retry(
                 "FetchParameters",
                 lambda: list(
@@ -107,16 +119,8 @@ class ThetaSync:
                     )
                 ),
             )
-            for chunk in chunks:
-                if chunk.total != d or chunk.offset + len(chunk.values) // 4 > d or len(chunk.values) % 4:
-                    raise UserError(f"the coordinator sent θ of length {chunk.total}; this bundle's is {d}")
-                buf[4 * chunk.offset : 4 * chunk.offset + len(chunk.values)] = chunk.values
-                filled += len(chunk.values) // 4
-                got_version, digest = chunk.version, chunk.sha256 or digest
-            if filled == d and digest == hashlib.sha256(bytes(buf)).hexdigest():
-                theta = np.frombuffer(bytes(buf), dtype="<f4").astype(np.float32)
-                if not np.isfinite(theta).all():
-                    raise UserError(f"θ version {got_version} from the coordinator contains NaN/Inf")
+            theta, got_version = theta_from_chunks(chunks, d)
+            if theta is not None:
                 self.theta, self.theta_version = theta, got_version
                 self.stats["theta_fetches"] += 1
                 return

@@ -216,12 +216,12 @@ def test_client_serves_tasks_replays_history_and_matches_autograd(bundle, data, 
     assert caps.backend == "onnxruntime" and "CPUExecutionProvider" in caps.delegates and caps.cpu_count >= 1
     assert client.stats["theta_fetches"] == 1 and client.stats["theta_replays"] == 1
     assert sum(r.getMessage().startswith("task ") for r in caplog.records) == 2  # one line per task
-    examples = client.examples
+    examples = client.data.examples
     for task, theta in ((tasks[0], theta1), (tasks[1], theta2)):
         got = coord.results[task.task_id]
         seeds = list(task.seeds) + [task.seed_ranges[0].start + i for i in range(task.seed_ranges[0].count)]
         assert list(got.seeds) == seeds and got.num_examples == task.batch.size and list(got.nonfinite) == []
-        batch = client.tokenizer.batch(select(examples, task.batch.start, task.batch.size))
+        batch = client.data.tokenizer.batch(select(examples, task.batch.start, task.batch.size))
         np.testing.assert_allclose(got.jvp, autograd_jvp(bundle[1], batch, theta, seeds), rtol=0, atol=1.5e-2)
         assert np.isnan(got.loss.base) and got.loss.min <= got.loss.mean <= got.loss.max
 
