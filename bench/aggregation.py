@@ -39,6 +39,7 @@ from fwdllm.proto.manifest import (
     save_theta,
     write_manifest,
 )
+from fwdllm.proto.names import Task
 from fwdllm.proto.perturbation import generate, seed_for  # noqa: E402
 
 
@@ -90,7 +91,7 @@ def make_bundle(out: Path, dim: int) -> Path:
         out,
         Manifest(
             model=ModelInfo(
-                source="bench", architecture="none", task="seq-cls", max_seq_len=8, tokenizer="tokenizer.json"
+                source="bench", architecture="none", task=Task.SEQ_CLS, max_seq_len=8, tokenizer="tokenizer.json"
             ),
             peft=PeftInfo(method="bitfit", trainable_layers="all"),
             theta=layout,

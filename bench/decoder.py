@@ -28,13 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.harness import BBC_LABELS, bundle, run  # noqa: E402
 from bench.report import RESULTS_DIR, write_results  # noqa: E402
+from fwdllm.proto.names import Task  # noqa: E402
 
 DATA = "bbc-lm"
 CLIENTS, PER_STEP, ALPHA = 100, 10, 0.5
 
 
 def words_bundle(k: int) -> Path:
-    return bundle("lora", f"top:{k}", 64, BBC_LABELS, model="smollm2", task="causal-lm", label_words=True)
+    return bundle("lora", f"top:{k}", 64, BBC_LABELS, model="smollm2", task=Task.CAUSAL_LM, label_words=True)
 
 
 # ----- study ------------------------------------------------------------------------------------

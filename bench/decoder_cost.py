@@ -25,6 +25,7 @@ sys.path.insert(0, str(ROOT))
 from bench.decoder import words_bundle  # noqa: E402
 from bench.harness import BBC_LABELS, bundle  # noqa: E402
 from bench.report import write_results  # noqa: E402
+from fwdllm.proto.names import Task  # noqa: E402
 
 COLUMNS = ["graphs", "K", "theta dim", "batch", "full ms", "suffix ms", "suffix/full", "suffix ms/row (8-row call)"]
 
@@ -57,7 +58,9 @@ def cost(k: int, words: bool, repeats: int) -> dict:
     from fwdllm.device_runtime.backend import open_backend
     from fwdllm.proto.manifest import load_manifest, load_theta
 
-    path = words_bundle(k) if words else bundle("lora", f"top:{k}", 64, BBC_LABELS, model="smollm2", task="causal-lm")
+    path = (
+        words_bundle(k) if words else bundle("lora", f"top:{k}", 64, BBC_LABELS, model="smollm2", task=Task.CAUSAL_LM)
+    )
     manifest = load_manifest(path)
     theta = load_theta(path, manifest) + 0.01 * np.random.default_rng(0).standard_normal(manifest.theta.dim).astype(
         np.float32

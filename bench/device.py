@@ -20,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.report import RESULTS_DIR, write_results  # noqa: E402
+from fwdllm.proto.names import Task  # noqa: E402
 
 # name -> (export arguments, bench arguments)
 BUNDLES = {
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             "--model",
             "minilm",
             "--task",
-            "seq-cls",
+            Task.SEQ_CLS,
             "--labels",
             "4",
             "--precision",

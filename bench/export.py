@@ -19,9 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import write_results  # noqa: E402
+from fwdllm.proto.names import Task
 
-MINILM = dict(model="minilm", task="seq-cls", num_labels=4, method="lora")
-SMOLLM2 = dict(model="smollm2", task="causal-lm", method="lora")
+MINILM = dict(model="minilm", task=Task.SEQ_CLS, num_labels=4, method="lora")
+SMOLLM2 = dict(model="smollm2", task=Task.CAUSAL_LM, method="lora")
 FULL = [
     (MINILM, "onnx", "fp32"),
     (MINILM, "onnx", "int8"),

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import harness  # noqa: E402
 from bench.report import write_results  # noqa: E402
+from fwdllm.proto.names import Task  # noqa: E402
 
 BATCH, SEQ, LORA_R = 8, 64, 8
 GB, MIB = 1e9, 2**20
@@ -199,7 +200,13 @@ def bundle(backend: str, layers: int) -> Path:
         else ("onnx", "fp32,int8")
     )
     return harness.bundle(
-        "lora", model=checkpoint(layers), formats=formats, precision=precision, task="causal-lm", seq_len=SEQ, labels=[]
+        "lora",
+        model=checkpoint(layers),
+        formats=formats,
+        precision=precision,
+        task=Task.CAUSAL_LM,
+        seq_len=SEQ,
+        labels=[],
     )
 
 

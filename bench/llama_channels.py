@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.harness import bundle  # noqa: E402
 from bench.report import write_results  # noqa: E402
+from fwdllm.proto.names import Task  # noqa: E402
 
 PRECISIONS = ("q4_0", "q8_0", "f16")
 VARIANTS = ("plain", "lora", "cvec", "cvec-top2")
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
         model="smollm2",
         formats="gguf",
         precision=",".join(PRECISIONS),
-        task="causal-lm",
+        task=Task.CAUSAL_LM,
         seq_len=args.seq,
         labels=[],
     )

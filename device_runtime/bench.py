@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from fwdllm.errors import UserError
+from fwdllm.proto.names import Task
 
 FIGURES = [  # (JSON key, table heading)
     ("init_ms", "Init ms"),
@@ -62,7 +63,7 @@ def _examples(manifest, n: int):
 
     texts = sample_texts(n)
     k = manifest.model.num_labels or 2
-    if manifest.model.task == "seq-cls":
+    if manifest.model.task == Task.SEQ_CLS:
         return [Example(text=t, label=i % k) for i, t in enumerate(texts)]
     if manifest.model.label_token_ids:  # prompts keep their last tokens: a full sequence of text
         return [Example(prompt=t, label=i % k) for i, t in enumerate(texts)]

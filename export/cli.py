@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from fwdllm.proto.names import Task
+
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
@@ -19,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", required=True, help="Hugging Face checkpoint folder, or a shipped default: minilm | smollm2"
     )
-    p.add_argument("--task", required=True, choices=["seq-cls", "causal-lm"])
+    p.add_argument("--task", required=True, choices=list(Task))
     p.add_argument("--labels", type=int, help="number of classes (seq-cls)")
     p.add_argument(
         "--label-names",

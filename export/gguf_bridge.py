@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from fwdllm.proto.manifest import Manifest, ModelInfo, PeftInfo
+from fwdllm.proto.names import Task
 
 PRECISIONS = ("f16", "q8_0", "q4_0")
 
@@ -58,7 +59,7 @@ def export_all(ctx, precisions: list[str]) -> list:
         model=ModelInfo(
             source=ctx.loaded.source,
             architecture="llama",
-            task="causal-lm",
+            task=Task.CAUSAL_LM,
             max_seq_len=req.seq_len,
             tokenizer="tokenizer.json",
             num_labels=plan.num_labels,
@@ -79,16 +80,16 @@ def export_all(ctx, precisions: list[str]) -> list:
             out["logits"] = np.stack([backend.logits(batch, row) for row in feeds["theta"]])
         return out
 
-    base_out = {}
+    base_out: dict[str, dict[str, np.ndarray]] = {}
     for spec in specs:  # each base precision comes before its suffix
         what = f"gguf {spec.precision}" + (" suffix" if spec.role == "suffix" else "")
         with ctx.step(f"{what}: validate"):
             base = manifest.graph("gguf", "base", spec.precision)
             backend = LlamaBackend(ctx.dir, manifest, base, {"threads": 1, "prefix_reuse": spec.role == "suffix"})
-            outputs = {}
+            outputs: dict[str, dict[str, np.ndarray]] = {}
             try:
                 spec.validation = ctx.validate(
-                    lambda role, feeds: outputs.setdefault(role, run(backend, feeds)),
+                    lambda role, feeds, outputs=outputs, backend=backend: outputs.setdefault(role, run(backend, feeds)),
                     ["full"],
                     tolerance[spec.precision],
                     what,

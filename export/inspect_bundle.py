@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fwdllm.proto.manifest import Manifest
+from fwdllm.proto.names import Task
 
 
 def _shape(dims) -> str:
@@ -18,7 +19,7 @@ def describe(m: Manifest, bundle: Path) -> str:
         f"fingerprint {m.fingerprint()[:16]}",
         f"model  {mi.source}: {mi.architecture}, {mi.num_layers} layers, hidden {mi.hidden_size}, task {mi.task}, seq len {mi.max_seq_len}",
     ]
-    if mi.task == "seq-cls":
+    if mi.task == Task.SEQ_CLS:
         lines.append(f"labels {mi.num_labels}" + (f": {', '.join(mi.labels)}" if mi.labels else ""))
     elif mi.label_token_ids:
         words = ", ".join(f"{w} ({t})" for w, t in zip(mi.labels or [], mi.label_token_ids))
@@ -51,7 +52,8 @@ def describe(m: Manifest, bundle: Path) -> str:
             lines.append(f"         validated: rel err {v['max_rel_err']:.2e} (tolerance {v.get('tolerance', '?')})")
         d = g.delegation
         if d:
-            builtin = d.get("builtin") if isinstance(d.get("builtin"), dict) else {}
+            builtin = d.get("builtin")
+            builtin = builtin if isinstance(builtin, dict) else {}
             left = ", ".join(f"{op}×{n}" for op, n in sorted(builtin.items(), key=str))
             lines.append(
                 f"         XNNPACK takes {d.get('xnnpack', '?')} of {d.get('ops', '?')} ops in "

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fwdllm.export.perturbable import Plan
+from fwdllm.proto.names import Task
 
 
 def _tensors(plan: Plan, theta_row: np.ndarray) -> dict[str, torch.Tensor]:
@@ -82,7 +83,7 @@ def reference(model: nn.Module, plan: Plan, theta: np.ndarray, input_ids, attent
             logits = out.logits[torch.arange(len(last)), last][:, list(plan.label_token_ids)]
             losses.append(nn.functional.cross_entropy(logits, lab))
             all_logits.append(logits)
-        elif plan.task == "causal-lm":
+        elif plan.task == Task.CAUSAL_LM:
             logits = out.logits[:, :-1, :]
             target = lab[:, 1:]
             losses.append(

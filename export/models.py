@@ -9,8 +9,10 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fwdllm.errors import UserError
+from fwdllm.proto.names import Task
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +22,8 @@ CACHE = Path(os.environ.get("FWDLLM_CACHE", Path.home() / ".cache" / "fwdllm"))
 
 @dataclass
 class Loaded:
-    model: object  # AutoModel (seq-cls) or LlamaForCausalLM (causal-lm), eval, float32
-    config: object
+    model: Any  # AutoModel (seq-cls) or LlamaForCausalLM (causal-lm), eval, float32
+    config: Any  # its transformers config
     source: str
     folder: Path  # the HF checkpoint folder (fwdllm.baselines reloads trainable copies from it)
     tokenizer_file: Path
@@ -98,14 +100,14 @@ def load(model: str, task: str) -> Loaded:
 
     model_type = json.loads(cfg_file.read_text()).get("model_type", "?")
     spec = spec_for(model_type)
-    if task == "causal-lm" and not spec.causal:
+    if task == Task.CAUSAL_LM and not spec.causal:
         raise UserError(f"--task causal-lm needs a decoder (llama); {model_type} is an encoder: use --task seq-cls")
-    if task == "seq-cls" and spec.causal:
+    if task == Task.SEQ_CLS and spec.causal:
         raise UserError(f"--task seq-cls is for encoders; {model_type} is a decoder: use --task causal-lm")
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
 
-    cls = AutoModelForCausalLM if task == "causal-lm" else AutoModel
+    cls = AutoModelForCausalLM if task == Task.CAUSAL_LM else AutoModel
     try:
         hf = cls.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager")
     except (OSError, ValueError) as exc:

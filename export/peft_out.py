@@ -21,6 +21,7 @@ import numpy as np
 
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import load_manifest
+from fwdllm.proto.names import Task
 
 
 def _load_theta(path: Path, manifest) -> np.ndarray:
@@ -96,7 +97,7 @@ def export_peft(bundle: Path, theta_file: Path, out: Path, merged: bool = False)
             model = _unwrap_lora(model)
         model.save_pretrained(str(out))
         shutil.copyfile(loaded.tokenizer_file, out / "tokenizer.json")
-    if manifest.model.task == "seq-cls":
+    if manifest.model.task == Task.SEQ_CLS:
         save_file(
             {"weight": tensors["classifier.weight"].contiguous(), "bias": tensors["classifier.bias"].contiguous()},
             str(out / "classifier.safetensors"),

@@ -24,6 +24,7 @@ from torch import nn
 from fwdllm.export.archs import ArchSpec
 from fwdllm.export.methods import Site
 from fwdllm.proto.manifest import ThetaLayout
+from fwdllm.proto.names import Task
 
 
 class ThetaSource:
@@ -109,7 +110,7 @@ class Plan:
     @property
     def classifies(self) -> bool:
         """Whether the graphs score a closed label set: seq-cls, or a decoder's label words."""
-        return self.task == "seq-cls" or bool(self.label_token_ids)
+        return self.task == Task.SEQ_CLS or bool(self.label_token_ids)
 
     @property
     def cut_layer(self) -> int | None:
@@ -202,7 +203,7 @@ class PerturbableModel(nn.Module):
             answer = answer.reshape(rows, -1, answer.shape[-1]) if widened else answer.unsqueeze(0).expand(rows, -1, -1)
             return _cross_entropy(self.label_head(answer), labels, rows)
         h = self.spec.final(self.model, h)
-        if self.plan.task == "causal-lm":
+        if self.plan.task == Task.CAUSAL_LM:
             return (self._lm_loss(h, mask, labels, rows, widened),)
         m = mask.to(h.dtype).unsqueeze(-1)
         pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)  # mean pooling over real tokens

@@ -18,8 +18,11 @@ import torch
 from fwdllm import __version__
 from fwdllm.errors import UserError
 from fwdllm.export.graphs import errors, sample_batch
+from fwdllm.export.models import Loaded
+from fwdllm.export.perturbable import PerturbableModel, Plan
 from fwdllm.export.plan import PeftOptions, build_plan
 from fwdllm.proto.manifest import THETA_FILE, Manifest, ModelInfo, PeftInfo, save_theta, write_manifest
+from fwdllm.proto.names import Task
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +57,9 @@ class ExportContext:
 
     dir: Path
     req: ExportRequest
-    loaded: object
-    plan: object
-    pm: object
+    loaded: Loaded
+    plan: Plan
+    pm: PerturbableModel
     cut: bool
     hidden_size: int
     sample: dict = field(default_factory=dict)  # validation batch (P = VALIDATION_ROWS)
@@ -107,7 +110,8 @@ class ExportContext:
 
         Raises ValidationError beyond ``tol`` (scale-relative, graphs.errors).
         """
-        sample, want = (sample, want) if sample is not None else (self.sample, self.want)
+        if sample is None or want is None:
+            sample, want = self.sample, self.want
         full = run("full", sample)
         err = errors(full, want)
         result = {"full": dict(err, tolerance=tol, theta_rows=VALIDATION_ROWS, reference="transformers+peft (PyTorch)")}
@@ -158,9 +162,9 @@ def check_request(req: ExportRequest) -> None:
     unknown = [f for f in req.formats if f not in FORMATS]
     if unknown or not req.formats:
         raise UserError(f"--format {','.join(req.formats)}: choose from {list(FORMATS)}")
-    if req.task not in ("seq-cls", "causal-lm"):
+    if req.task not in tuple(Task):
         raise UserError(f"--task {req.task!r}: choose seq-cls or causal-lm")
-    if "gguf" in req.formats and req.task != "causal-lm":
+    if "gguf" in req.formats and req.task != Task.CAUSAL_LM:
         raise UserError(
             "--format gguf is for llama decoders (--task causal-lm); export encoders with --format onnx,tflite"
         )
@@ -173,11 +177,11 @@ def check_request(req: ExportRequest) -> None:
                 f"--labels {req.num_labels} disagrees with the {len(req.label_names)} --label-names; give one of them"
             )
         req.num_labels = len(req.label_names)
-    if req.task == "seq-cls" and (req.num_labels is None or req.num_labels < 2):
+    if req.task == Task.SEQ_CLS and (req.num_labels is None or req.num_labels < 2):
         raise UserError(
             f"a classifier needs at least 2 labels, got {req.num_labels}; pass --labels N (N >= 2) or --label-names a,b"
         )
-    if req.task == "causal-lm" and req.num_labels is not None:
+    if req.task == Task.CAUSAL_LM and req.num_labels is not None:
         if req.label_names is None:
             raise UserError(
                 "--task causal-lm answers with label words: name them with --label-names a,b (not --labels N)"
@@ -190,7 +194,7 @@ def check_request(req: ExportRequest) -> None:
 
 
 def _head_description(task: str, word_ids: list[int] | None) -> str:
-    if task == "seq-cls":
+    if task == Task.SEQ_CLS:
         return "Linear(hidden, labels) on mean-pooled last hidden states"
     if word_ids:
         return "lm_head rows of the label words, at the prompt's last token (frozen)"
@@ -242,13 +246,14 @@ def export(req: ExportRequest) -> Manifest:
 
 def _export_into(tmp: Path, req: ExportRequest) -> Manifest:
     from fwdllm.export.models import load
-    from fwdllm.export.perturbable import PerturbableModel
 
     torch.manual_seed(0)
     t_start = time.perf_counter()
     loaded = load(req.model, req.task)
     word_ids = (
-        label_word_ids(loaded.tokenizer_file, req.label_names) if req.task == "causal-lm" and req.label_names else None
+        label_word_ids(loaded.tokenizer_file, req.label_names)
+        if req.task == Task.CAUSAL_LM and req.label_names
+        else None
     )
     plan = build_plan(loaded.model, req.task, req.num_labels, req.peft, word_ids)
     spec = plan.spec
@@ -300,7 +305,7 @@ def _export_into(tmp: Path, req: ExportRequest) -> Manifest:
                 "model_type": cfg.model_type,
                 "max_position_embeddings": max_pos,
                 "vocab_size": vocab,
-                "pooling": "mean" if req.task == "seq-cls" else None,
+                "pooling": "mean" if req.task == Task.SEQ_CLS else None,
                 "head": _head_description(req.task, word_ids),
             },
         ),

@@ -14,6 +14,7 @@ from fwdllm.export.archs import ArchSpec, spec_for
 from fwdllm.export.methods import Site, methods, parse_trainable_layers
 from fwdllm.export.perturbable import Plan
 from fwdllm.proto.manifest import ThetaLayout
+from fwdllm.proto.names import Task
 
 
 @dataclass
@@ -95,7 +96,7 @@ def build_plan(
     num_layers = spec.num_layers(model)
     start = _apply_peft_adapter(opts.from_peft_adapter, opts) if opts.from_peft_adapter else None
     if opts.method == "head" or opts.trainable_layers == "head":
-        if task == "causal-lm":
+        if task == Task.CAUSAL_LM:
             raise UserError("--task causal-lm has no classification head to train; choose --peft bitfit|adapter|lora")
         opts.method, opts.trainable_layers = "head", "head"
     table = methods()
@@ -133,7 +134,7 @@ def build_plan(
                 site.tensors[i] = (suffix, value.float())
     modules_by_path = dict(model.named_modules())
     expand = min((owner[id(modules_by_path[s.path])] for s in sites), default=num_layers + 1)
-    if task == "seq-cls":
+    if task == Task.SEQ_CLS:
         if num_labels is None or num_labels < 2:
             raise UserError(
                 f"a classifier needs at least 2 labels, got {num_labels}; pass --labels N (N >= 2) or --label-names a,b"
@@ -151,7 +152,7 @@ def build_plan(
             f"--peft {opts.method} with --trainable-layers {opts.trainable_layers} leaves nothing trainable"
         )
     layout = ThetaLayout.from_shapes([(n, tuple(t.shape)) for s in sites for n, (_, t) in zip(s.names(), s.tensors)])
-    if task == "causal-lm" and label_token_ids:
+    if task == Task.CAUSAL_LM and label_token_ids:
         num_labels = len(label_token_ids)
     return Plan(
         spec,
@@ -161,7 +162,7 @@ def build_plan(
         expand,
         task,
         num_labels,
-        tuple(label_token_ids) if task == "causal-lm" and label_token_ids else None,
+        tuple(label_token_ids) if task == Task.CAUSAL_LM and label_token_ids else None,
     )
 
 

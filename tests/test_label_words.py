@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from export_helpers import rel_err, tiny_checkpoint
 
-from fwdllm.data.datasets import CAUSAL_LM, load_dataset
+from fwdllm.data.datasets import load_dataset
+from fwdllm.proto.names import Task
 
 BBC_WORDS = ["business", "entertainment", "politics", "sports", "tech"]
 
@@ -37,7 +38,7 @@ def _cross_entropy(logits, labels):
 
 def test_bbc_lm_poses_each_article_as_a_prompt_answered_by_its_topic_word():
     plain, words = load_dataset("bbc"), load_dataset("bbc-lm")
-    assert words.task == CAUSAL_LM and words.labels == plain.labels == BBC_WORDS
+    assert words.task == Task.CAUSAL_LM and words.labels == plain.labels == BBC_WORDS
     assert len(words.train) == len(plain.train) and len(words.heldout) == len(plain.heldout)
     for e, p in zip(words.heldout[:50], plain.heldout[:50]):
         assert e["label"] == p["label"]
