@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from fwdllm.errors import UserError
+from fwdllm.proto.names import AggregationMethod, DifferenceScheme, Distribution, VarianceMode
 
 from .optimizer import OptimizerConfig
 
@@ -26,8 +27,8 @@ class RunConfig:
     min_results: int = 1  # results that let a wave close at its deadline
     selection: str = "random"  # random | weighted (by past reliability and cpu count)
     epsilon: float = 0.01
-    scheme: str = "central"  # central | forward
-    distribution: str = "gaussian"  # gaussian | rademacher
+    scheme: str = DifferenceScheme.CENTRAL
+    distribution: str = Distribution.GAUSSIAN
     batch_size: int = 8
     deadline_s: float = 120.0  # per wave; results after a task's deadline are rejected
     seed: int = 0  # client selection randomness
@@ -37,7 +38,7 @@ class RunConfig:
 @dataclass
 class AggregationConfig:
     clip: float = 1e4  # bound on |jvp| of one perturbation; 0 for none
-    method: str = "mean"  # mean | trimmed | median (the last two: across per-client estimates)
+    method: str = AggregationMethod.MEAN  # trimmed and median: across per-client estimates
     trim: float = 0.1
     chunk: int = 1 << 14  # values per column chunk (cache-sized blocks of seed_group x chunk)
     threads: int = 0  # 0: up to 8 (cpu count)
@@ -45,7 +46,7 @@ class AggregationConfig:
 
 @dataclass
 class VarianceConfig:
-    mode: str = "off"  # off | fixed | threshold | relative
+    mode: str = VarianceMode.OFF
     probe: str = "all"  # a theta tensor name, or "all"
     threshold: float = 0.1  # mode threshold: absolute split-half variance
     relative: float = 0.25  # mode relative: fraction of step 0's first-wave variance
@@ -97,10 +98,10 @@ class CoordinatorConfig:
     def check(self) -> None:
         r = self.run
         _choice("run.selection", r.selection, ("random", "weighted"))
-        _choice("run.scheme", r.scheme, ("central", "forward"))
-        _choice("run.distribution", r.distribution, ("gaussian", "rademacher"))
-        _choice("aggregation.method", self.aggregation.method, ("mean", "trimmed", "median"))
-        _choice("variance.mode", self.variance.mode, ("off", "fixed", "threshold", "relative"))
+        _choice("run.scheme", r.scheme, DifferenceScheme)
+        _choice("run.distribution", r.distribution, Distribution)
+        _choice("aggregation.method", self.aggregation.method, AggregationMethod)
+        _choice("variance.mode", self.variance.mode, VarianceMode)
         for name, value in [
             ("run.steps", r.steps),
             ("run.clients_per_step", r.clients_per_step),
@@ -124,6 +125,7 @@ class CoordinatorConfig:
 
 
 def _choice(name: str, value, allowed) -> None:
+    allowed = [str(a) for a in allowed]
     if value not in allowed:
         raise UserError(f"{name} is {value!r}; use one of {list(allowed)}")
 

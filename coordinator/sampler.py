@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fwdllm.proto.perturbation import Distribution
+from fwdllm.proto.names import Distribution
 
 from .aggregation import SeedMatrix
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fwdllm.proto.names import VarianceMode
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from fwdllm.data.cli import add_data_arguments
@@ -40,8 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--clip-norm", type=float, default=None, help="clip the gradient estimate to this L2 norm")
     s.add_argument(
         "--variance",
-        choices=["off", "fixed", "threshold", "relative"],
-        default="off",
+        choices=list(VarianceMode),
+        default=VarianceMode.OFF,
         help="variance control: more waves of perturbations while the estimate is noisy (default off)",
     )
     s.add_argument("--max-waves", type=int, default=8, help="waves per step at most, with variance control")
