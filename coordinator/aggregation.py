@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from fwdllm.errors import UserError
-from fwdllm.proto.perturbation import Distribution, generate
+from fwdllm.proto.names import AggregationMethod, Distribution
+from fwdllm.proto.perturbation import generate
 
 DEFAULT_CHUNK = 1 << 14
 DEFAULT_SEED_GROUP = 32
-ROBUST_METHODS = ("mean", "trimmed", "median")
 
 
 def default_threads() -> int:
@@ -178,7 +178,7 @@ def aggregate(
     dim: int,
     dist: Distribution | str,
     *,
-    method: str = "mean",
+    method: str = AggregationMethod.MEAN,
     trim: float = 0.1,
     chunk: int = DEFAULT_CHUNK,
     threads: int | None = None,
@@ -189,17 +189,21 @@ def aggregate(
     client's own estimate (its mean of jvp_i v_i), then the coordinate-wise trimmed mean
     (``trim`` of the clients cut at each end) or median across clients.
     """
-    if method not in ROBUST_METHODS:
-        raise UserError(f"aggregation method {method!r} is unknown; use one of {ROBUST_METHODS}")
+    if method not in tuple(AggregationMethod):
+        raise UserError(f"aggregation method {method!r} is unknown; use one of {list(AggregationMethod)}")
     n = scalars.seeds.size
     if n == 0:
         return np.zeros(dim, dtype=np.float32)
     matrix = SeedMatrix(scalars.seeds, dim, dist, chunk=chunk, threads=threads)
-    if method == "mean":
+    if method == AggregationMethod.MEAN:
         return matrix.rmatvec(scalars.jvp / np.float32(n))
     present, groups = np.unique(scalars.clients, return_inverse=True)
     counts = np.bincount(groups).astype(np.float32)
-    reduce = trimmed_mean(trim) if method == "trimmed" else (lambda per_client: np.median(per_client, axis=0))
+    reduce = (
+        trimmed_mean(trim)
+        if method == AggregationMethod.TRIMMED
+        else (lambda per_client: np.median(per_client, axis=0))
+    )
     return matrix.rmatvec_groups(scalars.jvp / counts[groups], groups, present.size, reduce)
 
 
