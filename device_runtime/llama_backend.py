@@ -1,6 +1,6 @@
 """The llama.cpp backend: a GGUF base model, θ + εv applied as a LoRA adapter, loss from the logits.
 
-Per θ row the backend rewrites one adapter GGUF (``fwdllm.export.gguf_lora``), loads it with
+Per θ row the backend rewrites one adapter GGUF (``fwdllm.proto.gguf_lora``), loads it with
 ``llama_adapter_lora_init`` and makes it the context's only adapter; the base weights
 (q4_0, q8_0 or f16) are loaded once. Each sequence is one ``llama_decode`` that asks for
 logits only at the positions that predict a labelled token, so the backend never holds
@@ -144,7 +144,7 @@ class LlamaBackend(Backend):
     def __init__(
         self, bundle_dir: str | Path, manifest: Manifest, graph: GraphSpec, options: dict[str, Any] | None = None
     ):
-        from fwdllm.export.gguf_lora import LoraAdapterWriter, lora_alpha
+        from fwdllm.proto.gguf_lora import LoraAdapterWriter, lora_alpha
 
         super().__init__(bundle_dir, manifest, graph, options or {})
         if graph.format != "gguf" or graph.theta_channel != "lora-adapter":

@@ -3,7 +3,7 @@
 The base model is written with ``gguf``'s GGUFWriter from the PyTorch weights (so any
 llama-architecture checkpoint works, not only the shipped SmolLM2), then quantized by
 llama.cpp's own ``llama_model_quantize``. θ never enters the base file: a device applies
-θ + εv as a LoRA adapter GGUF rebuilt per perturbation (``gguf_lora.py``; why in
+θ + εv as a LoRA adapter GGUF rebuilt per perturbation (``proto/gguf_lora.py``; why in
 export/BUNDLE.md, "llama.cpp θ channel"). A label-word bundle cut at a layer also gets a
 ``suffix`` GGUF per precision, the layers above the cut (``gguf_suffix.py``).
 """
@@ -19,15 +19,16 @@ from pathlib import Path
 import numpy as np
 
 from fwdllm.errors import UserError
+from fwdllm.proto.gguf_lora import LoraAdapterWriter, lora_alpha, rope_permute
 from fwdllm.proto.manifest import GraphSpec, PeftInfo, TensorSpec, ThetaLayout
+from fwdllm.proto.names import Precision, ThetaChannel
 
-from .gguf_lora import LoraAdapterWriter, lora_alpha, rope_permute
 from .gguf_suffix import write_suffix
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("f16", "q8_0", "q4_0")
-THETA_CHANNEL = "lora-adapter"
+PRECISIONS = (Precision.F16, Precision.Q8_0, Precision.Q4_0)
+THETA_CHANNEL = ThetaChannel.LORA_ADAPTER
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -191,7 +192,8 @@ def _tokenizer_keys(path: Path, vocab_size: int) -> dict[str, tuple]:
     n = len(keys["tokenizer.ggml.tokens"][0])
     if n != vocab_size:
         raise UserError(
-            f"the tokenizer in {path} has {n} tokens, the model {vocab_size}: pass the tokenizer that belongs to this model"
+            f"the tokenizer in {path} has {n} tokens, the model {vocab_size}: "
+            "pass the tokenizer that belongs to this model"
         )
     return keys
 

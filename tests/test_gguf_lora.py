@@ -7,7 +7,7 @@ from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
 from fwdllm.errors import UserError
 from fwdllm.export.gguf import export_gguf
-from fwdllm.export.gguf_lora import LoraAdapterWriter, gguf_lora_name, lora_alpha, rope_permute
+from fwdllm.proto.gguf_lora import LoraAdapterWriter, gguf_lora_name, lora_alpha, rope_permute
 from fwdllm.proto.manifest import BundleError, PeftInfo, ThetaLayout
 
 N_HEAD, N_HEAD_KV, HIDDEN, KV, R = 4, 2, 32, 16, 3

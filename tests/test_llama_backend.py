@@ -13,8 +13,8 @@ import torch
 
 from fwdllm.device_runtime.backend import BackendError, Batch, open_backend
 from fwdllm.device_runtime.engine import forward_gradients
-from fwdllm.export import gguf_lora
 from fwdllm.export.gguf import export_gguf, smollm2_gguf
+from fwdllm.proto import gguf_lora
 from fwdllm.proto.manifest import (
     THETA_FILE,
     BundleError,

@@ -170,7 +170,7 @@ def test_whole_vocabulary_logits_need_the_uncut_model(bundle, examples):
 
 
 def test_suffix_adapter_names_count_from_the_cut():
-    from fwdllm.export.gguf_lora import gguf_lora_name
+    from fwdllm.proto.gguf_lora import gguf_lora_name
     from fwdllm.proto.manifest import BundleError
 
     name = "base_model.model.model.layers.29.self_attn.v_proj.lora_B.default.weight"

@@ -1,8 +1,8 @@
 """θ as a llama.cpp LoRA adapter GGUF: the layout mapping, the RoPE permutation and a fast rewriter.
 
-Shared by the exporter (which writes the adapter at θ0) and the device's llama.cpp backend
-(which rewrites it for every perturbed θ). It needs numpy and ``gguf`` only, so a device can
-import it without torch.
+A contract beside the manifest: the exporter writes the adapter at θ0 and the device's llama.cpp
+backend rewrites it for every perturbed θ. It needs numpy, and ``gguf`` only inside the functions
+that write a file, so a device imports it without torch and proto stays importable with numpy alone.
 
 Adapter layout (llama.cpp ``src/llama-adapter.cpp``): keys ``general.type = adapter``,
 ``adapter.type = lora``, ``adapter.lora.alpha``; one ``<base tensor>.lora_a`` / ``.lora_b``
