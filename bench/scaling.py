@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
-    from fwdllm.data.datasets import AGNEWS_LABELS
+    from fwdllm.data.corpora import AGNEWS_LABELS
 
     per_steps = (1, 10) if args.quick else (1, 10, 50, 200)
     clients, steps, every, limit = (20, 3, 1, 64) if args.quick else (200, 12, 1, 300)

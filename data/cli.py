@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_data_arguments(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
@@ -24,16 +25,27 @@ def add_data_arguments(p: argparse.ArgumentParser, *, positional: bool = False) 
         "--heldout-fraction", type=float, default=0.2, help="share held out where the data has no split (default 0.2)"
     )
     p.add_argument("--split-seed", type=int, default=0, help="seed of that held-out split (default 0)")
+    p.add_argument(
+        "--heldout-file",
+        type=Path,
+        help="csv/tsv/jsonl: a file of held-out examples (e.g. a dev split); none is carved",
+    )
+    p.add_argument(
+        "--label-map", metavar="VALUE=NAME,...", help="csv/tsv/jsonl: label values to names, e.g. 0=negative,1=positive"
+    )
 
 
 def options_from_args(args: argparse.Namespace):
     from fwdllm.data.datasets import LoadOptions
+    from fwdllm.data.tables import parse_label_map
 
     return LoadOptions(
         text_column=args.text_column,
         label_column=args.label_column,
         heldout_fraction=args.heldout_fraction,
         seed=args.split_seed,
+        heldout_file=args.heldout_file,
+        label_map=parse_label_map(args.label_map) if args.label_map else None,
     )
 
 

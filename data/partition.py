@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from fwdllm.data.datasets import DataError, Dataset, LoadOptions, label_ids, load_dataset
 from fwdllm.data.textfiles import read_jsonl
@@ -110,7 +111,7 @@ def _dirichlet_natural(
     )
 
 
-def label_skew(histograms: np.ndarray) -> float:
+def label_skew(histograms: ArrayLike) -> float:
     """Mean total-variation distance between each client's label mix and the overall one (0 = IID, 1 = disjoint)."""
     histograms = np.asarray(histograms, dtype=np.float64)
     overall = histograms.sum(0) / histograms.sum()

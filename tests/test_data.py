@@ -23,6 +23,7 @@ from fwdllm.data.partition import (
     read_partition,
     write_partition,
 )
+from fwdllm.data.tables import parse_label_map  # noqa: E402
 from fwdllm.proto.names import Task
 
 
@@ -113,6 +114,54 @@ def test_generic_csv_tsv_jsonl_with_named_columns(tmp_path):
         assert _ids(data.train + data.heldout) == expected
     with pytest.raises(DataError, match="--text-column"):
         load_dataset(f"csv:{tmp_path / 'd.csv'}")
+
+
+def test_explicit_heldout_file_and_label_map(tmp_path, capsys):
+    def write(name, n, offset):
+        rows = [{"sentence": f"s{offset + i}", "y": str((offset + i) % 2)} for i in range(n)]
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    write("train.jsonl", 20, 0)
+    write("dev.jsonl", 6, 100)
+    opts = LoadOptions(
+        text_column="sentence",
+        label_column="y",
+        heldout_file=tmp_path / "dev.jsonl",
+        label_map={"1": "positive", "0": "negative"},
+    )
+    data = load_dataset(f"jsonl:{tmp_path / 'train.jsonl'}", opts)
+    assert data.labels == ["positive", "negative"]  # the map's order, not sorted
+    assert [e["text"] for e in data.train] == [f"s{i}" for i in range(20)]  # nothing carved from train
+    assert [e["text"] for e in data.heldout] == [f"s{100 + i}" for i in range(6)]
+    assert [e["label"] for e in data.heldout] == ["negative", "positive"] * 3
+    assert data.label_ids(data.heldout).tolist() == [1, 0] * 3
+    with pytest.raises(DataError, match=r"\['1'\].*not in --label-map"):
+        load_dataset(
+            f"jsonl:{tmp_path / 'train.jsonl'}",
+            LoadOptions(text_column="sentence", label_column="y", label_map={"0": "negative"}),
+        )
+    with pytest.raises(DataError, match="VALUE=NAME"):
+        parse_label_map("0:negative")
+    # the same through the CLI
+    assert (
+        main(
+            [
+                "data",
+                "show",
+                f"jsonl:{tmp_path / 'train.jsonl'}",
+                "--text-column",
+                "sentence",
+                "--label-column",
+                "y",
+                "--heldout-file",
+                str(tmp_path / "dev.jsonl"),
+                "--label-map",
+                "0=negative,1=positive",
+            ]
+        )
+        == 0
+    )
+    assert "held-out 6" in capsys.readouterr().out
 
 
 def test_squad_gives_prompt_target_pairs_split_by_article(tmp_path):
