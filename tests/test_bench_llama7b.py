@@ -1,4 +1,4 @@
-"""bench/llama7b.py: the arithmetic that turns SmolLM2 measurements into LLaMA-7B estimates, against hand counts.
+"""bench/llama7b_model.py: the arithmetic that turns SmolLM2 measurements into LLaMA-7B estimates, against hand counts.
 
 Every expected value is written out matrix by matrix from the model cards' shapes, not with the module's formulas;
 no test times anything.
@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.llama7b import (  # noqa: E402
+from bench.llama7b_model import (  # noqa: E402
     BITS,
     LLAMA_7B,
     SMOLLM2,
