@@ -1,6 +1,7 @@
 """The gRPC server around a Coordinator: TLS, message limits, health, reflection, bad-input handling.
 
-Methods are registered by hand (not with the generated ``add_FwdLLMServicer_to_server``) so
+A thin adapter: wire.py converts the messages, this maps a ``Reject``'s reason to its status
+code. Methods are registered by hand (not with the generated ``add_FwdLLMServicer_to_server``) so
 that a request that does not parse reaches a handler as ``Malformed`` and is answered
 INVALID_ARGUMENT and counted, like every other rejected request, instead of an anonymous
 INTERNAL. A bug in one request is answered INTERNAL and logged; the server keeps serving.
@@ -8,7 +9,6 @@ INTERNAL. A bug in one request is answered INTERNAL and logged; the server keeps
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
 import threading
@@ -25,12 +25,37 @@ from tqdm import tqdm
 from fwdllm.errors import UserError
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
 
-from .rounds import Coordinator, Reject
+from .messages import Reason, Reject
+from .rounds import Coordinator
+from .wire import ProtoCoordinator
 
 log = logging.getLogger("fwdllm.coordinator.server")
 
 SERVICE = "fwdllm.v1.FwdLLM"
 TICK_S = 0.2
+
+GRPC_STATUS = {
+    Reason.UNKNOWN_CLIENT: grpc.StatusCode.UNAUTHENTICATED,
+    Reason.INACTIVE_CLIENT: grpc.StatusCode.UNAUTHENTICATED,
+    Reason.BAD_TOKEN: grpc.StatusCode.UNAUTHENTICATED,
+    Reason.RATE_LIMITED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.PROTOCOL: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.TOKEN_UNKNOWN: grpc.StatusCode.UNAUTHENTICATED,
+    Reason.TOKEN_REVOKED: grpc.StatusCode.PERMISSION_DENIED,
+    Reason.FINGERPRINT: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.SEED_SPACE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Reason.UNKNOWN_TASK: grpc.StatusCode.NOT_FOUND,
+    Reason.NOT_YOUR_TASK: grpc.StatusCode.PERMISSION_DENIED,
+    Reason.WRONG_ROUND: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.STALE: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.CANCELLED: grpc.StatusCode.FAILED_PRECONDITION,
+    Reason.LATE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Reason.WRONG_SEEDS: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.MALFORMED: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.NONFINITE: grpc.StatusCode.INVALID_ARGUMENT,
+    Reason.DUPLICATE: grpc.StatusCode.ALREADY_EXISTS,
+    Reason.UNKNOWN_VERSION: grpc.StatusCode.NOT_FOUND,
+}
 
 
 @dataclass
@@ -41,7 +66,7 @@ class Malformed:
 
 class Servicer:
     def __init__(self, coordinator: Coordinator):
-        self.c = coordinator
+        self.c, self.proto = coordinator, ProtoCoordinator(coordinator)
 
     def _fail(self, context, code: grpc.StatusCode, counter: str, message: str, method: str):
         self.c.count(counter)
@@ -60,14 +85,14 @@ class Servicer:
         try:
             return fn(request)
         except Reject as r:
-            self._fail(context, r.code, r.counter, r.message, method)
+            self._fail(context, GRPC_STATUS[r.reason], r.counter, r.message, method)
         except Exception:  # one bad request must never stop the server
             log.exception("%s failed", method)
             self.c.count("internal_errors")
             context.abort(grpc.StatusCode.INTERNAL, f"{method} failed on the server; see its log")
 
     def handler(self) -> grpc.GenericRpcHandler:
-        c = self.c
+        c = self.proto
 
         def unary(method, fn, request_type):
             def behaviour(request, context):
@@ -91,7 +116,7 @@ class Servicer:
             try:
                 yield from c.fetch_parameters(request)
             except Reject as r:
-                self._fail(context, r.code, r.counter, r.message, "FetchParameters")
+                self._fail(context, GRPC_STATUS[r.reason], r.counter, r.message, "FetchParameters")
 
         handlers = {
             "Join": unary("Join", c.join, pb.JoinRequest),
@@ -209,9 +234,8 @@ def serve_forever(running: RunningServer, endpoint_file: Path | None = None, exi
     while not done.wait(0.5):
         if c.step != bar.n:
             bar.update(c.step - bar.n)
-            last = c.store.query("SELECT row FROM metrics ORDER BY step DESC LIMIT 1")
-            if last:
-                row = json.loads(last[0][0])
+            row = c.store.last_metrics()
+            if row:
                 bar.set_postfix(
                     {
                         k: f"{row[k]:.4g}"
@@ -219,7 +243,7 @@ def serve_forever(running: RunningServer, endpoint_file: Path | None = None, exi
                         if isinstance(row.get(k), (int, float))
                     }
                 )
-        if exit_when_finished and c.store.get("finished"):
+        if exit_when_finished and c.run.finished:
             # Give devices a few heartbeats to hear run_finished before the port closes.
             finished_since = finished_since or time.monotonic()
             if time.monotonic() - finished_since > 2 * running.coordinator.cfg.server.heartbeat_ms / 1000:

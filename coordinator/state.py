@@ -1,18 +1,19 @@
 """Durable coordinator state: SQLite (WAL) for everything small, safetensors checkpoints for theta.
 
-The commit points are SQLite transactions: a task (and the seed ordinals it consumed) is
-committed before a device sees it, a result before the device hears "accepted", and a step
-is applied by writing the next checkpoint file first and then advancing the step counter in
-one transaction. A SIGKILL between the two leaves the old step open with all its results,
-so the restart recomputes the same update bit for bit and overwrites the file. WAL with
-synchronous=NORMAL survives any process crash (only an OS crash could lose the last commit).
+Every SQL statement of the coordinator lives here, and rows leave only as the typed records of
+records.py. The commit points are SQLite transactions: a task (and the seed ordinals it
+consumed) is committed before a device sees it, a result before the device hears "accepted",
+and a step is applied by writing the next checkpoint file first and then advancing the step
+counter in one transaction. A SIGKILL between the two leaves the old step open with all its
+results, so the restart recomputes the same update bit for bit and overwrites the file. WAL
+with synchronous=NORMAL survives any process crash (only an OS crash could lose the last commit).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-import os
 import sqlite3
 import threading
 import time
@@ -23,6 +24,9 @@ import numpy as np
 
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import ThetaLayout
+
+from .checkpoints import read_theta, write_theta
+from .records import Candidate, ClientAuth, HistoryRecord, Result, RunState, Task
 
 DB_FILE = "coordinator.sqlite"
 CHECKPOINT_DIR = "checkpoints"
@@ -48,6 +52,9 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 CREATE TABLE IF NOT EXISTS metrics (step INTEGER PRIMARY KEY, row TEXT NOT NULL);
 """
 
+TASK_COLUMNS = "task_id, step, wave, client_id, seeds, explicit, batch_start, batch_size, deadline_ms, status"
+LIVE = "('open','accepted')"
+
 
 def now_ms() -> int:
     return int(time.time() * 1000)
@@ -57,8 +64,21 @@ def token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _task(row: tuple) -> Task:
+    task_id, step, wave, client_id, seeds, explicit, batch_start, batch_size, deadline_ms, status = row
+    seeds = np.frombuffer(seeds, "<u8")
+    return Task(task_id, step, wave, client_id, seeds, bool(explicit), batch_start, batch_size, deadline_ms, status)
+
+
+def _result(row: tuple) -> Result:
+    task_id, step, wave, client_id, seeds, jvp, nonfinite, *rest = row
+    arrays = np.frombuffer(seeds, "<u8"), np.frombuffer(jvp, "<f4"), np.frombuffer(nonfinite, "<u4")
+    return Result(task_id, step, wave, client_id, *arrays, *rest)
+
+
 class Store:
-    """One SQLite connection shared under a lock; every write goes through ``transaction``."""
+    """One SQLite connection shared under a lock. Writes go through ``transaction``; the run state is
+    read from memory and becomes visible to other threads when the transaction that saved it commits."""
 
     def __init__(self, state_dir: Path):
         self.dir = Path(state_dir)
@@ -72,112 +92,300 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
-        # meta is read on every request: served from memory, written through, updated on commit only.
-        self._meta = {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
-        self._pending: dict = {}
+        self._committed = self._load_run()
+        self._pending: RunState | None = None
+        self.tasks, self.results = Tasks(self), Results(self)
 
     @contextmanager
     def transaction(self):
         with self.lock:
             self.db.execute("BEGIN IMMEDIATE")
-            self._pending = {}
+            self._pending = None
             try:
                 yield self.db
             except BaseException:
                 self.db.execute("ROLLBACK")
-                self._pending = {}
+                self._pending = None
                 raise
             self.db.execute("COMMIT")
-            self._meta.update(self._pending)
-            self._pending = {}
+            self._committed = self._pending or self._committed
+            self._pending = None
 
-    def query(self, sql: str, args=()) -> list[tuple]:
+    def write(self, sql: str, args=()) -> sqlite3.Cursor:
+        if not self.db.in_transaction:
+            raise RuntimeError("a store write outside a transaction would commit on its own")
+        return self.db.execute(sql, args)
+
+    def read(self, sql: str, args=()) -> list[tuple]:
         with self.lock:
             return self.db.execute(sql, args).fetchall()
 
-    # ----- meta and counters -----
-    def get(self, key: str, default=None):
-        with self.lock:  # the thread inside a transaction reads its own writes; others wait for the commit
-            if key in self._pending:
-                return self._pending[key]
-            return self._meta.get(key, default)
+    def query(self, sql: str, args=()) -> list[tuple]:
+        """Read-only SQL for operators and tests inspecting a state folder."""
+        return self.read(sql, args)
 
-    def put(self, db, key: str, value) -> None:
-        """Set a meta value inside a ``transaction``; readers see it once that commits."""
-        db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
-        self._pending[key] = json.loads(json.dumps(value))
+    # ----- run state -----
+    def _load_run(self) -> RunState | None:
+        stored = {k: json.loads(v) for k, v in self.db.execute("SELECT key, value FROM meta")}
+        if "fingerprint" not in stored:
+            return None
+        values = {k: v for k, v in stored.items() if k in RunState.field_names()}
+        values["wave_variances"] = tuple(values.get("wave_variances") or ())
+        return RunState(**values)
 
-    @staticmethod
-    def bump(db, name: str, by: int = 1) -> None:
-        db.execute(
+    @property
+    def run(self) -> RunState | None:
+        """The run state: the saving thread sees its transaction's, others the last committed one."""
+        with self.lock:
+            return self._pending or self._committed
+
+    def save_run(self, run: RunState) -> None:
+        """Write the run state, one meta row per field, in the open transaction."""
+        values = dataclasses.asdict(run)
+        values["wave_variances"] = list(run.wave_variances)
+        for key, value in values.items():
+            self.write("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
+        self._pending = run
+
+    def get(self, field: str):
+        """One run-state field by name; a name that is not a field raises AttributeError."""
+        return getattr(self.run, field)
+
+    # ----- counters -----
+    def bump(self, name: str, by: int = 1) -> None:
+        self.write(
             "INSERT INTO counters VALUES (?, ?) ON CONFLICT(name) DO UPDATE SET value = value + ?", (name, by, by)
         )
 
     def counters(self) -> dict[str, int]:
-        return dict(self.query("SELECT name, value FROM counters"))
+        return dict(self.read("SELECT name, value FROM counters"))
 
     # ----- enrolment tokens -----
     def add_token(self, token: str, label: str = "") -> None:
-        with self.transaction() as db:
-            db.execute("INSERT INTO tokens VALUES (?, ?, ?, 0)", (token_hash(token), label, now_ms()))
+        with self.transaction():
+            self.write("INSERT INTO tokens VALUES (?, ?, ?, 0)", (token_hash(token), label, now_ms()))
 
     def revoke_token(self, token: str) -> bool:
         """Revoke a token and end the sessions of the clients that enrolled with it."""
         h = token_hash(token)
-        with self.transaction() as db:
-            found = db.execute("UPDATE tokens SET revoked=1 WHERE hash=?", (h,)).rowcount
-            db.execute("UPDATE clients SET active=0, session_hash=NULL WHERE token_hash=?", (h,))
+        with self.transaction():
+            found = self.write("UPDATE tokens SET revoked=1 WHERE hash=?", (h,)).rowcount
+            self.write("UPDATE clients SET active=0, session_hash=NULL WHERE token_hash=?", (h,))
         return bool(found)
 
     def token_state(self, token: str) -> str:
-        rows = self.query("SELECT revoked FROM tokens WHERE hash=?", (token_hash(token),))
+        rows = self.read("SELECT revoked FROM tokens WHERE hash=?", (token_hash(token),))
         return "unknown" if not rows else ("revoked" if rows[0][0] else "valid")
 
-    # ----- checkpoints -----
+    # ----- clients -----
+    def client_auth(self, client_id: str) -> ClientAuth | None:
+        rows = self.read("SELECT session_hash, token_hash, active FROM clients WHERE client_id=?", (client_id,))
+        return ClientAuth(rows[0][0], rows[0][1], bool(rows[0][2])) if rows else None
+
+    def add_client(self, client_id: str, session: str, token: str, name: str, caps: dict, examples: int) -> None:
+        now = now_ms()
+        self.write(
+            "INSERT INTO clients (client_id, session_hash, token_hash, name, capabilities, num_examples, "
+            "joined_ms, last_seen_ms) VALUES (?,?,?,?,?,?,?,?)",
+            (client_id, token_hash(session), token_hash(token), name, json.dumps(caps), examples, now, now),
+        )
+
+    def rejoin_client(self, client_id: str, session: str, name: str, caps: dict, examples: int) -> None:
+        self.write(
+            "UPDATE clients SET session_hash=?, name=?, capabilities=?, num_examples=?, last_seen_ms=?, "
+            "active=1 WHERE client_id=?",
+            (token_hash(session), name, json.dumps(caps), examples, now_ms(), client_id),
+        )
+
+    def deactivate_client(self, client_id: str) -> None:
+        """The client left: it is no longer selected and its open tasks expire."""
+        self.write("UPDATE clients SET active=0 WHERE client_id=?", (client_id,))
+        self.write("UPDATE tasks SET status='expired' WHERE client_id=? AND status='open'", (client_id,))
+
+    def active_clients(self) -> list[Candidate]:
+        rows = self.read("SELECT client_id, answered, failed, capabilities FROM clients WHERE active=1")
+        return [Candidate(c, a, f, int(json.loads(caps or "{}").get("cpu_count", 1) or 1)) for c, a, f, caps in rows]
+
+    def count_clients(self) -> int:
+        return self.read("SELECT COUNT(*) FROM clients")[0][0]
+
+    def record_last_seen(self, seen: dict[str, int]) -> None:
+        for client_id, seen_ms in seen.items():
+            self.write("UPDATE clients SET last_seen_ms=? WHERE client_id=?", (seen_ms, client_id))
+
+    # ----- update history and metrics -----
+    def add_history(self, record: HistoryRecord, keep: int) -> None:
+        """Record an update and forget those ``keep`` versions older."""
+        seeds, coefficients = record.seeds.astype("<u8").tobytes(), record.coefficients.astype("<f4").tobytes()
+        self.write("INSERT OR REPLACE INTO history VALUES (?,?,?,?)", (record.version, record.lr, seeds, coefficients))
+        self.write("DELETE FROM history WHERE version<=?", (record.version - keep,))
+
+    def history_seed_counts(self, after: int, upto: int) -> dict[int, int]:
+        """Seeds per kept version in (after, upto], without reading the records."""
+        rows = self.read(
+            "SELECT version, LENGTH(seeds) / 8 FROM history WHERE version>? AND version<=? ORDER BY version",
+            (after, upto),
+        )
+        return dict(rows)
+
+    def history(self, after: int, upto: int) -> list[HistoryRecord]:
+        rows = self.read(
+            "SELECT version, lr, seeds, coefficients FROM history WHERE version>? AND version<=? ORDER BY version",
+            (after, upto),
+        )
+        return [HistoryRecord(v, lr, np.frombuffer(s, "<u8"), np.frombuffer(c, "<f4")) for v, lr, s, c in rows]
+
+    def put_metrics(self, row: dict) -> None:
+        self.write("INSERT OR REPLACE INTO metrics VALUES (?, ?)", (row["step"], json.dumps(row)))
+
+    def metrics(self) -> list[dict]:
+        return [json.loads(row) for (row,) in self.read("SELECT row FROM metrics ORDER BY step")]
+
+    def last_metrics(self) -> dict | None:
+        rows = self.read("SELECT row FROM metrics ORDER BY step DESC LIMIT 1")
+        return json.loads(rows[0][0]) if rows else None
+
+    # ----- θ files -----
     def checkpoint_path(self, version: int) -> Path:
         return self.dir / CHECKPOINT_DIR / f"theta-v{version:08d}.safetensors"
-
-    def _write(self, path: Path, layout: ThetaLayout, theta: np.ndarray, extra: dict[str, np.ndarray]) -> None:
-        """theta as named tensors (like a bundle's theta.safetensors) plus extra arrays, written atomically."""
-        from safetensors.numpy import save_file
-
-        tensors = {k: np.ascontiguousarray(v) for k, v in layout.split(np.asarray(theta, dtype=np.float32)).items()}
-        tensors.update({f"__state__.{k}": np.ascontiguousarray(v, dtype=np.float32) for k, v in extra.items()})
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        tmp.replace(path)
 
     def save_checkpoint(
         self, version: int, layout: ThetaLayout, theta: np.ndarray, extra: dict[str, np.ndarray], keep: int
     ) -> None:
         """theta of ``version`` plus optimiser state; only the last ``keep`` versions stay."""
-        self._write(self.checkpoint_path(version), layout, theta, extra)
+        write_theta(self.checkpoint_path(version), layout, theta, extra)
         for old in sorted((self.dir / CHECKPOINT_DIR).glob("theta-v*.safetensors"))[:-keep]:
             old.unlink(missing_ok=True)
 
-    def save_named(self, name: str, layout: ThetaLayout, theta: np.ndarray) -> None:
-        self._write(self.dir / name, layout, theta, {})
-
-    def load_named(self, name: str, layout: ThetaLayout) -> np.ndarray:
-        from safetensors.numpy import load_file
-
-        return layout.flatten(load_file(str(self.dir / name)))
-
     def load_checkpoint(self, version: int, layout: ThetaLayout) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        from safetensors.numpy import load_file
-
         path = self.checkpoint_path(version)
         if not path.is_file():
             raise UserError(
                 f"the state folder {self.dir} records theta version {version} but {path.name} is missing; "
                 "restore the checkpoints folder or start a new --state folder"
             )
-        tensors = load_file(str(path))
-        extra = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("__state__.")}
-        return layout.flatten({k: v for k, v in tensors.items() if not k.startswith("__state__.")}), extra
+        return read_theta(path, layout)
+
+    def save_named(self, name: str, layout: ThetaLayout, theta: np.ndarray) -> None:
+        write_theta(self.dir / name, layout, theta, {})
+
+    def load_named(self, name: str, layout: ThetaLayout) -> np.ndarray:
+        return read_theta(self.dir / name, layout)[0]
 
     def close(self) -> None:
         with self.lock:
             self.db.close()
+
+
+class Tasks:
+    """The tasks table: what was handed to whom, and what became of it."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def add(self, task: Task) -> None:
+        self.store.write(
+            f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (
+                task.task_id,
+                task.step,
+                task.wave,
+                task.client_id,
+                task.seeds.astype("<u8").tobytes(),
+                int(task.explicit),
+                task.batch_start,
+                task.batch_size,
+                task.deadline_ms,
+                task.status,
+            ),
+        )
+
+    def get(self, task_id: str) -> Task | None:
+        rows = self.store.read(f"SELECT {TASK_COLUMNS} FROM tasks WHERE task_id=?", (task_id,))
+        return _task(rows[0]) if rows else None
+
+    def live_of(self, client_id: str, step: int, wave: int) -> Task | None:
+        """The client's open or accepted task of this wave, if it holds one."""
+        rows = self.store.read(
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE step=? AND wave=? AND client_id=? AND status IN {LIVE}",
+            (step, wave, client_id),
+        )
+        return _task(rows[0]) if rows else None
+
+    def count_live(self, step: int, wave: int) -> int:
+        return self.store.read(
+            f"SELECT COUNT(*) FROM tasks WHERE step=? AND wave=? AND status IN {LIVE}", (step, wave)
+        )[0][0]
+
+    def overdue(self, step: int, now: int) -> list[Task]:
+        """This step's open tasks past their deadline."""
+        rows = self.store.read(
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE step=? AND status='open' AND deadline_ms<?", (step, now)
+        )
+        return [_task(r) for r in rows]
+
+    def expire(self, task: Task) -> None:
+        """The task's deadline passed: it expires and counts as a failure of its client."""
+        self.store.write("UPDATE tasks SET status='expired' WHERE task_id=?", (task.task_id,))
+        self.store.write("UPDATE clients SET failed=failed+1 WHERE client_id=?", (task.client_id,))
+
+    def cancel_open(self, step: int) -> int:
+        return self.store.write("UPDATE tasks SET status='cancelled' WHERE step=? AND status='open'", (step,)).rowcount
+
+    def dropped_ids(self, client_id: str, since_step: int) -> list[str]:
+        """The client's cancelled or expired tasks of recent steps (heartbeats tell the device to stop them)."""
+        rows = self.store.read(
+            "SELECT task_id FROM tasks WHERE client_id=? AND step>=? AND status IN ('cancelled','expired')",
+            (client_id, since_step),
+        )
+        return [task_id for (task_id,) in rows]
+
+    def count_expired(self, step: int) -> int:
+        return self.store.read("SELECT COUNT(*) FROM tasks WHERE step=? AND status='expired'", (step,))[0][0]
+
+
+class Results:
+    """The open step's accepted results (deleted once the step is applied)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+
+    def add(self, result: Result) -> None:
+        """Store an accepted result, mark its task accepted and count the answer for its client."""
+        r = result
+        self.store.write(
+            "INSERT INTO results VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                r.task_id,
+                r.step,
+                r.wave,
+                r.client_id,
+                r.seeds.astype("<u8").tobytes(),
+                r.jvp.astype("<f4").tobytes(),
+                r.nonfinite.astype("<u4").tobytes(),
+                r.loss_mean,
+                r.num_examples,
+                r.bytes_up,
+                r.received_ms,
+                r.digest,
+            ),
+        )
+        self.store.write("UPDATE tasks SET status='accepted' WHERE task_id=?", (r.task_id,))
+        self.store.write("UPDATE clients SET answered=answered+1 WHERE client_id=?", (r.client_id,))
+
+    def digest(self, task_id: str) -> str | None:
+        rows = self.store.read("SELECT digest FROM results WHERE task_id=?", (task_id,))
+        return rows[0][0] if rows else None
+
+    def count(self, step: int, wave: int) -> int:
+        return self.store.read("SELECT COUNT(*) FROM results WHERE step=? AND wave=?", (step, wave))[0][0]
+
+    def of_step(self, step: int) -> list[Result]:
+        """The step's accepted results in a fixed order, so a recomputed update is bit-identical."""
+        return [_result(r) for r in self.store.read("SELECT * FROM results WHERE step=? ORDER BY task_id", (step,))]
+
+    def clients_of(self, step: int) -> set[str]:
+        return {c for (c,) in self.store.read("SELECT DISTINCT client_id FROM results WHERE step=?", (step,))}
+
+    def delete_step(self, step: int) -> None:
+        self.store.write("DELETE FROM results WHERE step=?", (step,))

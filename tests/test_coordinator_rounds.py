@@ -11,7 +11,12 @@ import pytest
 from test_coordinator_fixtures import dense_v, make_bundle, task_seeds
 
 from fwdllm.coordinator.config import from_dict
-from fwdllm.coordinator.rounds import Coordinator, Reject
+from fwdllm.coordinator.handout import select_clients
+from fwdllm.coordinator.messages import Reject
+from fwdllm.coordinator.rounds import Coordinator
+from fwdllm.coordinator.server import GRPC_STATUS
+from fwdllm.coordinator.updates import Updates
+from fwdllm.coordinator.wire import ProtoCoordinator
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
 
 
@@ -27,7 +32,7 @@ def setup(tmp_path, run: dict, clients: int = 3, **sections):
     c.store.add_token("tok")
     ids = []
     for i in range(clients):
-        r = c.join(
+        r = ProtoCoordinator(c).join(
             pb.JoinRequest(
                 protocol_version=pb.PROTOCOL_VERSION_1,
                 enrolment_token="tok",
@@ -40,12 +45,12 @@ def setup(tmp_path, run: dict, clients: int = 3, **sections):
 
 
 def pull(c, ident):
-    return c.pull_task(pb.PullTaskRequest(client_id=ident[0], session_token=ident[1]))
+    return ProtoCoordinator(c).pull_task(pb.PullTaskRequest(client_id=ident[0], session_token=ident[1]))
 
 
 def submit(c, ident, task, value=0.5):
     seeds = task_seeds(task)
-    return c.submit(
+    return ProtoCoordinator(c).submit(
         pb.SubmitRequest(
             client_id=ident[0],
             session_token=ident[1],
@@ -63,7 +68,7 @@ def submit(c, ident, task, value=0.5):
 def reject_code(fn) -> grpc.StatusCode:
     with pytest.raises(Reject) as info:
         fn()
-    return info.value.code
+    return GRPC_STATUS[info.value.reason]
 
 
 def test_over_selection_cancels_the_extra_task(tmp_path):
@@ -72,7 +77,7 @@ def test_over_selection_cancels_the_extra_task(tmp_path):
     assert all(t.task_id for t in tasks) and len({t.task_id for t in tasks}) == 3
     submit(c, ids[0], tasks[0]), submit(c, ids[1], tasks[1])
     assert c.step == 1
-    beat = c.heartbeat(pb.HeartbeatRequest(client_id=ids[2][0], session_token=ids[2][1]))
+    beat = ProtoCoordinator(c).heartbeat(pb.HeartbeatRequest(client_id=ids[2][0], session_token=ids[2][1]))
     assert tasks[2].task_id in beat.cancel_task_ids
     assert reject_code(lambda: submit(c, ids[2], tasks[2])) == grpc.StatusCode.FAILED_PRECONDITION
 
@@ -118,10 +123,10 @@ def test_leaving_frees_the_task_and_needs_a_new_join(tmp_path):
     assert sorted(r.WhichOneof("outcome") for r in replies) == ["retry_after_ms", "task"]
     holder, other = (ids[0], ids[1]) if replies[0].WhichOneof("outcome") == "task" else (ids[1], ids[0])
     task = replies[ids.index(holder)].task
-    c.leave(pb.LeaveRequest(client_id=holder[0], session_token=holder[1]))
+    ProtoCoordinator(c).leave(pb.LeaveRequest(client_id=holder[0], session_token=holder[1]))
     assert pull(c, other).WhichOneof("outcome") == "task"
     assert reject_code(lambda: submit(c, holder, task)) == grpc.StatusCode.UNAUTHENTICATED
-    again = c.join(
+    again = ProtoCoordinator(c).join(
         pb.JoinRequest(
             protocol_version=pb.PROTOCOL_VERSION_1,
             enrolment_token="tok",
@@ -137,8 +142,8 @@ def test_weighted_selection_prefers_reliable_clients(tmp_path):
     with c.store.transaction() as db:
         db.execute("UPDATE clients SET answered=50, failed=0 WHERE client_id=?", (ids[0][0],))
         db.execute("UPDATE clients SET answered=0, failed=50 WHERE client_id=?", (ids[1][0],))
-    candidates = c.store.query("SELECT client_id, answered, failed, capabilities FROM clients")
-    picks = [c._select(candidates, 1, wave)[0] for wave in range(200)]
+    candidates = c.store.active_clients()
+    picks = [select_clients(candidates, 1, c.cfg, c.step, wave)[0] for wave in range(200)]
     assert picks.count(ids[0][0]) > 170
 
 
@@ -171,7 +176,7 @@ def test_early_stopping_ends_on_the_best_theta(tmp_path):
     )
     c = Coordinator(make_bundle(tmp_path / "b"), tmp_path / "s", cfg, evaluator=evaluator)
     c.store.add_token("tok")
-    r = c.join(
+    r = ProtoCoordinator(c).join(
         pb.JoinRequest(protocol_version=pb.PROTOCOL_VERSION_1, enrolment_token="tok", model_fingerprint=c.fingerprint)
     )
     ident = (r.client_id, r.session_token)
@@ -192,7 +197,7 @@ def test_a_crash_between_the_decision_and_the_update_applies_it_on_restart(tmp_p
     def crash(self, now):
         raise KeyboardInterrupt("killed before the update was written")
 
-    monkeypatch.setattr(Coordinator, "_apply_step", crash)
+    monkeypatch.setattr(Updates, "apply", crash)
     with pytest.raises(KeyboardInterrupt):
         submit(c, ids[1], tasks[1], value=-1.0)
     issued = c.store.counters()["tasks_issued"]

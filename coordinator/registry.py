@@ -1,0 +1,123 @@
+"""Who may talk to the coordinator: enrolment, sessions, per-client rate limits and who counts as active.
+
+Last-seen times are kept in memory and written by ``flush_last_seen`` (the server's tick), so a
+device's poll costs no write; a client counts as active only once this process has seen it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import threading
+import time
+import uuid
+
+from .config import CoordinatorConfig
+from .messages import PROTOCOL_VERSION, Credentials, Joined, JoinRequest, Reason, Reject
+from .records import Candidate
+from .state import Store, now_ms, token_hash
+
+
+class TokenBucket:
+    """Per-client request rate limit."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self.buckets: dict[str, tuple[float, float]] = {}
+        self.lock = threading.Lock()
+
+    def allow(self, key: str) -> bool:
+        now = time.monotonic()
+        with self.lock:
+            level, last = self.buckets.get(key, (self.burst, now))
+            level = min(self.burst, level + (now - last) * self.rate)
+            if level < 1:
+                self.buckets[key] = (level, now)
+                return False
+            self.buckets[key] = (level - 1, now)
+            return True
+
+
+class Registry:
+    def __init__(self, store: Store, cfg: CoordinatorConfig, fingerprint: str):
+        self.store, self.cfg, self.fingerprint = store, cfg, fingerprint
+        self.limiter = TokenBucket(cfg.server.rate_per_s, cfg.server.rate_burst)
+        self.last_seen: dict[str, int] = {}
+
+    def authenticate(self, who: Credentials) -> None:
+        """Admit a request of a joined client with its session token, within its rate limit."""
+        client = self.store.client_auth(who.client_id)
+        if client is None:
+            raise Reject(
+                Reason.UNKNOWN_CLIENT, f"unknown client {who.client_id[:64]!r}: Join first with an enrolment token"
+            )
+        if not client.active or client.session_hash is None:
+            raise Reject(Reason.INACTIVE_CLIENT, "this client left or its enrolment token was revoked: Join again")
+        if not secrets.compare_digest(client.session_hash, token_hash(who.session_token)):
+            raise Reject(Reason.BAD_TOKEN, "wrong session token for this client")
+        if not self.limiter.allow(who.client_id):
+            raise Reject(
+                Reason.RATE_LIMITED,
+                f"more than {self.cfg.server.rate_per_s:g} requests/s from this client; slow down",
+            )
+        self.last_seen[who.client_id] = now_ms()
+
+    def join(self, req: JoinRequest, theta_version: int, theta_dim: int) -> Joined:
+        """A new session; a client that rejoins with its enrolment token keeps its id (and its record)."""
+        if req.protocol_version != PROTOCOL_VERSION:
+            raise Reject(
+                Reason.PROTOCOL,
+                f"protocol version {req.protocol_version} is not spoken here (v1); update the device",
+            )
+        state = self.store.token_state(req.enrolment_token)
+        if state != "valid":
+            raise Reject(
+                Reason.TOKEN_REVOKED if state == "revoked" else Reason.TOKEN_UNKNOWN,
+                f"enrolment token is {state}; ask the operator for one (`fwdllm coordinator token`)",
+            )
+        if req.model_fingerprint != self.fingerprint:
+            raise Reject(
+                Reason.FINGERPRINT,
+                f"model fingerprint {req.model_fingerprint[:12]!r} differs from the coordinator's "
+                f"{self.fingerprint[:12]}: install the bundle this run trains",
+            )
+        session = secrets.token_urlsafe(24)
+        caps = dataclasses.asdict(req.capabilities)
+        name, examples = req.client_name[:200], int(req.num_examples)
+        with self.store.transaction():
+            previous = self.store.client_auth(req.previous_client_id) if req.previous_client_id else None
+            if previous is not None and previous.token_hash == token_hash(req.enrolment_token):
+                client_id = req.previous_client_id
+                self.store.rejoin_client(client_id, session, name, caps, examples)
+            else:
+                client_id = uuid.uuid4().hex
+                self.store.add_client(client_id, session, req.enrolment_token, name, caps, examples)
+            self.store.bump("joined")
+        self.last_seen[client_id] = now_ms()
+        return Joined(
+            client_id=client_id,
+            session_token=session,
+            model_fingerprint=self.fingerprint,
+            theta_dim=theta_dim,
+            theta_version=theta_version,
+            heartbeat_interval_ms=self.cfg.server.heartbeat_ms,
+        )
+
+    def leave(self, who: Credentials) -> None:
+        with self.store.transaction():
+            self.store.deactivate_client(who.client_id)
+            self.store.bump("left")
+        self.last_seen.pop(who.client_id, None)
+
+    def active(self, now: int) -> list[Candidate]:
+        """Enrolled clients seen within ``active_window_s``."""
+        window = int(self.cfg.server.active_window_s * 1000)
+        return [c for c in self.store.active_clients() if now - self.last_seen.get(c.client_id, 0) <= window]
+
+    def count_active(self, now: int) -> int:
+        window = int(self.cfg.server.active_window_s * 1000)
+        return sum(1 for seen in self.last_seen.values() if now - seen <= window)
+
+    def flush_last_seen(self) -> None:
+        with self.store.transaction():
+            self.store.record_last_seen(dict(self.last_seen))

@@ -1,0 +1,172 @@
+"""Turning a closed step's scalars into the next θ: aggregate, optimise, evaluate, checkpoint, commit.
+
+The next checkpoint file is written first and the step counter advanced after it, in one
+transaction with the history record and the metrics row; a crash in between recomputes the same
+update from the step's results (kept until that transaction) and overwrites the file.
+
+Early stopping: a forward-gradient run can collapse late, so with ``eval.patience`` the run stops
+when that many evaluations in a row did not lower the held-out loss and (``restore_best``) ends
+on the best θ seen, kept in ``best.safetensors``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+import numpy as np
+
+from fwdllm.proto.manifest import ThetaLayout
+
+from .aggregation import CleanedScalars, aggregate, clean
+from .config import CoordinatorConfig
+from .metrics import MetricsLog
+from .optimizer import Optimizer
+from .records import HistoryRecord, Result, RunState
+from .state import Store
+
+log = logging.getLogger("fwdllm.coordinator")
+
+Evaluator = Callable[[np.ndarray], dict]
+BEST_FILE = "best.safetensors"
+
+
+def weighted_loss(results: list[Result]) -> float | None:
+    """The devices' mean loss, weighted by their examples."""
+    pairs = [(r.loss_mean, max(1, r.num_examples)) for r in results if r.loss_mean is not None]
+    pairs = [(loss, n) for loss, n in pairs if math.isfinite(loss)]
+    if not pairs:
+        return None
+    return float(sum(loss * n for loss, n in pairs) / sum(n for _, n in pairs))
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Updates:
+    def __init__(
+        self,
+        store: Store,
+        cfg: CoordinatorConfig,
+        layout: ThetaLayout,
+        optimizer: Optimizer,
+        metrics_log: MetricsLog,
+        evaluator: Evaluator | None,
+    ):
+        self.store, self.cfg, self.layout = store, cfg, layout
+        self.optimizer, self.metrics_log, self.evaluator = optimizer, metrics_log, evaluator
+        run = store.run
+        self.theta, extra = store.load_checkpoint(run.theta_version, layout)
+        self.prev_grad: np.ndarray | None = extra.pop("prev_grad", None)  # the sampler's reference
+        self.optimizer.load_state(extra)
+        self.bytes_down = 0  # this step's downloads: tasks, θ and history
+
+    @property
+    def evaluates(self) -> bool:
+        return self.evaluator is not None and self.cfg.eval.every > 0
+
+    def record_start(self) -> None:
+        """The starting point of the curves: the bundle's θ evaluated, recorded once as step -1."""
+        if self.evaluates and not self.store.metrics():
+            row = {"step": -1, "theta_version": 1, "time": now_iso(), **self.evaluator(self.theta)}
+            with self.store.transaction():
+                self.store.put_metrics(row)
+        self.metrics_log.rewrite(self.store.metrics())
+
+    def _metrics_row(self, run: RunState, scalars: CleanedScalars, results: list[Result], info: dict, now: int):
+        variances = run.wave_variances or (math.nan,)
+        return {
+            "step": run.step,
+            "theta_version": run.step + 2,
+            "time": now_iso(),
+            "loss": weighted_loss(results),
+            "perturbations": int(scalars.seeds.size),
+            "waves": len(variances),
+            "variance": variances[-1] if math.isfinite(variances[-1]) else None,
+            **info,
+            "bytes_up": int(sum(r.bytes_up for r in results)),
+            "bytes_down": int(self.bytes_down),
+            "step_time_s": (now - run.step_started_ms) / 1000.0,
+            "clients_answered": len({r.client_id for r in results}),
+            "clients_failed": self.store.tasks.count_expired(run.step),
+            "dropped_nonfinite": scalars.dropped_nonfinite,
+            "clipped": scalars.clipped,
+        }
+
+    def _early_stopping(self, run: RunState, loss, theta: np.ndarray, version: int) -> RunState:
+        """Track the best held-out loss; ``evals_since_best`` reaching ``patience`` stops the run."""
+        if self.cfg.eval.patience <= 0 or loss is None or not math.isfinite(loss):
+            return run
+        if run.best_eval_loss is None or loss < run.best_eval_loss:
+            self.store.save_named(BEST_FILE, self.layout, theta)
+            return dataclasses.replace(run, best_eval_loss=loss, best_version=version, evals_since_best=0)
+        return dataclasses.replace(run, evals_since_best=run.evals_since_best + 1)
+
+    def apply(self, now: int) -> None:
+        """Apply the closed step: the update, its evaluation and checkpoint, then the commit of the next step."""
+        run, a, r = self.store.run, self.cfg.aggregation, self.cfg.run
+        results = self.store.results.of_step(run.step)
+        scalars = clean([(x.seeds, x.jvp) for x in results], a.clip or None)
+        grad = aggregate(
+            scalars,
+            self.layout.dim,
+            r.distribution,
+            method=a.method,
+            trim=a.trim,
+            chunk=a.chunk,
+            threads=a.threads or None,
+        )
+        spread = float(np.std(scalars.jvp.astype(np.float64))) if scalars.jvp.size > 1 else math.nan
+        theta, info = self.optimizer.apply(self.theta, grad, run.step, jvp_std=spread)
+        row = self._metrics_row(run, scalars, results, info, now)
+        version, last = run.step + 2, run.step + 1 >= r.steps
+        every, after = self.cfg.eval.every, run
+        if self.evaluates and ((run.step + 1) % every == 0 or last):
+            row.update(self.evaluator(theta))
+            after = self._early_stopping(run, row.get("eval_loss"), theta, version)
+            if after.evals_since_best >= self.cfg.eval.patience > 0:
+                last, row["early_stopped"] = True, True
+                if self.cfg.eval.restore_best and after.best_version != version:
+                    theta = self.store.load_named(BEST_FILE, self.layout)
+                    row["restored_version"] = after.best_version
+        extra = {**self.optimizer.state, "prev_grad": grad}
+        self.store.save_checkpoint(version, self.layout, theta, extra, self.cfg.server.checkpoints_keep)
+        with self.store.transaction():
+            if (
+                self.optimizer.replayable
+                and a.method == "mean"
+                and scalars.seeds.size
+                and "restored_version" not in row
+            ):
+                coefficients = scalars.jvp / np.float32(scalars.seeds.size) * np.float32(info["grad_scale"])
+                record = HistoryRecord(version, info["lr"], scalars.seeds, coefficients)
+                self.store.add_history(record, self.cfg.server.history_keep)
+            self.store.put_metrics(row)
+            self.store.results.delete_step(run.step)
+            self.store.save_run(
+                dataclasses.replace(
+                    after,
+                    step=run.step + 1,
+                    wave=0,
+                    wave_open=False,
+                    next_ordinal=0,
+                    finished=last,
+                    wave_variances=(),
+                    step_started_ms=now,
+                    step_ready=False,
+                )
+            )
+            self.store.bump("steps")
+        self.theta, self.prev_grad, self.bytes_down = theta, grad, 0
+        self.metrics_log.append(row)
+        log.info(
+            "step %d applied: %d perturbations, loss %s, lr %.3g",
+            row["step"],
+            row["perturbations"],
+            row["loss"],
+            row["lr"],
+        )
