@@ -54,7 +54,7 @@ class Coordinator:
         self.handout = Handout(self.store, cfg)
         self.updates = Updates(self.store, cfg, self.layout, self.optimizer, MetricsLog(Path(state_dir)), evaluator)
         self.waves = Waves(self.store, cfg, self.layout, self.registry, self.handout, self.updates)
-        self.serving = ThetaServing(self.store, cfg, self.optimizer, self.updates)
+        self.serving = ThetaServing(self.store, cfg, self.updates)
         self.updates.record_start()
         self._last_flush_ms = 0
         log.info("coordinator at step %d (theta version %d), d=%d", self.step, self.theta_version, self.dim)

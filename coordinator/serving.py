@@ -1,10 +1,10 @@
 """θ for devices: any kept version from the checkpoints, or the updates since a version, for replay.
 
 History is the cheap way to catch up (a few seeds and coefficients per version instead of θ),
-available only when an update is a seeded sum that a device can redo: plain SGD without lr groups
-and the ``mean`` aggregation. The caps are checked before anything is read: the stored seed count
-bounds the replay work and, at 4 bytes per coefficient, the answer's size from below, so an
-over-long history is refused without reading it.
+available only when an update is a seeded sum that a device can redo (``Updates.replayable``).
+The caps are checked before anything is read: the stored seed count bounds the replay work and,
+at 4 bytes per coefficient, the answer's size from below, so an over-long history is refused
+without reading it.
 """
 
 from __future__ import annotations
@@ -13,14 +13,13 @@ import numpy as np
 
 from .config import CoordinatorConfig
 from .messages import History, HistoryQuery, HistoryRefusal, Reason, Reject
-from .optimizer import Optimizer
 from .state import Store
 from .updates import Updates
 
 
 class ThetaServing:
-    def __init__(self, store: Store, cfg: CoordinatorConfig, optimizer: Optimizer, updates: Updates):
-        self.store, self.cfg, self.optimizer, self.updates = store, cfg, optimizer, updates
+    def __init__(self, store: Store, cfg: CoordinatorConfig, updates: Updates):
+        self.store, self.cfg, self.updates = store, cfg, updates
 
     def checkpoint(self, version: int, current: int) -> np.ndarray:
         """θ of an earlier ``version``, from its checkpoint while one is kept."""
@@ -38,7 +37,7 @@ class ThetaServing:
         def refuse(why: HistoryRefusal) -> History:
             return History(theta_dim=dim, distribution=dist, refusal=why)
 
-        if not self.optimizer.replayable or self.cfg.aggregation.method != "mean":
+        if not self.updates.replayable:
             return refuse(HistoryRefusal.NOT_REPLAYABLE)
         upto, start = query.to_version or current, query.from_version
         if not 1 <= start <= upto <= current:

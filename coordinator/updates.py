@@ -43,6 +43,12 @@ def weighted_loss(results: list[Result]) -> float | None:
     return float(sum(loss * n for loss, n in pairs) / sum(n for _, n in pairs))
 
 
+def step_scalars(store: Store, step: int, clip: float | None) -> tuple[CleanedScalars, list[Result]]:
+    """All of the step's accepted scalars (every wave), cleaned, and the results they came from."""
+    results = store.results.of_step(step)
+    return clean([(r.seeds, r.jvp) for r in results], clip), results
+
+
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -106,11 +112,30 @@ class Updates:
             return dataclasses.replace(run, best_eval_loss=loss, best_version=version, evals_since_best=0)
         return dataclasses.replace(run, evals_since_best=run.evals_since_best + 1)
 
+    @property
+    def replayable(self) -> bool:
+        """Whether an update is a seeded sum a device can redo: plain SGD without lr groups, ``mean``."""
+        return self.optimizer.replayable and self.cfg.aggregation.method == "mean"
+
+    def _evaluate(self, run: RunState, theta: np.ndarray, row: dict, last: bool) -> tuple[np.ndarray, RunState, bool]:
+        """Evaluate θ when due (into ``row``); early stopping may end the run and put the best θ back."""
+        version = run.step + 2
+        if not self.evaluates or ((run.step + 1) % self.cfg.eval.every and not last):
+            return theta, run, last
+        row.update(self.evaluator(theta))
+        after = self._early_stopping(run, row.get("eval_loss"), theta, version)
+        if self.cfg.eval.patience <= 0 or after.evals_since_best < self.cfg.eval.patience:
+            return theta, after, last
+        row["early_stopped"] = True
+        if self.cfg.eval.restore_best and after.best_version != version:
+            theta = self.store.load_named(BEST_FILE, self.layout)
+            row["restored_version"] = after.best_version
+        return theta, after, True
+
     def apply(self, now: int) -> None:
         """Apply the closed step: the update, its evaluation and checkpoint, then the commit of the next step."""
         run, a, r = self.store.run, self.cfg.aggregation, self.cfg.run
-        results = self.store.results.of_step(run.step)
-        scalars = clean([(x.seeds, x.jvp) for x in results], a.clip or None)
+        scalars, results = step_scalars(self.store, run.step, a.clip or None)
         grad = aggregate(
             scalars,
             self.layout.dim,
@@ -123,25 +148,12 @@ class Updates:
         spread = float(np.std(scalars.jvp.astype(np.float64))) if scalars.jvp.size > 1 else math.nan
         theta, info = self.optimizer.apply(self.theta, grad, run.step, jvp_std=spread)
         row = self._metrics_row(run, scalars, results, info, now)
-        version, last = run.step + 2, run.step + 1 >= r.steps
-        every, after = self.cfg.eval.every, run
-        if self.evaluates and ((run.step + 1) % every == 0 or last):
-            row.update(self.evaluator(theta))
-            after = self._early_stopping(run, row.get("eval_loss"), theta, version)
-            if after.evals_since_best >= self.cfg.eval.patience > 0:
-                last, row["early_stopped"] = True, True
-                if self.cfg.eval.restore_best and after.best_version != version:
-                    theta = self.store.load_named(BEST_FILE, self.layout)
-                    row["restored_version"] = after.best_version
+        theta, after, last = self._evaluate(run, theta, row, last=run.step + 1 >= r.steps)
+        version = run.step + 2
         extra = {**self.optimizer.state, "prev_grad": grad}
         self.store.save_checkpoint(version, self.layout, theta, extra, self.cfg.server.checkpoints_keep)
         with self.store.transaction():
-            if (
-                self.optimizer.replayable
-                and a.method == "mean"
-                and scalars.seeds.size
-                and "restored_version" not in row
-            ):
+            if self.replayable and scalars.seeds.size and "restored_version" not in row:
                 coefficients = scalars.jvp / np.float32(scalars.seeds.size) * np.float32(info["grad_scale"])
                 record = HistoryRecord(version, info["lr"], scalars.seeds, coefficients)
                 self.store.add_history(record, self.cfg.server.history_keep)

@@ -17,13 +17,13 @@ import math
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import ThetaLayout
 
-from .aggregation import CleanedScalars, clean, split_half_variance
+from .aggregation import CleanedScalars, split_half_variance
 from .config import CoordinatorConfig
 from .handout import Handout, select_clients
-from .records import Result, RunState
+from .records import RunState
 from .registry import Registry
 from .state import Store
-from .updates import Updates
+from .updates import Updates, step_scalars
 
 log = logging.getLogger("fwdllm.coordinator")
 
@@ -39,12 +39,6 @@ def probe_range(cfg: CoordinatorConfig, layout: ThetaLayout) -> tuple[int, int]:
     raise UserError(
         f'variance.probe {probe!r} is not a theta tensor; use "all" or one of {[s.name for s in layout.tensors][:10]}'
     )
-
-
-def step_scalars(store: Store, step: int, clip: float | None) -> tuple[CleanedScalars, list[Result]]:
-    """All of the step's accepted scalars, cleaned, and the results they came from."""
-    results = store.results.of_step(step)
-    return clean([(r.seeds, r.jvp) for r in results], clip), results
 
 
 class Waves:
