@@ -85,12 +85,12 @@ def measure(bundle_dir: Path, k: int, args) -> list[dict]:
     for r in range(args.repeats + 1):  # the first round warms up
         theta = (theta0 + 0.01 * rng.standard_normal(theta0.size)).astype(np.float32)
         keep = r > 0
-        a = timed("uncut", lambda: uncut.losses(batch, theta[None])[0], keep)
-        b = timed("suffix", lambda: cut.losses(batch, theta[None])[0], keep)
+        a = timed("uncut", lambda theta=theta: uncut.losses(batch, theta[None])[0], keep)
+        b = timed("suffix", lambda theta=theta: cut.losses(batch, theta[None])[0], keep)
         cut.clear_cache()
-        c = timed("cold", lambda: cut.losses(batch, theta[None])[0], keep)
-        timed("switch_uncut", lambda: uncut.set_theta(theta), keep)
-        timed("switch_suffix", lambda: cut.set_theta(theta), keep)
+        c = timed("cold", lambda theta=theta: cut.losses(batch, theta[None])[0], keep)
+        timed("switch_uncut", lambda theta=theta: uncut.set_theta(theta), keep)
+        timed("switch_suffix", lambda theta=theta: cut.set_theta(theta), keep)
         diffs += [abs(float(a) - float(b)), abs(float(a) - float(c))]
     uncut.close()
     cut.close()

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     for dist in ("gaussian", "rademacher"):
         seeds = iter(range(1 << 20))
         fill = median_seconds(lambda: buffer.fill(1.0), args.repeats)
-        gen = median_seconds(lambda: generate(next(seeds), 0, n, dist), args.repeats)
+        gen = median_seconds(lambda seeds=seeds, dist=dist: generate(next(seeds), 0, n, dist), args.repeats)
         rows.append(
             {
                 "distribution": dist,

@@ -21,8 +21,8 @@ sys.path.insert(0, str(ROOT))
 from bench import harness  # noqa: E402
 from bench.baselines import RUNS as BASELINE_RUNS  # noqa: E402
 from bench.baselines import STEPS as BACKPROP_STEPS
-from bench.recipe import CONFIGS as RECIPES
-from bench.recipe import LP_FT, WARM_STEPS  # noqa: E402
+from bench.recipe_configs import CONFIGS as RECIPES  # noqa: E402
+from bench.recipe_configs import LP_FT, WARM_STEPS  # noqa: E402
 from bench.report import RESULTS_DIR, write_results  # noqa: E402
 from fwdllm.simulate import SimConfig  # noqa: E402
 

@@ -49,7 +49,7 @@ def _independent_fedsgd_step(fed: FederatedData, lr: float, seq_len: int) -> dic
         m = enc["attention_mask"].unsqueeze(-1).float()
         logits = ((hidden * m).sum(1) / m.sum(1)) @ head_w.T + head_b
         loss = torch.nn.functional.cross_entropy(logits, labels)
-        for (n, p), g in zip(params.items(), torch.autograd.grad(loss, list(params.values()))):
+        for n, g in zip(params, torch.autograd.grad(loss, list(params.values()))):
             grads[n] += g * len(client) / total
     return {n: (p - lr * grads[n]).detach().numpy() for n, p in params.items()}
 

@@ -166,8 +166,8 @@ def test_sigkill_mid_step_repeatedly_loses_nothing_and_reuses_no_seed(tmp_path):
                     timer = threading.Timer(rng.uniform(0.0, 0.03), server.kill)
                     timer.start()
                     random_kills.append(timer)
-                jvp = with_retry(lambda: d.compute(task))
-                answer = with_retry(lambda: d.submit(task, jvp))
+                jvp = with_retry(lambda d=d, task=task: d.compute(task))
+                answer = with_retry(lambda d=d, task=task, jvp=jvp: d.submit(task, jvp))
                 assert answer.accepted
                 ledger.setdefault(task.step, {})[task.task_id] = list(zip(seeds, jvp.tolist()))
                 if task.step == 1 and not kills["after_accept_step1"]:

@@ -73,7 +73,7 @@ def test_real_devices_complete_steps_with_evaluation(tmp_path):
         # Theta equals the initial theta minus the recorded updates, summed densely here.
         manifest = load_manifest(bundle)
         theta = load_theta(bundle, manifest).astype(np.float64)
-        for version, lr, seeds, coeffs in coordinator.store.query("SELECT * FROM history ORDER BY version"):
+        for _version, lr, seeds, coeffs in coordinator.store.query("SELECT * FROM history ORDER BY version"):
             seeds, coeffs = np.frombuffer(seeds, "<u8"), np.frombuffer(coeffs, "<f4")
             v = np.stack([generate(int(s), 0, manifest.theta.dim) for s in seeds]).astype(np.float64)
             theta -= lr * (coeffs.astype(np.float64) @ v)
