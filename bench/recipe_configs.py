@@ -12,7 +12,7 @@ DEMO = "make demo: head sgd lr 2, 200 perturbations, variance control (2 waves) 
 HEAD = ("head", "head")
 BITFIT = ("bitfit", "all")
 TOP1 = ("bitfit", "top:1")  # BitFit in the last encoder layer + head: prefix reuse applies
-BITFIT_STEPS = 500  # 10k forward passes: where plain SGD had collapsed (calibration-bbc.md)
+BITFIT_STEPS = 500  # 10k forward passes: by then plain SGD had collapsed in every all-layer run
 CONFIGS: dict[str, tuple] = {
     # head only, prefix reuse: the encoder runs once per task, every perturbation only through the head
     "head sgd lr 2": (HEAD, {"perturbations": 100, "lr": 2.0, "steps": 20}, {}, 0.0),

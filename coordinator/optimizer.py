@@ -1,7 +1,7 @@
 """The server optimiser on theta: SGD (FwdLLM's linear decay), momentum or Adam, plus stabilisers.
 
 A forward-gradient estimate's variance grows with the dimension d, so a long BitFit run can
-blow up (calibration-bbc.md). The options here are the measured remedies: a decaying
+blow up (COORDINATOR.md, "Training recipes"). The options here are the measured remedies: a decaying
 schedule, clipping or normalising the estimate's global norm, a learning rate per tensor
 group (e.g. head vs biases, matched on manifest tensor names) and Adam. The optimiser state
 is a dict of float32 arrays so checkpoints keep it.
