@@ -7,19 +7,16 @@ resubmitted. The coordinator deduplicates by task_id, and a result is dropped fr
 queue only once the coordinator has accepted it, called it a duplicate, or refused it for
 good, so no result is ever accepted twice. One log line per task. θ is kept current by
 ``ThetaSync`` (theta_sync.py): history replay when that is smaller than θ, else a download.
+Retries live in connection.py, the state file in client_state.py, the task's work in work.py.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import platform
-import random
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,8 @@ import grpc
 
 from fwdllm import __version__
 from fwdllm.device_runtime.backend import Backend, load_examples, open_backend
+from fwdllm.device_runtime.client_state import load_state, save_state
+from fwdllm.device_runtime.connection import TRANSIENT, ClientError, RetryingCalls, open_channel
 from fwdllm.device_runtime.engine import Cancelled
 from fwdllm.device_runtime.messages import submit_request, task_from_pb
 from fwdllm.device_runtime.theta_sync import ThetaSync
@@ -38,24 +37,6 @@ from fwdllm.proto.v1 import fwdllm_pb2 as pb
 from fwdllm.proto.v1 import fwdllm_pb2_grpc as pb_grpc
 
 log = logging.getLogger("fwdllm.device")
-
-#: Codes that mean "try again later"; anything else is the coordinator's final answer.
-TRANSIENT = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.RESOURCE_EXHAUSTED,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.UNKNOWN,
-}
-MAX_MESSAGE_BYTES = 64 << 20
-
-
-def _transport_timeout(exc: grpc.RpcError) -> bool:
-    """gRPC's own call timeout, as opposed to the coordinator refusing a late result (same status code)."""
-    return exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and exc.details() == "Deadline Exceeded"
-
-
-class ClientError(UserError):
-    """The device cannot take part in this run (wrong bundle, bad token, ...); the message says why."""
 
 
 @dataclass
@@ -95,7 +76,7 @@ def capabilities(backend: Backend) -> pb.Capabilities:
     )
 
 
-class DeviceClient(ThetaSync):
+class DeviceClient(ThetaSync, RetryingCalls):
     def __init__(self, cfg: ClientConfig, backend: Backend | None = None):
         self.cfg = cfg
         self.manifest = load_manifest(cfg.bundle)
@@ -123,51 +104,10 @@ class DeviceClient(ThetaSync):
         self._stop = threading.Event()
         self._leave_on_stop = True
         self._lock = threading.Lock()
-        self._load_state()
-        self.channel = self._channel()
+        if cfg.state_file:
+            self.client_id, self.pending = load_state(cfg.state_file, self.fingerprint)
+        self.channel = open_channel(cfg.coordinator, cfg.tls_ca, cfg.backoff_s)
         self.stub = pb_grpc.FwdLLMStub(self.channel)
-
-    # ------------------------------------------------------------ connection
-    def _channel(self) -> grpc.Channel:
-        options = [
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.initial_reconnect_backoff_ms", int(self.cfg.backoff_s[0] * 1000)),
-            ("grpc.max_reconnect_backoff_ms", int(self.cfg.backoff_s[1] * 1000)),
-        ]
-        if self.cfg.tls_ca:
-            ca = Path(self.cfg.tls_ca)
-            if not ca.is_file():
-                raise ClientError(f"--tls-ca {ca} does not exist; pass the coordinator's CA certificate (PEM)")
-            return grpc.secure_channel(self.cfg.coordinator, grpc.ssl_channel_credentials(ca.read_bytes()), options)
-        return grpc.insecure_channel(self.cfg.coordinator, options)
-
-    def _call(self, method: str, make: Callable[[], Any], final: frozenset = frozenset()):
-        """One unary call, retried until the coordinator answers (see ``_retry``)."""
-        return self._retry(method, lambda: getattr(self.stub, method)(make(), timeout=self.cfg.rpc_timeout_s), final)
-
-    def _retry(self, method: str, attempt: Callable[[], Any], final: frozenset = frozenset()):
-        """Back off on transient failures, re-join a lost session; codes in ``final`` and others are raised."""
-        delay = self.cfg.backoff_s[0]
-        while True:
-            try:
-                return attempt()
-            except grpc.RpcError as exc:
-                code = exc.code()
-                if code in final and not _transport_timeout(exc):
-                    raise
-                if code == grpc.StatusCode.UNAUTHENTICATED and method != "Join":
-                    log.info("%s: session not known to the coordinator (%s); joining again", method, exc.details())
-                    self.stats["rejoins"] += 1
-                    self.join()
-                    continue
-                if (code not in TRANSIENT and not _transport_timeout(exc)) or self._stop.is_set():
-                    raise
-                self.stats["retries"] += 1
-                wait = delay * random.uniform(0.5, 1.0)
-                log.warning("%s failed (%s: %s); retrying in %.1f s", method, code.name, exc.details(), wait)
-                self._stop.wait(wait)
-                delay = min(delay * 2, self.cfg.backoff_s[1])
 
     def join(self) -> pb.JoinResponse:
         def request():
@@ -366,29 +306,6 @@ class DeviceClient(ThetaSync):
             self._save_state()
         return outcomes
 
-    # ------------------------------------------------------------ state across restarts
-    def _load_state(self) -> None:
-        path = self.cfg.state_file
-        if not path or not Path(path).is_file():
-            return
-        try:
-            state = json.loads(Path(path).read_text())
-            if state.get("fingerprint") == self.fingerprint:
-                self.client_id = state.get("client_id", "")
-                for tid, blob in state.get("pending", {}).items():
-                    self.pending[tid] = pb.SubmitRequest.FromString(base64.b64decode(blob))
-        except (json.JSONDecodeError, ValueError) as exc:
-            log.warning("ignoring unreadable device state %s (%s)", path, exc)
-
     def _save_state(self) -> None:
-        path = self.cfg.state_file
-        if not path:
-            return
-        state = {
-            "fingerprint": self.fingerprint,
-            "client_id": self.client_id,
-            "pending": {t: base64.b64encode(r.SerializeToString()).decode() for t, r in self.pending.items()},
-        }
-        tmp = Path(str(path) + ".tmp")
-        tmp.write_text(json.dumps(state))
-        tmp.replace(path)
+        if self.cfg.state_file:
+            save_state(self.cfg.state_file, self.fingerprint, self.client_id, self.pending)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
+from fwdllm.device_runtime.engine import EngineError
 from fwdllm.device_runtime.work import DEFAULT_EPSILON, Task, TaskResult
+from fwdllm.proto.names import DifferenceScheme, Distribution
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
-
-#: Enum values the engine does not know map to "?", so the engine's error names the bad value.
-SCHEME = {pb.CENTRAL: "central", pb.FORWARD: "forward", pb.DIFFERENCE_SCHEME_UNSPECIFIED: "central"}
-DIST = {pb.GAUSSIAN: "gaussian", pb.RADEMACHER: "rademacher", pb.DISTRIBUTION_UNSPECIFIED: "gaussian"}
 
 
 def task_seeds(task: pb.Task) -> list[int]:
@@ -19,13 +17,18 @@ def task_seeds(task: pb.Task) -> list[int]:
 
 
 def task_from_pb(task: pb.Task) -> Task:
+    """The task to compute; an ``EngineError`` when it names a scheme or distribution this version lacks."""
+    try:
+        scheme, distribution = DifferenceScheme.from_wire(task.scheme), Distribution.from_wire(task.distribution)
+    except ValueError as exc:
+        raise EngineError(f"the task cannot be computed here: {exc}") from None
     return Task(
         seeds=task_seeds(task),
         batch_start=task.batch.start,
         batch_size=task.batch.size,
         epsilon=task.epsilon or DEFAULT_EPSILON,
-        scheme=SCHEME.get(task.scheme, "?"),
-        distribution=DIST.get(task.distribution, "?"),
+        scheme=str(scheme),
+        distribution=str(distribution),
     )
 
 

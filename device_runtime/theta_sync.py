@@ -19,9 +19,9 @@ import logging
 
 import numpy as np
 
-from fwdllm.device_runtime.messages import DIST
 from fwdllm.device_runtime.replay import apply_update
 from fwdllm.errors import UserError
+from fwdllm.proto.names import Distribution
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
 
 log = logging.getLogger("fwdllm.device")
@@ -88,11 +88,13 @@ class ThetaSync:
             return False
         if [u.version for u in resp.updates] != list(range(self.theta_version + 1, version + 1)):
             return False
+        try:
+            distributions = [Distribution.from_wire(u.distribution) for u in resp.updates]
+        except ValueError:  # a distribution this version cannot generate: download θ instead
+            return False
         theta = self.theta
-        for update in resp.updates:
-            theta = apply_update(
-                theta, update.seeds, update.coefficients, update.lr, DIST.get(update.distribution, "gaussian")
-            )
+        for update, distribution in zip(resp.updates, distributions):
+            theta = apply_update(theta, update.seeds, update.coefficients, update.lr, str(distribution))
         self.theta, self.theta_version = theta, version
         self.stats["theta_replays"] += 1
         log.info(

@@ -20,7 +20,6 @@ state), ``logs/``, and at the end ``convergence.png``, ``report.md``, ``theta.sa
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -28,91 +27,20 @@ import secrets
 import signal
 import subprocess
 import sys
-import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 from fwdllm.errors import UserError
+from fwdllm.sim_config import SimConfig
+from fwdllm.simulate_report import applied_steps, fmt, metrics_rows, report_markdown
+
+__all__ = ["SimConfig", "Simulation", "simulate"]
 
 SIM_FILE = "sim.json"
 #: How long a worker may take to load its backend and join its clients. A decoder's prefix graph is
 #: ~500 MB that ONNX Runtime optimises on load: on 2 cores shared with other jobs that took over 300 s.
 START_TIMEOUT_S = 900.0
-
-
-@dataclass
-class SimConfig:
-    bundle: str
-    data: str
-    clients: int = 100
-    per_step: int = 10
-    steps: int = 100
-    workers: int = 2  # device processes; each hosts clients / workers virtual clients
-    backend: str = "onnxruntime"
-    perturbations: int = 1  # seeds per client per task
-    batch_size: int = 8
-    epsilon: float = 0.01
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    schedule: str = "linear"
-    clip_norm: float | None = None
-    variance: str = "off"  # off | fixed | threshold | relative (coordinator variance control)
-    max_waves: int = 8
-    sampler: bool = False
-    alpha: float | None = 0.5  # Dirichlet label skew; None: IID
-    seed: int = 0
-    eval_every: int = 10
-    eval_limit: int = 0  # held-out examples evaluated; 0: all
-    deadline_s: float = 120.0
-    init_theta: str | None = None  # θ file of an earlier run to start from (matching tensors by name)
-
-    def check(self) -> None:
-        if not 1 <= self.per_step <= self.clients:
-            raise UserError(f"--per-step must lie in 1..--clients ({self.clients}), got {self.per_step}")
-        if not 1 <= self.workers <= self.clients:
-            raise UserError(f"--workers must lie in 1..--clients ({self.clients}), got {self.workers}")
-        for name in ("steps", "perturbations", "batch_size", "eval_every"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        from fwdllm.device_runtime.backend import BACKENDS
-
-        if self.backend not in BACKENDS:
-            raise UserError(f"--backend {self.backend!r} is not one of {sorted(BACKENDS)}")
-        if self.init_theta and not Path(self.init_theta).is_file():
-            raise UserError(f"--init-theta {self.init_theta} does not exist; give an earlier run's theta.safetensors")
-        if not Path(self.bundle, "manifest.json").is_file():
-            raise UserError(
-                f"--bundle {self.bundle} is not a bundle (no manifest.json); create one with `fwdllm export`"
-            )
-
-    def coordinator_config(self, heldout: Path) -> dict:
-        """The coordinator's settings for this simulation (see coordinator/config.py)."""
-        optimizer = {"name": self.optimizer, "lr": self.lr, "schedule": self.schedule}
-        if self.clip_norm is not None:
-            optimizer["clip_norm"] = self.clip_norm
-        return {
-            # Exactly per_step tasks per wave, all awaited: results, and so θ, depend on the seeds alone.
-            "run": {
-                "steps": self.steps,
-                "clients_per_step": self.per_step,
-                "perturbations_per_client": self.perturbations,
-                "over_select": 0.0,
-                "min_clients": self.clients,
-                "min_results": self.per_step,
-                "batch_size": self.batch_size,
-                "epsilon": self.epsilon,
-                "seed": self.seed,
-                "deadline_s": self.deadline_s,
-                "init_theta": str(self.init_theta or ""),
-            },
-            "optimizer": optimizer,
-            "variance": {"mode": self.variance, "max_waves": self.max_waves},
-            "sampler": {"enabled": self.sampler},
-            # Hundreds of idle virtual clients poll: 1 s between pulls keeps that below a tenth of a core.
-            "server": {"heartbeat_ms": 3000, "retry_ms": 1000, "rate_per_s": 100.0, "rate_burst": 200},
-            "eval": {"every": self.eval_every, "data": str(heldout), "backend": self.backend, "limit": self.eval_limit},
-        }
 
 
 # ---------------------------------------------------------------- the simulator (parent process)
@@ -223,7 +151,7 @@ class Simulation:
                 f"worker-{k}",
                 [
                     "-m",
-                    "fwdllm.simulate",
+                    "fwdllm.simulate_worker",
                     "--coordinator",
                     address,
                     "--bundle",
@@ -271,10 +199,10 @@ class Simulation:
             self._start()
             coordinator = self.procs[0][1]
             while True:
-                rows = _steps(_rows(metrics))
+                rows = applied_steps(metrics_rows(metrics))
                 if len(rows) > bar.n:
                     last_eval = next((r for r in reversed(rows) if r.get("accuracy") is not None), {})
-                    bar.set_postfix(loss=_fmt(rows[-1].get("loss")), acc=_fmt(last_eval.get("accuracy")), refresh=False)
+                    bar.set_postfix(loss=fmt(rows[-1].get("loss")), acc=fmt(last_eval.get("accuracy")), refresh=False)
                     bar.update(len(rows) - bar.n)
                 if coordinator.poll() is not None:
                     break
@@ -301,14 +229,12 @@ class Simulation:
 
     def finish(self) -> dict:
         """Final θ, plot and report from the coordinator's state."""
-        from safetensors.numpy import save_file
-
         from fwdllm.coordinator.metrics import plot
         from fwdllm.coordinator.state import Store
-        from fwdllm.proto.manifest import load_manifest
+        from fwdllm.proto.manifest import load_manifest, save_theta
 
-        all_rows = _rows(self.state / "metrics.jsonl")
-        rows = _steps(all_rows)
+        all_rows = metrics_rows(self.state / "metrics.jsonl")
+        rows = applied_steps(all_rows)
         if not rows:
             raise UserError(f"the run in {self.out} has applied no step yet; see {self.logs}/coordinator.log")
         initial = next((r for r in all_rows if r["step"] < 0), {})  # the coordinator evaluates θ0 as step -1
@@ -318,7 +244,7 @@ class Simulation:
             theta, _ = store.load_checkpoint(len(rows) + 1, manifest.theta)
         finally:
             store.close()
-        save_file({k: v.copy() for k, v in manifest.theta.split(theta).items()}, str(self.out / "theta.safetensors"))
+        save_theta(self.out / "theta.safetensors", manifest.theta, theta)
         png = plot(
             all_rows,
             self.out / "convergence.png",
@@ -337,58 +263,9 @@ class Simulation:
             "report": str(self.out / "report.md"),
             "theta": str(self.out / "theta.safetensors"),
         }
-        (self.out / "report.md").write_text(_report(self.cfg, summary, all_rows))
+        (self.out / "report.md").write_text(report_markdown(self.cfg, summary, all_rows))
         (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         return summary
-
-
-def _rows(path: Path) -> list[dict]:
-    """The coordinator's metrics rows so far; a line still being written is left for the next look."""
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
-
-
-def _steps(rows: list[dict]) -> list[dict]:
-    """The rows of applied steps (the coordinator's step -1 row is the initial evaluation)."""
-    return [r for r in rows if r["step"] >= 0]
-
-
-def _fmt(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-def _report(cfg: SimConfig, s: dict, rows: list[dict]) -> str:
-    b, a = s["before"], s["after"]
-    evals = [r for r in rows if r.get("accuracy") is not None]
-    lines = [
-        f"# fwdllm simulation: {cfg.data}",
-        "",
-        f"Bundle `{cfg.bundle}`, backend {cfg.backend}; {cfg.clients} clients "
-        f"({'IID' if cfg.alpha is None else f'Dirichlet α={cfg.alpha}'}), {cfg.per_step} per step, "
-        f"{cfg.perturbations} perturbation(s) per client, batch {cfg.batch_size}; optimizer {cfg.optimizer} lr {cfg.lr} "
-        f"({cfg.schedule}); variance control {cfg.variance}, sampler {'on' if cfg.sampler else 'off'}; seed {cfg.seed}.",
-        "",
-        "| | before | after |",
-        "|---|---|---|",
-        f"| held-out accuracy | {_fmt(b.get('accuracy'))} | {_fmt(a.get('accuracy'))} |",
-        f"| held-out loss | {_fmt(b.get('eval_loss'))} | {_fmt(a.get('eval_loss'))} |",
-        "",
-        f"{s['steps']} steps, {s['perturbations']:,} perturbations, {s['wall_s']:.0f} s wall time; devices uploaded "
-        f"{s['bytes_up']:,} bytes and downloaded {s['bytes_down']:,} bytes in all.",
-        "",
-        "![convergence](convergence.png)",
-        "",
-    ]
-    if evals:
-        lines += ["| step | held-out accuracy | held-out loss |", "|---|---|---|"]
-        lines += [f"| {r['step'] + 1} | {_fmt(r.get('accuracy'))} | {_fmt(r.get('eval_loss'))} |" for r in evals]
-    return "\n".join(lines) + "\n"
 
 
 def simulate(cfg: SimConfig | None, out: Path, resume: bool = False, progress: bool = True, options=None) -> dict:
@@ -407,86 +284,3 @@ def simulate(cfg: SimConfig | None, out: Path, resume: bool = False, progress: b
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
-
-
-# ---------------------------------------------------------------- a device worker process
-
-
-class _Serialized:
-    """A backend shared by the virtual clients of one worker: one computation at a time."""
-
-    def __init__(self, backend):
-        self._backend, self._lock = backend, threading.Lock()
-
-    def losses(self, batch, thetas):
-        with self._lock:
-            return self._backend.losses(batch, thetas)
-
-    def logits(self, batch, theta):
-        with self._lock:
-            return self._backend.logits(batch, theta)
-
-    def __getattr__(self, name):
-        return getattr(self._backend, name)
-
-
-def worker_main(argv: list[str] | None = None) -> int:
-    """Host virtual clients ``first .. first+count-1`` of a partition; join them in order, then serve."""
-    p = argparse.ArgumentParser(prog="python -m fwdllm.simulate", description=worker_main.__doc__)
-    p.add_argument("--coordinator", required=True)
-    p.add_argument("--bundle", required=True, type=Path)
-    p.add_argument("--partition", required=True, type=Path)
-    p.add_argument("--first", required=True, type=int)
-    p.add_argument("--count", required=True, type=int)
-    p.add_argument("--token", required=True)
-    p.add_argument("--devices", required=True, type=Path, help="folder for the clients' state files")
-    p.add_argument("--backend", default="onnxruntime")
-    p.add_argument("--ready", required=True, type=Path, help="file created once every client has joined")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    from fwdllm.data.partition import client_file
-    from fwdllm.device_runtime.backend import open_backend
-    from fwdllm.device_runtime.client import ClientConfig, DeviceClient
-    from fwdllm.proto.manifest import load_manifest
-
-    manifest = load_manifest(args.bundle)
-    shared = _Serialized(open_backend(args.bundle, args.backend, options={"threads": 1}, manifest=manifest))
-    clients = []
-    for i in range(args.first, args.first + args.count):
-        cfg = ClientConfig(
-            coordinator=args.coordinator,
-            bundle=args.bundle,
-            data=args.partition / client_file(i),
-            backend=args.backend,
-            token=args.token,
-            name=f"sim-{i:05d}",
-            state_file=args.devices / f"client-{i:05d}.json",
-        )
-        client = DeviceClient(cfg, backend=shared)
-        client.join()
-        clients.append(client)
-    stop = threading.Event()
-
-    def on_signal(*_):  # a pause for --resume, not a departure: the devices keep their tasks
-        stop.set()
-        for c in clients:
-            c.stop(leave=False)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    codes: list[int] = []
-    threads = [
-        threading.Thread(target=lambda c=c: codes.append(c.run()), name=c.cfg.name, daemon=True) for c in clients
-    ]
-    for t in threads:
-        t.start()
-    args.ready.touch()
-    for t in threads:
-        while t.is_alive():
-            t.join(0.5)
-    return 0 if stop.is_set() or (len(codes) == len(clients) and all(code == 0 for code in codes)) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(worker_main())

@@ -24,7 +24,7 @@ from fwdllm.coordinator.rounds import Coordinator
 from fwdllm.coordinator.server import start
 from fwdllm.device_runtime.client import ClientConfig, DeviceClient
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
-from fwdllm.simulate import _Serialized
+from fwdllm.simulate_worker import SerializedBackend
 
 TOKEN = "tok"
 #: A PullTaskResponse with a seed-range task is ~70 bytes and a history refusal ~6: 128 covers both.
@@ -70,7 +70,7 @@ def run_federation(tmp_path, cfg: dict, devices: int, history_calls: list | None
         answer = coordinator.fetch_history
         coordinator.fetch_history = lambda req: history_calls.append(req) or answer(req)
     server = start(coordinator, "127.0.0.1", 0)
-    backend = _Serialized(shared_backend("onnxruntime", True))
+    backend = SerializedBackend(shared_backend("onnxruntime", True))
     data = write_jsonl(tmp_path / "client.jsonl", [{"text": t, "label": lab} for t, lab in TEXTS])
     clients = [
         DeviceClient(

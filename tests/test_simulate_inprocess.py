@@ -1,18 +1,16 @@
-"""bench/harness.py: the in-process federated run drives the real Coordinator and engine."""
+"""The in-process simulator: the real Coordinator and the device's own work, ending where `fwdllm simulate` ends."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.harness import run  # noqa: E402
-from fwdllm.cli import main  # noqa: E402
-from fwdllm.proto.manifest import load_manifest, load_theta  # noqa: E402
-from fwdllm.proto.perturbation import Distribution, generate  # noqa: E402
-from fwdllm.simulate import SimConfig  # noqa: E402
+from fwdllm.cli import main
+from fwdllm.proto.manifest import load_manifest, load_theta
+from fwdllm.proto.perturbation import Distribution, generate
+from fwdllm.simulate import SimConfig, simulate
+from fwdllm.simulate_inprocess import run
 
 BBC_LABELS = "business,entertainment,politics,sports,tech"
 
@@ -48,7 +46,7 @@ def tiny_bitfit_bundle(tmp_path_factory):
     return out
 
 
-def test_harness_steps_match_a_direct_update(tiny_bitfit_bundle):
+def test_inprocess_steps_match_a_direct_update(tiny_bitfit_bundle):
     sim = SimConfig(
         bundle=str(tiny_bitfit_bundle),
         data="bbc",
@@ -83,3 +81,26 @@ def test_harness_steps_match_a_direct_update(tiny_bitfit_bundle):
     assert np.abs(theta).max() > 0
     np.testing.assert_allclose(result.theta, theta, rtol=1e-4, atol=1e-6)
     assert not np.allclose(result.theta, load_theta(bundle, manifest))
+
+
+def test_inprocess_theta_equals_fwdllm_simulates(tiny_bitfit_bundle, tmp_path):
+    """The same settings through real processes over loopback gRPC end on the same θ, up to rounding: those
+    devices rebuild θ by replaying the update history (float64 sums), the in-process ones download it."""
+    sim = SimConfig(
+        bundle=str(tiny_bitfit_bundle),
+        data="bbc",
+        clients=4,
+        per_step=2,
+        steps=3,
+        workers=1,
+        perturbations=3,
+        lr=0.05,
+        eval_every=3,
+        eval_limit=8,
+    )
+    inprocess = run(sim, progress=False)
+    simulate(sim, tmp_path / "sim", progress=False)
+    layout = load_manifest(Path(sim.bundle)).theta
+    through_processes = layout.flatten(load_file(str(tmp_path / "sim" / "theta.safetensors")))
+    assert not np.array_equal(inprocess.theta, load_theta(Path(sim.bundle), load_manifest(Path(sim.bundle))))
+    np.testing.assert_allclose(inprocess.theta, through_processes, rtol=0, atol=1e-6)
