@@ -118,7 +118,8 @@ class Adb:
             )
         if len(ready) > 1:
             raise AdbError(
-                f"{len(ready)} devices are attached ({', '.join(e.serial for e in ready)}); choose one with --serial SERIAL"
+                f"{len(ready)} devices are attached "
+                f"({', '.join(e.serial for e in ready)}); choose one with --serial SERIAL"
             )
         self.serial = ready[0].serial
         return ready[0]

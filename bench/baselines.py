@@ -136,8 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         "to that grid. Device seconds: wall time of the clients' forward+backward, summed; MiB up: trainable "
         f"parameters x 4 bytes per client per round. Peak RSS: the whole process (all clients, one at a time). "
         "fedadapter is FedAdapter (Cai et al. 2022) with a fixed schedule, not the paper's trial groups of clients: "
-        "adapters on the top 2, 4, then 6 layers, 8, 16, then 32 wide, in three equal stages of the rounds (server Adam "
-        "restarts at each upgrade); its 'trainable' is the first stage's, its MiB up counts each stage's own. "
+        "adapters on the top 2, 4, then 6 layers, 8, 16, then 32 wide, in three equal stages of the rounds (server "
+        "Adam restarts at each upgrade); its 'trainable' is the first stage's, its MiB up counts each stage's own. "
         f"Figure: `{png.relative_to(ROOT)}`."
     )
     command = "python bench/baselines.py" + (" --quick" if args.quick else "")

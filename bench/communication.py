@@ -168,9 +168,9 @@ def main(argv: list[str] | None = None) -> int:
         ],
         notes=(
             f"Bytes per device per step with {args.perturbations} perturbations, central differences. A device picked "
-            f"every {gap} steps catches up by replaying {gap} steps of (seed, coefficient) records when that is smaller "
-            "than theta (plain SGD only); otherwise it downloads theta. Upload = the SubmitRequest: echoed seeds "
-            "(8 bytes each) + one float32 per perturbation + ids."
+            f"every {gap} steps catches up by replaying {gap} steps of (seed, coefficient) records when that is "
+            "smaller than theta (plain SGD only); otherwise it downloads theta. Upload = the SubmitRequest: echoed "
+            "seeds (8 bytes each) + one float32 per perturbation + ids."
         ),
     )
     print(path.read_text())

@@ -137,9 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         for ratio in result.get("prefix_reuse_ratios", []):
             notes.append(
-                f"Prefix reuse ({name}, {ratio['backend']}/{ratio['delegate']}/{ratio['precision']}): one perturbed evaluation "
-                f"{ratio['eval_ms_without_reuse']:.1f} ms without, {ratio['eval_ms_with_reuse']:.1f} ms with "
-                f"({ratio['speedup']:.2f}×)."
+                f"Prefix reuse ({name}, {ratio['backend']}/{ratio['delegate']}/{ratio['precision']}): one perturbed "
+                f"evaluation {ratio['eval_ms_without_reuse']:.1f} ms without, {ratio['eval_ms_with_reuse']:.1f} ms "
+                f"with ({ratio['speedup']:.2f}×)."
             )
     notes.append(
         "Targets: perturbed/plain ≤ 1.10; P-call vs P×1 ≥ 1.3 (P=8, CPU); RSS/plain ≤ 1.3 and "

@@ -101,9 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             "θ dim",
             "validation rel err",
         ],
-        notes="One export per row (LoRA r=8 on query/value; all layers, or top:2 in --quick, which adds prefix/suffix graphs). "
-        "TFLite shapes B=8, S=64, P=8 (2/16/2 in --quick). `graph MiB` counts that format's graph files; the bundle adds "
-        "θ and tokenizer.json. SmolLM2's HF checkpoint is converted from the shipped GGUF once and cached (~/.cache/fwdllm).",
+        notes="One export per row (LoRA r=8 on query/value; all layers, or top:2 in --quick, which adds prefix/suffix "
+        "graphs). TFLite shapes B=8, S=64, P=8 (2/16/2 in --quick). `graph MiB` counts that format's graph files; the "
+        "bundle adds θ and tokenizer.json. SmolLM2's HF checkpoint is "
+        "converted from the shipped GGUF once and cached (~/.cache/fwdllm).",
     )
     return 0
 

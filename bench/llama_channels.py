@@ -145,8 +145,8 @@ def main(argv=None) -> int:
     for precision in tqdm(precisions, desc="precisions"):
         rows += measure(bundle_dir, precision, args)
     notes = (
-        f"{args.batch} BBC sequences x {args.seq} tokens, all labelled; {args.threads} thread(s); medians of {args.repeats} "
-        "interleaved repeats. `eval_s` includes the channel call. `lora` = rewrite the adapter GGUF + "
+        f"{args.batch} BBC sequences x {args.seq} tokens, all labelled; {args.threads} thread(s); medians of "
+        f"{args.repeats} interleaved repeats. `eval_s` includes the channel call. `lora` = rewrite the adapter GGUF + "
         "llama_adapter_lora_init + llama_set_adapters_lora (+ the rank-8 LoRA matmuls in the pass); "
         "`cvec` = llama_set_adapter_cvec over all layers; `cvec-top2` = only the top 2 layers: llama.cpp still "
         "runs every layer for every token of a model, so restricting θ to the top layers saves nothing by itself; "

@@ -142,11 +142,12 @@ def main(argv=None) -> int:
         )
         rows += measure(bundle_dir, k, args)
     notes = (
-        f"{args.prompts} held-out bbc-lm prompts ({rows[0]['tokens']} tokens in all), {args.threads} thread(s), medians of "
-        f"{args.repeats} interleaved repeats, each at a new θ; `clock` cpu = process CPU time, wall = elapsed. `*_eval_s` = set θ (adapter file + llama_adapter_lora_init) "
-        "+ one decode per prompt + the loss. `suffix` runs the top K layers from the cached hidden states; "
-        "`suffix_cold` also runs the prefix (the base model, stopped after the last frozen layer) for every prompt, "
-        "as the first perturbation of a new batch does; `prefix_ms_per_example` = (cold − cached) / prompts."
+        f"{args.prompts} held-out bbc-lm prompts ({rows[0]['tokens']} tokens in all), {args.threads} thread(s), "
+        f"medians of {args.repeats} interleaved repeats, each at a new θ; `clock` cpu = process CPU time, wall = "
+        "elapsed. `*_eval_s` = set θ (adapter file + llama_adapter_lora_init) + one decode per prompt + the loss. "
+        "`suffix` runs the top K layers from the cached hidden states; `suffix_cold` also runs the prefix (the base "
+        "model, stopped after the last frozen layer) for every prompt, as the first "
+        "perturbation of a new batch does; `prefix_ms_per_example` = (cold − cached) / prompts."
     )
     command = "python bench/llama_prefix.py" + (" --quick" if args.quick else "")
     path = write_results("llama_prefix", command, rows, COLUMNS, notes)

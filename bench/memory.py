@@ -243,8 +243,8 @@ def report(rows: list[dict], command: str, measured: dict | None = None) -> None
     columns = ["model", "seq", "kind", "configuration", "peak_rss_mb", "vs backprop LoRA"]
     notes = (
         f"Peak RSS (MiB) of a fresh process per row, batch 8, one thread. {PAPER} Measured here: "
-        f"{'; '.join(summary) or 'no complete pair'} (range over fwdllm backends and backprop methods). Ours compares whole "
-        "processes: the device rows hold ONNX Runtime/LiteRT/llama.cpp and the bundle, the backprop rows hold "
+        f"{'; '.join(summary) or 'no complete pair'} (range over fwdllm backends and backprop methods). Ours compares "
+        "whole processes: the device rows hold ONNX Runtime/LiteRT/llama.cpp and the bundle, the backprop rows hold "
         "torch itself, the fp32 model, activations kept for backward, gradients and AdamW state."
     )
     if above := above_paper(rows):

@@ -137,7 +137,8 @@ def _stamped(name: str) -> str:
 
 
 def run_sections(sections: list[Section], quick: bool, jobs: int) -> dict[str, tuple[int, str, float]]:
-    """Run the timed sections one by one, then the others up to ``jobs`` at a time: script -> (exit, stderr, seconds)."""
+    """Run the timed sections one by one, then the others up to ``jobs`` at a time:
+    script -> (exit, stderr, seconds)."""
     done: dict[str, tuple[int, str, float]] = {}
 
     def start(sec: Section) -> tuple[subprocess.Popen, float]:

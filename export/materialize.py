@@ -72,7 +72,8 @@ def head_logits(plan: Plan, hidden: torch.Tensor, mask: torch.Tensor, theta_row:
 
 @torch.no_grad()
 def reference(model: nn.Module, plan: Plan, theta: np.ndarray, input_ids, attention_mask, labels):
-    """Per θ row, loss (and logits for seq-cls) from the HF model with that row applied: ``(loss[P], logits[P,B,C] | None)``."""
+    """Per θ row, loss (and logits for seq-cls) from the HF model with that row applied:
+    ``(loss[P], logits[P,B,C] | None)``."""
     losses, all_logits = [], []
     ids, mask, lab = (torch.as_tensor(np.asarray(x)).long() for x in (input_ids, attention_mask, labels))
     for row in np.asarray(theta, dtype=np.float32):

@@ -59,7 +59,8 @@ def parse_trainable_layers(text: str, num_layers: int) -> list[int]:
             k = -1
         if not 1 <= k <= num_layers:
             raise UserError(
-                f"--trainable-layers {text}: K must be an integer in 1..{num_layers} (the model has {num_layers} layers)"
+                f"--trainable-layers {text}: K must be an integer in "
+                f"1..{num_layers} (the model has {num_layers} layers)"
             )
         return list(range(num_layers - k + 1, num_layers + 1))
     raise UserError(f"--trainable-layers {text!r} is not one of head, top:K, all")

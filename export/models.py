@@ -84,7 +84,8 @@ def load(model: str, task: str) -> Loaded:
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise UserError(
-            f"{folder} has no config.json; pass a Hugging Face checkpoint folder (config.json + weights + tokenizer.json)"
+            f"{folder} has no config.json; pass a Hugging Face "
+            "checkpoint folder (config.json + weights + tokenizer.json)"
         )
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
         raise UserError(

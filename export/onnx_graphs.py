@@ -1,4 +1,5 @@
-"""ONNX graphs: legacy TorchScript export (dynamo=False), dynamic B, S and P; int8 by onnxruntime dynamic quantization."""
+"""ONNX graphs: legacy TorchScript export (dynamo=False), dynamic B, S and P; int8 by onnxruntime dynamic
+quantization."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""LoRA (Hu et al.): y = W x + b + (alpha / r) · B A x on the target Linears; FwdLLM's default r=8, alpha=16 on query/value.
+"""LoRA (Hu et al.): y = W x + b + (alpha / r) · B A x on the target Linears; FwdLLM's default r=8, alpha=16 on
+query/value.
 
 Initialised as peft does (A Kaiming-uniform, B zero), or from an existing peft adapter.
 """

@@ -29,7 +29,8 @@ def _load_theta(path: Path, manifest) -> np.ndarray:
 
     if not path.is_file():
         raise UserError(
-            f"--theta {path}: no such file; pass a θ safetensors file (e.g. a coordinator checkpoint or the bundle's theta.safetensors)"
+            f"--theta {path}: no such file; pass a θ safetensors file (e.g. "
+            "a coordinator checkpoint or the bundle's theta.safetensors)"
         )
     return manifest.theta.flatten(load_file(str(path)))
 

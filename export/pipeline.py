@@ -76,7 +76,8 @@ class ExportContext:
         self.timings[name] = round(time.perf_counter() - t0, 3)
 
     def batch(self, batch: int, seq: int, rows: int, seed: int) -> tuple[dict, dict]:
-        """A random batch of fixed shape with P = ``rows`` θ rows, its reference outputs, and the prefix's hidden states."""
+        """A random batch of fixed shape with P = ``rows`` θ rows, its reference outputs, and the prefix's hidden
+        states."""
         from fwdllm.export.materialize import reference
 
         sample = sample_batch(

@@ -56,12 +56,14 @@ def _apply_peft_adapter(folder: str, opts: PeftOptions) -> dict[str, torch.Tenso
     cfg_file, weights = d / "adapter_config.json", d / "adapter_model.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
         raise UserError(
-            f"--from-peft-adapter {folder}: needs adapter_config.json and adapter_model.safetensors (a peft save_pretrained folder)"
+            f"--from-peft-adapter {folder}: needs adapter_config.json "
+            "and adapter_model.safetensors (a peft save_pretrained folder)"
         )
     cfg = json.loads(cfg_file.read_text())
     if cfg.get("peft_type") != "LORA":
         raise UserError(
-            f"--from-peft-adapter {folder}: peft type {cfg.get('peft_type')!r} is not supported; only LORA adapters start a LoRA export"
+            f"--from-peft-adapter {folder}: peft type {cfg.get('peft_type')!r} "
+            "is not supported; only LORA adapters start a LoRA export"
         )
     opts.method = "lora"
     opts.lora_r, opts.lora_alpha = int(cfg["r"]), float(cfg["lora_alpha"])
@@ -129,7 +131,8 @@ def build_plan(
                     )
                 if tuple(value.shape) != tuple(init.shape):
                     raise UserError(
-                        f"--from-peft-adapter: {site.path}.{suffix} has shape {tuple(value.shape)}, the model needs {tuple(init.shape)}"
+                        f"--from-peft-adapter: {site.path}.{suffix} has shape "
+                        f"{tuple(value.shape)}, the model needs {tuple(init.shape)}"
                     )
                 site.tensors[i] = (suffix, value.float())
     modules_by_path = dict(model.named_modules())

@@ -35,7 +35,8 @@ def write_report(out: Path, config: dict, records: list[dict]) -> Path:
 
 def _markdown(c: dict, records: list[dict]) -> str:
     first, last = records[0], records[-1]
-    # label words: round 0 is the pretrained decoder (every PEFT starts as the identity); a classifier's head starts at zero
+    # label words: round 0 is the pretrained decoder (every PEFT starts as the identity);
+    # a classifier's head starts at zero
     start = "round 0 (zero-shot)" if c.get("label_words") else "round 0 (zero head)"
     local = "FedSGD: one local step" if c["local_steps"] == 1 else f"FedAvg: {c['local_steps']} local SGD steps"
     skew = "IID" if c["alpha"] is None else f"Dirichlet α={c['alpha']}"
@@ -43,9 +44,10 @@ def _markdown(c: dict, records: list[dict]) -> str:
     lines = [
         f"# fwdllm backprop baseline: {c['data']}",
         "",
-        f"Model `{c['model']}`, {c['peft']} on layers {c['trainable_layers']} ({c['num_trainable']:,} trainable values){words}; "
-        f"{c['clients']} clients ({skew}), {c['per_step']} per round, batch {c['batch_size']}, sequence {c['seq_len']}; "
-        f"{local} at local lr {c['local_lr']}, server {c['optimizer']} lr {c['lr']}; seed {c['seed']}.",
+        f"Model `{c['model']}`, {c['peft']} on layers {c['trainable_layers']} ({c['num_trainable']:,} trainable "
+        f"values){words}; {c['clients']} clients ({skew}), {c['per_step']} per round, batch {c['batch_size']}, "
+        f"sequence {c['seq_len']}; {local} at local lr {c['local_lr']}, "
+        f"server {c['optimizer']} lr {c['lr']}; seed {c['seed']}.",
         "",
         f"| | {start} | round {last['step']} |",
         "|---|---|---|",

@@ -21,7 +21,8 @@ INFO: Use xnnpack: [1]
 INFO: Loaded model /data/local/tmp/fwdllm/bundle/full.tflite
 INFO: Created TensorFlow Lite XNNPACK delegate for CPU.
 INFO: XNNPACK delegate created.
-INFO: Explicitly applied XNNPACK delegate, and the model graph will be partially executed by the delegate w/ 7 delegate kernels.
+INFO: Explicitly applied XNNPACK delegate, and the model graph will be partially executed by the delegate \
+w/ 7 delegate kernels.
 INFO: The input model file size (MB): 90.6021
 INFO: Initialized session in 412.5ms.
 INFO: Running benchmark for at least 1 iterations and at least 0.5 seconds but terminate if exceeding 150 seconds.
@@ -31,7 +32,8 @@ INFO: Running benchmark for at least 50 iterations and at least 1 seconds but te
 INFO: count=50 first=40555 curr=40321 min=39001 max=44120 avg=40412.3 std=812
 
 INFO: Inference timings in us: Init: 412500, First inference: 61234, Warmup (avg): 42001.5, Inference (avg): 40412.3
-INFO: Note: as the benchmark tool itself affects memory footprint, the following is only APPROXIMATE to the actual memory footprint of the model at runtime. Take the information at your discretion.
+INFO: Note: as the benchmark tool itself affects memory footprint, the following is only APPROXIMATE to the actual \
+memory footprint of the model at runtime. Take the information at your discretion.
 INFO: Memory footprint delta from the start of the tool (MB): init=101.25 overall=118.5
 INFO: Overall peak memory footprint (MB) via periodic monitoring: 131.75
 """
