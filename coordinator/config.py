@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from fwdllm.device_runtime.backend import DEFAULT_BACKEND
 from fwdllm.errors import UserError
 from fwdllm.proto.names import AggregationMethod, DifferenceScheme, Distribution, VarianceMode
 
@@ -78,7 +79,7 @@ class ServerConfig:
 class EvalConfig:
     every: int = 0  # evaluate every k steps (and after the last); 0: never
     data: str = ""  # held-out examples, JSONL as for devices
-    backend: str = "onnxruntime"
+    backend: str = DEFAULT_BACKEND
     batch_size: int = 32
     limit: int = 0  # evaluate at most this many examples; 0: all
     patience: int = 0  # stop after this many evaluations without a better eval_loss; 0: never

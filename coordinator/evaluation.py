@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from fwdllm.device_runtime.backend import DEFAULT_BACKEND
 from fwdllm.errors import UserError
 
 from .config import EvalConfig
 
 
 class BackendEvaluator:
-    def __init__(self, bundle: Path, data: Path, backend: str = "onnxruntime", batch_size: int = 32, limit: int = 0):
+    def __init__(self, bundle: Path, data: Path, backend: str = DEFAULT_BACKEND, batch_size: int = 32, limit: int = 0):
         from fwdllm.device_runtime.backend import load_examples, open_backend
 
         self.backend = open_backend(bundle, backend, options={"threads": 1})
@@ -29,10 +30,10 @@ class BackendEvaluator:
         self.examples = examples[:limit] if limit else examples
         fixed = self.backend.batch_size
         self.batch_size = fixed or batch_size
-        # Next-token logits: llama.cpp only (the ONNX/TFLite causal-lm graphs return just the loss). The candidates
-        # come from the whole held-out file, so a --limit prefix missing a label still chooses among all of them.
+        # Restricted choice needs a backend whose causal-lm logits are next-token logits. The candidates come from
+        # the whole held-out file, so a --limit prefix missing a label still chooses among all of them.
         self.classifies = manifest.model.classifies
-        next_token = not self.classifies and self.backend.name == "llama.cpp"
+        next_token = not self.classifies and self.backend.next_token_logits
         self.choices = single_token_targets(self.backend.tokenizer(), examples) if next_token else None
         if self.choices is not None:
             self.choices = (self.choices[0], self.choices[1][: len(self.examples)])

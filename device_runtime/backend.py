@@ -19,15 +19,16 @@ import hashlib
 import importlib
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import BundleError, GraphSpec, Manifest, load_manifest
-from fwdllm.proto.names import Task
+from fwdllm.proto.names import GraphFormat, GraphRole, Task
 
 #: Label value for "no loss here" (PyTorch's CrossEntropyLoss ignore_index).
 IGNORE_INDEX = -100
@@ -267,12 +268,42 @@ def _truncate(ids: list[int], length: int, keep_last: bool) -> list[int]:
 class Backend(ABC):
     """Evaluates a bundle's loss for P trainable vectors θ on one batch.
 
-    Subclasses set ``name`` and register themselves in ``BACKENDS``. A backend is made with
-    ``(bundle_dir, manifest, graph, options)``; ``graph`` is the manifest entry it runs
-    (its ``full`` or ``base`` graph), and ``options`` are backend-specific knobs.
+    A backend is made with ``(bundle_dir, manifest, graph, options)``; ``graph`` is the manifest
+    entry it runs (its ``full`` or ``base`` graph), and ``options`` are backend-specific knobs.
+    What the code above asks of a backend before opening one (its name, the graphs it loads,
+    what it can do, its options and delegates) it declares in the class attributes and class
+    methods below; a subclass that sets ``name`` registers itself in ``BACKENDS`` by being defined.
     """
 
-    name: str = ""
+    #: What users call it: ``--backend``, ``[eval] backend``.
+    name: ClassVar[str] = ""
+    #: The graph format it loads, and the role of the graph θ enters (a cut bundle's suffix stands in for full).
+    graph_format: ClassVar[GraphFormat]
+    theta_role: ClassVar[GraphRole] = GraphRole.FULL
+    #: Whether ``logits`` of an open-ended causal-lm bundle are next-token logits over the vocabulary, which
+    #: restricted-choice evaluation needs (the ONNX/TFLite causal-lm graphs return only the loss).
+    next_token_logits: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.name:
+            _REGISTERED[cls.name] = cls
+
+    @classmethod
+    @abstractmethod
+    def runtime_info(cls) -> dict[str, Any]:
+        """The installed runtime: its version and what it can use on this machine; ImportError when missing."""
+
+    @classmethod
+    def cli_options(cls, args: Any) -> dict[str, Any]:
+        """This backend's options from the parsed ``fwdllm device`` arguments (device_runtime/cli.py)."""
+        return {}
+
+    @classmethod
+    def delegates(cls, threads: int, libraries: list[str]) -> list[tuple[str, dict[str, Any]]]:
+        """(delegate or provider name, options) for each way this backend can run here, with external
+        delegate ``libraries`` (paths of .so files) where it takes them."""
+        return [("cpu", {"threads": threads})]
 
     def __init__(self, bundle_dir: str | Path, manifest: Manifest, graph: GraphSpec, options: dict[str, Any]):
         self.bundle_dir = Path(bundle_dir)
@@ -338,7 +369,7 @@ class Backend(ABC):
     def info(self) -> dict[str, Any]:
         """What is actually in use: providers/delegates, threads, share of ops delegated, graphs."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (an optional hook, not abstract)
         """Release runtime resources; the default has nothing to release."""
 
     def __enter__(self) -> Backend:
@@ -348,39 +379,54 @@ class Backend(ABC):
         self.close()
 
 
-#: backend name -> "module:Class", imported only when asked for.
-BACKENDS: dict[str, str] = {
-    "onnxruntime": "fwdllm.device_runtime.onnx_backend:OnnxBackend",
-    "litert": "fwdllm.device_runtime.litert_backend:LiteRTBackend",
-    "llama.cpp": "fwdllm.device_runtime.llama_backend:LlamaBackend",
-}
+_REGISTERED: dict[str, type[Backend]] = {}
 
-#: backend name -> graph format it runs, and the graph role holding θ.
-BACKEND_FORMATS = {"onnxruntime": ("onnx", "full"), "litert": ("tflite", "full"), "llama.cpp": ("gguf", "base")}
+#: Modules of the built-in backends. They import their runtimes only when a backend is opened,
+#: so importing them all to list the backends needs numpy alone.
+BUILT_IN = (
+    "fwdllm.device_runtime.onnx_backend",
+    "fwdllm.device_runtime.litert_backend",
+    "fwdllm.device_runtime.llama_backend",
+)
+
+#: The backend used where none is named.
+DEFAULT_BACKEND = "onnxruntime"
 
 
-def backend_class(name: str) -> type[Backend]:
-    if name not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
-    module, cls = BACKENDS[name].split(":")
-    try:
-        return getattr(importlib.import_module(module), cls)
-    except ImportError as exc:
-        raise BackendError(
-            f"backend {name} is not installed here ({exc}); install `fwdllm[device]` (or `fwdllm[device,llama]`)"
-        ) from exc
+class _Registry(Mapping[str, type[Backend]]):
+    """Backend name -> class, in registration order; the built-in modules are imported on first use."""
+
+    def _classes(self) -> dict[str, type[Backend]]:
+        for module in BUILT_IN:
+            importlib.import_module(module)
+        return _REGISTERED
+
+    def __getitem__(self, name: str) -> type[Backend]:
+        classes = self._classes()
+        if name not in classes:
+            raise BackendError(f"unknown backend {name!r}; choose one of {list(classes)}")
+        return classes[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._classes())
+
+    def __len__(self) -> int:
+        return len(self._classes())
+
+
+#: Every backend, by name.
+BACKENDS: Mapping[str, type[Backend]] = _Registry()
 
 
 def select_graph(manifest: Manifest, name: str, precision: str | None = None) -> GraphSpec:
     """The manifest entry a backend runs: its full/base graph, else the suffix of a cut export."""
-    if name not in BACKEND_FORMATS:
-        raise BackendError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
-    fmt, role = BACKEND_FORMATS[name]
+    cls = BACKENDS[name]
     try:
-        return manifest.graph(fmt, role, precision)
+        return manifest.graph(cls.graph_format, cls.theta_role, precision)
     except BundleError:
-        if role == "full" and any(g.format == fmt and g.role == "suffix" for g in manifest.graphs):
-            return manifest.graph(fmt, "suffix", precision)
+        suffix = any(g.format == cls.graph_format and g.role == GraphRole.SUFFIX for g in manifest.graphs)
+        if cls.theta_role == GraphRole.FULL and suffix:
+            return manifest.graph(cls.graph_format, GraphRole.SUFFIX, precision)
         raise
 
 
@@ -394,4 +440,9 @@ def open_backend(
     """Load a bundle (checking checksums unless a manifest is given) and open one backend on it."""
     manifest = manifest or load_manifest(Path(bundle_dir))
     graph = select_graph(manifest, name, precision)
-    return backend_class(name)(bundle_dir, manifest, graph, options or {})
+    try:
+        return BACKENDS[name](bundle_dir, manifest, graph, options or {})
+    except ImportError as exc:
+        raise BackendError(
+            f"backend {name} is not installed here ({exc}); install `fwdllm[device]` (or `fwdllm[device,llama]`)"
+        ) from exc

@@ -24,8 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from fwdllm.device_runtime.backend import Backend
 from fwdllm.errors import UserError
-from fwdllm.proto.names import Task
+from fwdllm.proto.names import GraphRole, Task
+
+#: Modules measuring one configuration in a fresh process: this one, and the PyTorch backprop reference.
+WORKER = "fwdllm.device_runtime.bench"
+BACKPROP = "fwdllm.export.backprop_memory"
 
 FIGURES = [  # (JSON key, table heading)
     ("init_ms", "Init ms"),
@@ -104,7 +109,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     out["warmup_avg_ms"] = _median_ms(plain, spec["warmup"])
     if spec["mode"] == "plain":
         out["inference_avg_ms"] = _median_ms(plain, spec["runs"])
-        out["peak_rss_mb"] = _peak_rss_mb()
+        out["peak_rss_mb"] = peak_rss_mb()
         return out
     p = backend.max_perturbations or spec["perturbations"]
     rows = np.repeat(theta[None], p, 0)
@@ -136,12 +141,12 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         plain_ms.append(_median_ms(plain, 1))
         task_ms.append(_median_ms(task, 1))
     out["inference_avg_ms"], task_ms = statistics.median(plain_ms), statistics.median(task_ms)
-    out["peak_rss_mb"] = _peak_rss_mb()  # what a client needs: inference plus its tasks
+    out["peak_rss_mb"] = peak_rss_mb()  # what a client needs: inference plus its tasks
     out["call_ms"] = _median_ms(p_call, spec["runs"])
     if not backend.max_perturbations:  # dynamic P only; alternate, as above
         pairs = [(_median_ms(p_single, 1), _median_ms(p_call, 1)) for _ in range(spec["runs"])]
         out["p_batched_speedup"] = statistics.median(single / call for single, call in pairs)
-    out["peak_rss_after_p_call_mb"] = _peak_rss_mb()
+    out["peak_rss_after_p_call_mb"] = peak_rss_mb()
     out["perturbed_eval_ms"] = task_ms / evals[-1]
     out["perturbations_per_s"] = len(seeds) / (task_ms / 1000)
     fixed = backend.max_perturbations or 1
@@ -157,42 +162,14 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _peak_rss_mb() -> float:
+def peak_rss_mb() -> float:
+    """This process's peak resident set so far, in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_backprop(spec: dict[str, Any]) -> dict[str, Any]:
-    """PyTorch LoRA (r 8, query/value) + AdamW: two training steps on the same batch shape."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForSequenceClassification
-
-    from fwdllm.export.models import resolve
-    from fwdllm.proto.manifest import load_manifest
-
-    torch.set_num_threads(spec["threads"])
-    manifest = load_manifest(Path(spec["bundle"]))
-    folder, _ = resolve(manifest.model.source)
-    model = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=manifest.model.num_labels or 2)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"]))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.randint(1000, 20000, (spec["batch"], manifest.model.max_seq_len))
-    labels = torch.zeros(spec["batch"], dtype=torch.long)
-    times = []
-    for _ in range(3):
-        t = time.perf_counter()
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        times.append((time.perf_counter() - t) * 1000)
-    return {"train_step_ms": statistics.median(times), "peak_rss_mb": _peak_rss_mb()}
-
-
-def _subprocess(kind: str, spec: dict[str, Any]) -> dict[str, Any]:
-    proc = subprocess.run(
-        [sys.executable, "-m", "fwdllm.device_runtime.bench", kind, json.dumps(spec)], capture_output=True, text=True
-    )
+def _subprocess(module: str, spec: dict[str, Any]) -> dict[str, Any]:
+    """The JSON line that ``python -m module SPEC`` prints last, or the error it ended with."""
+    proc = subprocess.run([sys.executable, "-m", module, json.dumps(spec)], capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -204,20 +181,20 @@ def configurations(
     bundle: Path, backends: list[str] | None, delegates: list[str] | None, precisions: list[str] | None, threads: int
 ) -> list[dict[str, Any]]:
     """Every runnable (backend, delegate, precision, prefix reuse) of the bundle, filtered by the arguments."""
-    from fwdllm.device_runtime.backend import BACKEND_FORMATS
+    from fwdllm.device_runtime.backend import BACKENDS
     from fwdllm.proto.manifest import load_manifest
 
     manifest = load_manifest(bundle, verify_checksums=False)
     configs = []
-    for name, (fmt, role) in BACKEND_FORMATS.items():
+    for name, cls in BACKENDS.items():
         if backends and name not in backends:
             continue
-        roles = {(g.precision, g.role) for g in manifest.graphs if g.format == fmt}
+        roles = {(g.precision, g.role) for g in manifest.graphs if g.format == cls.graph_format}
         for precision in sorted({p for p, _ in roles}):
             if precisions and precision not in precisions:
                 continue
-            cut = (precision, "prefix") in roles and (precision, "suffix") in roles
-            for delegate, options in _delegates(name, delegates, threads):
+            cut = (precision, GraphRole.PREFIX) in roles and (precision, GraphRole.SUFFIX) in roles
+            for delegate, options in _delegates(cls, delegates, threads):
                 for reuse in [True, False] if cut else [False]:
                     configs.append(
                         {
@@ -235,24 +212,9 @@ def configurations(
     return configs
 
 
-def _delegates(backend: str, wanted: list[str] | None, threads: int) -> list[tuple[str, dict[str, Any]]]:
-    out: list[tuple[str, dict[str, Any]]] = []
-    if backend == "onnxruntime":
-        from fwdllm.device_runtime.onnx_backend import available_providers
-
-        out = [(p, {"providers": [p], "threads": threads}) for p in available_providers()]
-    elif backend == "litert":
-        out = [
-            ("xnnpack", {"kernels": "xnnpack", "threads": threads}),
-            ("builtin", {"kernels": "builtin", "threads": threads}),
-        ]
-        out += [
-            (Path(w).name, {"kernels": "builtin", "threads": threads, "delegates": [{"path": w}]})
-            for w in (wanted or [])
-            if w.endswith(".so")
-        ]
-    elif backend == "llama.cpp":
-        out = [("cpu", {"threads": threads})]
+def _delegates(backend: type[Backend], wanted: list[str] | None, threads: int) -> list[tuple[str, dict[str, Any]]]:
+    """The backend's delegates that ``wanted`` names (all when None); a .so in it is an external delegate."""
+    out = backend.delegates(threads, [w for w in wanted or [] if w.endswith(".so")])
     return [(d, o) for d, o in out if not wanted or d in wanted or "delegates" in o]
 
 
@@ -286,8 +248,8 @@ def bench(
     for cfg in tqdm(configs, desc="bench", disable=not progress):
         key = (cfg["backend"], cfg["delegate"], cfg["precision"])
         if key not in plain_rss:
-            plain_rss[key] = _subprocess("worker", {**base, **cfg, "mode": "plain"}).get("peak_rss_mb", float("nan"))
-        row = {**cfg, **_subprocess("worker", {**base, **cfg, "mode": "perturbed"})}
+            plain_rss[key] = _subprocess(WORKER, {**base, **cfg, "mode": "plain"}).get("peak_rss_mb", float("nan"))
+        row = {**cfg, **_subprocess(WORKER, {**base, **cfg, "mode": "perturbed"})}
         row["plain_peak_rss_mb"] = plain_rss[key]
         if "peak_rss_mb" in row:
             row["rss_vs_plain"] = row["peak_rss_mb"] / plain_rss[key]
@@ -299,7 +261,7 @@ def bench(
         "configurations": rows,
     }
     if backprop:
-        bp = _subprocess("backprop", {**base, "threads": threads})
+        bp = _subprocess(BACKPROP, {**base, "threads": threads})
         result["pytorch_lora_adamw"] = bp
         for row in rows:
             if "peak_rss_mb" in row and "peak_rss_mb" in bp:
@@ -370,5 +332,4 @@ def table(result: dict[str, Any], markdown: bool = False) -> str:
 
 
 if __name__ == "__main__":
-    kind, payload = sys.argv[1], json.loads(sys.argv[2])
-    print(json.dumps(run_backprop(payload) if kind == "backprop" else run_worker(payload)))
+    print(json.dumps(run_worker(json.loads(sys.argv[1]))))

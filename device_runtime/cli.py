@@ -14,7 +14,9 @@ def _csv(text: str) -> list[str]:
 
 
 def _backend_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "litert", "llama.cpp"])
+    from fwdllm.device_runtime.backend import BACKENDS, DEFAULT_BACKEND
+
+    p.add_argument("--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS))
     p.add_argument("--precision", help="graph precision to run (default: the first the bundle has)")
     p.add_argument("--threads", type=int, default=1, help="runtime threads (default 1)")
     p.add_argument(
@@ -53,18 +55,13 @@ def _backend_args(p: argparse.ArgumentParser) -> None:
 
 
 def backend_options(args: argparse.Namespace) -> dict:
-    from fwdllm.errors import UserError
+    from fwdllm.device_runtime.backend import BACKENDS
 
-    opts = {"threads": args.threads, "prefix_reuse": not args.no_prefix_reuse}
-    if args.backend == "onnxruntime":
-        opts.update(optimization=args.optimization, **({"providers": args.provider} if args.provider else {}))
-    elif args.backend == "litert":
-        bad = [o for o in args.delegate_option if "=" not in o]
-        if bad:
-            raise UserError(f"--delegate-option needs KEY=VALUE, got {bad}")
-        dopts = dict(o.split("=", 1) for o in args.delegate_option)
-        opts.update(kernels=args.kernels, delegates=[{"path": d, "options": dopts} for d in args.delegate])
-    return opts
+    return {
+        "threads": args.threads,
+        "prefix_reuse": not args.no_prefix_reuse,
+        **BACKENDS[args.backend].cli_options(args),
+    }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -119,33 +116,11 @@ def _info(args: argparse.Namespace) -> int:
         "cpu_count": os.cpu_count(),
         "backends": {},
     }
-    try:
-        import onnxruntime
-
-        from fwdllm.device_runtime.onnx_backend import available_providers
-
-        report["backends"]["onnxruntime"] = {"version": onnxruntime.__version__, "providers": available_providers()}
-    except ImportError as exc:
-        report["backends"]["onnxruntime"] = {"error": str(exc)}
-    try:
-        import ai_edge_litert
-
-        report["backends"]["litert"] = {
-            "version": getattr(ai_edge_litert, "__version__", ""),
-            "kernels": ["xnnpack", "builtin", "reference"],
-            "external_delegates": "by path (--delegate LIB.so)",
-        }
-    except ImportError as exc:
-        report["backends"]["litert"] = {"error": str(exc)}
-    try:
-        import llama_cpp
-
-        report["backends"]["llama.cpp"] = {
-            "version": llama_cpp.__version__,
-            "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
-        }
-    except ImportError as exc:
-        report["backends"]["llama.cpp"] = {"error": str(exc)}
+    for name, cls in BACKENDS.items():
+        try:
+            report["backends"][name] = cls.runtime_info()
+        except ImportError as exc:
+            report["backends"][name] = {"error": str(exc)}
     if args.bundle:
         report["bundle"] = {}
         for name in BACKENDS:

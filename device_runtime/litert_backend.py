@@ -20,7 +20,9 @@ import numpy as np
 
 from fwdllm.device_runtime.backend import BackendError
 from fwdllm.device_runtime.graph_backend import GraphBackend, check_io, check_theta_dim
+from fwdllm.errors import UserError
 from fwdllm.proto.manifest import GraphSpec
+from fwdllm.proto.names import GraphFormat
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +31,34 @@ KERNELS = {"xnnpack": "AUTO", "builtin": "BUILTIN_WITHOUT_DEFAULT_DELEGATES", "r
 
 class LiteRTBackend(GraphBackend):
     name = "litert"
+    graph_format = GraphFormat.TFLITE
+
+    @classmethod
+    def runtime_info(cls) -> dict[str, Any]:
+        import ai_edge_litert
+
+        return {
+            "version": getattr(ai_edge_litert, "__version__", ""),
+            "kernels": list(KERNELS),
+            "external_delegates": "by path (--delegate LIB.so)",
+        }
+
+    @classmethod
+    def cli_options(cls, args: Any) -> dict[str, Any]:
+        bad = [o for o in args.delegate_option if "=" not in o]
+        if bad:
+            raise UserError(f"--delegate-option needs KEY=VALUE, got {bad}")
+        options = dict(o.split("=", 1) for o in args.delegate_option)
+        return {"kernels": args.kernels, "delegates": [{"path": d, "options": options} for d in args.delegate]}
+
+    @classmethod
+    def delegates(cls, threads: int, libraries: list[str]) -> list[tuple[str, dict[str, Any]]]:
+        kernels = [(k, {"kernels": k, "threads": threads}) for k in ("xnnpack", "builtin")]
+        external = [
+            (Path(lib).name, {"kernels": "builtin", "threads": threads, "delegates": [{"path": lib}]})
+            for lib in libraries
+        ]
+        return kernels + external
 
     def __init__(self, bundle_dir, manifest, graph, options):
         from ai_edge_litert import interpreter as litert

@@ -25,6 +25,7 @@ import numpy as np
 from fwdllm.device_runtime.backend import IGNORE_INDEX, Backend, BackendError, Batch
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import BundleError, GraphSpec, Manifest
+from fwdllm.proto.names import GraphFormat, GraphRole, ThetaChannel
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,15 @@ class LlamaBackend(Backend):
     """
 
     name = "llama.cpp"
+    graph_format = GraphFormat.GGUF
+    theta_role = GraphRole.BASE
+    next_token_logits = True
+
+    @classmethod
+    def runtime_info(cls) -> dict[str, Any]:
+        import llama_cpp
+
+        return {"version": llama_cpp.__version__, "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload())}
 
     def __init__(
         self, bundle_dir: str | Path, manifest: Manifest, graph: GraphSpec, options: dict[str, Any] | None = None
@@ -147,7 +157,7 @@ class LlamaBackend(Backend):
         from fwdllm.proto.gguf_lora import LoraAdapterWriter, lora_alpha
 
         super().__init__(bundle_dir, manifest, graph, options or {})
-        if graph.format != "gguf" or graph.theta_channel != "lora-adapter":
+        if graph.format != GraphFormat.GGUF or graph.theta_channel != ThetaChannel.LORA_ADAPTER:
             raise BackendError(
                 f"the llama.cpp backend runs GGUF graphs with a lora-adapter θ channel, not "
                 f"{graph.format}/{graph.theta_channel}; re-export with `--format gguf --peft lora`"
@@ -206,7 +216,7 @@ class LlamaBackend(Backend):
         found = [
             g
             for g in self.manifest.graphs
-            if g.format == "gguf" and g.role == "suffix" and g.precision == self.graph.precision
+            if g.format == GraphFormat.GGUF and g.role == GraphRole.SUFFIX and g.precision == self.graph.precision
         ]
         return found[0] if found else None
 

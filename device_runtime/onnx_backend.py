@@ -17,6 +17,7 @@ import numpy as np
 from fwdllm.device_runtime.backend import BackendError
 from fwdllm.device_runtime.graph_backend import GraphBackend, check_io, check_theta_dim
 from fwdllm.proto.manifest import GraphSpec
+from fwdllm.proto.names import GraphFormat
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,21 @@ def resolve_providers(requested: list[str] | None) -> list[str]:
 
 class OnnxBackend(GraphBackend):
     name = "onnxruntime"
+    graph_format = GraphFormat.ONNX
+
+    @classmethod
+    def runtime_info(cls) -> dict[str, Any]:
+        import onnxruntime
+
+        return {"version": onnxruntime.__version__, "providers": available_providers()}
+
+    @classmethod
+    def cli_options(cls, args: Any) -> dict[str, Any]:
+        return {"optimization": args.optimization, **({"providers": args.provider} if args.provider else {})}
+
+    @classmethod
+    def delegates(cls, threads: int, libraries: list[str]) -> list[tuple[str, dict[str, Any]]]:
+        return [(p, {"providers": [p], "threads": threads}) for p in available_providers()]
 
     def __init__(self, bundle_dir, manifest, graph, options):
         import onnxruntime as ort

@@ -10,6 +10,7 @@ from fwdllm.proto.names import VarianceMode
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from fwdllm.data.cli import add_data_arguments
+    from fwdllm.device_runtime.backend import BACKENDS, DEFAULT_BACKEND
 
     s = subparsers.add_parser(
         "simulate",
@@ -32,7 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--per-step", type=int, default=10, help="clients per step (default 10)")
     s.add_argument("--steps", type=int, default=100, help="optimisation steps (default 100)")
     s.add_argument("--workers", type=int, default=2, help="device processes hosting the clients (default 2)")
-    s.add_argument("--backend", default="onnxruntime", help="device backend (default onnxruntime)")
+    s.add_argument(
+        "--backend", default=DEFAULT_BACKEND, choices=list(BACKENDS), help=f"device backend (default {DEFAULT_BACKEND})"
+    )
     s.add_argument("--perturbations", type=int, default=1, help="perturbations per client per step (default 1)")
     s.add_argument("--batch-size", type=int, default=8)
     s.add_argument("--epsilon", type=float, default=0.01, help="finite-difference step (default 0.01)")

@@ -10,8 +10,19 @@ import pytest
 import torch
 from device_standin import LABELS, TEXTS, initial_theta, shared_backend, shared_bundle, write_jsonl
 
-from fwdllm.device_runtime.backend import BackendError, DataError, Example, load_examples, open_backend, select
+from fwdllm.device_runtime.backend import BACKENDS as REGISTRY
+from fwdllm.device_runtime.backend import (
+    DEFAULT_BACKEND,
+    Backend,
+    BackendError,
+    DataError,
+    Example,
+    load_examples,
+    open_backend,
+    select,
+)
 from fwdllm.proto.manifest import BundleError, TensorSpec, ThetaLayout, load_manifest
+from fwdllm.proto.names import GraphFormat
 
 BACKENDS = ["onnxruntime", "litert"]
 # ai_edge_litert's Delegate.__del__ raises AttributeError after a failed load_delegate (a known, harmless bug).
@@ -187,3 +198,45 @@ def test_tokenizer_pads_truncates_and_keeps_sep(opened):
     assert batch.input_ids.shape == (2, 16)
     assert batch.input_ids[0, 0] == 101 and batch.input_ids[0, -1] == 102  # [CLS] ... [SEP]
     assert batch.attention_mask[1].sum() == 3 and batch.input_ids[1, 3:].tolist() == [0] * 13
+
+
+def test_backends_register_themselves_with_what_callers_ask_of_them():
+    declared = {name: (cls.graph_format, cls.theta_role, cls.next_token_logits) for name, cls in REGISTRY.items()}
+    assert declared == {
+        "onnxruntime": ("onnx", "full", False),
+        "litert": ("tflite", "full", False),
+        "llama.cpp": ("gguf", "base", True),
+    }
+    assert DEFAULT_BACKEND in REGISTRY
+    with pytest.raises(BackendError, match=r"unknown backend 'tpu'; choose one of \['onnxruntime', 'litert'"):
+        REGISTRY["tpu"]
+
+
+def test_a_backend_defined_elsewhere_is_a_command_line_choice(monkeypatch):
+    import argparse
+
+    from fwdllm.device_runtime import backend as backend_module
+    from fwdllm.device_runtime.cli import _backend_args
+
+    monkeypatch.setattr(backend_module, "_REGISTERED", dict(backend_module._REGISTERED))
+
+    class EchoBackend(Backend):
+        name = "echo"
+        graph_format = GraphFormat.ONNX
+
+        @classmethod
+        def runtime_info(cls):
+            return {}
+
+        def losses(self, batch, thetas):
+            return np.zeros(len(thetas), np.float32)
+
+        def logits(self, batch, theta):
+            return np.zeros((batch.size, 2), np.float32)
+
+        def info(self):
+            return {}
+
+    parser = argparse.ArgumentParser()
+    _backend_args(parser)
+    assert parser.parse_args(["--backend", "echo"]).backend == "echo" and REGISTRY["echo"] is EchoBackend
