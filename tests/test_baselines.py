@@ -224,7 +224,7 @@ def test_prompts_are_encoded_as_devices_do_right_padded_keeping_the_end(smol, bb
 def test_prompt_batches_equal_a_bundles_device_batches(smol, bbc_lm, tmp_path):
     """The token ids a device feeds: a real causal-lm bundle's tokenizer, fixed length and as ONNX Runtime pads
     (to the batch's longest row, as the baseline cuts its batches)."""
-    from fwdllm.baselines import _Encoded
+    from fwdllm.baseline_model import EncodedExamples
     from fwdllm.cli import main
     from fwdllm.device_runtime.backend import Example, Tokenizer, open_backend
     from fwdllm.proto.manifest import load_manifest
@@ -258,7 +258,7 @@ def test_prompt_batches_equal_a_bundles_device_batches(smol, bbc_lm, tmp_path):
     long = {"prompt": "Article: " + "word " * 80 + "\nTopic:", "label": "tech"}
     for chosen in (bbc_lm.heldout[:7], bbc_lm.heldout[7:12] + [long]):
         examples = [Example(prompt=e["prompt"], label=bbc_lm.labels.index(e["label"])) for e in chosen]
-        encoded = _Encoded(smol, chosen, bbc_lm.labels, manifest.model.max_seq_len)
+        encoded = EncodedExamples(smol, chosen, bbc_lm.labels, manifest.model.max_seq_len)
         fixed = Tokenizer(bundle, manifest).batch(examples)
         np.testing.assert_array_equal(encoded.ids.numpy(), fixed.input_ids)
         np.testing.assert_array_equal(encoded.mask.numpy(), fixed.attention_mask)
