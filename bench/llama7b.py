@@ -53,7 +53,8 @@ from bench.llama7b_model import (  # noqa: E402
     weight_bytes,
 )
 from bench.report import write_results  # noqa: E402
-from fwdllm.proto.names import Task  # noqa: E402
+from fwdllm.device_runtime.backend import BACKENDS  # noqa: E402
+from fwdllm.proto.names import GraphFormat, Task  # noqa: E402
 
 
 def checkpoint(layers: int) -> str:
@@ -78,15 +79,15 @@ def checkpoint(layers: int) -> str:
 def bundle(backend: str, layers: int) -> Path:
     """The cached export (an absolute checkpoint path puts its bundle beside it in the cache)."""
     # the full GGUF export with bench/llama_channels.py's precisions: one cached export serves both
-    formats, precision = (
-        ("gguf", "q4_0,q8_0,f16" if layers == SMOLLM2.layers else "q4_0,q8_0")
-        if backend == "llama.cpp"
-        else ("onnx", "fp32,int8")
-    )
+    fmt = BACKENDS[backend].graph_format
+    precision = {
+        GraphFormat.GGUF: "q4_0,q8_0,f16" if layers == SMOLLM2.layers else "q4_0,q8_0",
+        GraphFormat.ONNX: "fp32,int8",
+    }[fmt]
     return harness.bundle(
         "lora",
         model=checkpoint(layers),
-        formats=formats,
+        formats=fmt,
         precision=precision,
         task=Task.CAUSAL_LM,
         seq_len=SEQ,
@@ -97,8 +98,9 @@ def bundle(backend: str, layers: int) -> Path:
 def graph_bytes(bundle_dir: Path, backend: str, precision: str) -> int:
     from fwdllm.proto.manifest import load_manifest
 
-    fmt, role = ("gguf", "base") if backend == "llama.cpp" else ("onnx", "full")
-    return (bundle_dir / load_manifest(bundle_dir).graph(fmt, role, precision).file).stat().st_size
+    cls = BACKENDS[backend]
+    graph = load_manifest(bundle_dir).graph(cls.graph_format, cls.theta_role, precision)
+    return (bundle_dir / graph.file).stat().st_size
 
 
 def workload(backend, bundle_dir: Path):

@@ -111,7 +111,6 @@ def measure(model: str, seq: int, quick: bool) -> list[dict]:
         if isinstance(device, dict):
             add(kind, what, device)
             continue
-        options = {"threads": 1, "kernels": "xnnpack"} if backend == "litert" else {"threads": 1}
         add(
             kind,
             what,
@@ -122,7 +121,7 @@ def measure(model: str, seq: int, quick: bool) -> list[dict]:
                     "bundle": str(device),
                     "backend": backend,
                     "precision": "fp32",
-                    "options": options,
+                    "options": {"threads": 1},  # LiteRT's default kernels are XNNPACK
                     "mode": mode,
                 },
             ),
