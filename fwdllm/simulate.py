@@ -1,11 +1,12 @@
 """`fwdllm simulate`: a whole federated run on one machine, through real processes over loopback gRPC.
 
 The simulator partitions the data (one JSONL file per client, as real devices get), starts a
-real ``fwdllm coordinator serve`` process and a few device worker processes. Each worker
-hosts many virtual clients: one real ``DeviceClient`` per client file, all sharing one
+real ``fwdllm coordinator serve`` process and a few device worker processes (simulate_worker.py).
+Each worker hosts many virtual clients: one real ``DeviceClient`` per client file, all sharing one
 backend (runs are serialised by a lock, so a worker uses one core however many clients it
 hosts). It shows a progress bar from the coordinator's metrics and ends with a convergence
-plot, a Markdown report and the final θ.
+plot, a Markdown report (simulate_report.py) and the final θ. Studies that need many short runs
+without processes use simulate_inprocess.py, which ends on the same θ up to float rounding.
 
 Reproducibility: clients join in a fixed order (worker by worker, client by client) and
 keep their ids in per-client state files, the coordinator hands out exactly ``per_step``

@@ -5,7 +5,8 @@ exact accounting, so this simulator calls the same objects directly, as Flower's
 The coordinator (rounds, waves, variance control, sampler, optimiser, SQLite state in a temp folder)
 runs unchanged; each virtual device computes its task with the device's own ``do_task`` on one shared
 backend, on its own partition file. Devices are served in a fixed order, so a run depends on its
-seeds alone, and θ equals `fwdllm simulate`'s for the same settings.
+seeds alone, and θ equals `fwdllm simulate`'s for the same settings up to float rounding (its devices
+replay the update history where these download θ).
 
 Per step it records the coordinator's metrics row (loss, perturbations, waves, lr, grad norm, held-out
 accuracy/loss on evaluation steps) plus the devices' compute seconds; bytes_up / bytes_down are the
