@@ -39,7 +39,7 @@ from fwdllm.proto.manifest import (
     save_theta,
     write_manifest,
 )
-from fwdllm.proto.names import Task
+from fwdllm.proto.names import Distribution, Task
 from fwdllm.proto.perturbation import generate, seed_for  # noqa: E402
 
 
@@ -50,7 +50,9 @@ def bench_aggregation(dim: int, n: int, repeats: int) -> list[dict]:
     thread_counts = sorted({1, 2, os.cpu_count() or 1})
     times: dict[str, list[float]] = {}
     runs = {"raw": lambda: [generate(seed_for(2, i), 0, dim) for i in range(n)]}
-    runs.update({f"agg{t}": (lambda t=t: aggregate(scalars, dim, "gaussian", threads=t)) for t in thread_counts})
+    runs.update(
+        {f"agg{t}": (lambda t=t: aggregate(scalars, dim, Distribution.GAUSSIAN, threads=t)) for t in thread_counts}
+    )
     for _ in range(repeats):  # interleaved, so machine load hits every variant alike
         for name, fn in runs.items():
             times.setdefault(name, []).append(median_seconds(fn, 1, warmup=0))

@@ -18,6 +18,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.report import median_seconds, write_results  # noqa: E402
+from fwdllm.proto.names import Distribution  # noqa: E402
 from fwdllm.proto.perturbation import generate  # noqa: E402
 
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     n = args.values
     buffer = np.empty(n, dtype=np.float32)
     rows = []
-    for dist in ("gaussian", "rademacher"):
+    for dist in Distribution:
         seeds = iter(range(1 << 20))
         fill = median_seconds(lambda: buffer.fill(1.0), args.repeats)
         gen = median_seconds(lambda seeds=seeds, dist=dist: generate(next(seeds), 0, n, dist), args.repeats)
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                 "generate Mvalues/s": n / gen / 1e6,
                 "fill Mvalues/s": n / fill / 1e6,
                 "generate/fill time ratio": gen / fill,
-                "target Mvalues/s": 100.0 if dist == "gaussian" else "",
+                "target Mvalues/s": 100.0 if dist == Distribution.GAUSSIAN else "",
             }
         )
     cmd = f"python bench/perturbation.py --values {n} --repeats {args.repeats}"

@@ -4,6 +4,8 @@ which configurations ``make bench`` keeps (bench/recipe.py runs them; bench/time
 
 from __future__ import annotations
 
+from fwdllm.proto.names import VarianceMode
+
 DATA = "bbc"
 SEQ = 64
 DEMO = "make demo: head sgd lr 2, 200 perturbations, variance control (2 waves) + sampler, 20 steps"
@@ -18,7 +20,7 @@ CONFIGS: dict[str, tuple] = {
     "head sgd lr 2": (HEAD, {"perturbations": 100, "lr": 2.0, "steps": 20}, {}, 0.0),
     "head sgd lr 2 + variance control": (
         HEAD,
-        {"perturbations": 100, "lr": 2.0, "steps": 20, "variance": "relative", "max_waves": 4},
+        {"perturbations": 100, "lr": 2.0, "steps": 20, "variance": VarianceMode.RELATIVE, "max_waves": 4},
         {},
         0.0,
     ),
@@ -27,7 +29,14 @@ CONFIGS: dict[str, tuple] = {
     # the Makefile's demo target, flag for flag
     DEMO: (
         HEAD,
-        {"perturbations": 200, "lr": 2.0, "steps": 20, "variance": "relative", "max_waves": 2, "sampler": True},
+        {
+            "perturbations": 200,
+            "lr": 2.0,
+            "steps": 20,
+            "variance": VarianceMode.RELATIVE,
+            "max_waves": 2,
+            "sampler": True,
+        },
         {},
         0.0,
     ),

@@ -24,6 +24,7 @@ from bench.baselines import STEPS as BACKPROP_STEPS
 from bench.recipe_configs import CONFIGS as RECIPES  # noqa: E402
 from bench.recipe_configs import LP_FT, WARM_STEPS  # noqa: E402
 from bench.report import RESULTS_DIR, write_results  # noqa: E402
+from fwdllm.proto.names import VarianceMode  # noqa: E402
 from fwdllm.simulate import SimConfig  # noqa: E402
 
 AGNEWS = f"agnews:{harness.AG_NEWS}"
@@ -34,10 +35,14 @@ _, LP_FT_RUN, LP_FT_OVERRIDES, _ = RECIPES[LP_FT]
 # name -> (bundle (peft, layers), SimConfig fields, coordinator overrides)
 FWD_VARIANTS = {
     "fwdllm head, fixed count": (("head", "head"), HEAD_RECIPE, {}),
-    "fwdllm head, variance control": (("head", "head"), {**HEAD_RECIPE, "variance": "relative", "max_waves": 4}, {}),
+    "fwdllm head, variance control": (
+        ("head", "head"),
+        {**HEAD_RECIPE, "variance": VarianceMode.RELATIVE, "max_waves": 4},
+        {},
+    ),
     "fwdllm head, variance control + sampler": (
         ("head", "head"),
-        {**HEAD_RECIPE, "variance": "relative", "max_waves": 4, "sampler": True},
+        {**HEAD_RECIPE, "variance": VarianceMode.RELATIVE, "max_waves": 4, "sampler": True},
         {},
     ),
     # all layers: every perturbation reruns the encoder, so one per client; bench/recipe.py's LP-FT recipe,
