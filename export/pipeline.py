@@ -22,12 +22,15 @@ from fwdllm.export.models import Loaded
 from fwdllm.export.perturbable import PerturbableModel, Plan
 from fwdllm.export.plan import PeftOptions, build_plan
 from fwdllm.proto.manifest import THETA_FILE, Manifest, ModelInfo, PeftInfo, save_theta, write_manifest
-from fwdllm.proto.names import Task
+from fwdllm.proto.names import GraphFormat, GraphRole, Precision, Task
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "tflite", "gguf")
-DEFAULT_PRECISIONS = {"onnx": ["fp32"], "tflite": ["fp32", "int8"], "gguf": ["f16", "q8_0", "q4_0"]}
+DEFAULT_PRECISIONS = {
+    GraphFormat.ONNX: [Precision.FP32],
+    GraphFormat.TFLITE: [Precision.FP32, Precision.INT8],
+    GraphFormat.GGUF: [Precision.F16, Precision.Q8_0, Precision.Q4_0],
+}
 VALIDATION_ROWS = 3  # θ rows (P) in the validation batch
 
 
@@ -40,7 +43,7 @@ class ExportRequest:
     model: str
     task: str
     out: Path
-    formats: list[str] = field(default_factory=lambda: ["onnx"])
+    formats: list[str] = field(default_factory=lambda: [GraphFormat.ONNX])
     precisions: list[str] | None = None
     num_labels: int | None = None
     label_names: list[str] | None = None
@@ -113,19 +116,20 @@ class ExportContext:
         """
         if sample is None or want is None:
             sample, want = self.sample, self.want
-        full = run("full", sample)
+        full = run(GraphRole.FULL, sample)
         err = errors(full, want)
-        result = {"full": dict(err, tolerance=tol, theta_rows=VALIDATION_ROWS, reference="transformers+peft (PyTorch)")}
-        if "prefix" in roles:
-            hidden = run("prefix", sample)["hidden"]
-            split = run("suffix", dict(sample, hidden=hidden))
+        reference = "transformers+peft (PyTorch)"
+        result = {GraphRole.FULL: dict(err, tolerance=tol, theta_rows=VALIDATION_ROWS, reference=reference)}
+        if GraphRole.PREFIX in roles:
+            hidden = run(GraphRole.PREFIX, sample)["hidden"]
+            split = run(GraphRole.SUFFIX, dict(sample, hidden=hidden))
             serr = errors(split, want)
             vs_full = errors(split, {k: v for k, v in full.items()})
             serr["max_rel_err_vs_full"] = vs_full["max_rel_err"]
-            result["suffix"] = dict(
+            result[GraphRole.SUFFIX] = dict(
                 serr, tolerance=tol, theta_rows=VALIDATION_ROWS, reference="prefix then suffix vs PyTorch"
             )
-            result["prefix"] = {"checked_through": "suffix"}
+            result[GraphRole.PREFIX] = {"checked_through": GraphRole.SUFFIX}
             err = {"max_rel_err": max(err["max_rel_err"], serr["max_rel_err"])}
         if not err["max_rel_err"] <= tol:
             raise ValidationError(
@@ -137,9 +141,9 @@ class ExportContext:
 
 
 FORMAT_MODULES = {
-    "onnx": "fwdllm.export.onnx_graphs",
-    "tflite": "fwdllm.export.tflite_graphs",
-    "gguf": "fwdllm.export.gguf_bridge",
+    GraphFormat.ONNX: "fwdllm.export.onnx_graphs",
+    GraphFormat.TFLITE: "fwdllm.export.tflite_graphs",
+    GraphFormat.GGUF: "fwdllm.export.gguf_bridge",
 }
 
 
@@ -160,12 +164,12 @@ def _precisions_for(fmt: str, supported: tuple[str, ...], requested: list[str] |
 
 
 def check_request(req: ExportRequest) -> None:
-    unknown = [f for f in req.formats if f not in FORMATS]
+    unknown = [f for f in req.formats if f not in tuple(GraphFormat)]
     if unknown or not req.formats:
-        raise UserError(f"--format {','.join(req.formats)}: choose from {list(FORMATS)}")
+        raise UserError(f"--format {','.join(req.formats)}: choose from {[str(f) for f in GraphFormat]}")
     if req.task not in tuple(Task):
-        raise UserError(f"--task {req.task!r}: choose seq-cls or causal-lm")
-    if "gguf" in req.formats and req.task != Task.CAUSAL_LM:
+        raise UserError(f"--task {req.task!r}: choose {' or '.join(Task)}")
+    if GraphFormat.GGUF in req.formats and req.task != Task.CAUSAL_LM:
         raise UserError(
             "--format gguf is for llama decoders (--task causal-lm); export encoders with --format onnx,tflite"
         )
