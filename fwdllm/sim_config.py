@@ -44,8 +44,9 @@ class SimConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         from fwdllm.device_runtime.backend import BACKENDS
 
-        if self.backend not in BACKENDS:
-            raise UserError(f"--backend {self.backend!r} is not one of {sorted(BACKENDS)}")
+        backends = sorted(BACKENDS)
+        if self.backend not in backends:
+            raise UserError(f"--backend {self.backend!r} is not one of {backends}")
         if self.init_theta and not Path(self.init_theta).is_file():
             raise UserError(f"--init-theta {self.init_theta} does not exist; give an earlier run's theta.safetensors")
         if not Path(self.bundle, "manifest.json").is_file():
