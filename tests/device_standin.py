@@ -20,6 +20,7 @@ import numpy as np
 from export_helpers import export_bundle, tiny_checkpoint
 
 from fwdllm.proto.manifest import load_manifest, load_theta
+from fwdllm.proto.names import Task
 
 LABELS = ["business", "sport", "tech"]
 SEQ, TFLITE_B, TFLITE_P = 16, 4, 4
@@ -33,10 +34,10 @@ class Reference:
         from fwdllm.export.perturbable import PerturbableModel
         from fwdllm.export.plan import PeftOptions, build_plan
 
-        loaded = load(str(checkpoint), "seq-cls")
+        loaded = load(str(checkpoint), Task.SEQ_CLS)
         plan = build_plan(
             loaded.model,
-            "seq-cls",
+            Task.SEQ_CLS,
             len(LABELS),
             PeftOptions(method=manifest.peft.method, trainable_layers=manifest.peft.trainable_layers),
         )

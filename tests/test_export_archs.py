@@ -8,6 +8,8 @@ from export_helpers import export_bundle as _export
 from export_helpers import hf_reference as _reference
 from export_helpers import random_batch, rel_err, tiny_checkpoint
 
+from fwdllm.proto.names import Task
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
@@ -51,7 +53,7 @@ def test_tiny_llama_causal_lm_loss(tiny_dirs, tmp_path):
     manifest = _export(
         tmp_path / "b",
         tiny_dirs("llama"),
-        task="causal-lm",
+        task=Task.CAUSAL_LM,
         method="lora",
         lora_targets=["q_proj", "v_proj", "o_proj"],
         trainable_layers="top:1",
@@ -59,7 +61,7 @@ def test_tiny_llama_causal_lm_loss(tiny_dirs, tmp_path):
     assert [o.name for o in manifest.graph("onnx").outputs] == ["loss"]
     assert manifest.cut_layer == 1
     batch = random_batch(manifest, rows=2, seed=3)
-    loss, _ = _reference(tiny_dirs("llama"), manifest, batch, task="causal-lm")
+    loss, _ = _reference(tiny_dirs("llama"), manifest, batch, task=Task.CAUSAL_LM)
     got = run(tmp_path / "b" / manifest.graph("onnx").file, batch)
     assert rel_err(got["loss"], loss) <= 1e-4
     hidden = run(tmp_path / "b" / manifest.graph("onnx", "prefix").file, batch)["hidden"]
@@ -123,12 +125,12 @@ def test_minilm_every_method_onnx_and_tflite(method, tmp_path):
 def test_smollm2_lora_onnx_matches_pytorch(tmp_path):
     from fwdllm.export.onnx_graphs import run
 
-    manifest = _export(tmp_path / "b", "smollm2", task="causal-lm", method="lora")
+    manifest = _export(tmp_path / "b", "smollm2", task=Task.CAUSAL_LM, method="lora")
     assert manifest.theta.dim == 460_800
     batch = random_batch(manifest, rows=2, seed=9, batch=2, seq=16)
     batch["input_ids"] %= 49152
     batch["labels"] = np.where(batch["attention_mask"] == 1, batch["input_ids"], -100)
-    loss, _ = _reference("smollm2", manifest, batch, task="causal-lm")
+    loss, _ = _reference("smollm2", manifest, batch, task=Task.CAUSAL_LM)
     assert rel_err(run(tmp_path / "b" / manifest.graph("onnx").file, batch)["loss"], loss) <= 1e-4
 
 

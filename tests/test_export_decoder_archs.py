@@ -14,6 +14,8 @@ import shutil
 import numpy as np
 import pytest
 
+from fwdllm.proto.names import Task
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 VOCAB = 49152  # SmolLM2's tokenizer.json, copied into every checkpoint
@@ -211,7 +213,7 @@ def _driver_and_hf(model, token_ids, rows=2, seed=0):
     from fwdllm.export.perturbable import PerturbableModel
     from fwdllm.export.plan import PeftOptions, build_plan
 
-    plan = build_plan(model, "causal-lm", None, PeftOptions(method="lora", trainable_layers="top:1"))
+    plan = build_plan(model, Task.CAUSAL_LM, None, PeftOptions(method="lora", trainable_layers="top:1"))
     gen = torch.Generator().manual_seed(seed)
     theta = plan.theta0()[None] + 0.05 * torch.randn(rows, plan.layout.dim, generator=gen)
     ids = torch.randint(5, VOCAB, (2, 12), generator=gen)
@@ -263,7 +265,7 @@ def _lm_loss_error(model) -> float:
     from fwdllm.export.perturbable import PerturbableModel
     from fwdllm.export.plan import PeftOptions, build_plan
 
-    plan = build_plan(model, "causal-lm", None, PeftOptions(method="lora", trainable_layers="top:1"))
+    plan = build_plan(model, Task.CAUSAL_LM, None, PeftOptions(method="lora", trainable_layers="top:1"))
     gen = torch.Generator().manual_seed(1)
     theta = plan.theta0()[None] + 0.05 * torch.randn(2, plan.layout.dim, generator=gen)
     ids = torch.randint(5, VOCAB, (2, 12), generator=gen)
@@ -324,8 +326,8 @@ def test_phi3_longrope_graph_switches_factors_with_the_sequence_length(tmp_path)
             "labels": ids,
             "theta": (0.05 * rng.standard_normal((2, manifest.theta.dim))).astype(np.float32),
         }
-        want, _ = hf_reference(folders["longrope"], manifest, batch, task="causal-lm")
+        want, _ = hf_reference(folders["longrope"], manifest, batch, task=Task.CAUSAL_LM)
         assert _rel(run(tmp_path / "b" / manifest.graph("onnx").file, batch)["loss"], want) < 1e-4, seq
         if seq > 8:  # the long factors matter here: short ones alone give another loss
-            short, _ = hf_reference(folders["short-only"], manifest, batch, task="causal-lm")
+            short, _ = hf_reference(folders["short-only"], manifest, batch, task=Task.CAUSAL_LM)
             assert _rel(short, want) > 1e-3, seq

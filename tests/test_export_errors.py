@@ -8,6 +8,8 @@ import shutil
 import pytest
 from export_helpers import MINILM, tiny_checkpoint
 
+from fwdllm.proto.names import Task
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
@@ -89,7 +91,9 @@ def test_failure_midway_leaves_no_bundle(tmp_path, tiny_bert, monkeypatch):
     monkeypatch.setattr(onnx_graphs, "quantize_int8", broken)
     out = tmp_path / "b"
     with pytest.raises(RuntimeError):
-        export(ExportRequest(model=str(tiny_bert), task="seq-cls", out=out, num_labels=2, precisions=["fp32", "int8"]))
+        export(
+            ExportRequest(model=str(tiny_bert), task=Task.SEQ_CLS, out=out, num_labels=2, precisions=["fp32", "int8"])
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -101,7 +105,7 @@ def test_validation_failure_leaves_no_bundle(tmp_path, tiny_bert, monkeypatch):
     real_run = onnx_graphs.run
     monkeypatch.setattr(onnx_graphs, "run", lambda path, feeds: {k: v + 1e-2 for k, v in real_run(path, feeds).items()})
     with pytest.raises(ValidationError, match="beyond the tolerance"):
-        export(ExportRequest(model=str(tiny_bert), task="seq-cls", out=tmp_path / "b", num_labels=2))
+        export(ExportRequest(model=str(tiny_bert), task=Task.SEQ_CLS, out=tmp_path / "b", num_labels=2))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -10,6 +10,8 @@ import pytest
 import torch
 from export_helpers import export_bundle, random_batch, rel_err, tiny_checkpoint
 
+from fwdllm.proto.names import Task
+
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
@@ -124,7 +126,7 @@ def test_llama_lora_round_trip_loss(tmp_path_factory, tmp_path):
     from fwdllm.export.peft_out import export_peft
 
     ckpt = tiny_checkpoint("llama", tmp_path_factory.mktemp("tiny-llama"))
-    manifest = export_bundle(tmp_path / "b", ckpt, task="causal-lm", method="lora")
+    manifest = export_bundle(tmp_path / "b", ckpt, task=Task.CAUSAL_LM, method="lora")
     theta = _trained_theta(manifest, tmp_path / "theta.safetensors")
     export_peft(tmp_path / "b", tmp_path / "theta.safetensors", tmp_path / "hf")
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(ckpt)), str(tmp_path / "hf")).eval()

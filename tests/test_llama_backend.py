@@ -26,6 +26,7 @@ from fwdllm.proto.manifest import (
     save_theta,
     write_manifest,
 )
+from fwdllm.proto.names import Task
 from fwdllm.proto.perturbation import generate
 
 SEQ = 48
@@ -39,7 +40,7 @@ def smollm2(tmp_path_factory):
 
     from fwdllm.export.models import load
 
-    loaded = load("smollm2", "causal-lm")
+    loaded = load("smollm2", Task.CAUSAL_LM)
     torch.set_num_threads(1)
     pm = get_peft_model(
         copy.deepcopy(loaded.model), LoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"])
@@ -53,7 +54,7 @@ def smollm2(tmp_path_factory):
     specs = export_gguf(pm, layout, theta0, peft, bundle)
     save_theta(bundle / THETA_FILE, layout, theta0)
     shutil.copyfile(loaded.tokenizer_file, bundle / "tokenizer.json")
-    info = ModelInfo("smollm2", "llama", "causal-lm", SEQ, "tokenizer.json", num_layers=30, hidden_size=576)
+    info = ModelInfo("smollm2", "llama", Task.CAUSAL_LM, SEQ, "tokenizer.json", num_layers=30, hidden_size=576)
     write_manifest(bundle, Manifest(info, peft, layout, specs))
     return pm, bundle, layout
 

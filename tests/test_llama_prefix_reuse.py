@@ -10,6 +10,7 @@ import pytest
 from export_helpers import rel_err
 
 from fwdllm.data.datasets import load_dataset
+from fwdllm.proto.names import Task
 
 BBC_WORDS = ["business", "entertainment", "politics", "sports", "tech"]
 TOP = 2
@@ -116,7 +117,7 @@ def test_cut_label_logits_match_pytorch(bundle, examples):
 
     manifest = load_manifest(bundle)
     theta = _thetas(bundle, 1)[0]
-    hf = load("smollm2", "causal-lm").model
+    hf = load("smollm2", Task.CAUSAL_LM).model
     tuned = materialize(hf, plan_from_manifest(hf, manifest), theta)
     with _open(bundle, "f16", True) as cut:
         batch = _batch(cut, examples)
