@@ -17,6 +17,7 @@ import numpy as np
 
 from fwdllm.device_runtime.backend import Backend, BackendError, Batch
 from fwdllm.proto.manifest import GraphSpec, Manifest
+from fwdllm.proto.names import GraphRole, ThetaChannel
 
 #: Memory for cached prefix outputs per backend (option ``prefix_cache_mb``). The frozen prefix of a
 #: local example never changes, so a device that keeps its examples' hidden states runs the prefix
@@ -32,12 +33,14 @@ class GraphBackend(Backend):
 
     def __init__(self, bundle_dir: str | Path, manifest: Manifest, graph: GraphSpec, options: dict[str, Any]):
         super().__init__(bundle_dir, manifest, graph, options)
-        prefix = self._sibling("prefix")
-        suffix = graph if graph.role == "suffix" else self._sibling("suffix")
-        self.cut = bool(prefix and suffix) and (graph.role == "suffix" or bool(options.get("prefix_reuse", True)))
-        if graph.role == "suffix" and not self.cut:
+        prefix = self._sibling(GraphRole.PREFIX)
+        suffix = graph if graph.role == GraphRole.SUFFIX else self._sibling(GraphRole.SUFFIX)
+        self.cut = bool(prefix and suffix) and (
+            graph.role == GraphRole.SUFFIX or bool(options.get("prefix_reuse", True))
+        )
+        if graph.role == GraphRole.SUFFIX and not self.cut:
             raise BackendError(f"the bundle has a {graph.format} suffix graph but no matching prefix; re-export it")
-        self.specs = {"prefix": prefix, "suffix": suffix} if self.cut else {"full": graph}
+        self.specs = {GraphRole.PREFIX: prefix, GraphRole.SUFFIX: suffix} if self.cut else {GraphRole.FULL: graph}
         self.graph = suffix if self.cut else graph
         self._handles = {role: self._load(spec, self.bundle_dir / spec.file) for role, spec in self.specs.items()}
         self._hidden: OrderedDict[bytes, np.ndarray] = OrderedDict()  # one example's tokens -> its hidden states
@@ -146,8 +149,8 @@ class GraphBackend(Backend):
         }
         if self.cut:
             values["hidden"] = self._prefix_hidden(chunk)
-            return self._call("suffix", values)
-        return self._call("full", values)
+            return self._call(GraphRole.SUFFIX, values)
+        return self._call(GraphRole.FULL, values)
 
     def _prefix_hidden(self, chunk: Batch) -> np.ndarray:
         """The prefix's hidden states of a chunk, assembled row by row from the per-example cache.
@@ -177,7 +180,7 @@ class GraphBackend(Backend):
         step = self.batch_size or len(rows)
         for start in range(0, len(rows), step):
             part = sub.rows(start, min(start + step, len(rows)), pad_to=self.batch_size)
-            hidden = self._call("prefix", {"input_ids": part.input_ids, "attention_mask": part.attention_mask})[
+            hidden = self._call(GraphRole.PREFIX, {"input_ids": part.input_ids, "attention_mask": part.attention_mask})[
                 "hidden"
             ]
             self.prefix_runs += 1
@@ -232,7 +235,12 @@ def check_io(spec: GraphSpec, inputs: list[str], outputs: list[str], path: Path,
 def check_theta_dim(spec: GraphSpec, shape: list[Any], dim: int, path: Path) -> None:
     """A graph whose θ input has another length than the manifest's layout cannot be fed."""
     last = shape[-1] if shape else None
-    if spec.theta_channel == "input" and isinstance(last, (int, np.integer)) and last > 0 and int(last) != dim:
+    if (
+        spec.theta_channel == ThetaChannel.INPUT
+        and isinstance(last, (int, np.integer))
+        and last > 0
+        and int(last) != dim
+    ):
         raise BackendError(
             f"{path.name} takes θ of length {last}, the manifest's layout has {dim}: "
             "the manifest does not match the graph; re-export the bundle"

@@ -22,7 +22,7 @@ from fwdllm.device_runtime.backend import BackendError
 from fwdllm.device_runtime.graph_backend import GraphBackend, check_io, check_theta_dim
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import GraphSpec
-from fwdllm.proto.names import GraphFormat
+from fwdllm.proto.names import GraphFormat, GraphRole
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ class LiteRTBackend(GraphBackend):
         produce the same tensors; walking back from the outputs through the producers
         actually in the plan (a DELEGATE wins) finds the nodes left to builtin kernels.
         """
-        interp = self._handles["suffix" if self.cut else "full"][0]
+        interp = self._handles[GraphRole.SUFFIX if self.cut else GraphRole.FULL][0]
         ops = interp._get_ops_details()
         original = [o for o in ops if o["op_name"] != "DELEGATE"]
         if len(original) == len(ops):

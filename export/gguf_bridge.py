@@ -13,9 +13,9 @@ from __future__ import annotations
 import numpy as np
 
 from fwdllm.proto.manifest import Manifest, ModelInfo, PeftInfo
-from fwdllm.proto.names import Task
+from fwdllm.proto.names import GraphFormat, GraphRole, Precision, Task
 
-PRECISIONS = ("f16", "q8_0", "q4_0")
+PRECISIONS = (Precision.F16, Precision.Q8_0, Precision.Q4_0)
 
 #: Scale-relative error allowed against PyTorch at validation (random tokens, θ0 + 0.05·N(0,1)).
 #: Measured on SmolLM2, next-token loss: f16 2e-4, q8_0 1e-3, q4_0 0.053. A 4-bit model is not
@@ -82,23 +82,27 @@ def export_all(ctx, precisions: list[str]) -> list:
 
     base_out: dict[str, dict[str, np.ndarray]] = {}
     for spec in specs:  # each base precision comes before its suffix
-        what = f"gguf {spec.precision}" + (" suffix" if spec.role == "suffix" else "")
+        what = f"gguf {spec.precision}" + (" suffix" if spec.role == GraphRole.SUFFIX else "")
         with ctx.step(f"{what}: validate"):
-            base = manifest.graph("gguf", "base", spec.precision)
-            backend = LlamaBackend(ctx.dir, manifest, base, {"threads": 1, "prefix_reuse": spec.role == "suffix"})
+            base = manifest.graph(GraphFormat.GGUF, GraphRole.BASE, spec.precision)
+            backend = LlamaBackend(
+                ctx.dir, manifest, base, {"threads": 1, "prefix_reuse": spec.role == GraphRole.SUFFIX}
+            )
             outputs: dict[str, dict[str, np.ndarray]] = {}
             try:
                 spec.validation = ctx.validate(
                     lambda role, feeds, outputs=outputs, backend=backend: outputs.setdefault(role, run(backend, feeds)),
-                    ["full"],
+                    [GraphRole.FULL],
                     tolerance[spec.precision],
                     what,
-                )["full"]
+                )[GraphRole.FULL]
             finally:
                 backend.close()
-        if spec.role == "suffix":
-            spec.validation["max_rel_err_vs_base"] = errors(outputs["full"], base_out[spec.precision])["max_rel_err"]
+        if spec.role == GraphRole.SUFFIX:
+            spec.validation["max_rel_err_vs_base"] = errors(outputs[GraphRole.FULL], base_out[spec.precision])[
+                "max_rel_err"
+            ]
             spec.validation["reference"] = "prefix (base GGUF) then suffix vs transformers+peft (PyTorch)"
         else:
-            base_out[spec.precision] = outputs["full"]
+            base_out[spec.precision] = outputs[GraphRole.FULL]
     return specs

@@ -6,20 +6,21 @@ import numpy as np
 
 from fwdllm.export.perturbable import Plan
 from fwdllm.proto.manifest import TensorSpec
+from fwdllm.proto.names import GraphRole
 
 ROLE_INPUTS = {
-    "full": ("input_ids", "attention_mask", "labels", "theta"),
-    "prefix": ("input_ids", "attention_mask"),
-    "suffix": ("hidden", "attention_mask", "labels", "theta"),
+    GraphRole.FULL: ("input_ids", "attention_mask", "labels", "theta"),
+    GraphRole.PREFIX: ("input_ids", "attention_mask"),
+    GraphRole.SUFFIX: ("hidden", "attention_mask", "labels", "theta"),
 }
 
 
 def roles(plan: Plan, cut: bool) -> list[str]:
-    return ["full", "prefix", "suffix"] if cut and plan.cut_layer is not None else ["full"]
+    return list(ROLE_INPUTS) if cut and plan.cut_layer is not None else [GraphRole.FULL]
 
 
 def outputs(plan: Plan, role: str) -> tuple[str, ...]:
-    if role == "prefix":
+    if role == GraphRole.PREFIX:
         return ("hidden",)
     return ("loss", "logits") if plan.classifies else ("loss",)
 

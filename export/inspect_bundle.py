@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fwdllm.proto.manifest import Manifest
-from fwdllm.proto.names import Task
+from fwdllm.proto.names import GraphRole, Task
 
 
 def _shape(dims) -> str:
@@ -43,7 +43,11 @@ def describe(m: Manifest, bundle: Path) -> str:
         )
         lines.append(
             f"  {g.format:6} {g.role:6} {g.precision:5} {g.file} ({size:.1f} MiB)"
-            + ("  θ via " + g.theta_channel if any(t.name == "theta" for t in g.inputs) or g.role == "base" else "")
+            + (
+                "  θ via " + g.theta_channel
+                if any(t.name == "theta" for t in g.inputs) or g.role == GraphRole.BASE
+                else ""
+            )
         )
         if g.inputs:
             lines.append(f"         {sig}")

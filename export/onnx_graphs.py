@@ -12,6 +12,7 @@ import torch
 
 from fwdllm.export.graphs import ROLE_INPUTS, outputs
 from fwdllm.export.perturbable import GraphModule, PerturbableModel
+from fwdllm.proto.names import GraphFormat, Precision
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +71,10 @@ def run(path: Path, feeds: dict[str, np.ndarray], threads: int = 1) -> dict[str,
     return dict(zip([o.name for o in sess.get_outputs()], outs))
 
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = (Precision.FP32, Precision.INT8)
 # Scale-relative error vs PyTorch (graphs.errors). int8 (per-channel dynamic) measured 0.26 on MiniLM
 # with a random head: quantization noise in the pooled features, projected by a random head.
-TOLERANCE = {"fp32": 1e-4, "int8": 0.4}
+TOLERANCE = {Precision.FP32: 1e-4, Precision.INT8: 0.4}
 
 
 def export_all(ctx, precisions: list[str]) -> list:
@@ -92,7 +93,7 @@ def export_all(ctx, precisions: list[str]) -> list:
     for precision in precisions:
         files = {}
         for role in role_list:
-            if precision == "fp32":
+            if precision == Precision.FP32:
                 files[role] = fp32[role]
             else:
                 files[role] = ctx.dir / f"{role}.{precision}.onnx"
@@ -107,7 +108,7 @@ def export_all(ctx, precisions: list[str]) -> list:
             specs.append(
                 GraphSpec(
                     role=role,
-                    format="onnx",
+                    format=GraphFormat.ONNX,
                     precision=precision,
                     file=files[role].name,
                     inputs=ins,
@@ -115,7 +116,7 @@ def export_all(ctx, precisions: list[str]) -> list:
                     validation=validation[role],
                 )
             )
-    if "fp32" not in precisions:
+    if Precision.FP32 not in precisions:
         for path in fp32.values():
             path.unlink()
     return specs

@@ -15,14 +15,15 @@ import torch
 
 from fwdllm.export.graphs import ROLE_INPUTS, outputs, roles, tensor_specs
 from fwdllm.export.perturbable import GraphModule, PerturbableModel
+from fwdllm.proto.names import GraphFormat, GraphRole, Precision
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = (Precision.FP32, Precision.FP16, Precision.INT8)
 # Scale-relative error vs PyTorch (graphs.errors). fp16 = FULLY_CONNECTED weights stored as
 # float16 (measured 1e-3 on MiniLM); int8 = dynamic range (int8 weights, float activations
 # quantized per call), like ONNX int8 dominated by noise in the pooled features (0.05-0.1).
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "int8": 0.4}
+TOLERANCE = {Precision.FP32: 1e-4, Precision.FP16: 1e-2, Precision.INT8: 0.4}
 
 
 def convert_role(pm: PerturbableModel, role: str, feeds: dict[str, np.ndarray], path: Path) -> None:
@@ -41,7 +42,7 @@ def quantize(src: Path, dst: Path, precision: str) -> None:
     from ai_edge_quantizer.algorithm_manager import AlgorithmName
 
     q = quantizer.Quantizer(str(src))
-    if precision == "int8":
+    if precision == Precision.INT8:
         q.load_quantization_recipe(recipe.dynamic_wi8_afp32())
     else:
         q.add_weight_only_config(
@@ -113,8 +114,8 @@ def export_all(ctx, precisions: list[str]) -> list:
     for precision in precisions:
         files = {}
         for role in role_list:
-            files[role] = fp32[role] if precision == "fp32" else ctx.dir / f"{role}.{precision}.tflite"
-            if precision != "fp32":
+            files[role] = fp32[role] if precision == Precision.FP32 else ctx.dir / f"{role}.{precision}.tflite"
+            if precision != Precision.FP32:
                 with ctx.step(f"tflite {role}: quantize {precision}"):
                     quantize(fp32[role], files[role], precision)
         with ctx.step(f"tflite {precision}: validate"):
@@ -131,19 +132,19 @@ def export_all(ctx, precisions: list[str]) -> list:
             specs.append(
                 GraphSpec(
                     role=role,
-                    format="tflite",
+                    format=GraphFormat.TFLITE,
                     precision=precision,
                     file=files[role].name,
                     inputs=ins,
                     outputs=outs,
-                    perturbations=req.perturbations if role != "prefix" else None,
+                    perturbations=req.perturbations if role != GraphRole.PREFIX else None,
                     batch_size=req.batch_size,
                     seq_len=req.seq_len,
                     validation=validation[role],
                     delegation=delegation(files[role]),
                 )
             )
-    if "fp32" not in precisions:
+    if Precision.FP32 not in precisions:
         for path in fp32.values():
             path.unlink()
     return specs
