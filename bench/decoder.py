@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.harness import BBC_LABELS, bundle, run  # noqa: E402
 from bench.report import RESULTS_DIR, write_results  # noqa: E402
-from fwdllm.proto.names import Task  # noqa: E402
+from fwdllm.proto.names import DifferenceScheme, Distribution, Task, VarianceMode  # noqa: E402
 
 DATA = "bbc-lm"
 CLIENTS, PER_STEP, ALPHA = 100, 10, 0.5
@@ -45,12 +45,12 @@ def words_bundle(k: int) -> Path:
 VARIANTS: dict[str, tuple[int, dict, dict]] = {
     "sgd": (2, {"optimizer": "sgd", "lr": 1e-3}, {}),
     "adam": (2, {"optimizer": "adam", "lr": 1e-2}, {}),
-    "adam-rademacher": (2, {"optimizer": "adam", "lr": 1e-2}, {"run": {"distribution": "rademacher"}}),
-    "adam-variance": (2, {"optimizer": "adam", "lr": 1e-2, "variance": "relative", "max_waves": 2}, {}),
+    "adam-rademacher": (2, {"optimizer": "adam", "lr": 1e-2}, {"run": {"distribution": Distribution.RADEMACHER}}),
+    "adam-variance": (2, {"optimizer": "adam", "lr": 1e-2, "variance": VarianceMode.RELATIVE, "max_waves": 2}, {}),
     "fzoo": (
         2,
         {"optimizer": "sgd", "lr": 2e-2, "perturbations": 7},
-        {"run": {"scheme": "forward"}, "optimizer": {"jvp_std": True}},
+        {"run": {"scheme": DifferenceScheme.FORWARD}, "optimizer": {"jvp_std": True}},
     ),
     "adam-top1": (1, {"optimizer": "adam", "lr": 1e-2}, {}),
     "adam-top4": (4, {"optimizer": "adam", "lr": 1e-2}, {}),
@@ -92,9 +92,9 @@ def _study_run(name: str, seed: int, steps: int, eval_limit: int) -> dict:
     t = time.perf_counter()
     result = run(sim, overrides, desc=f"{name} seed {seed}")
     evaluations = sum(r["perturbations"] for r in result.rows) * (
-        2 if overrides.get("run", {}).get("scheme") != "forward" else 1
+        2 if overrides.get("run", {}).get("scheme") != DifferenceScheme.FORWARD else 1
     )
-    if overrides.get("run", {}).get("scheme") == "forward":
+    if overrides.get("run", {}).get("scheme") == DifferenceScheme.FORWARD:
         evaluations += steps * PER_STEP  # f(θ) once per task
     return {
         "variant": name,

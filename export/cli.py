@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from fwdllm.proto.names import Task
+from fwdllm.proto.names import GraphFormat, Precision, Task
 
 
 def _csv(text: str) -> list[str]:
@@ -50,10 +50,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="head | top:K | all (default all); head or top:K also write prefix/suffix graphs",
     )
     p.add_argument("--from-peft-adapter", metavar="DIR", help="start θ from an existing peft LoRA adapter folder")
-    p.add_argument("--format", type=_csv, default=["onnx"], help="onnx,tflite,gguf (default onnx)")
     p.add_argument(
-        "--precision", type=_csv, help="e.g. fp32,int8,fp16,f16,q8_0,q4_0; each format takes those it supports"
+        "--format", type=_csv, default=[GraphFormat.ONNX], help=f"{','.join(GraphFormat)} (default {GraphFormat.ONNX})"
     )
+    p.add_argument("--precision", type=_csv, help=f"e.g. {','.join(Precision)}; each format takes those it supports")
     p.add_argument("--seq-len", type=int, default=64, help="sequence length (fixed in TFLite graphs; default 64)")
     p.add_argument("--batch-size", type=int, default=8, help="batch size fixed in TFLite graphs (default 8)")
     p.add_argument("--perturbations", type=int, default=8, help="θ rows P fixed in TFLite graphs (default 8)")

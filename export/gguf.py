@@ -21,7 +21,7 @@ import numpy as np
 from fwdllm.errors import UserError
 from fwdllm.proto.gguf_lora import LoraAdapterWriter, lora_alpha, rope_permute
 from fwdllm.proto.manifest import GraphSpec, PeftInfo, TensorSpec, ThetaLayout
-from fwdllm.proto.names import Precision, ThetaChannel
+from fwdllm.proto.names import GraphFormat, GraphRole, Precision, ThetaChannel
 
 from .gguf_suffix import write_suffix
 
@@ -106,13 +106,13 @@ def export_gguf(
     writer.write(out_dir / ".theta0-check.gguf", theta0).unlink()
 
     specs = []
-    f16 = out_dir / gguf_file_name("f16")
+    f16 = out_dir / gguf_file_name(Precision.F16)
     t0 = time.perf_counter()
     _write_f16(model, tokenizer, f16)
     log.info("wrote %s in %.1f s", f16.name, time.perf_counter() - t0)
     for precision in precisions:
         path = out_dir / gguf_file_name(precision)
-        if precision != "f16":
+        if precision != Precision.F16:
             t0 = time.perf_counter()
             quantize(f16, path, precision)
             log.info("quantized %s in %.1f s", path.name, time.perf_counter() - t0)
@@ -120,7 +120,7 @@ def export_gguf(
         if suffix:
             write_suffix(path, out_dir / gguf_file_name(precision, "suffix"), *suffix)
             specs.append(_graph_spec(precision, layout.dim, cfg.hidden_size))
-    if "f16" not in precisions:
+    if Precision.F16 not in precisions:
         f16.unlink()
     return specs
 
@@ -147,10 +147,10 @@ def _graph_spec(precision: str, dim: int, hidden_size: int | None = None) -> Gra
             TensorSpec("loss", ["perturbations"], "float32"),
             TensorSpec("logits", ["perturbations", "batch", "labels"], "float32"),
         ]
-    role = "base" if hidden_size is None else "suffix"
+    role = GraphRole.BASE if hidden_size is None else GraphRole.SUFFIX
     return GraphSpec(
         role=role,
-        format="gguf",
+        format=GraphFormat.GGUF,
         precision=precision,
         file=gguf_file_name(precision, role),
         inputs=inputs,
@@ -297,7 +297,7 @@ def quantize(src: Path, dst: Path, precision: str, threads: int = 0) -> None:
     from fwdllm.device_runtime.llama_backend import import_llama
 
     L = import_llama()
-    ftype = {"q8_0": L.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_0": L.LLAMA_FTYPE_MOSTLY_Q4_0}[precision]
+    ftype = {Precision.Q8_0: L.LLAMA_FTYPE_MOSTLY_Q8_0, Precision.Q4_0: L.LLAMA_FTYPE_MOSTLY_Q4_0}[precision]
     params = L.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads
