@@ -7,7 +7,8 @@ TFLite's benchmark_model), the cost of one perturbed evaluation inside a real ta
 perturbed/plain (only where the graph's P is dynamic or 1: a fixed-P graph's cheapest call
 already evaluates P rows), a P-row call against P one-row calls, peak RSS, and the share of ops
 delegated. A plain-inference-only process and (with torch installed) a PyTorch LoRA +
-AdamW backprop process give the memory references of the issue's targets.
+AdamW backprop process (``export/backprop_memory.py``, started by module name: the device
+runtime imports neither torch nor the exporter) give the memory references.
 """
 
 from __future__ import annotations
