@@ -393,6 +393,12 @@ BUILT_IN = (
 DEFAULT_BACKEND = "onnxruntime"
 
 
+class UnknownBackendError(BackendError, KeyError):
+    """A name no backend registered; a KeyError as well, so ``in`` and ``get`` on the registry work as on a dict."""
+
+    __str__ = Exception.__str__  # the message as written, not KeyError's quoted repr
+
+
 class _Registry(Mapping[str, type[Backend]]):
     """Backend name -> class, in registration order; the built-in modules are imported on first use."""
 
@@ -404,7 +410,7 @@ class _Registry(Mapping[str, type[Backend]]):
     def __getitem__(self, name: str) -> type[Backend]:
         classes = self._classes()
         if name not in classes:
-            raise BackendError(f"unknown backend {name!r}; choose one of {list(classes)}")
+            raise UnknownBackendError(f"unknown backend {name!r}; choose one of {list(classes)}")
         return classes[name]
 
     def __iter__(self) -> Iterator[str]:
