@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from fwdllm.device_runtime.backend import DEFAULT_BACKEND
+from fwdllm.device_runtime.backend import BACKENDS, DEFAULT_BACKEND
 from fwdllm.errors import UserError
 from fwdllm.proto.names import AggregationMethod, DifferenceScheme, Distribution, VarianceMode
 
@@ -103,6 +103,7 @@ class CoordinatorConfig:
         _choice("run.distribution", r.distribution, Distribution)
         _choice("aggregation.method", self.aggregation.method, AggregationMethod)
         _choice("variance.mode", self.variance.mode, VarianceMode)
+        _choice("eval.backend", self.eval.backend, BACKENDS)
         for name, value in [
             ("run.steps", r.steps),
             ("run.clients_per_step", r.clients_per_step),

@@ -125,6 +125,8 @@ def test_config_files_and_their_errors(tmp_path):
         ({"runn": {}}, "unknown config section"),
         ({"optimizer": {"name": "lion"}}, "optimizer.name"),
         ({"variance": {"mode": "sometimes"}}, "variance.mode"),
+        ({"run": {"scheme": "backward"}}, r"run.scheme is 'backward'; use one of \['central', 'forward'\]"),
+        ({"eval": {"backend": "tpu"}}, r"eval.backend is 'tpu'; use one of \['onnxruntime', 'litert', 'llama.cpp'\]"),
         ({"run": {"clients_per_step": 0}}, "at least 1"),
         ({"run": {"steps": "ten"}}, "run.steps must be an integer"),
         ({"sampler": {"enabled": 1}}, "true or false"),
