@@ -1,11 +1,9 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
-from google.protobuf import descriptor as _descriptor
-from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -32,7 +30,6 @@ class HistoryRefusal(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     HISTORY_NOT_REPLAYABLE: _ClassVar[HistoryRefusal]
     HISTORY_NOT_KEPT: _ClassVar[HistoryRefusal]
     HISTORY_OVER_CAP: _ClassVar[HistoryRefusal]
-
 PROTOCOL_VERSION_UNSPECIFIED: ProtocolVersion
 PROTOCOL_VERSION_1: ProtocolVersion
 DIFFERENCE_SCHEME_UNSPECIFIED: DifferenceScheme
@@ -47,25 +44,14 @@ HISTORY_NOT_KEPT: HistoryRefusal
 HISTORY_OVER_CAP: HistoryRefusal
 
 class Capabilities(_message.Message):
-    __slots__ = (
-        "backend",
-        "delegates",
-        "precision",
-        "memory_bytes",
-        "abi",
-        "os",
-        "cpu_count",
-        "max_perturbations_per_call",
-        "versions",
-    )
+    __slots__ = ("backend", "delegates", "precision", "memory_bytes", "abi", "os", "cpu_count", "max_perturbations_per_call", "versions")
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: str
-        def __init__(self, key: str | None = ..., value: str | None = ...) -> None: ...
-
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     DELEGATES_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
@@ -84,29 +70,10 @@ class Capabilities(_message.Message):
     cpu_count: int
     max_perturbations_per_call: int
     versions: _containers.ScalarMap[str, str]
-    def __init__(
-        self,
-        backend: str | None = ...,
-        delegates: _Iterable[str] | None = ...,
-        precision: str | None = ...,
-        memory_bytes: int | None = ...,
-        abi: str | None = ...,
-        os: str | None = ...,
-        cpu_count: int | None = ...,
-        max_perturbations_per_call: int | None = ...,
-        versions: _Mapping[str, str] | None = ...,
-    ) -> None: ...
+    def __init__(self, backend: _Optional[str] = ..., delegates: _Optional[_Iterable[str]] = ..., precision: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., abi: _Optional[str] = ..., os: _Optional[str] = ..., cpu_count: _Optional[int] = ..., max_perturbations_per_call: _Optional[int] = ..., versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = (
-        "protocol_version",
-        "enrolment_token",
-        "client_name",
-        "capabilities",
-        "model_fingerprint",
-        "num_examples",
-        "previous_client_id",
-    )
+    __slots__ = ("protocol_version", "enrolment_token", "client_name", "capabilities", "model_fingerprint", "num_examples", "previous_client_id")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ENROLMENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -121,27 +88,10 @@ class JoinRequest(_message.Message):
     model_fingerprint: str
     num_examples: int
     previous_client_id: str
-    def __init__(
-        self,
-        protocol_version: ProtocolVersion | str | None = ...,
-        enrolment_token: str | None = ...,
-        client_name: str | None = ...,
-        capabilities: Capabilities | _Mapping | None = ...,
-        model_fingerprint: str | None = ...,
-        num_examples: int | None = ...,
-        previous_client_id: str | None = ...,
-    ) -> None: ...
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., enrolment_token: _Optional[str] = ..., client_name: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., num_examples: _Optional[int] = ..., previous_client_id: _Optional[str] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = (
-        "client_id",
-        "session_token",
-        "protocol_version",
-        "model_fingerprint",
-        "theta_dim",
-        "theta_version",
-        "heartbeat_interval_ms",
-    )
+    __slots__ = ("client_id", "session_token", "protocol_version", "model_fingerprint", "theta_dim", "theta_version", "heartbeat_interval_ms")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -156,16 +106,7 @@ class JoinResponse(_message.Message):
     theta_dim: int
     theta_version: int
     heartbeat_interval_ms: int
-    def __init__(
-        self,
-        client_id: str | None = ...,
-        session_token: str | None = ...,
-        protocol_version: ProtocolVersion | str | None = ...,
-        model_fingerprint: str | None = ...,
-        theta_dim: int | None = ...,
-        theta_version: int | None = ...,
-        heartbeat_interval_ms: int | None = ...,
-    ) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., model_fingerprint: _Optional[str] = ..., theta_dim: _Optional[int] = ..., theta_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class PullTaskRequest(_message.Message):
     __slots__ = ("client_id", "session_token", "theta_version")
@@ -175,9 +116,7 @@ class PullTaskRequest(_message.Message):
     client_id: str
     session_token: str
     theta_version: int
-    def __init__(
-        self, client_id: str | None = ..., session_token: str | None = ..., theta_version: int | None = ...
-    ) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., theta_version: _Optional[int] = ...) -> None: ...
 
 class SeedRange(_message.Message):
     __slots__ = ("start", "count")
@@ -185,7 +124,7 @@ class SeedRange(_message.Message):
     COUNT_FIELD_NUMBER: _ClassVar[int]
     start: int
     count: int
-    def __init__(self, start: int | None = ..., count: int | None = ...) -> None: ...
+    def __init__(self, start: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class BatchRef(_message.Message):
     __slots__ = ("start", "size")
@@ -193,22 +132,10 @@ class BatchRef(_message.Message):
     SIZE_FIELD_NUMBER: _ClassVar[int]
     start: int
     size: int
-    def __init__(self, start: int | None = ..., size: int | None = ...) -> None: ...
+    def __init__(self, start: _Optional[int] = ..., size: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = (
-        "task_id",
-        "step",
-        "wave",
-        "theta_version",
-        "seeds",
-        "seed_ranges",
-        "distribution",
-        "epsilon",
-        "scheme",
-        "batch",
-        "deadline_unix_ms",
-    )
+    __slots__ = ("task_id", "step", "wave", "theta_version", "seeds", "seed_ranges", "distribution", "epsilon", "scheme", "batch", "deadline_unix_ms")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     WAVE_FIELD_NUMBER: _ClassVar[int]
@@ -231,20 +158,7 @@ class Task(_message.Message):
     scheme: DifferenceScheme
     batch: BatchRef
     deadline_unix_ms: int
-    def __init__(
-        self,
-        task_id: str | None = ...,
-        step: int | None = ...,
-        wave: int | None = ...,
-        theta_version: int | None = ...,
-        seeds: _Iterable[int] | None = ...,
-        seed_ranges: _Iterable[SeedRange | _Mapping] | None = ...,
-        distribution: Distribution | str | None = ...,
-        epsilon: float | None = ...,
-        scheme: DifferenceScheme | str | None = ...,
-        batch: BatchRef | _Mapping | None = ...,
-        deadline_unix_ms: int | None = ...,
-    ) -> None: ...
+    def __init__(self, task_id: _Optional[str] = ..., step: _Optional[int] = ..., wave: _Optional[int] = ..., theta_version: _Optional[int] = ..., seeds: _Optional[_Iterable[int]] = ..., seed_ranges: _Optional[_Iterable[_Union[SeedRange, _Mapping]]] = ..., distribution: _Optional[_Union[Distribution, str]] = ..., epsilon: _Optional[float] = ..., scheme: _Optional[_Union[DifferenceScheme, str]] = ..., batch: _Optional[_Union[BatchRef, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
 
 class PullTaskResponse(_message.Message):
     __slots__ = ("task", "retry_after_ms", "run_finished")
@@ -254,12 +168,7 @@ class PullTaskResponse(_message.Message):
     task: Task
     retry_after_ms: int
     run_finished: bool
-    def __init__(
-        self,
-        task: Task | _Mapping | None = ...,
-        retry_after_ms: int | None = ...,
-        run_finished: bool | None = ...,
-    ) -> None: ...
+    def __init__(self, task: _Optional[_Union[Task, _Mapping]] = ..., retry_after_ms: _Optional[int] = ..., run_finished: _Optional[bool] = ...) -> None: ...
 
 class LossStats(_message.Message):
     __slots__ = ("mean", "min", "max", "base")
@@ -271,27 +180,10 @@ class LossStats(_message.Message):
     min: float
     max: float
     base: float
-    def __init__(
-        self,
-        mean: float | None = ...,
-        min: float | None = ...,
-        max: float | None = ...,
-        base: float | None = ...,
-    ) -> None: ...
+    def __init__(self, mean: _Optional[float] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., base: _Optional[float] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = (
-        "client_id",
-        "session_token",
-        "task_id",
-        "step",
-        "seeds",
-        "jvp",
-        "nonfinite",
-        "loss",
-        "num_examples",
-        "compute_time_ms",
-    )
+    __slots__ = ("client_id", "session_token", "task_id", "step", "seeds", "jvp", "nonfinite", "loss", "num_examples", "compute_time_ms")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -312,19 +204,7 @@ class SubmitRequest(_message.Message):
     loss: LossStats
     num_examples: int
     compute_time_ms: int
-    def __init__(
-        self,
-        client_id: str | None = ...,
-        session_token: str | None = ...,
-        task_id: str | None = ...,
-        step: int | None = ...,
-        seeds: _Iterable[int] | None = ...,
-        jvp: _Iterable[float] | None = ...,
-        nonfinite: _Iterable[int] | None = ...,
-        loss: LossStats | _Mapping | None = ...,
-        num_examples: int | None = ...,
-        compute_time_ms: int | None = ...,
-    ) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., task_id: _Optional[str] = ..., step: _Optional[int] = ..., seeds: _Optional[_Iterable[int]] = ..., jvp: _Optional[_Iterable[float]] = ..., nonfinite: _Optional[_Iterable[int]] = ..., loss: _Optional[_Union[LossStats, _Mapping]] = ..., num_examples: _Optional[int] = ..., compute_time_ms: _Optional[int] = ...) -> None: ...
 
 class SubmitResponse(_message.Message):
     __slots__ = ("accepted", "message", "duplicate")
@@ -334,9 +214,7 @@ class SubmitResponse(_message.Message):
     accepted: bool
     message: str
     duplicate: bool
-    def __init__(
-        self, accepted: bool | None = ..., message: str | None = ..., duplicate: bool | None = ...
-    ) -> None: ...
+    def __init__(self, accepted: _Optional[bool] = ..., message: _Optional[str] = ..., duplicate: _Optional[bool] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
     __slots__ = ("client_id", "session_token", "task_id")
@@ -346,9 +224,7 @@ class HeartbeatRequest(_message.Message):
     client_id: str
     session_token: str
     task_id: str
-    def __init__(
-        self, client_id: str | None = ..., session_token: str | None = ..., task_id: str | None = ...
-    ) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("cancel_task_ids", "theta_version", "server_time_unix_ms")
@@ -358,12 +234,7 @@ class HeartbeatResponse(_message.Message):
     cancel_task_ids: _containers.RepeatedScalarFieldContainer[str]
     theta_version: int
     server_time_unix_ms: int
-    def __init__(
-        self,
-        cancel_task_ids: _Iterable[str] | None = ...,
-        theta_version: int | None = ...,
-        server_time_unix_ms: int | None = ...,
-    ) -> None: ...
+    def __init__(self, cancel_task_ids: _Optional[_Iterable[str]] = ..., theta_version: _Optional[int] = ..., server_time_unix_ms: _Optional[int] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("client_id", "session_token", "reason")
@@ -373,9 +244,7 @@ class LeaveRequest(_message.Message):
     client_id: str
     session_token: str
     reason: str
-    def __init__(
-        self, client_id: str | None = ..., session_token: str | None = ..., reason: str | None = ...
-    ) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class LeaveResponse(_message.Message):
     __slots__ = ()
@@ -391,13 +260,7 @@ class FetchParametersRequest(_message.Message):
     session_token: str
     version: int
     chunk_values: int
-    def __init__(
-        self,
-        client_id: str | None = ...,
-        session_token: str | None = ...,
-        version: int | None = ...,
-        chunk_values: int | None = ...,
-    ) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., version: _Optional[int] = ..., chunk_values: _Optional[int] = ...) -> None: ...
 
 class ParameterChunk(_message.Message):
     __slots__ = ("version", "offset", "total", "values", "sha256")
@@ -411,14 +274,7 @@ class ParameterChunk(_message.Message):
     total: int
     values: bytes
     sha256: str
-    def __init__(
-        self,
-        version: int | None = ...,
-        offset: int | None = ...,
-        total: int | None = ...,
-        values: bytes | None = ...,
-        sha256: str | None = ...,
-    ) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., offset: _Optional[int] = ..., total: _Optional[int] = ..., values: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class FetchHistoryRequest(_message.Message):
     __slots__ = ("client_id", "session_token", "from_version", "to_version", "max_bytes", "max_seeds")
@@ -434,15 +290,7 @@ class FetchHistoryRequest(_message.Message):
     to_version: int
     max_bytes: int
     max_seeds: int
-    def __init__(
-        self,
-        client_id: str | None = ...,
-        session_token: str | None = ...,
-        from_version: int | None = ...,
-        to_version: int | None = ...,
-        max_bytes: int | None = ...,
-        max_seeds: int | None = ...,
-    ) -> None: ...
+    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., max_bytes: _Optional[int] = ..., max_seeds: _Optional[int] = ...) -> None: ...
 
 class UpdateRecord(_message.Message):
     __slots__ = ("version", "lr", "seeds", "coefficients", "distribution")
@@ -456,14 +304,7 @@ class UpdateRecord(_message.Message):
     seeds: _containers.RepeatedScalarFieldContainer[int]
     coefficients: _containers.RepeatedScalarFieldContainer[float]
     distribution: Distribution
-    def __init__(
-        self,
-        version: int | None = ...,
-        lr: float | None = ...,
-        seeds: _Iterable[int] | None = ...,
-        coefficients: _Iterable[float] | None = ...,
-        distribution: Distribution | str | None = ...,
-    ) -> None: ...
+    def __init__(self, version: _Optional[int] = ..., lr: _Optional[float] = ..., seeds: _Optional[_Iterable[int]] = ..., coefficients: _Optional[_Iterable[float]] = ..., distribution: _Optional[_Union[Distribution, str]] = ...) -> None: ...
 
 class FetchHistoryResponse(_message.Message):
     __slots__ = ("available", "updates", "theta_dim", "refusal")
@@ -475,45 +316,28 @@ class FetchHistoryResponse(_message.Message):
     updates: _containers.RepeatedCompositeFieldContainer[UpdateRecord]
     theta_dim: int
     refusal: HistoryRefusal
-    def __init__(
-        self,
-        available: bool | None = ...,
-        updates: _Iterable[UpdateRecord | _Mapping] | None = ...,
-        theta_dim: int | None = ...,
-        refusal: HistoryRefusal | str | None = ...,
-    ) -> None: ...
+    def __init__(self, available: _Optional[bool] = ..., updates: _Optional[_Iterable[_Union[UpdateRecord, _Mapping]]] = ..., theta_dim: _Optional[int] = ..., refusal: _Optional[_Union[HistoryRefusal, str]] = ...) -> None: ...
 
 class GetStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class StatusResponse(_message.Message):
-    __slots__ = (
-        "model_fingerprint",
-        "step",
-        "theta_version",
-        "clients_registered",
-        "clients_active",
-        "counters",
-        "metrics",
-        "finished",
-    )
+    __slots__ = ("model_fingerprint", "step", "theta_version", "clients_registered", "clients_active", "counters", "metrics", "finished")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: int
-        def __init__(self, key: str | None = ..., value: int | None = ...) -> None: ...
-
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: float
-        def __init__(self, key: str | None = ..., value: float | None = ...) -> None: ...
-
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     THETA_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -530,14 +354,4 @@ class StatusResponse(_message.Message):
     counters: _containers.ScalarMap[str, int]
     metrics: _containers.ScalarMap[str, float]
     finished: bool
-    def __init__(
-        self,
-        model_fingerprint: str | None = ...,
-        step: int | None = ...,
-        theta_version: int | None = ...,
-        clients_registered: int | None = ...,
-        clients_active: int | None = ...,
-        counters: _Mapping[str, int] | None = ...,
-        metrics: _Mapping[str, float] | None = ...,
-        finished: bool | None = ...,
-    ) -> None: ...
+    def __init__(self, model_fingerprint: _Optional[str] = ..., step: _Optional[int] = ..., theta_version: _Optional[int] = ..., clients_registered: _Optional[int] = ..., clients_active: _Optional[int] = ..., counters: _Optional[_Mapping[str, int]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., finished: _Optional[bool] = ...) -> None: ...
