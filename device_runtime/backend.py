@@ -300,7 +300,7 @@ class Backend(ABC):
         return {}
 
     @classmethod
-    def delegates(cls, threads: int, libraries: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    def delegate_options(cls, threads: int, libraries: list[str]) -> list[tuple[str, dict[str, Any]]]:
         """(delegate or provider name, options) for each way this backend can run here, with external
         delegate ``libraries`` (paths of .so files) where it takes them."""
         return [("cpu", {"threads": threads})]

@@ -215,7 +215,7 @@ def configurations(
 
 def _delegates(backend: type[Backend], wanted: list[str] | None, threads: int) -> list[tuple[str, dict[str, Any]]]:
     """The backend's delegates that ``wanted`` names (all when None); a .so in it is an external delegate."""
-    out = backend.delegates(threads, [w for w in wanted or [] if w.endswith(".so")])
+    out = backend.delegate_options(threads, [w for w in wanted or [] if w.endswith(".so")])
     return [(d, o) for d, o in out if not wanted or d in wanted or "delegates" in o]
 
 

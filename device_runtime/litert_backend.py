@@ -52,7 +52,7 @@ class LiteRTBackend(GraphBackend):
         return {"kernels": args.kernels, "delegates": [{"path": d, "options": options} for d in args.delegate]}
 
     @classmethod
-    def delegates(cls, threads: int, libraries: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    def delegate_options(cls, threads: int, libraries: list[str]) -> list[tuple[str, dict[str, Any]]]:
         kernels = [(k, {"kernels": k, "threads": threads}) for k in ("xnnpack", "builtin")]
         external = [
             (Path(lib).name, {"kernels": "builtin", "threads": threads, "delegates": [{"path": lib}]})

@@ -88,7 +88,7 @@ class OnnxBackend(GraphBackend):
         return {"optimization": args.optimization, **({"providers": args.provider} if args.provider else {})}
 
     @classmethod
-    def delegates(cls, threads: int, libraries: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    def delegate_options(cls, threads: int, libraries: list[str]) -> list[tuple[str, dict[str, Any]]]:
         return [(p, {"providers": [p], "threads": threads}) for p in available_providers()]
 
     def __init__(self, bundle_dir, manifest, graph, options):
