@@ -28,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.harness import bundle  # noqa: E402
 from bench.report import write_results  # noqa: E402
-from fwdllm.proto.names import Task  # noqa: E402
+from fwdllm.export.gguf import PRECISIONS as GGUF_PRECISIONS  # noqa: E402
+from fwdllm.proto.names import Precision, Task  # noqa: E402
 
 BBC_WORDS = ["business", "entertainment", "politics", "sports", "tech"]
 COLUMNS = [
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--precision", default="q8_0", choices=["f16", "q8_0", "q4_0"])
+    parser.add_argument("--precision", default=Precision.Q8_0, choices=list(GGUF_PRECISIONS))
     parser.add_argument("--layers", default="2,4", help="K of the top:K bundles to measure")
     parser.add_argument("--quick", action="store_true", help="3 repeats, top:2 only")
     args = parser.parse_args(argv)

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from fwdllm.export.gguf import PRECISIONS  # noqa: F401 (the pipeline reads each format module's PRECISIONS)
 from fwdllm.proto.manifest import Manifest, ModelInfo, PeftInfo
-from fwdllm.proto.names import GraphFormat, GraphRole, Precision, Task
-
-PRECISIONS = (Precision.F16, Precision.Q8_0, Precision.Q4_0)
+from fwdllm.proto.names import GraphFormat, GraphRole, Task
 
 #: Scale-relative error allowed against PyTorch at validation (random tokens, θ0 + 0.05·N(0,1)).
 #: Measured on SmolLM2, next-token loss: f16 2e-4, q8_0 1e-3, q4_0 0.053. A 4-bit model is not

@@ -159,7 +159,8 @@ def _precisions_for(fmt: str, supported: tuple[str, ...], requested: list[str] |
         return DEFAULT_PRECISIONS[fmt]
     chosen = [p for p in requested if p in supported]
     if not chosen:
-        raise UserError(f"--precision {','.join(requested)} has nothing {fmt} supports; {fmt} takes {list(supported)}")
+        takes = [str(p) for p in supported]
+        raise UserError(f"--precision {','.join(requested)} has nothing {fmt} supports; {fmt} takes {takes}")
     return chosen
 
 
