@@ -10,6 +10,7 @@ called, so this module needs nothing beyond the standard library (a phone import
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Any, Self
 
 
 class Task(StrEnum):
@@ -58,7 +59,7 @@ class _WireEnum(StrEnum):
     ``<ENUM>_UNSPECIFIED`` (0), which reads as the first member, the protocol's default."""
 
     @classmethod
-    def _proto(cls):
+    def _proto(cls) -> Any:
         from fwdllm.proto.v1 import fwdllm_pb2
 
         return getattr(fwdllm_pb2, cls.__name__)
@@ -69,7 +70,7 @@ class _WireEnum(StrEnum):
         return type(self)._proto().Value(self.name)
 
     @classmethod
-    def from_wire(cls, number: int):
+    def from_wire(cls, number: int) -> Self:
         """The member a protobuf enum number stands for; ValueError for a number this version does not know."""
         if number == 0:
             return next(iter(cls))
