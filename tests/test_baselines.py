@@ -14,6 +14,7 @@ from safetensors.numpy import load_file
 from fwdllm.baselines import BaselineConfig, run_baseline
 from fwdllm.data.datasets import load_dataset
 from fwdllm.data.partition import FederatedData, federate
+from fwdllm.proto.names import Task
 
 
 @pytest.fixture(scope="session")
@@ -56,7 +57,7 @@ def _independent_fedsgd_step(fed: FederatedData, lr: float, seq_len: int) -> dic
 
 def test_one_round_equals_fedsgd_by_autograd(bbc, tmp_path):
     # 3 clients of 4 examples, all sampled, batch = client size: the round is one exact FedSGD step.
-    fed = FederatedData("bbc", "seq-cls", bbc.labels, [bbc.train[i : i + 4] for i in (0, 4, 8)], bbc.heldout[:8], {})
+    fed = FederatedData("bbc", Task.SEQ_CLS, bbc.labels, [bbc.train[i : i + 4] for i in (0, 4, 8)], bbc.heldout[:8], {})
     lr, seq_len = 0.5, 24
     cfg = BaselineConfig(
         data="bbc",
@@ -105,7 +106,7 @@ def test_bad_config_names_the_flag(tmp_path):
 
 
 def test_full_finetuning_trains_every_used_weight(bbc, tmp_path):
-    fed = FederatedData("bbc", "seq-cls", bbc.labels, [bbc.train[i : i + 4] for i in (0, 4)], bbc.heldout[:8], {})
+    fed = FederatedData("bbc", Task.SEQ_CLS, bbc.labels, [bbc.train[i : i + 4] for i in (0, 4)], bbc.heldout[:8], {})
     cfg = BaselineConfig(
         data="bbc", peft="full", clients=2, per_step=2, steps=1, batch_size=4, seq_len=16, eval_limit=8
     )
@@ -143,7 +144,7 @@ def test_fedadapter_upgrade_keeps_the_function(bbc):
 
 
 def test_fedadapter_schedule_and_bytes_up(bbc, tmp_path):
-    fed = FederatedData("bbc", "seq-cls", bbc.labels, [bbc.train[i : i + 4] for i in (0, 4, 8)], bbc.heldout[:8], {})
+    fed = FederatedData("bbc", Task.SEQ_CLS, bbc.labels, [bbc.train[i : i + 4] for i in (0, 4, 8)], bbc.heldout[:8], {})
     cfg = BaselineConfig(
         data="bbc",
         peft="fedadapter",
@@ -189,7 +190,7 @@ def smol(bbc_lm):
     from fwdllm.baselines import TrainableModel
 
     return TrainableModel(
-        "smollm2", "lora", bbc_lm.labels, seed=0, task="causal-lm", trainable_layers="top:2", label_words=True
+        "smollm2", "lora", bbc_lm.labels, seed=0, task=Task.CAUSAL_LM, trainable_layers="top:2", label_words=True
     )
 
 
@@ -425,7 +426,7 @@ def test_label_words_config_errors_name_the_flag(tmp_path):
     with pytest.raises(UserError, match="--trainable-layers"):
         run_baseline(BaselineConfig(data="bbc", peft="fedadapter", trainable_layers="top:2"), tmp_path)
     fed = FederatedData(
-        "x", "causal-lm", [], [[{"prompt": "a", "target": " b"}]], [{"prompt": "a", "target": " b"}], {}
+        "x", Task.CAUSAL_LM, [], [[{"prompt": "a", "target": " b"}]], [{"prompt": "a", "target": " b"}], {}
     )
     with pytest.raises(UserError, match="without labels"):
         run_baseline(BaselineConfig(data="x", model="smollm2", peft="lora", clients=1, per_step=1), tmp_path, fed)

@@ -256,7 +256,7 @@ def test_smollm2_label_words_on_bbc_text_match_pytorch_on_every_backend(smollm2_
     manifest = load_manifest(smollm2_words)
     data = load_dataset("bbc-lm")
     examples = data.heldout[:8]
-    hf = load("smollm2", "causal-lm").model
+    hf = load("smollm2", Task.CAUSAL_LM).model
     rng = np.random.default_rng(0)
     theta = (0.02 * rng.standard_normal(manifest.theta.dim)).astype(np.float32)  # B ≠ 0: LoRA changes the logits
     tuned = materialize(hf, plan_from_manifest(hf, manifest), theta)
