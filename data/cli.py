@@ -6,14 +6,14 @@ import argparse
 from pathlib import Path
 
 
-def add_data_arguments(p: argparse.ArgumentParser, *, positional: bool = False) -> None:
+def add_data_arguments(p: argparse.ArgumentParser, *, positional: bool = False, required: bool = True) -> None:
     """The options that name and read a data set; shared by every command that loads one."""
     if positional:
         p.add_argument("data", metavar="DATA", help="data set spec (NAME or NAME:PATH), or a partition folder")
     else:
         p.add_argument(
             "--data",
-            required=True,
+            required=required,
             metavar="DATA",
             help="data set spec: NAME or NAME:PATH (see `fwdllm data show --help`)",
         )

@@ -24,11 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--resume", action="store_true", help="continue the stopped simulation in --out (other settings come from it)"
     )
     s.add_argument("--bundle", help="bundle folder (`fwdllm export`)")
-    s.add_argument("--data", metavar="DATA", help="data set spec (NAME or NAME:PATH) or a partition folder")
-    s.add_argument("--text-column", help="csv/tsv/jsonl: the text column")
-    s.add_argument("--label-column", help="csv/tsv/jsonl: the label column")
-    s.add_argument("--heldout-fraction", type=float, default=0.2, help="share held out where the data has no split")
-    s.add_argument("--split-seed", type=int, default=0, help="seed of that held-out split")
+    add_data_arguments(s, required=False)  # --resume takes the data from the run folder
     s.add_argument("--clients", type=int, default=100, help="virtual clients (default 100)")
     s.add_argument("--per-step", type=int, default=10, help="clients per step (default 10)")
     s.add_argument("--steps", type=int, default=100, help="optimisation steps (default 100)")
