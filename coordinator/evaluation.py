@@ -40,7 +40,7 @@ class BackendEvaluator:
 
     def __call__(self, theta: np.ndarray) -> dict:
         if self.choices is not None:
-            return self._choice(theta)
+            return self._choice(theta, self.choices)
         tok = self.backend.tokenizer()
         losses, weights, correct = [], [], 0
         starts = range(0, len(self.examples), self.batch_size)
@@ -66,22 +66,22 @@ class BackendEvaluator:
             out["accuracy"] = correct / len(self.examples)
         return out
 
-    def _choice(self, theta: np.ndarray) -> dict:
+    def _choice(self, theta: np.ndarray, choices: tuple[np.ndarray, np.ndarray]) -> dict:
         """A single-token-target task from one pass over the prompts: the next-token logits
         after each prompt give the target's cross-entropy (the causal-lm loss) and the
         restricted-choice prediction."""
         from fwdllm.device_runtime.backend import Example
 
-        tok, (candidates, targets) = self.backend.tokenizer(), self.choices
-        logits = []
+        tok, (candidates, targets) = self.backend.tokenizer(), choices
+        rows: list[np.ndarray] = []
         starts = range(0, len(self.examples), self.batch_size)
         for start in tqdm(starts, desc="evaluate", leave=False, disable=len(starts) < 20):
             chunk = [Example(prompt=e.prompt) for e in self.examples[start : start + self.batch_size]]
             batch = tok.batch(chunk)
             if self.backend.batch_size and batch.size < self.backend.batch_size:
                 batch = batch.rows(0, batch.size, pad_to=self.backend.batch_size)
-            logits.append(np.asarray(self.backend.logits(batch, theta), dtype=np.float64)[: len(chunk)])
-        logits = np.concatenate(logits)
+            rows.append(np.asarray(self.backend.logits(batch, theta), dtype=np.float64)[: len(chunk)])
+        logits = np.concatenate(rows)
         shifted = logits - logits.max(axis=1, keepdims=True)
         nll = np.log(np.exp(shifted).sum(axis=1)) - shifted[np.arange(len(targets)), targets]
         return {

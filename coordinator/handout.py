@@ -57,7 +57,7 @@ class Handout:
             raise Reject(Reason.SEED_SPACE, "this step has used all 2^32 seeds")
         ordinals = range(run.next_ordinal, run.next_ordinal + drawn)
         seeds = np.array([seed_for(run.step, o) for o in ordinals], dtype=np.uint64)
-        if use_sampler:
+        if use_sampler and prev_grad is not None:  # use_sampler implies a previous gradient
             threads = self.cfg.aggregation.threads or None
             seeds, _ = sampler.select(seeds, prev_grad, k, self.cfg.run.distribution, threads=threads)
         self.store.save_run(dataclasses.replace(run, next_ordinal=run.next_ordinal + drawn))

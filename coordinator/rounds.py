@@ -61,7 +61,7 @@ class Coordinator:
 
     def _start_or_resume(self, bundle: Path) -> None:
         """A fresh state folder gets θ version 1 and the run state; one of another bundle is refused."""
-        run = self.store.run
+        run = self.store.saved_run
         if run is not None and run.fingerprint != self.fingerprint:
             raise UserError(
                 f"the state folder {self.store.dir} belongs to another bundle (fingerprint {run.fingerprint[:12]}, "

@@ -204,7 +204,7 @@ def start(
     if (tls_cert is None) != (tls_key is None):
         raise UserError("give both --tls-cert and --tls-key, or neither")
     try:
-        if tls_cert is not None:
+        if tls_cert is not None and tls_key is not None:  # both or neither, checked above
             creds = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
             bound = server.add_secure_port(address, creds)
         else:

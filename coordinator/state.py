@@ -134,10 +134,19 @@ class Store:
         return RunState(**values)
 
     @property
-    def run(self) -> RunState | None:
-        """The run state: the saving thread sees its transaction's, others the last committed one."""
+    def saved_run(self) -> RunState | None:
+        """The run state, None in a folder no run has started in: the saving thread sees its
+        transaction's, others the last committed one."""
         with self.lock:
             return self._pending or self._committed
+
+    @property
+    def run(self) -> RunState:
+        """The run state of a started run (``saved_run`` where there may be none yet)."""
+        run = self.saved_run
+        if run is None:
+            raise RuntimeError(f"the state folder {self.dir} holds no run state yet")
+        return run
 
     def save_run(self, run: RunState) -> None:
         """Write the run state, one meta row per field, in the open transaction."""
