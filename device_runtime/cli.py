@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 
 def _csv(text: str) -> list[str]:
@@ -110,33 +111,35 @@ def _info(args: argparse.Namespace) -> int:
     from fwdllm.device_runtime.backend import BACKENDS, open_backend
     from fwdllm.errors import UserError
 
-    report = {
+    backends: dict[str, dict[str, Any]] = {}
+    bundle: dict[str, dict[str, Any]] = {}
+    report: dict[str, object] = {
         "abi": platform.machine(),
         "os": f"{platform.system()} {platform.release()}",
         "cpu_count": os.cpu_count(),
-        "backends": {},
+        "backends": backends,
     }
     for name, cls in BACKENDS.items():
         try:
-            report["backends"][name] = cls.runtime_info()
+            backends[name] = cls.runtime_info()
         except ImportError as exc:
-            report["backends"][name] = {"error": str(exc)}
+            backends[name] = {"error": str(exc)}
     if args.bundle:
-        report["bundle"] = {}
+        report["bundle"] = bundle
         for name in BACKENDS:
             try:
                 backend = open_backend(args.bundle, name)
-                report["bundle"][name] = backend.info()
+                bundle[name] = backend.info()
                 backend.close()
             except UserError as exc:
-                report["bundle"][name] = {"unavailable": str(exc)}
+                bundle[name] = {"unavailable": str(exc)}
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     else:
         print(f"{report['abi']}, {report['os']}, {report['cpu_count']} CPUs")
-        for name, info in report["backends"].items():
+        for name, info in backends.items():
             print(f"  {name:12s} {json.dumps(info, default=str)}")
-        for name, info in report.get("bundle", {}).items():
+        for name, info in bundle.items():
             print(f"  bundle/{name}: {json.dumps(info, default=str)}")
     return 0
 

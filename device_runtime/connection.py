@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from fwdllm.errors import UserError
+
+if TYPE_CHECKING:
+    from fwdllm.device_runtime.client import ClientConfig
 
 log = logging.getLogger("fwdllm.device")
 
@@ -56,6 +60,16 @@ def open_channel(address: str, tls_ca: Path | None, backoff_s: tuple[float, floa
 class RetryingCalls:
     """Calls to the coordinator: mixed into ``DeviceClient``, whose ``stub``, ``cfg``, ``stats``, ``_stop``
     and ``join`` it uses."""
+
+    # Set by DeviceClient.__init__.
+    stub: Any  # the generated FwdLLMStub (grpc is not analysed)
+    cfg: ClientConfig
+    stats: dict[str, int]
+    _stop: threading.Event
+
+    def join(self) -> Any:
+        """Join the run (again): ``DeviceClient.join``."""
+        raise NotImplementedError
 
     def _call(self, method: str, make: Callable[[], Any], final: frozenset = frozenset()):
         """One unary call, retried until the coordinator answers (see ``_retry``)."""

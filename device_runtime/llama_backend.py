@@ -18,7 +18,7 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from fwdllm.device_runtime.backend import IGNORE_INDEX, Backend, BackendError, B
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import BundleError, GraphSpec, Manifest
 from fwdllm.proto.names import GraphFormat, GraphRole, ThetaChannel
+
+if TYPE_CHECKING:
+    from fwdllm.device_runtime.llama_suffix import CutModel
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +168,13 @@ class LlamaBackend(Backend):
         self.L = L = import_llama()
         self.threads = int(self.options.get("threads", 1))
         self.n_ctx = self.seq_len
-        self.model = self.ctx = self._lbatch = self._slot = self._tmp = self.cut = None
+        # llama.cpp's model, context and batch are ctypes values (llama_cpp is not analysed)
+        self.model: Any = None
+        self.ctx: Any = None
+        self._lbatch: Any = None
+        self._slot: LoraSlot | None = None
+        self._tmp: Path | None = None
+        self.cut: CutModel | None = None
         L.llama_backend_init()
         self.model = self.load_model(graph)
         self._tmp = Path(tempfile.mkdtemp(prefix="fwdllm-lora-"))
@@ -180,7 +189,8 @@ class LlamaBackend(Backend):
                 L.llama_model_n_head_kv(self.model),
             )
             suffix = self._suffix_spec()
-            if suffix is not None:  # θ acts in the suffix: its adapter names count blocks from the cut
+            # θ acts in the suffix: its adapter names count blocks from the cut (a suffix implies a cut layer)
+            if suffix is not None and manifest.cut_layer is not None:
                 from fwdllm.device_runtime.llama_suffix import CutModel
 
                 self.cut = CutModel(self, suffix)
@@ -240,6 +250,8 @@ class LlamaBackend(Backend):
     def set_theta(self, theta: np.ndarray) -> None:
         """Make θ the only LoRA adapter of the context that θ acts in (the suffix's under prefix reuse)."""
         self.manifest.theta.check(theta)
+        if self._slot is None or self._tmp is None:
+            raise BackendError("the llama.cpp backend is closed")
         self._slot.load(self.adapter_writer.write(self._tmp / "theta.gguf", theta))
 
     # ----- loss -----
