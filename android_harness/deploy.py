@@ -204,7 +204,7 @@ def deploy(
     if benchmark_model is not None:
         adb.shell(f"chmod 755 {shlex.quote(R + '/bin/benchmark_model')}")
         state["benchmark_model"] = f"{R}/bin/benchmark_model"
-    if runtime:
+    if wheel is not None:  # set exactly when runtime is
         state["python"] = _install_runtime(
             adb, info, R, wheel.name, remote_python, venv, offline=wheelhouse is not None
         )

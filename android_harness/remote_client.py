@@ -63,6 +63,8 @@ def run_client(
     watcher = threading.Thread(target=watch, name="fwdllm-run-client-stop", daemon=True)
     watcher.start()
     try:
+        if proc.stdout is None:  # popen_shell always pipes stdout
+            raise RuntimeError("the device command's output is not piped")
         for raw in proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
             echo(line)

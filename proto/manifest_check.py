@@ -198,9 +198,9 @@ def _check_object(value: Any, hints: dict[str, Any], required: set[str], where: 
         if key not in value:
             if key in required:
                 _fail(at, "is missing")
-        elif dataclasses.is_dataclass(hint):
+        elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
             _check_object(value[key], *_dataclass_keys(hint), at)
-        elif dataclasses.is_dataclass(item) and isinstance(value[key], list):
+        elif isinstance(item, type) and dataclasses.is_dataclass(item) and isinstance(value[key], list):
             for i, element in enumerate(value[key]):
                 _check_object(element, *_dataclass_keys(item), f"{at}[{i}]")
         elif not _conforms(value[key], hint):
