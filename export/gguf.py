@@ -297,7 +297,8 @@ def quantize(src: Path, dst: Path, precision: str, threads: int = 0) -> None:
     from fwdllm.device_runtime.llama_backend import import_llama
 
     L = import_llama()
-    ftype = {Precision.Q8_0: L.LLAMA_FTYPE_MOSTLY_Q8_0, Precision.Q4_0: L.LLAMA_FTYPE_MOSTLY_Q4_0}[precision]
+    ftypes: dict[str, int] = {Precision.Q8_0: L.LLAMA_FTYPE_MOSTLY_Q8_0, Precision.Q4_0: L.LLAMA_FTYPE_MOSTLY_Q4_0}
+    ftype = ftypes[precision]
     params = L.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = threads

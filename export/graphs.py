@@ -8,7 +8,8 @@ from fwdllm.export.perturbable import Plan
 from fwdllm.proto.manifest import TensorSpec
 from fwdllm.proto.names import GraphRole
 
-ROLE_INPUTS = {
+# Keyed by GraphRole members, looked up by plain role names too (a StrEnum member hashes as its value).
+ROLE_INPUTS: dict[str, tuple[str, ...]] = {
     GraphRole.FULL: ("input_ids", "attention_mask", "labels", "theta"),
     GraphRole.PREFIX: ("input_ids", "attention_mask"),
     GraphRole.SUFFIX: ("hidden", "attention_mask", "labels", "theta"),

@@ -26,7 +26,8 @@ from fwdllm.proto.names import GraphFormat, GraphRole, Precision, Task
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PRECISIONS = {
+# Tables keyed by StrEnum members are looked up by plain names too (a member hashes as its value).
+DEFAULT_PRECISIONS: dict[str, list[str]] = {
     GraphFormat.ONNX: [Precision.FP32],
     GraphFormat.TFLITE: [Precision.FP32, Precision.INT8],
     GraphFormat.GGUF: [Precision.F16, Precision.Q8_0, Precision.Q4_0],
@@ -119,7 +120,9 @@ class ExportContext:
         full = run(GraphRole.FULL, sample)
         err = errors(full, want)
         reference = "transformers+peft (PyTorch)"
-        result = {GraphRole.FULL: dict(err, tolerance=tol, theta_rows=VALIDATION_ROWS, reference=reference)}
+        result: dict[str, dict] = {
+            GraphRole.FULL: dict(err, tolerance=tol, theta_rows=VALIDATION_ROWS, reference=reference)
+        }
         if GraphRole.PREFIX in roles:
             hidden = run(GraphRole.PREFIX, sample)["hidden"]
             split = run(GraphRole.SUFFIX, dict(sample, hidden=hidden))
@@ -140,7 +143,7 @@ class ExportContext:
         return result
 
 
-FORMAT_MODULES = {
+FORMAT_MODULES: dict[str, str] = {
     GraphFormat.ONNX: "fwdllm.export.onnx_graphs",
     GraphFormat.TFLITE: "fwdllm.export.tflite_graphs",
     GraphFormat.GGUF: "fwdllm.export.gguf_bridge",

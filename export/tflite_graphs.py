@@ -23,7 +23,7 @@ PRECISIONS = (Precision.FP32, Precision.FP16, Precision.INT8)
 # Scale-relative error vs PyTorch (graphs.errors). fp16 = FULLY_CONNECTED weights stored as
 # float16 (measured 1e-3 on MiniLM); int8 = dynamic range (int8 weights, float activations
 # quantized per call), like ONNX int8 dominated by noise in the pooled features (0.05-0.1).
-TOLERANCE = {Precision.FP32: 1e-4, Precision.FP16: 1e-2, Precision.INT8: 0.4}
+TOLERANCE: dict[str, float] = {Precision.FP32: 1e-4, Precision.FP16: 1e-2, Precision.INT8: 0.4}
 
 
 def convert_role(pm: PerturbableModel, role: str, feeds: dict[str, np.ndarray], path: Path) -> None:
