@@ -3,11 +3,16 @@ FedAdapter's progressive growth, and label-word prompts encoded by the devices' 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
 
 from fwdllm.errors import UserError
 from fwdllm.proto.names import Task
+
+if TYPE_CHECKING:
+    from fwdllm.device_runtime.backend import Tokenizer
 
 FEDADAPTER_WIDTHS = (8, 16, 32)  # bottleneck sizes of the stages; depths are 1/3, 2/3 and all of the layers
 
@@ -72,7 +77,8 @@ class TrainableModel:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(loaded.tokenizer_file.parent))
-        self._prompts = PromptEncoder(loaded, plan, options, labels, word_ids) if label_words else None
+        # word_ids is set exactly when label_words is
+        self._prompts = PromptEncoder(loaded, plan, options, labels, word_ids) if word_ids is not None else None
 
     def encode(self, texts: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Texts, or with label words their prompts, as ``seq_len`` token ids and mask (right padding)."""
@@ -143,7 +149,7 @@ class PromptEncoder:
         )
         self.peft = PeftInfo(method=options.method, trainable_layers=options.trainable_layers, config=options.config())
         self.folder, self.layout = loaded.tokenizer_file.parent, plan.layout
-        self.tokenizers = {}  # seq_len -> Tokenizer (each reads tokenizer.json once)
+        self.tokenizers: dict[int, Tokenizer] = {}  # seq_len -> Tokenizer (each reads tokenizer.json once)
 
     def __call__(self, prompts: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         from dataclasses import replace

@@ -202,7 +202,7 @@ class Simulation:
             while True:
                 rows = applied_steps(metrics_rows(metrics))
                 if len(rows) > bar.n:
-                    last_eval = next((r for r in reversed(rows) if r.get("accuracy") is not None), {})
+                    last_eval: dict = next((r for r in reversed(rows) if r.get("accuracy") is not None), {})
                     bar.set_postfix(loss=fmt(rows[-1].get("loss")), acc=fmt(last_eval.get("accuracy")), refresh=False)
                     bar.update(len(rows) - bar.n)
                 if coordinator.poll() is not None:
@@ -251,7 +251,9 @@ class Simulation:
             self.out / "convergence.png",
             title=f"{self.cfg.data}: {self.cfg.clients} clients, {self.cfg.per_step} per step",
         )
-        after = next((r for r in reversed(rows) if r.get("accuracy") is not None or r.get("eval_loss") is not None), {})
+        after: dict = next(
+            (r for r in reversed(rows) if r.get("accuracy") is not None or r.get("eval_loss") is not None), {}
+        )
         summary = {
             "steps": len(rows),
             "before": {k: initial.get(k) for k in ("accuracy", "eval_loss") if initial.get(k) is not None},
@@ -271,7 +273,12 @@ class Simulation:
 
 def simulate(cfg: SimConfig | None, out: Path, resume: bool = False, progress: bool = True, options=None) -> dict:
     """Start (or with ``resume`` continue) a simulation in ``out``; returns its summary."""
-    sim = Simulation.resume(out) if resume else Simulation.create(cfg, out, options)
+    if resume:
+        sim = Simulation.resume(out)
+    elif cfg is not None:
+        sim = Simulation.create(cfg, out, options)
+    else:
+        raise ValueError("a new simulation needs its SimConfig; only resume=True goes without")
     # SIGTERM takes Ctrl-C's path, so the coordinator and workers (own sessions) are stopped too.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:

@@ -101,8 +101,12 @@ def run(
     every accepted (step, seeds, jvp) so a test can recompute the updates independently.
     """
     sim.check()
-    owned = tempfile.TemporaryDirectory(prefix="fwdllm-inprocess-") if workdir is None else None
-    root = Path(owned.name if owned else workdir)
+    owned: tempfile.TemporaryDirectory[str] | None = None
+    if workdir is None:
+        owned = tempfile.TemporaryDirectory(prefix="fwdllm-inprocess-")
+        root = Path(owned.name)
+    else:
+        root = Path(workdir)
     try:
         return _run(sim, overrides or {}, validation_fraction, load_options, root, progress, desc, keep_submissions)
     finally:
