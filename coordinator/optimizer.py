@@ -118,16 +118,20 @@ class Optimizer:
             return self.cfg.clip_norm / norm
         return 1.0
 
-    def apply(
-        self, theta: np.ndarray, grad: np.ndarray, step: int, jvp_std: float = math.nan
-    ) -> tuple[np.ndarray, dict]:
-        """theta after one step on ``grad``; info has lr, grad_norm and the scale applied.
+    def plan(self, grad: np.ndarray, step: int, jvp_std: float = math.nan) -> dict:
+        """lr, grad_norm and the scale a step on ``grad`` applies; a replayable step is θ - lr * scale * grad.
 
         ``jvp_std``: the std of the directional derivatives ``grad`` was built from (``jvp_std`` option)."""
         norm = float(np.linalg.norm(grad.astype(np.float64)))
-        scale = self.gradient_scale(norm, jvp_std)
         lr = learning_rate(self.cfg, step, self.total_steps)
-        g = grad * np.float32(scale)
+        return {"lr": lr, "grad_norm": norm, "grad_scale": self.gradient_scale(norm, jvp_std)}
+
+    def apply(
+        self, theta: np.ndarray, grad: np.ndarray, step: int, jvp_std: float = math.nan
+    ) -> tuple[np.ndarray, dict]:
+        """theta after one step on ``grad``, and its ``plan``."""
+        info = self.plan(grad, step, jvp_std)
+        g = grad * np.float32(info["grad_scale"])
         if self.cfg.name == "momentum":
             buf = self.state["momentum"]
             buf *= np.float32(self.cfg.momentum)
@@ -145,10 +149,10 @@ class Optimizer:
             update = m_hat / (np.sqrt(v_hat) + np.float32(self.cfg.adam_eps))
         else:
             update = g
-        step_vec = np.float32(lr) * update
+        step_vec = np.float32(info["lr"]) * update
         if self.scales is not None:
             step_vec = step_vec * self.scales
-        return (theta - step_vec).astype(np.float32), {"lr": lr, "grad_norm": norm, "grad_scale": scale}
+        return (theta - step_vec).astype(np.float32), info
 
     def load_state(self, state: dict[str, np.ndarray]) -> None:
         missing = sorted(set(self.state) - set(state))

@@ -19,9 +19,11 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from fwdllm.proto import update_rule
 from fwdllm.proto.manifest import ThetaLayout
+from fwdllm.proto.names import AggregationMethod
 
-from .aggregation import CleanedScalars, aggregate, clean
+from .aggregation import CleanedScalars, aggregate, clean, default_threads
 from .config import CoordinatorConfig
 from .metrics import MetricsLog
 from .optimizer import Optimizer
@@ -115,7 +117,7 @@ class Updates:
     @property
     def replayable(self) -> bool:
         """Whether an update is a seeded sum a device can redo: plain SGD without lr groups, ``mean``."""
-        return self.optimizer.replayable and self.cfg.aggregation.method == "mean"
+        return self.optimizer.replayable and self.cfg.aggregation.method == AggregationMethod.MEAN
 
     def _evaluate(self, run: RunState, theta: np.ndarray, row: dict, last: bool) -> tuple[np.ndarray, RunState, bool]:
         """Evaluate θ when due (into ``row``); early stopping may end the run and put the best θ back."""
@@ -132,30 +134,56 @@ class Updates:
             row["restored_version"] = after.best_version
         return theta, after, True
 
+    def _replayable_step(
+        self, run: RunState, scalars: CleanedScalars, spread: float
+    ) -> tuple[np.ndarray, np.ndarray, dict, HistoryRecord | None]:
+        """(θ, the gradient estimate, the optimiser's plan, the history row) of a plain SGD step.
+
+        θ comes from the update rule applied to the very row recorded, so a device replaying the row
+        holds this θ bit for bit; the optimiser's clipping or normalising scale goes into the row's lr.
+        One pass over the seeds gives both the estimate (for its norm) and the step."""
+        a, n = self.cfg.aggregation, scalars.seeds.size
+        coefficients = scalars.jvp / np.float32(max(1, n))
+        total = update_rule.seeded_sum(
+            scalars.seeds,
+            coefficients,
+            self.layout.dim,
+            self.cfg.run.distribution,
+            chunk=a.chunk,
+            threads=a.threads or default_threads(),
+        )
+        grad = total.astype(np.float32)
+        info = self.optimizer.plan(grad, run.step, spread)
+        lr = float(np.float32(info["lr"] * info["grad_scale"]))
+        record = HistoryRecord(run.step + 2, lr, scalars.seeds, coefficients) if n else None
+        return update_rule.step(self.theta, total, lr), grad, info, record
+
     def apply(self, now: int) -> None:
         """Apply the closed step: the update, its evaluation and checkpoint, then the commit of the next step."""
         run, a, r = self.store.run, self.cfg.aggregation, self.cfg.run
         scalars, results = step_scalars(self.store, run.step, a.clip or None)
-        grad = aggregate(
-            scalars,
-            self.layout.dim,
-            r.distribution,
-            method=a.method,
-            trim=a.trim,
-            chunk=a.chunk,
-            threads=a.threads or None,
-        )
         spread = float(np.std(scalars.jvp.astype(np.float64))) if scalars.jvp.size > 1 else math.nan
-        theta, info = self.optimizer.apply(self.theta, grad, run.step, jvp_std=spread)
+        record = None
+        if self.replayable:
+            theta, grad, info, record = self._replayable_step(run, scalars, spread)
+        else:
+            grad = aggregate(
+                scalars,
+                self.layout.dim,
+                r.distribution,
+                method=a.method,
+                trim=a.trim,
+                chunk=a.chunk,
+                threads=a.threads or None,
+            )
+            theta, info = self.optimizer.apply(self.theta, grad, run.step, jvp_std=spread)
         row = self._metrics_row(run, scalars, results, info, now)
         theta, after, last = self._evaluate(run, theta, row, last=run.step + 1 >= r.steps)
         version = run.step + 2
         extra = {**self.optimizer.state, "prev_grad": grad}
         self.store.save_checkpoint(version, self.layout, theta, extra, self.cfg.server.checkpoints_keep)
         with self.store.transaction():
-            if self.replayable and scalars.seeds.size and "restored_version" not in row:
-                coefficients = scalars.jvp / np.float32(scalars.seeds.size) * np.float32(info["grad_scale"])
-                record = HistoryRecord(version, info["lr"], scalars.seeds, coefficients)
+            if record is not None and "restored_version" not in row:
                 self.store.add_history(record, self.cfg.server.history_keep)
             self.store.put_metrics(row)
             self.store.results.delete_step(run.step)

@@ -19,9 +19,9 @@ import logging
 
 import numpy as np
 
-from fwdllm.device_runtime.replay import apply_update
 from fwdllm.errors import UserError
 from fwdllm.proto.names import Distribution
+from fwdllm.proto.update_rule import apply_update
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
 
 log = logging.getLogger("fwdllm.device")

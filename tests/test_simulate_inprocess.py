@@ -84,8 +84,9 @@ def test_inprocess_steps_match_a_direct_update(tiny_bitfit_bundle):
 
 
 def test_inprocess_theta_equals_fwdllm_simulates(tiny_bitfit_bundle, tmp_path):
-    """The same settings through real processes over loopback gRPC end on the same θ, up to rounding: those
-    devices rebuild θ by replaying the update history (float64 sums), the in-process ones download it."""
+    """The same settings through real processes over loopback gRPC end on the same θ, bit for bit: those
+    devices rebuild θ by replaying the update history, the in-process ones download it, and the coordinator
+    computes θ with the rule devices replay."""
     sim = SimConfig(
         bundle=str(tiny_bitfit_bundle),
         data="bbc",
@@ -103,4 +104,4 @@ def test_inprocess_theta_equals_fwdllm_simulates(tiny_bitfit_bundle, tmp_path):
     layout = load_manifest(Path(sim.bundle)).theta
     through_processes = layout.flatten(load_file(str(tmp_path / "sim" / "theta.safetensors")))
     assert not np.array_equal(inprocess.theta, load_theta(Path(sim.bundle), load_manifest(Path(sim.bundle))))
-    np.testing.assert_allclose(inprocess.theta, through_processes, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(inprocess.theta, through_processes)
