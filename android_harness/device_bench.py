@@ -17,6 +17,7 @@ from fwdllm.android_harness.deploy import DEFAULT_REMOTE_DIR, read_device_state,
 from fwdllm.android_harness.probe import probe
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import load_manifest, load_theta
+from fwdllm.proto.names import GraphFormat, GraphRole, ThetaChannel
 
 DELEGATE_FLAGS = {
     "cpu": ["--use_xnnpack=false"],
@@ -47,8 +48,8 @@ def bench_inputs(
     from fwdllm.device_runtime.engine import perturbed_rows
 
     manifest = load_manifest(bundle)
-    graph = manifest.graph("tflite", "full")
-    if graph.theta_channel != "input":
+    graph = manifest.graph(GraphFormat.TFLITE, GraphRole.FULL)
+    if graph.theta_channel != ThetaChannel.INPUT:
         raise UserError(
             f"the bundle's TFLite graph takes θ as {graph.theta_channel}, not as an input; bench needs an input"
         )

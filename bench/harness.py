@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from fwdllm.proto.names import Task
 from fwdllm.simulate_inprocess import InProcessResult, run
 
 __all__ = ["AG_NEWS", "BBC_LABELS", "CACHE", "THETAS", "InProcessResult", "bundle", "run", "theta_file"]
@@ -42,7 +43,7 @@ def bundle(
     model: str = "minilm",
     formats: str = "onnx",
     precision: str = "fp32",
-    task: str = "seq-cls",
+    task: str = Task.SEQ_CLS,
     label_words: bool = False,
 ) -> Path:
     """A bundle made by `fwdllm export`, cached under .cache/ (exports take minutes).
@@ -53,7 +54,7 @@ def bundle(
     starts at its parent's resident size (fork copies the high-water mark), which would
     inflate every memory measurement spawned from here.
     """
-    words = "-words" if task == "causal-lm" and label_words else ""
+    words = "-words" if task == Task.CAUSAL_LM and label_words else ""
     name = f"{model}-{task}{words}-{peft}-{layers.replace(':', '')}-s{seq_len}-{len(labels)}-{formats}-{precision}"
     out = CACHE / name.replace(",", "_")
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -80,7 +81,7 @@ def bundle(
                 "--out",
                 str(out),
             ]
-            if task == "seq-cls" or words:
+            if task == Task.SEQ_CLS or words:
                 args += ["--label-names", ",".join(labels)]
             proc = subprocess.run([sys.executable, "-m", "fwdllm.cli", *args], capture_output=True, text=True)
             if proc.returncode != 0:

@@ -16,6 +16,7 @@ import math
 
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import ThetaLayout
+from fwdllm.proto.names import VarianceMode
 
 from .aggregation import CleanedScalars, split_half_variance
 from .config import CoordinatorConfig
@@ -98,7 +99,7 @@ class Waves:
                 self.handout.create(client_id, self.updates.prev_grad, now)
 
     def _variance(self, scalars: CleanedScalars) -> float:
-        if self.cfg.variance.mode not in ("threshold", "relative"):
+        if self.cfg.variance.mode not in (VarianceMode.THRESHOLD, VarianceMode.RELATIVE):
             return math.nan
         a = self.cfg.aggregation
         return split_half_variance(
@@ -108,12 +109,12 @@ class Waves:
     def _decide(self, run: RunState, variance: float) -> tuple[bool, float | None]:
         """Whether the step needs another wave, and step 0's reference variance (mode relative)."""
         vc, var0 = self.cfg.variance, run.var0
-        if vc.mode == "fixed":
+        if vc.mode == VarianceMode.FIXED:
             return run.wave + 1 < vc.fixed_waves, var0
-        if vc.mode in ("threshold", "relative") and run.wave + 1 < vc.max_waves:
-            if vc.mode == "relative" and var0 is None:
+        if vc.mode in (VarianceMode.THRESHOLD, VarianceMode.RELATIVE) and run.wave + 1 < vc.max_waves:
+            if vc.mode == VarianceMode.RELATIVE and var0 is None:
                 var0 = variance
-            return variance > (vc.threshold if vc.mode == "threshold" else vc.relative * var0), var0
+            return variance > (vc.threshold if vc.mode == VarianceMode.THRESHOLD else vc.relative * var0), var0
         return False, var0
 
     def close(self, now: int) -> None:

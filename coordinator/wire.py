@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fwdllm.proto.names import DifferenceScheme, Distribution
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
 
 from .config import CoordinatorConfig
@@ -30,8 +31,6 @@ from .messages import (
 from .rounds import Coordinator
 from .updates import Evaluator
 
-DIST = {"gaussian": pb.GAUSSIAN, "rademacher": pb.RADEMACHER}
-SCHEME = {"central": pb.CENTRAL, "forward": pb.FORWARD}
 REFUSAL = {
     HistoryRefusal.NOT_REPLAYABLE: pb.HISTORY_NOT_REPLAYABLE,
     HistoryRefusal.NOT_KEPT: pb.HISTORY_NOT_KEPT,
@@ -50,9 +49,9 @@ def task_message(offer: TaskOffer) -> pb.Task:
         step=t.step,
         wave=t.wave,
         theta_version=t.theta_version,
-        distribution=DIST[offer.distribution],
+        distribution=Distribution(offer.distribution).wire,
         epsilon=offer.epsilon,
-        scheme=SCHEME[offer.scheme],
+        scheme=DifferenceScheme(offer.scheme).wire,
         batch=pb.BatchRef(start=t.batch_start, size=t.batch_size),
         deadline_unix_ms=t.deadline_ms,
     )
@@ -66,7 +65,7 @@ def task_message(offer: TaskOffer) -> pb.Task:
 def history_message(history: History) -> pb.FetchHistoryResponse:
     if history.refusal is not None:
         return pb.FetchHistoryResponse(available=False, theta_dim=history.theta_dim, refusal=REFUSAL[history.refusal])
-    dist = DIST[history.distribution]
+    dist = Distribution(history.distribution).wire
     return pb.FetchHistoryResponse(
         available=True,
         theta_dim=history.theta_dim,

@@ -24,7 +24,7 @@ from typing import Any
 import grpc
 
 from fwdllm import __version__
-from fwdllm.device_runtime.backend import Backend, load_examples, open_backend
+from fwdllm.device_runtime.backend import DEFAULT_BACKEND, Backend, load_examples, open_backend
 from fwdllm.device_runtime.client_state import load_state, save_state
 from fwdllm.device_runtime.connection import TRANSIENT, ClientError, RetryingCalls, open_channel
 from fwdllm.device_runtime.engine import Cancelled
@@ -44,7 +44,7 @@ class ClientConfig:
     coordinator: str
     bundle: Path
     data: Path
-    backend: str = "onnxruntime"
+    backend: str = DEFAULT_BACKEND
     precision: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
     token: str = ""

@@ -17,9 +17,8 @@ import numpy as np
 
 from fwdllm.device_runtime.backend import Backend, Batch
 from fwdllm.errors import UserError
-from fwdllm.proto.perturbation import Distribution, generate
-
-SCHEMES = ("central", "forward")
+from fwdllm.proto.names import DifferenceScheme, Distribution
+from fwdllm.proto.perturbation import generate
 
 
 class EngineError(UserError):
@@ -46,23 +45,23 @@ class GradientResult:
     seconds: float
 
 
-def group_size(backend: Backend, scheme: str, requested: int | None = None) -> int:
+def group_size(backend: Backend, scheme: DifferenceScheme | str, requested: int | None = None) -> int:
     """Seeds per backend call: ``requested``, else as many as fill the backend's rows per call."""
     if requested:
         return max(1, int(requested))
     return max(1, backend.rows_per_call // rows_per_seed(scheme))
 
 
-def rows_per_seed(scheme: str) -> int:
+def rows_per_seed(scheme: DifferenceScheme | str) -> int:
     """θ rows one seed takes in a backend call: θ + εv and θ − εv (central), or θ + εv (forward)."""
-    return 2 if scheme == "central" else 1
+    return 2 if scheme == DifferenceScheme.CENTRAL else 1
 
 
 def perturbed_rows(
     theta: np.ndarray,
     seeds: list[int],
     epsilon: float,
-    scheme: str = "central",
+    scheme: DifferenceScheme | str = DifferenceScheme.CENTRAL,
     distribution: Distribution | str = Distribution.GAUSSIAN,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -76,7 +75,7 @@ def perturbed_rows(
         v = generate(int(seed), 0, theta.shape[0], dist)
         np.multiply(v, eps, out=v)
         np.add(theta, v, out=rows[j])
-        if scheme == "central":
+        if scheme == DifferenceScheme.CENTRAL:
             np.subtract(theta, v, out=rows[k + j])
     return rows
 
@@ -87,7 +86,7 @@ def forward_gradients(
     theta: np.ndarray,
     seeds: list[int],
     epsilon: float = 0.01,
-    scheme: str = "central",
+    scheme: DifferenceScheme | str = DifferenceScheme.CENTRAL,
     distribution: Distribution | str = Distribution.GAUSSIAN,
     max_seeds: int | None = None,
     group: int | None = None,
@@ -102,7 +101,7 @@ def forward_gradients(
     plus = np.empty(len(seeds), dtype=np.float32)
     minus = np.empty(len(seeds), dtype=np.float32)
     calls, base = 0, math.nan
-    if scheme == "forward":
+    if scheme == DifferenceScheme.FORWARD:
         base = float(backend.losses(batch, theta[None])[0])
         calls += 1
     rows = np.empty((rows_per_seed(scheme) * g, d), dtype=np.float32)
@@ -115,18 +114,21 @@ def forward_gradients(
         out = backend.losses(batch, block)
         calls += 1
         plus[start : start + k] = out[:k]
-        if scheme == "central":
+        if scheme == DifferenceScheme.CENTRAL:
             minus[start : start + k] = out[k:]
     return _result(seeds, plus, minus, base, epsilon, scheme, calls, time.perf_counter() - started)
 
 
 def _check(backend, theta, seeds, epsilon, scheme, distribution, max_seeds) -> np.ndarray:
-    if scheme not in SCHEMES:
-        raise EngineError(f"unknown difference scheme {scheme!r}; choose one of {SCHEMES}")
+    if scheme not in tuple(DifferenceScheme):
+        schemes = [s.value for s in DifferenceScheme]
+        raise EngineError(f"unknown difference scheme {scheme!r}; choose one of {schemes}")
     try:
         Distribution(distribution)
     except ValueError:
-        raise EngineError(f"unknown distribution {distribution!r}; choose gaussian or rademacher") from None
+        raise EngineError(
+            f"unknown distribution {distribution!r}; choose one of {[d.value for d in Distribution]}"
+        ) from None
     if not (isinstance(epsilon, (int, float, np.floating)) and math.isfinite(epsilon) and epsilon > 0):
         raise EngineError(f"epsilon must be a positive finite number, got {epsilon!r}")
     if not seeds:
@@ -148,7 +150,7 @@ def _check(backend, theta, seeds, epsilon, scheme, distribution, max_seeds) -> n
 
 
 def _result(seeds, plus, minus, base, epsilon, scheme, calls, seconds) -> GradientResult:
-    if scheme == "central":
+    if scheme == DifferenceScheme.CENTRAL:
         ok = np.isfinite(plus) & np.isfinite(minus)
         jvp = (plus.astype(np.float64) - minus.astype(np.float64)) / (2.0 * epsilon)
         losses = np.concatenate([plus[ok], minus[ok]])

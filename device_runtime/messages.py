@@ -27,8 +27,8 @@ def task_from_pb(task: pb.Task) -> Task:
         batch_start=task.batch.start,
         batch_size=task.batch.size,
         epsilon=task.epsilon or DEFAULT_EPSILON,
-        scheme=str(scheme),
-        distribution=str(distribution),
+        scheme=scheme,
+        distribution=distribution,
     )
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from fwdllm.device_runtime.backend import Backend, Batch, Example, Tokenizer, select
 from fwdllm.device_runtime.engine import forward_gradients
+from fwdllm.proto.names import DifferenceScheme, Distribution
 
 DEFAULT_EPSILON = 0.01
 
@@ -27,8 +28,8 @@ class Task:
     batch_start: int
     batch_size: int
     epsilon: float = DEFAULT_EPSILON
-    scheme: str = "central"  # central | forward
-    distribution: str = "gaussian"  # gaussian | rademacher
+    scheme: DifferenceScheme = DifferenceScheme.CENTRAL
+    distribution: Distribution = Distribution.GAUSSIAN
 
     @property
     def perturbations(self) -> int:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from fwdllm.device_runtime.backend import DEFAULT_BACKEND
 from fwdllm.errors import UserError
+from fwdllm.proto.names import VarianceMode
 
 
 @dataclass
@@ -16,7 +18,7 @@ class SimConfig:
     per_step: int = 10
     steps: int = 100
     workers: int = 2  # device processes; each hosts clients / workers virtual clients
-    backend: str = "onnxruntime"
+    backend: str = DEFAULT_BACKEND
     perturbations: int = 1  # seeds per client per task
     batch_size: int = 8
     epsilon: float = 0.01
@@ -24,7 +26,7 @@ class SimConfig:
     lr: float = 0.01
     schedule: str = "linear"
     clip_norm: float | None = None
-    variance: str = "off"  # off | fixed | threshold | relative (coordinator variance control)
+    variance: VarianceMode = VarianceMode.OFF  # the coordinator's variance control
     max_waves: int = 8
     sampler: bool = False
     alpha: float | None = 0.5  # Dirichlet label skew; None: IID

@@ -14,6 +14,8 @@ import sys
 import threading
 from pathlib import Path
 
+from fwdllm.device_runtime.backend import DEFAULT_BACKEND
+
 
 class SerializedBackend:
     """A backend shared by the virtual clients of one worker: one computation at a time."""
@@ -43,7 +45,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", required=True, type=int)
     p.add_argument("--token", required=True)
     p.add_argument("--devices", required=True, type=Path, help="folder for the clients' state files")
-    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--backend", default=DEFAULT_BACKEND)
     p.add_argument("--ready", required=True, type=Path, help="file created once every client has joined")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -65,8 +65,8 @@ class _WireEnum(StrEnum):
         return getattr(fwdllm_pb2, cls.__name__)
 
     @property
-    def wire(self) -> int:
-        """This member's protobuf enum number."""
+    def wire(self) -> Any:
+        """This member's protobuf enum number (typed Any: the generated stubs give each enum field its own type)."""
         return type(self)._proto().Value(self.name)
 
     @classmethod
