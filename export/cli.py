@@ -74,6 +74,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--theta", required=True, help="θ safetensors (the bundle's layout), e.g. a coordinator checkpoint")
     r.add_argument("--out", required=True)
     r.add_argument("--merged", action="store_true", help="write a merged checkpoint instead of a peft adapter")
+    r.add_argument(
+        "--format",
+        choices=["hf", "gguf"],
+        default="hf",
+        help="hf: a peft adapter or merged checkpoint (default); "
+        "gguf: a llama.cpp LoRA adapter (decoder bundles with GGUF)",
+    )
     r.set_defaults(handler=_export_peft)
 
 
@@ -133,10 +140,18 @@ def _export_peft(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from fwdllm.console import library_output_to_log
+    from fwdllm.errors import UserError
 
+    if args.merged and args.format == "gguf":
+        raise UserError("--merged applies to --format hf; llama.cpp applies the gguf adapter with --lora")
     with library_output_to_log():  # torch, transformers and peft, as in `_export`
         from fwdllm.export.peft_out import export_peft
 
-        written = export_peft(Path(args.bundle), Path(args.theta), Path(args.out), merged=args.merged)
+        if args.format == "gguf":
+            from fwdllm.export.llama_adapter_out import export_llama_adapter
+
+            written = export_llama_adapter(Path(args.bundle), Path(args.theta), Path(args.out))
+        else:
+            written = export_peft(Path(args.bundle), Path(args.theta), Path(args.out), merged=args.merged)
     print(f"wrote {', '.join(sorted(p.name for p in written))} to {args.out}")
     return 0

@@ -24,7 +24,8 @@ from fwdllm.proto.manifest import load_manifest
 from fwdllm.proto.names import Task
 
 
-def _load_theta(path: Path, manifest) -> np.ndarray:
+def load_trained_theta(path: Path, manifest) -> np.ndarray:
+    """θ from a safetensors file in the bundle's layout, flattened; a clear error when the file is missing."""
     from safetensors.numpy import load_file
 
     if not path.is_file():
@@ -44,7 +45,7 @@ def export_peft(bundle: Path, theta_file: Path, out: Path, merged: bool = False)
     from fwdllm.export.plan import plan_from_manifest
 
     manifest = load_manifest(bundle)
-    theta = _load_theta(Path(theta_file), manifest)
+    theta = load_trained_theta(Path(theta_file), manifest)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out {out} already exists and is not empty; choose a new folder or delete it")

@@ -321,3 +321,48 @@ def test_a_short_federated_run_of_real_processes_lifts_smollm2_over_zero_shot(sm
     assert summary["steps"] == 30
     assert summary["after"]["accuracy"] > summary["before"]["accuracy"] + 0.04, summary
     assert summary["after"]["eval_loss"] < summary["before"]["eval_loss"]
+
+
+def test_a_trained_theta_exports_as_an_adapter_that_stock_llama_cpp_applies(smollm2_words, tmp_path):
+    """`export-peft --format gguf`: llama-cpp-python's own Llama(lora_path=...) on the bundle's base GGUF scores the
+    label words as the bundle's ONNX graph does with the same θ."""
+    from llama_cpp import Llama
+
+    from fwdllm.cli import main
+    from fwdllm.device_runtime.backend import Example, open_backend
+    from fwdllm.proto.manifest import load_manifest, load_theta, save_theta
+
+    manifest = load_manifest(smollm2_words)
+    # large enough that LoRA moves the label logits well beyond f16 rounding (B·A is quadratic in the scale)
+    theta = (0.1 * np.random.default_rng(1).standard_normal(manifest.theta.dim)).astype(np.float32)
+    save_theta(tmp_path / "trained.safetensors", manifest.theta, theta)
+    out = tmp_path / "adapter"
+    argv = ["export-peft", str(smollm2_words), "--theta", str(tmp_path / "trained.safetensors"), "--out", str(out)]
+    assert main([*argv, "--format", "gguf"]) == 0
+    assert json.loads((out / "fwdllm_labels.json").read_text())["token_ids"] == manifest.model.label_token_ids
+
+    examples = load_dataset("bbc-lm").heldout[:6]
+    with open_backend(smollm2_words, "onnxruntime") as backend:
+        batch = backend.tokenizer().batch([Example(prompt=e["prompt"], label=0) for e in examples])
+        want = backend.logits(batch, theta)
+        base_want = backend.logits(batch, load_theta(smollm2_words, manifest))  # B = 0: the base model
+    base = str(smollm2_words / manifest.graph("gguf", "base", "f16").file)
+    adapted = Llama(
+        model_path=base, lora_path=str(out / "adapter.gguf"), n_ctx=128, n_threads=2, logits_all=True, verbose=False
+    )
+    got = _llama_label_logits(adapted, batch, manifest.model.label_token_ids)
+    assert rel_err(got, want) < 2e-2  # f16 weights against fp32, as the backends' own check
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 5 / 6
+    plain = Llama(model_path=base, n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    effect = got - _llama_label_logits(plain, batch, manifest.model.label_token_ids)
+    assert rel_err(effect, want - base_want) < 0.1  # what the adapter changes is what θ changes in the bundle
+
+
+def _llama_label_logits(llm, batch, word_ids) -> np.ndarray:
+    """The label words' logits after each prompt, from llama-cpp-python's high-level API."""
+    rows = []
+    for ids, mask in zip(batch.input_ids, batch.attention_mask):
+        llm.reset()
+        llm.eval([int(t) for t in ids[mask.astype(bool)]])
+        rows.append(np.asarray(llm.scores[llm.n_tokens - 1])[word_ids])
+    return np.array(rows)
