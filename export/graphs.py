@@ -30,14 +30,14 @@ def tensor_specs(plan: Plan, role: str, hidden: int, int_dtype: str, fixed: dict
     """Inputs and outputs of a role; dims are the ``fixed`` ints (TFLite) or axis names (ONNX)."""
     f = fixed or {}
     B, S, P = f.get("B", "B"), f.get("S", "S"), f.get("P", "P")
-    shapes = {
+    shapes: dict[str, tuple[list[int | str], str]] = {
         "input_ids": ([B, S], int_dtype),
         "attention_mask": ([B, S], int_dtype),
         "labels": ([B] if plan.classifies else [B, S], int_dtype),
         "theta": ([P, plan.layout.dim], "float32"),
         "hidden": ([B, S, hidden], "float32"),
         "loss": ([P], "float32"),
-        "logits": ([P, B, plan.num_labels], "float32"),
+        "logits": ([P, B, plan.num_labels or 0], "float32"),  # only classifying plans have logits
     }
     ins = [TensorSpec(n, *shapes[n]) for n in ROLE_INPUTS[role]]
     outs = [TensorSpec(n, *shapes[n]) for n in outputs(plan, role)]

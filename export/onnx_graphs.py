@@ -101,7 +101,10 @@ def export_all(ctx, precisions: list[str]) -> list:
                     quantize_int8(fp32[role], files[role])
         with ctx.step(f"onnx {precision}: validate"):
             validation = ctx.validate(
-                lambda role, feeds: run(files[role], feeds), role_list, TOLERANCE[precision], f"onnx {precision}"
+                lambda role, feeds, files=files: run(files[role], feeds),
+                role_list,
+                TOLERANCE[precision],
+                f"onnx {precision}",
             )
         for role in role_list:
             ins, outs = tensor_specs(ctx.plan, role, ctx.hidden_size, "int64")

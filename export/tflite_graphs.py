@@ -120,7 +120,7 @@ def export_all(ctx, precisions: list[str]) -> list:
                     quantize(fp32[role], files[role], precision)
         with ctx.step(f"tflite {precision}: validate"):
             validation = ctx.validate(
-                lambda role, feeds: run(files[role], feeds),
+                lambda role, feeds, files=files: run(files[role], feeds),
                 role_list,
                 TOLERANCE[precision],
                 f"tflite {precision}",

@@ -69,9 +69,12 @@ class _LogFile(logging.FileHandler):
         return stream
 
     def open_now(self) -> None:
-        with self.lock:
+        self.acquire()
+        try:
             if self.stream is None:
                 self.stream = self._open()
+        finally:
+            self.release()
 
 
 class Console:
