@@ -55,10 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from .config import load_config
-    from .evaluation import evaluator_from_config
-    from .rounds import Coordinator
-    from .server import serve_forever, start
+    from fwdllm.coordinator.config import load_config
+    from fwdllm.coordinator.evaluation import evaluator_from_config
+    from fwdllm.coordinator.rounds import Coordinator
+    from fwdllm.coordinator.server import serve_forever, start
 
     cfg = load_config(args.config)
     evaluator = evaluator_from_config(cfg.eval, args.bundle)
@@ -84,9 +84,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _token(args: argparse.Namespace) -> int:
     import secrets
 
+    from fwdllm.coordinator.state import Store
     from fwdllm.errors import UserError
-
-    from .state import Store
 
     store = Store(args.state)
     try:
@@ -135,7 +134,7 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .metrics import plot, read_jsonl
+    from fwdllm.coordinator.metrics import plot, read_jsonl
 
     out = plot(read_jsonl(args.metrics), args.out, args.title)
     print(out, file=sys.stdout)

@@ -11,11 +11,10 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from fwdllm.coordinator.optimizer import OptimizerConfig
 from fwdllm.device_runtime.backend import BACKENDS, DEFAULT_BACKEND
 from fwdllm.errors import UserError
 from fwdllm.proto.names import AggregationMethod, DifferenceScheme, Distribution, VarianceMode
-
-from .optimizer import OptimizerConfig
 
 
 @dataclass

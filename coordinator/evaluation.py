@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from fwdllm.coordinator.config import EvalConfig
 from fwdllm.device_runtime.backend import DEFAULT_BACKEND
 from fwdllm.errors import UserError
-
-from .config import EvalConfig
 
 
 class BackendEvaluator:

@@ -13,13 +13,12 @@ import uuid
 
 import numpy as np
 
+from fwdllm.coordinator import sampler
+from fwdllm.coordinator.config import CoordinatorConfig
+from fwdllm.coordinator.messages import Pulled, Reason, Reject, TaskOffer
+from fwdllm.coordinator.records import Candidate, Task
+from fwdllm.coordinator.state import Store
 from fwdllm.proto.perturbation import seed_for
-
-from . import sampler
-from .config import CoordinatorConfig
-from .messages import Pulled, Reason, Reject, TaskOffer
-from .records import Candidate, Task
-from .state import Store
 
 SEED_SPACE = 1 << 32
 

@@ -12,7 +12,7 @@ from enum import Enum
 
 import numpy as np
 
-from .records import HistoryRecord, Task
+from fwdllm.coordinator.records import HistoryRecord, Task
 
 PROTOCOL_VERSION = 1
 

@@ -12,10 +12,10 @@ import threading
 import time
 import uuid
 
-from .config import CoordinatorConfig
-from .messages import PROTOCOL_VERSION, Credentials, Joined, JoinRequest, Reason, Reject
-from .records import Candidate
-from .state import Store, now_ms, token_hash
+from fwdllm.coordinator.config import CoordinatorConfig
+from fwdllm.coordinator.messages import PROTOCOL_VERSION, Credentials, Joined, JoinRequest, Reason, Reject
+from fwdllm.coordinator.records import Candidate
+from fwdllm.coordinator.state import Store, now_ms, token_hash
 
 
 class TokenBucket:

@@ -10,9 +10,9 @@ import hashlib
 
 import numpy as np
 
-from .messages import Reason, Receipt, Reject, Submission
-from .records import Result, Task
-from .state import Store
+from fwdllm.coordinator.messages import Reason, Receipt, Reject, Submission
+from fwdllm.coordinator.records import Result, Task
+from fwdllm.coordinator.state import Store
 
 
 def digest(sub: Submission) -> str:

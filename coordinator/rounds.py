@@ -16,21 +16,31 @@ from pathlib import Path
 
 import numpy as np
 
+from fwdllm.coordinator import results
+from fwdllm.coordinator.config import CoordinatorConfig
+from fwdllm.coordinator.handout import Handout
+from fwdllm.coordinator.messages import (
+    Beat,
+    Credentials,
+    History,
+    HistoryQuery,
+    Joined,
+    JoinRequest,
+    Pulled,
+    Receipt,
+    Status,
+    Submission,
+)
+from fwdllm.coordinator.metrics import MetricsLog
+from fwdllm.coordinator.optimizer import Optimizer
+from fwdllm.coordinator.records import RunState
+from fwdllm.coordinator.registry import Registry
+from fwdllm.coordinator.serving import ThetaServing
+from fwdllm.coordinator.state import Store, now_ms
+from fwdllm.coordinator.updates import Evaluator, Updates
+from fwdllm.coordinator.waves import Waves
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import load_manifest, load_theta, warm_start
-
-from . import results
-from .config import CoordinatorConfig
-from .handout import Handout
-from .messages import Beat, Credentials, History, HistoryQuery, Joined, JoinRequest, Pulled, Receipt, Status, Submission
-from .metrics import MetricsLog
-from .optimizer import Optimizer
-from .records import RunState
-from .registry import Registry
-from .serving import ThetaServing
-from .state import Store, now_ms
-from .updates import Evaluator, Updates
-from .waves import Waves
 
 log = logging.getLogger("fwdllm.coordinator")
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fwdllm.coordinator.aggregation import SeedMatrix
 from fwdllm.proto.names import Distribution
-
-from .aggregation import SeedMatrix
 
 
 def cosines(seeds, reference: np.ndarray, dist: Distribution | str, *, threads: int | None = None) -> np.ndarray:

@@ -22,12 +22,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from tqdm import tqdm
 
+from fwdllm.coordinator.messages import Reason, Reject
+from fwdllm.coordinator.rounds import Coordinator
+from fwdllm.coordinator.wire import ProtoCoordinator
 from fwdllm.errors import UserError
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
-
-from .messages import Reason, Reject
-from .rounds import Coordinator
-from .wire import ProtoCoordinator
 
 log = logging.getLogger("fwdllm.coordinator.server")
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import CoordinatorConfig
-from .messages import History, HistoryQuery, HistoryRefusal, Reason, Reject
-from .state import Store
-from .updates import Updates
+from fwdllm.coordinator.config import CoordinatorConfig
+from fwdllm.coordinator.messages import History, HistoryQuery, HistoryRefusal, Reason, Reject
+from fwdllm.coordinator.state import Store
+from fwdllm.coordinator.updates import Updates
 
 
 class ThetaServing:

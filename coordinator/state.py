@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from fwdllm.coordinator.checkpoints import read_theta, write_theta
+from fwdllm.coordinator.records import Candidate, ClientAuth, HistoryRecord, Result, RunState, Task
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import ThetaLayout
-
-from .checkpoints import read_theta, write_theta
-from .records import Candidate, ClientAuth, HistoryRecord, Result, RunState, Task
 
 DB_FILE = "coordinator.sqlite"
 CHECKPOINT_DIR = "checkpoints"

@@ -19,16 +19,15 @@ from datetime import UTC, datetime
 
 import numpy as np
 
+from fwdllm.coordinator.aggregation import CleanedScalars, aggregate, clean, default_threads
+from fwdllm.coordinator.config import CoordinatorConfig
+from fwdllm.coordinator.metrics import MetricsLog
+from fwdllm.coordinator.optimizer import Optimizer
+from fwdllm.coordinator.records import HistoryRecord, Result, RunState
+from fwdllm.coordinator.state import Store
 from fwdllm.proto import update_rule
 from fwdllm.proto.manifest import ThetaLayout
 from fwdllm.proto.names import AggregationMethod
-
-from .aggregation import CleanedScalars, aggregate, clean, default_threads
-from .config import CoordinatorConfig
-from .metrics import MetricsLog
-from .optimizer import Optimizer
-from .records import HistoryRecord, Result, RunState
-from .state import Store
 
 log = logging.getLogger("fwdllm.coordinator")
 

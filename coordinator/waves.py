@@ -14,17 +14,16 @@ import dataclasses
 import logging
 import math
 
+from fwdllm.coordinator.aggregation import CleanedScalars, split_half_variance
+from fwdllm.coordinator.config import CoordinatorConfig
+from fwdllm.coordinator.handout import Handout, select_clients
+from fwdllm.coordinator.records import RunState
+from fwdllm.coordinator.registry import Registry
+from fwdllm.coordinator.state import Store
+from fwdllm.coordinator.updates import Updates, step_scalars
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import ThetaLayout
 from fwdllm.proto.names import VarianceMode
-
-from .aggregation import CleanedScalars, split_half_variance
-from .config import CoordinatorConfig
-from .handout import Handout, select_clients
-from .records import RunState
-from .registry import Registry
-from .state import Store
-from .updates import Updates, step_scalars
 
 log = logging.getLogger("fwdllm.coordinator")
 

@@ -14,11 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from fwdllm.proto.names import DifferenceScheme, Distribution
-from fwdllm.proto.v1 import fwdllm_pb2 as pb
-
-from .config import CoordinatorConfig
-from .messages import (
+from fwdllm.coordinator.config import CoordinatorConfig
+from fwdllm.coordinator.messages import (
     Capabilities,
     Credentials,
     History,
@@ -28,8 +25,10 @@ from .messages import (
     Submission,
     TaskOffer,
 )
-from .rounds import Coordinator
-from .updates import Evaluator
+from fwdllm.coordinator.rounds import Coordinator
+from fwdllm.coordinator.updates import Evaluator
+from fwdllm.proto.names import DifferenceScheme, Distribution
+from fwdllm.proto.v1 import fwdllm_pb2 as pb
 
 REFUSAL = {
     HistoryRefusal.NOT_REPLAYABLE: pb.HISTORY_NOT_REPLAYABLE,

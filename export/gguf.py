@@ -19,11 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from fwdllm.errors import UserError
+from fwdllm.export.gguf_suffix import write_suffix
 from fwdllm.proto.gguf_lora import LoraAdapterWriter, lora_alpha, rope_permute
 from fwdllm.proto.manifest import GraphSpec, PeftInfo, TensorSpec, ThetaLayout
 from fwdllm.proto.names import GraphFormat, GraphRole, Precision, ThetaChannel
-
-from .gguf_suffix import write_suffix
 
 log = logging.getLogger(__name__)
 
