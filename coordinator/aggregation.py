@@ -136,11 +136,32 @@ class CleanedScalars:
     clipped: int
 
 
-def clean(contributions: list[tuple[np.ndarray, np.ndarray]], clip: float | None) -> CleanedScalars:
-    """Drop non-finite scalars, clip the rest to [-clip, clip], and sort everything by seed.
+MIN_PEERS = 3  # results needed before one of them is judged against the others
 
-    ``contributions`` holds one (seeds, jvp) pair per client result. Sorting by seed makes
-    the aggregate independent of arrival order.
+
+def peer_bound(magnitudes: list[np.ndarray], multiple: float) -> float | None:
+    """``multiple`` × the median over contributions of each one's median magnitude, or None.
+
+    The median of medians is what one contribution cannot move, however many values it sends
+    or how large they are, as long as most contributions are honest. None with fewer than
+    ``MIN_PEERS`` non-empty contributions, no multiple, or a zero median (nothing to scale by).
+    """
+    medians = [float(np.median(m)) for m in magnitudes if m.size]
+    if multiple <= 0 or len(medians) < MIN_PEERS:
+        return None
+    bound = multiple * float(np.median(medians))
+    return bound if bound > 0 else None
+
+
+def clean(
+    contributions: list[tuple[np.ndarray, np.ndarray]], clip: float | None, relative: float = 0.0
+) -> CleanedScalars:
+    """Drop non-finite scalars, clip the rest to [-clip, clip] and then to the peers' bound, sort by seed.
+
+    ``contributions`` holds one (seeds, jvp) pair per client result. The peers' bound
+    (``peer_bound`` with multiple ``relative``) keeps one result from outweighing the others:
+    a hostile 1e38 becomes a value like an honest one. Sorting by seed makes the aggregate
+    independent of arrival order.
     """
     seed_parts: list[np.ndarray] = [np.empty(0, np.uint64)]
     jvp_parts: list[np.ndarray] = [np.empty(0, np.float32)]
@@ -156,10 +177,13 @@ def clean(contributions: list[tuple[np.ndarray, np.ndarray]], clip: float | None
     seeds, jvp, clients = np.concatenate(seed_parts), np.concatenate(jvp_parts), np.concatenate(client_parts)
     finite = np.isfinite(jvp)
     seeds, jvp, clients = seeds[finite], jvp[finite], clients[finite]
+    bound = peer_bound([np.abs(jvp[clients == i]) for i in range(len(contributions))], relative)
+    if bound is not None:
+        clip = bound if clip is None else min(clip, bound)
     clipped = 0
     if clip is not None:
         clipped = int(np.count_nonzero(np.abs(jvp) > clip))
-        jvp = np.clip(jvp, -clip, clip)
+        jvp = np.clip(jvp, np.float32(-clip), np.float32(clip))
     if np.unique(seeds).size != seeds.size:
         raise ValueError("a seed appears twice among the contributions of one step")
     order = np.argsort(seeds, kind="stable")

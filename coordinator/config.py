@@ -38,6 +38,10 @@ class RunConfig:
 @dataclass
 class AggregationConfig:
     clip: float = 1e4  # bound on |jvp| of one perturbation; 0 for none
+    # with >= 3 results in a step: |jvp| bound at this multiple of the median over results of each one's
+    # median |jvp| (5: ~3.4 sigma of Gaussian scalars); raise it for very unequal clients; 0: off
+    outlier: float = 5.0
+    loss_outlier: float = 10.0  # likewise: losses beyond this multiple of the median left out of the metric
     method: str = AggregationMethod.MEAN  # trimmed and median: across per-client estimates
     trim: float = 0.1
     chunk: int = 1 << 14  # values per column chunk (cache-sized blocks of seed_group x chunk)
@@ -117,6 +121,10 @@ class CoordinatorConfig:
                 raise UserError(f"{name} must be at least 1, got {value}")
         if not r.epsilon > 0 or not r.deadline_s > 0 or r.over_select < 0:
             raise UserError("run.epsilon and run.deadline_s must be positive and run.over_select non-negative")
+        for name in ("outlier", "loss_outlier"):
+            value = getattr(self.aggregation, name)
+            if value != 0 and not value >= 1:
+                raise UserError(f"aggregation.{name} must be 0 (off) or at least 1, got {value}")
         if r.steps >= 1 << 32:
             raise UserError("run.steps must be below 2^32 (seeds give the step 32 bits)")
         self.optimizer.check()

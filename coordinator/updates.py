@@ -19,8 +19,8 @@ from datetime import UTC, datetime
 
 import numpy as np
 
-from fwdllm.coordinator.aggregation import CleanedScalars, aggregate, clean, default_threads
-from fwdllm.coordinator.config import CoordinatorConfig
+from fwdllm.coordinator.aggregation import CleanedScalars, aggregate, clean, default_threads, peer_bound
+from fwdllm.coordinator.config import AggregationConfig, CoordinatorConfig
 from fwdllm.coordinator.metrics import MetricsLog
 from fwdllm.coordinator.optimizer import Optimizer
 from fwdllm.coordinator.records import HistoryRecord, Result, RunState
@@ -35,19 +35,25 @@ Evaluator = Callable[[np.ndarray], dict]
 BEST_FILE = "best.safetensors"
 
 
-def weighted_loss(results: list[Result]) -> float | None:
-    """The devices' mean loss, weighted by their examples."""
+def weighted_loss(results: list[Result], outlier: float) -> float | None:
+    """The devices' mean loss, weighted by their examples, without absurd ones.
+
+    A loss is absurd when it is not finite or, among at least ``MIN_PEERS`` results, its magnitude
+    exceeds ``outlier`` × the median magnitude: one device must not decide the step's metric."""
     pairs = [(r.loss_mean, max(1, r.num_examples)) for r in results if r.loss_mean is not None]
     pairs = [(loss, n) for loss, n in pairs if math.isfinite(loss)]
+    bound = peer_bound([np.array([abs(loss)]) for loss, _ in pairs], outlier)
+    if bound is not None:
+        pairs = [(loss, n) for loss, n in pairs if abs(loss) <= bound]
     if not pairs:
         return None
     return float(sum(loss * n for loss, n in pairs) / sum(n for _, n in pairs))
 
 
-def step_scalars(store: Store, step: int, clip: float | None) -> tuple[CleanedScalars, list[Result]]:
+def step_scalars(store: Store, step: int, a: AggregationConfig) -> tuple[CleanedScalars, list[Result]]:
     """All of the step's accepted scalars (every wave), cleaned, and the results they came from."""
     results = store.results.of_step(step)
-    return clean([(r.seeds, r.jvp) for r in results], clip), results
+    return clean([(r.seeds, r.jvp) for r in results], a.clip or None, a.outlier), results
 
 
 def now_iso() -> str:
@@ -90,7 +96,7 @@ class Updates:
             "step": run.step,
             "theta_version": run.step + 2,
             "time": now_iso(),
-            "loss": weighted_loss(results),
+            "loss": weighted_loss(results, self.cfg.aggregation.loss_outlier),
             "perturbations": int(scalars.seeds.size),
             "waves": len(variances),
             "variance": variances[-1] if math.isfinite(variances[-1]) else None,
@@ -160,7 +166,7 @@ class Updates:
     def apply(self, now: int) -> None:
         """Apply the closed step: the update, its evaluation and checkpoint, then the commit of the next step."""
         run, a, r = self.store.run, self.cfg.aggregation, self.cfg.run
-        scalars, results = step_scalars(self.store, run.step, a.clip or None)
+        scalars, results = step_scalars(self.store, run.step, a)
         spread = float(np.std(scalars.jvp.astype(np.float64))) if scalars.jvp.size > 1 else math.nan
         record = None
         if self.replayable:

@@ -119,7 +119,7 @@ class Waves:
     def close(self, now: int) -> None:
         """Decide between another wave and the update, and commit that decision at once."""
         run = self.store.run
-        scalars, _ = step_scalars(self.store, run.step, self.cfg.aggregation.clip or None)
+        scalars, _ = step_scalars(self.store, run.step, self.cfg.aggregation)
         variance = self._variance(scalars)
         more, var0 = self._decide(run, variance)
         closed = dataclasses.replace(

@@ -12,7 +12,15 @@ import time
 import grpc
 import numpy as np
 import pytest
-from test_coordinator_fixtures import LAYOUT, QuadraticDevice, dense_v, make_bundle, task_seeds, write_config
+from test_coordinator_fixtures import (
+    LAYOUT,
+    QuadraticDevice,
+    dense_v,
+    make_bundle,
+    peer_bounded,
+    task_seeds,
+    write_config,
+)
 
 from fwdllm.proto.manifest import load_manifest
 from fwdllm.proto.v1.fwdllm_pb2_grpc import FwdLLMStub
@@ -97,7 +105,7 @@ class Server:
 def momentum_replay(theta, ledger, lr=0.05, mu=0.5):
     buf = np.zeros_like(theta)
     for step in range(STEPS):
-        seeds, jvp = zip(*[pair for task in ledger[step].values() for pair in task])
+        seeds, jvp = zip(*peer_bounded(list(ledger[step].values())))
         g = np.array(jvp) @ dense_v(seeds) / len(seeds)
         buf = mu * buf + g
         theta = theta - lr * buf

@@ -58,6 +58,16 @@ def task_seeds(task: pb.Task) -> list[int]:
     return seeds
 
 
+def peer_bounded(results: list[list[tuple[int, float]]], outlier: float = 5.0) -> list[tuple[int, float]]:
+    """A step's (seed, jvp) pairs, results concatenated, with each jvp bounded as ``aggregation.outlier``
+    says: at ``outlier`` × the median over the results of each one's median |jvp|, given 3 results or more."""
+    pairs = [pair for result in results for pair in result]
+    if len(results) < 3:
+        return pairs
+    bound = outlier * float(np.median([np.median([abs(j) for _, j in result]) for result in results]))
+    return [(s, float(np.clip(j, -bound, bound))) for s, j in pairs]
+
+
 def dense_v(seeds, dim=LAYOUT.dim, dist="gaussian") -> np.ndarray:
     return np.stack([generate(int(s), 0, dim, dist) for s in seeds]).astype(np.float64)
 

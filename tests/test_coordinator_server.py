@@ -8,7 +8,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_coordinator_fixtures import LAYOUT, QuadraticDevice, dense_v, make_bundle, task_seeds
+from test_coordinator_fixtures import LAYOUT, QuadraticDevice, dense_v, make_bundle, peer_bounded, task_seeds
 
 from fwdllm.coordinator.config import from_dict
 from fwdllm.coordinator.rounds import Coordinator
@@ -66,7 +66,7 @@ def run(tmp_path):
 
 
 def drive(coordinator, devices, max_rounds=200, on_task=None):
-    """Round-robin the devices until the run finishes; returns the ledger {step: [(seed, jvp)]}."""
+    """Round-robin the devices until the run finishes; returns the ledger {step: [[(seed, jvp)] per result]}."""
     ledger: dict[int, list] = {}
     for _ in range(max_rounds):
         if coordinator.meta("finished"):
@@ -80,13 +80,13 @@ def drive(coordinator, devices, max_rounds=200, on_task=None):
                 on_task(d, task)
             jvp = d.compute(task)
             if d.submit(task, jvp).accepted:
-                ledger.setdefault(task.step, []).extend(zip(task_seeds(task), jvp.tolist()))
+                ledger.setdefault(task.step, []).append(list(zip(task_seeds(task), jvp.tolist())))
     raise AssertionError("the run did not finish")
 
 
 def replay_dense(theta, ledger, lrs):
     for step in sorted(ledger):
-        seeds, jvp = zip(*ledger[step])
+        seeds, jvp = zip(*peer_bounded(ledger[step]))
         theta = theta - lrs[step] * (np.array(jvp) @ dense_v(seeds)) / len(seeds)
     return theta
 
@@ -95,11 +95,11 @@ def test_steps_complete_and_equal_the_dense_update(run):
     coordinator, channel, devices = run(BASE)
     theta0 = np.linspace(-1, 1, LAYOUT.dim, dtype=np.float32).astype(np.float64)
     ledger = drive(coordinator, devices)
-    assert sorted(ledger) == [0, 1, 2] and all(len(v) == 12 for v in ledger.values())
+    assert sorted(ledger) == [0, 1, 2] and all(sum(map(len, v)) == 12 for v in ledger.values())
     want = replay_dense(theta0, ledger, [0.05 * (3 - t) / 3 for t in range(3)])
     np.testing.assert_allclose(coordinator.theta, want, atol=2e-5)
     # The estimate points along the true mean gradient (it is unbiased; 12 perturbations of d=79).
-    seeds, jvp = zip(*ledger[0])
+    seeds, jvp = zip(*peer_bounded(ledger[0]))
     estimate = np.array(jvp) @ dense_v(seeds) / len(seeds)
     true = np.mean([d.gradient(theta0) for d in devices], axis=0)
     assert estimate @ true > 0
@@ -147,7 +147,7 @@ def test_variance_control_raises_the_count_when_the_threshold_is_lowered(run, th
     rows = [json.loads(line) for line in (coordinator.store.dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["waves"] for r in rows] == [waves, waves]
     assert [r["perturbations"] for r in rows] == [12 * waves] * 2
-    assert all(len(v) == 12 * waves for v in ledger.values())
+    assert all(sum(map(len, v)) == 12 * waves for v in ledger.values())
     # The update is the mean over all waves.
     theta0 = np.linspace(-1, 1, LAYOUT.dim, dtype=np.float32).astype(np.float64)
     np.testing.assert_allclose(coordinator.theta, replay_dense(theta0, ledger, [0.05, 0.025]), atol=2e-5)
@@ -174,7 +174,7 @@ def test_sampler_hands_out_perturbations_aligned_with_the_previous_gradient(run)
 
     ledger = drive(coordinator, devices, on_task=record)
     assert explicit == {0: {False}, 1: {True}}  # step 0 draws plainly (seed ranges), odd step 1 samples
-    seeds0, jvp0 = zip(*ledger[0])
+    seeds0, jvp0 = zip(*peer_bounded(ledger[0]))
     previous = np.array(jvp0) @ dense_v(seeds0) / len(seeds0)
     chosen = cosines(seen[1], previous.astype(np.float32), "gaussian")
     plain = cosines(seen[0], previous.astype(np.float32), "gaussian")

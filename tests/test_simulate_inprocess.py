@@ -69,12 +69,15 @@ def test_inprocess_steps_match_a_direct_update(tiny_bitfit_bundle):
     assert all(0 <= r["test_accuracy"] <= 1 and np.isfinite(r["test_loss"]) for r in evals)
     assert result.before["eval_examples"] == 24 and "accuracy" in result.final
 
-    # θ_{t+1} = θ_t − lr·(1 − t/T)·mean_i jvp_i·v(seed_i), recomputed from the devices' submissions.
+    # θ_{t+1} = θ_t − lr·(1 − t/T)·mean_i jvp_i·v(seed_i), recomputed from the devices' submissions, each
+    # jvp bounded at 5 × the median over the step's submissions of their median |jvp| (aggregation.outlier).
     bundle = Path(sim.bundle)
     manifest = load_manifest(bundle)
     theta = load_theta(bundle, manifest).astype(np.float64)
     for step in range(sim.steps):
-        pairs = [(s, j) for t, seeds, jvp in result.submissions if t == step for s, j in zip(seeds, jvp)]
+        submitted = [(seeds, jvp) for t, seeds, jvp in result.submissions if t == step]
+        bound = 5.0 * np.median([np.median(np.abs(jvp)) for _, jvp in submitted])
+        pairs = [(s, np.clip(j, -bound, bound)) for seeds, jvp in submitted for s, j in zip(seeds, jvp)]
         assert len(pairs) == 12
         grad = sum(float(j) * generate(s, 0, theta.size, Distribution.GAUSSIAN).astype(np.float64) for s, j in pairs)
         theta -= sim.lr * (1 - step / sim.steps) * grad / len(pairs)

@@ -1,0 +1,62 @@
+"""Hostile peers: one client among honest ones sends absurd scalars and losses for its own tasks.
+
+Such a result passes every check of its task (right seeds, finite values), so only its size
+relative to the step's other results gives it away. Runs on the core, with the quadratic
+devices of ``test_coordinator_core``; the clean run is the same run with that client honest.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from test_coordinator_core import THETA0, start
+
+from fwdllm.coordinator.aggregation import clean
+
+CLIENTS, STEPS = 10, 10
+
+
+def run(tmp_path, hostile: bool, **aggregation) -> tuple[list[float], list[float | None]]:
+    """|θ| after each step, and each step's loss metric; client 0 is hostile when asked."""
+    c, devices = start(tmp_path, clients=CLIENTS, run={"steps": STEPS}, aggregation=aggregation)
+    norms = []
+    for _ in range(STEPS):
+        for index, d in enumerate(devices):
+            task = d.pull()
+            if task is None:
+                continue
+            if hostile and index == 0:
+                jvp = np.where(np.arange(task.seeds.size) % 2 == 0, 1e38, -1e38).astype(np.float32)
+                d.submit(task, jvp, loss_mean=3e38)
+            else:
+                d.submit(task, loss_mean=1.0 + 0.1 * index)
+        norms.append(float(np.linalg.norm(c.theta)))
+    losses = [row["loss"] for row in c.store.metrics()]
+    c.close()
+    return norms, losses
+
+
+def test_a_client_sending_huge_scalars_leaves_theta_in_the_clean_runs_range(tmp_path):
+    clean_run, clean_losses = run(tmp_path / "clean", hostile=False)
+    attacked, losses = run(tmp_path / "attacked", hostile=True)
+    low, high = min(clean_run), max(float(np.linalg.norm(THETA0)), *clean_run)  # |θ0| = 5.2, the run ends at 4.0
+    assert all(0.9 * low <= norm <= 1.2 * high for norm in attacked), (clean_run, attacked)
+    assert clean_losses == pytest.approx([1.45] * STEPS)  # the honest losses 1.0, 1.1, ..., 1.9
+    assert losses == pytest.approx([1.5] * STEPS)  # the same without the hostile 3e38
+
+
+def test_without_the_peers_bound_the_same_client_wrecks_theta(tmp_path):
+    undefended, _ = run(tmp_path, hostile=True, outlier=0.0)
+    assert max(undefended) > 100  # the absolute clip alone lets 1e4 per scalar through
+
+
+def test_the_peers_bound_is_the_median_of_medians_and_needs_three_results():
+    seeds = iter(range(1, 100))
+    honest = [([next(seeds), next(seeds)], [1.0, -3.0]) for _ in range(3)]  # each median |jvp| is 2
+    hostile = ([next(seeds), next(seeds)], [1e38, -1e38])
+    scalars = clean([*honest, hostile], clip=1e4, relative=5.0)
+    assert scalars.clipped == 2 and np.abs(scalars.jvp).max() == 10.0  # 5 × the median of medians
+    few = clean([honest[0], honest[1], hostile], clip=1e4, relative=0.0)
+    assert few.clipped == 2 and np.abs(few.jvp).max() == 1e4  # the bound off: only the absolute clip
+    few = clean([honest[0], hostile], clip=1e4, relative=5.0)
+    assert few.clipped == 2 and np.abs(few.jvp).max() == 1e4  # two results: only the absolute clip
