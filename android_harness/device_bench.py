@@ -44,8 +44,9 @@ def bench_inputs(
     The rows are the engine's own (``perturbed_rows``): θ + ε·v(seed_start+j), then θ − ε·v(seed_start+j),
     the call a central-difference task makes in training, so delegates are timed on real perturbed θ.
     """
-    from fwdllm.device_runtime.backend import Example, Tokenizer
+    from fwdllm.device_runtime.backend import Tokenizer
     from fwdllm.device_runtime.engine import perturbed_rows
+    from fwdllm.device_runtime.examples import Example
 
     manifest = load_manifest(bundle)
     graph = manifest.graph(GraphFormat.TFLITE, GraphRole.FULL)

@@ -33,7 +33,7 @@ COLUMNS = ["graphs", "K", "theta dim", "batch", "full ms", "suffix ms", "suffix/
 def _timed_batch(backend, n: int = 8, tokens: int = 64):
     """``n`` BBC articles as prompts cut to their last ``tokens`` tokens: every position is real."""
     from fwdllm.data.datasets import load_dataset
-    from fwdllm.device_runtime.backend import Example
+    from fwdllm.device_runtime.examples import Example
 
     data = load_dataset("bbc")
     labels = backend.manifest.model.labels

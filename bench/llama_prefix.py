@@ -51,7 +51,7 @@ CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 def prompts_batch(backend, n: int):
     from fwdllm.data.datasets import load_dataset
-    from fwdllm.device_runtime.backend import Example
+    from fwdllm.device_runtime.examples import Example
 
     examples = load_dataset("bbc-lm").heldout[:n]
     return backend.tokenizer().batch([Example(prompt=e["prompt"], label=BBC_WORDS.index(e["label"])) for e in examples])

@@ -77,8 +77,9 @@ def estimate_noise(peft: str, layers: str, perturbations: int, repeats: int) -> 
     unbiased estimate of ‖g‖² that needs no backprop.
     """
     from fwdllm.data.datasets import load_dataset
-    from fwdllm.device_runtime.backend import Example, open_backend
+    from fwdllm.device_runtime.backend import open_backend
     from fwdllm.device_runtime.engine import forward_gradients
+    from fwdllm.device_runtime.examples import Example
     from fwdllm.proto.manifest import load_manifest, load_theta
     from fwdllm.proto.perturbation import Distribution, generate
 

@@ -21,7 +21,8 @@ from fwdllm.errors import UserError
 
 class BackendEvaluator:
     def __init__(self, bundle: Path, data: Path, backend: str = DEFAULT_BACKEND, batch_size: int = 32, limit: int = 0):
-        from fwdllm.device_runtime.backend import load_examples, open_backend
+        from fwdllm.device_runtime.backend import open_backend
+        from fwdllm.device_runtime.examples import load_examples
 
         self.backend = open_backend(bundle, backend, options={"threads": 1})
         manifest = self.backend.manifest
@@ -69,7 +70,7 @@ class BackendEvaluator:
         """A single-token-target task from one pass over the prompts: the next-token logits
         after each prompt give the target's cross-entropy (the causal-lm loss) and the
         restricted-choice prediction."""
-        from fwdllm.device_runtime.backend import Example
+        from fwdllm.device_runtime.examples import Example
 
         tok, (candidates, targets) = self.backend.tokenizer(), choices
         rows: list[np.ndarray] = []
@@ -93,7 +94,7 @@ class BackendEvaluator:
 def single_token_targets(tok, examples) -> tuple[np.ndarray, np.ndarray] | None:
     """(candidate token ids, each example's target id) when every target is one token and
     there are at least two distinct ones; else None (free text: no accuracy)."""
-    from fwdllm.device_runtime.backend import IGNORE_INDEX, Example
+    from fwdllm.device_runtime.examples import IGNORE_INDEX, Example
 
     ids = []
     for start in range(0, len(examples), 256):

@@ -67,7 +67,7 @@ def sample_texts(n: int) -> list[str]:
 
 
 def _examples(manifest, n: int):
-    from fwdllm.device_runtime.backend import Example
+    from fwdllm.device_runtime.examples import Example
 
     texts = sample_texts(n)
     k = manifest.model.num_labels or 2

@@ -24,10 +24,11 @@ from typing import Any
 import grpc
 
 from fwdllm import __version__
-from fwdllm.device_runtime.backend import DEFAULT_BACKEND, Backend, load_examples, open_backend
+from fwdllm.device_runtime.backend import DEFAULT_BACKEND, Backend, open_backend
 from fwdllm.device_runtime.client_state import load_state, save_state
 from fwdllm.device_runtime.connection import TRANSIENT, ClientError, RetryingCalls, open_channel
 from fwdllm.device_runtime.engine import Cancelled
+from fwdllm.device_runtime.examples import load_examples
 from fwdllm.device_runtime.messages import submit_request, task_from_pb
 from fwdllm.device_runtime.theta_sync import ThetaSync
 from fwdllm.device_runtime.work import LocalData, do_task

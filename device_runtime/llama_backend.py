@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fwdllm.device_runtime.backend import IGNORE_INDEX, Backend, BackendError, Batch
+from fwdllm.device_runtime.backend import Backend, BackendError, Batch
+from fwdllm.device_runtime.examples import IGNORE_INDEX
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import BundleError, GraphSpec, Manifest
 from fwdllm.proto.names import GraphFormat, GraphRole, ThetaChannel

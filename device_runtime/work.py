@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fwdllm.device_runtime.backend import Backend, Batch, Example, Tokenizer, select
+from fwdllm.device_runtime.backend import Backend, Batch, Tokenizer
 from fwdllm.device_runtime.engine import forward_gradients
+from fwdllm.device_runtime.examples import Example, select
 from fwdllm.proto.names import DifferenceScheme, Distribution
 
 DEFAULT_EPSILON = 0.01

@@ -154,7 +154,8 @@ class PromptEncoder:
     def __call__(self, prompts: list[str], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         from dataclasses import replace
 
-        from fwdllm.device_runtime.backend import Example, Tokenizer
+        from fwdllm.device_runtime.backend import Tokenizer
+        from fwdllm.device_runtime.examples import Example
         from fwdllm.proto.manifest import Manifest
 
         if seq_len not in self.tokenizers:  # the manifest of a bundle exported with --seq-len seq_len, less its graphs

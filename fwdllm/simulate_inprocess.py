@@ -117,7 +117,8 @@ def run(
 def _run(sim, overrides, validation_fraction, load_options, root, progress, desc, keep) -> InProcessResult:
     from fwdllm.coordinator.evaluation import BackendEvaluator
     from fwdllm.data.partition import client_file, open_federated, write_partition
-    from fwdllm.device_runtime.backend import load_examples, open_backend
+    from fwdllm.device_runtime.backend import open_backend
+    from fwdllm.device_runtime.examples import load_examples
     from fwdllm.proto.manifest import load_manifest
 
     bundle = Path(sim.bundle)

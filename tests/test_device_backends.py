@@ -11,16 +11,8 @@ import torch
 from device_standin import LABELS, TEXTS, initial_theta, shared_backend, shared_bundle, write_jsonl
 
 from fwdllm.device_runtime.backend import BACKENDS as REGISTRY
-from fwdllm.device_runtime.backend import (
-    DEFAULT_BACKEND,
-    Backend,
-    BackendError,
-    DataError,
-    Example,
-    load_examples,
-    open_backend,
-    select,
-)
+from fwdllm.device_runtime.backend import DEFAULT_BACKEND, Backend, BackendError, open_backend
+from fwdllm.device_runtime.examples import DataError, Example, load_examples, select
 from fwdllm.proto.manifest import BundleError, TensorSpec, ThetaLayout, load_manifest
 from fwdllm.proto.names import GraphFormat
 

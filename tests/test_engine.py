@@ -33,7 +33,7 @@ def reference():
 
 
 def batch_of(backend):
-    from fwdllm.device_runtime.backend import Example
+    from fwdllm.device_runtime.examples import Example
 
     return backend.tokenizer().batch([Example(text=t, label=LABELS.index(lab)) for t, lab in TEXTS])
 

@@ -24,7 +24,7 @@ import pytest
 from fwdllm.cli import main
 from fwdllm.data.datasets import DataError as DataSetError
 from fwdllm.data.datasets import load_dataset
-from fwdllm.device_runtime.backend import DataError, load_examples
+from fwdllm.device_runtime.examples import DataError, load_examples
 from fwdllm.proto.manifest import BundleError, Manifest, ModelInfo, PeftInfo, ThetaLayout, load_manifest, sha256_file
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}

@@ -177,7 +177,8 @@ def test_forward_gradient_on_the_suffix_matches_autograd(tiny_words):
 
 
 def test_devices_read_prompt_and_label_words_and_keep_the_end_of_long_prompts(tiny_words, tmp_path):
-    from fwdllm.device_runtime.backend import DataError, load_examples, open_backend
+    from fwdllm.device_runtime.backend import open_backend
+    from fwdllm.device_runtime.examples import DataError, load_examples
 
     _, bundle = tiny_words
     file = tmp_path / "client.jsonl"
@@ -247,7 +248,8 @@ def smollm2_words(tmp_path_factory):
 def test_smollm2_label_words_on_bbc_text_match_pytorch_on_every_backend(smollm2_words):
     """Loss and accuracy of real BBC prompts: ONNX Runtime (cut and uncut) and llama.cpp f16 against the
     HF model's vocabulary-wide logits picked at the label words."""
-    from fwdllm.device_runtime.backend import Example, open_backend
+    from fwdllm.device_runtime.backend import open_backend
+    from fwdllm.device_runtime.examples import Example
     from fwdllm.export.materialize import materialize
     from fwdllm.export.models import load
     from fwdllm.export.plan import plan_from_manifest
@@ -329,7 +331,8 @@ def test_a_trained_theta_exports_as_an_adapter_that_stock_llama_cpp_applies(smol
     from llama_cpp import Llama
 
     from fwdllm.cli import main
-    from fwdllm.device_runtime.backend import Example, open_backend
+    from fwdllm.device_runtime.backend import open_backend
+    from fwdllm.device_runtime.examples import Example
     from fwdllm.proto.manifest import load_manifest, load_theta, save_theta
 
     manifest = load_manifest(smollm2_words)

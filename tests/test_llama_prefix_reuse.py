@@ -63,7 +63,7 @@ def _open(bundle, precision, reuse):
 
 
 def _batch(backend, examples):
-    from fwdllm.device_runtime.backend import Example
+    from fwdllm.device_runtime.examples import Example
 
     return backend.tokenizer().batch([Example(prompt=e["prompt"], label=BBC_WORDS.index(e["label"])) for e in examples])
 
