@@ -79,6 +79,7 @@ class JoinRequest:
     client_name: str = ""
     num_examples: int = 0
     previous_client_id: str = ""
+    client_secret: str = ""  # proves previous_client_id
     capabilities: Capabilities = field(default_factory=Capabilities)
 
 
@@ -90,6 +91,7 @@ class Joined:
     theta_dim: int
     theta_version: int
     heartbeat_interval_ms: int
+    client_secret: str = ""  # issued with a new client id only
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ class ClientAuth(NamedTuple):
     session_hash: str | None
     token_hash: str
     active: bool
+    secret_hash: str | None  # None for clients enrolled before per-client secrets
 
 
 class Candidate(NamedTuple):

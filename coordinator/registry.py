@@ -14,7 +14,7 @@ import uuid
 
 from fwdllm.coordinator.config import CoordinatorConfig
 from fwdllm.coordinator.messages import PROTOCOL_VERSION, Credentials, Joined, JoinRequest, Reason, Reject
-from fwdllm.coordinator.records import Candidate
+from fwdllm.coordinator.records import Candidate, ClientAuth
 from fwdllm.coordinator.state import Store, now_ms, token_hash
 
 
@@ -36,6 +36,15 @@ class TokenBucket:
                 return False
             self.buckets[key] = (level - 1, now)
             return True
+
+
+def proves(client: ClientAuth, req: JoinRequest) -> bool:
+    """Whether ``req`` holds the client's secret and enrolment token."""
+    return (
+        client.secret_hash is not None
+        and secrets.compare_digest(client.secret_hash, token_hash(req.client_secret))
+        and client.token_hash == token_hash(req.enrolment_token)
+    )
 
 
 class Registry:
@@ -63,7 +72,9 @@ class Registry:
         self.last_seen[who.client_id] = now_ms()
 
     def join(self, req: JoinRequest, theta_version: int, theta_dim: int) -> Joined:
-        """A new session; a client that rejoins with its enrolment token keeps its id (and its record)."""
+        """A new session. A client that rejoins keeps its id (and its record) only by proving it with the
+        secret issued at its first Join (and the same enrolment token): the shared token alone would let
+        any enrolled device take over, and log out, another's id. Otherwise it gets a new id and secret."""
         if req.protocol_version != PROTOCOL_VERSION:
             raise Reject(
                 Reason.PROTOCOL,
@@ -86,12 +97,14 @@ class Registry:
         name, examples = req.client_name[:200], int(req.num_examples)
         with self.store.transaction():
             previous = self.store.client_auth(req.previous_client_id) if req.previous_client_id else None
-            if previous is not None and previous.token_hash == token_hash(req.enrolment_token):
-                client_id = req.previous_client_id
+            if previous is not None and proves(previous, req):
+                client_id, secret = req.previous_client_id, ""
                 self.store.rejoin_client(client_id, session, name, caps, examples)
             else:
-                client_id = uuid.uuid4().hex
-                self.store.add_client(client_id, session, req.enrolment_token, name, caps, examples)
+                client_id, secret = uuid.uuid4().hex, secrets.token_urlsafe(24)
+                self.store.add_client(client_id, session, secret, req.enrolment_token, name, caps, examples)
+                if req.previous_client_id:
+                    self.store.bump("rejoin_unproven")
             self.store.bump("joined")
         self.last_seen[client_id] = now_ms()
         return Joined(
@@ -101,6 +114,7 @@ class Registry:
             theta_dim=theta_dim,
             theta_version=theta_version,
             heartbeat_interval_ms=self.cfg.server.heartbeat_ms,
+            client_secret=secret,
         )
 
     def leave(self, who: Credentials) -> None:

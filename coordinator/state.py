@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, label TEXT, created_ms
 CREATE TABLE IF NOT EXISTS clients (
   client_id TEXT PRIMARY KEY, session_hash TEXT, token_hash TEXT, name TEXT, capabilities TEXT,
   num_examples INTEGER, joined_ms INTEGER, last_seen_ms INTEGER, answered INTEGER DEFAULT 0,
-  failed INTEGER DEFAULT 0, active INTEGER DEFAULT 1);
+  failed INTEGER DEFAULT 0, active INTEGER DEFAULT 1, secret_hash TEXT);
 CREATE TABLE IF NOT EXISTS tasks (
   task_id TEXT PRIMARY KEY, step INTEGER, wave INTEGER, client_id TEXT, seeds BLOB, explicit INTEGER,
   batch_start INTEGER, batch_size INTEGER, deadline_ms INTEGER, status TEXT);
@@ -91,9 +91,17 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._add_missing_columns()
         self._committed = self._load_run()
         self._pending: RunState | None = None
         self.tasks, self.results = Tasks(self), Results(self)
+
+    def _add_missing_columns(self) -> None:
+        """A state folder from before per-client secrets gets the column; its clients have none, so
+        their next Join with an old id gets a new one."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(clients)")}
+        if "secret_hash" not in columns:
+            self.db.execute("ALTER TABLE clients ADD COLUMN secret_hash TEXT")
 
     @contextmanager
     def transaction(self):
@@ -187,15 +195,30 @@ class Store:
 
     # ----- clients -----
     def client_auth(self, client_id: str) -> ClientAuth | None:
-        rows = self.read("SELECT session_hash, token_hash, active FROM clients WHERE client_id=?", (client_id,))
-        return ClientAuth(rows[0][0], rows[0][1], bool(rows[0][2])) if rows else None
+        rows = self.read(
+            "SELECT session_hash, token_hash, active, secret_hash FROM clients WHERE client_id=?", (client_id,)
+        )
+        return ClientAuth(rows[0][0], rows[0][1], bool(rows[0][2]), rows[0][3]) if rows else None
 
-    def add_client(self, client_id: str, session: str, token: str, name: str, caps: dict, examples: int) -> None:
+    def add_client(
+        self, client_id: str, session: str, secret: str, token: str, name: str, caps: dict, examples: int
+    ) -> None:
+        """A new client; of its session token and secret only hashes are kept."""
         now = now_ms()
         self.write(
-            "INSERT INTO clients (client_id, session_hash, token_hash, name, capabilities, num_examples, "
-            "joined_ms, last_seen_ms) VALUES (?,?,?,?,?,?,?,?)",
-            (client_id, token_hash(session), token_hash(token), name, json.dumps(caps), examples, now, now),
+            "INSERT INTO clients (client_id, session_hash, secret_hash, token_hash, name, capabilities, "
+            "num_examples, joined_ms, last_seen_ms) VALUES (?,?,?,?,?,?,?,?,?)",
+            (
+                client_id,
+                token_hash(session),
+                token_hash(secret),
+                token_hash(token),
+                name,
+                json.dumps(caps),
+                examples,
+                now,
+                now,
+            ),
         )
 
     def rejoin_client(self, client_id: str, session: str, name: str, caps: dict, examples: int) -> None:

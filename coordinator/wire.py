@@ -97,6 +97,7 @@ class ProtoCoordinator:
                 client_name=req.client_name,
                 num_examples=int(req.num_examples),
                 previous_client_id=req.previous_client_id,
+                client_secret=req.client_secret,
                 capabilities=Capabilities(
                     backend=c.backend,
                     cpu_count=c.cpu_count,
@@ -116,6 +117,7 @@ class ProtoCoordinator:
             theta_dim=joined.theta_dim,
             theta_version=joined.theta_version,
             heartbeat_interval_ms=joined.heartbeat_interval_ms,
+            client_secret=joined.client_secret,
         )
 
     def leave(self, req: pb.LeaveRequest) -> pb.LeaveResponse:

@@ -85,6 +85,7 @@ class DeviceClient(ThetaSync, RetryingCalls):
         self.backend = backend or open_backend(cfg.bundle, cfg.backend, cfg.precision, cfg.options, self.manifest)
         self.data = LocalData(load_examples(cfg.data, self.manifest), self.backend.tokenizer())
         self.client_id, self.session = "", ""
+        self.client_secret = ""  # proves client_id when rejoining
         self.heartbeat_s = 5.0
         self.pending: dict[str, pb.SubmitRequest] = {}
         self.settled: set[str] = set()  # task ids the coordinator has answered for good
@@ -106,7 +107,7 @@ class DeviceClient(ThetaSync, RetryingCalls):
         self._leave_on_stop = True
         self._lock = threading.Lock()
         if cfg.state_file:
-            self.client_id, self.pending = load_state(cfg.state_file, self.fingerprint)
+            self.client_id, self.client_secret, self.pending = load_state(cfg.state_file, self.fingerprint)
         self.channel = open_channel(cfg.coordinator, cfg.tls_ca, cfg.backoff_s)
         self.stub = pb_grpc.FwdLLMStub(self.channel)
 
@@ -120,6 +121,7 @@ class DeviceClient(ThetaSync, RetryingCalls):
                 model_fingerprint=self.fingerprint,
                 num_examples=len(self.data.examples),
                 previous_client_id=self.client_id,
+                client_secret=self.client_secret,
             )
 
         try:
@@ -137,6 +139,8 @@ class DeviceClient(ThetaSync, RetryingCalls):
             raise ClientError(
                 f"the coordinator's θ has {resp.theta_dim} values, this bundle's {self.manifest.theta.dim}"
             )
+        if resp.client_id != self.client_id or resp.client_secret:  # a rejoin keeps the secret it proved
+            self.client_secret = resp.client_secret
         self.client_id, self.session = resp.client_id, resp.session_token
         self.history_replayable = True  # a restarted coordinator may run another optimiser
         self.heartbeat_s = max(0.05, (resp.heartbeat_interval_ms or 5000) / 1000)
@@ -309,4 +313,4 @@ class DeviceClient(ThetaSync, RetryingCalls):
 
     def _save_state(self) -> None:
         if self.cfg.state_file:
-            save_state(self.cfg.state_file, self.fingerprint, self.client_id, self.pending)
+            save_state(self.cfg.state_file, self.fingerprint, self.client_id, self.client_secret, self.pending)

@@ -1,4 +1,5 @@
-"""What a device keeps across restarts (``--state FILE``): its client id and the results not yet acknowledged.
+"""What a device keeps across restarts (``--state FILE``): its client id with the secret that proves it, and
+the results not yet acknowledged.
 
 A result computed before a crash is resubmitted after it, and the coordinator deduplicates by task id,
 so no result is lost or accepted twice. State written for another bundle (fingerprint) is ignored.
@@ -16,30 +17,36 @@ from fwdllm.proto.v1 import fwdllm_pb2 as pb
 log = logging.getLogger("fwdllm.device")
 
 
-def load_state(path: Path, fingerprint: str) -> tuple[str, dict[str, pb.SubmitRequest]]:
-    """(client id, pending results by task id) from ``path``; empty when it is absent, unreadable or another model's."""
+def load_state(path: Path, fingerprint: str) -> tuple[str, str, dict[str, pb.SubmitRequest]]:
+    """(client id, client secret, pending results by task id) from ``path``; empty when it is absent,
+    unreadable or another model's."""
     if not Path(path).is_file():
-        return "", {}
+        return "", "", {}
     try:
         state = json.loads(Path(path).read_text())
         if state.get("fingerprint") != fingerprint:
-            return "", {}
+            return "", "", {}
         pending = {
             tid: pb.SubmitRequest.FromString(base64.b64decode(blob)) for tid, blob in state.get("pending", {}).items()
         }
-        return state.get("client_id", ""), pending
+        return state.get("client_id", ""), state.get("client_secret", ""), pending
     except (json.JSONDecodeError, ValueError) as exc:
         log.warning("ignoring unreadable device state %s (%s)", path, exc)
-        return "", {}
+        return "", "", {}
 
 
-def save_state(path: Path, fingerprint: str, client_id: str, pending: dict[str, pb.SubmitRequest]) -> None:
-    """Replace ``path`` atomically (write, then rename)."""
+def save_state(
+    path: Path, fingerprint: str, client_id: str, client_secret: str, pending: dict[str, pb.SubmitRequest]
+) -> None:
+    """Replace ``path`` atomically (write, then rename), readable by its owner only: the secret is a credential."""
     state = {
         "fingerprint": fingerprint,
         "client_id": client_id,
+        "client_secret": client_secret,
         "pending": {t: base64.b64encode(r.SerializeToString()).decode() for t, r in pending.items()},
     }
     tmp = Path(str(path) + ".tmp")
+    tmp.touch(mode=0o600)
+    tmp.chmod(0o600)
     tmp.write_text(json.dumps(state))
     tmp.replace(path)

@@ -49,6 +49,7 @@ class MiniCoordinator(pb_grpc.FwdLLMServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "model fingerprint differs")
         self.joins.append(request)
         client_id = request.previous_client_id or uuid.uuid4().hex
+        secret = "" if request.previous_client_id else f"secret-of-{client_id}"  # a stand-in: rejoins are not checked
         session = uuid.uuid4().hex
         self.sessions[session] = client_id
         return pb.JoinResponse(
@@ -59,6 +60,7 @@ class MiniCoordinator(pb_grpc.FwdLLMServicer):
             theta_dim=self.versions[1].size,
             theta_version=max(self.versions),
             heartbeat_interval_ms=50,
+            client_secret=secret,
         )
 
     def PullTask(self, request, context):

@@ -7,6 +7,7 @@ cancellation, deadlines and bad tasks. Submitted jvps are checked against autogr
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -120,7 +121,9 @@ def test_survives_a_coordinator_restart_and_keeps_its_identity(bundle, data, tmp
         server.stop(0)
     assert box.get("rc") == 0
     assert sorted(second.results) == ["t0", "t1", "t2", "t3"]
-    assert second.joins[0].previous_client_id == client.client_id  # re-joined under its old identity
+    assert second.joins[0].previous_client_id == client.client_id  # re-joined under its old identity ...
+    assert second.joins[0].client_secret == f"secret-of-{client.client_id}"  # ... proven by its first join's secret
+    assert json.loads((tmp_path / "device.json").read_text())["client_secret"] == client.client_secret
     assert client.stats["retries"] >= 1 and client.stats["rejoins"] >= 1
     assert (tmp_path / "device.json").is_file() and max(first.submits.values()) <= 2
 

@@ -40,7 +40,7 @@ def setup(tmp_path, run: dict, clients: int = 3, **sections):
                 capabilities=pb.Capabilities(cpu_count=1 + 3 * i),
             )
         )
-        ids.append((r.client_id, r.session_token))
+        ids.append((r.client_id, r.session_token, r.client_secret))
     return c, ids
 
 
@@ -132,9 +132,10 @@ def test_leaving_frees_the_task_and_needs_a_new_join(tmp_path):
             enrolment_token="tok",
             model_fingerprint=c.fingerprint,
             previous_client_id=holder[0],
+            client_secret=holder[2],
         )
     )
-    assert again.client_id == holder[0]
+    assert again.client_id == holder[0] and not again.client_secret
 
 
 def test_weighted_selection_prefers_reliable_clients(tmp_path):

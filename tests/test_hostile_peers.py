@@ -1,17 +1,22 @@
-"""Hostile peers: one client among honest ones sends absurd scalars and losses for its own tasks.
+"""Hostile peers: enrolled clients that send absurd results for their own tasks, or claim another's id.
 
 Such a result passes every check of its task (right seeds, finite values), so only its size
-relative to the step's other results gives it away. Runs on the core, with the quadratic
-devices of ``test_coordinator_core``; the clean run is the same run with that client honest.
+relative to the step's other results gives it away; the clean run is the same run with that
+client honest. A claimed id is refused without the secret its owner got at its first Join.
+Runs on the core, with the quadratic devices of ``test_coordinator_core``.
 """
 
 from __future__ import annotations
+
+import sqlite3
 
 import numpy as np
 import pytest
 from test_coordinator_core import THETA0, start
 
 from fwdllm.coordinator.aggregation import clean
+from fwdllm.coordinator.messages import Credentials, JoinRequest, Reason, Reject
+from fwdllm.coordinator.state import DB_FILE, Store
 
 CLIENTS, STEPS = 10, 10
 
@@ -60,3 +65,47 @@ def test_the_peers_bound_is_the_median_of_medians_and_needs_three_results():
     assert few.clipped == 2 and np.abs(few.jvp).max() == 1e4  # the bound off: only the absolute clip
     few = clean([honest[0], hostile], clip=1e4, relative=5.0)
     assert few.clipped == 2 and np.abs(few.jvp).max() == 1e4  # two results: only the absolute clip
+
+
+def test_another_clients_id_without_its_secret_gets_a_new_id_and_logs_nobody_out(tmp_path):
+    c, devices = start(tmp_path, clients=2)
+    victim = devices[0].who
+
+    def join(**claim):
+        return c.join(JoinRequest(enrolment_token="tok", model_fingerprint=c.fingerprint, **claim))
+
+    for secret in ("", "guess"):
+        taker = join(previous_client_id=victim.client_id, client_secret=secret)
+        assert taker.client_id != victim.client_id and taker.client_secret
+    devices[0].pull()  # the victim's session still works
+    assert c.store.counters()["rejoin_unproven"] == 2
+
+
+def test_a_client_rejoins_under_its_id_with_its_secret(tmp_path):
+    c, _ = start(tmp_path, clients=1)
+    first = c.join(JoinRequest(enrolment_token="tok", model_fingerprint=c.fingerprint))
+    again = c.join(
+        JoinRequest(
+            enrolment_token="tok",
+            model_fingerprint=c.fingerprint,
+            previous_client_id=first.client_id,
+            client_secret=first.client_secret,
+        )
+    )
+    assert again.client_id == first.client_id and not again.client_secret  # the secret stays the same
+    with pytest.raises(Reject) as refused:
+        c.pull(Credentials(first.client_id, first.session_token))
+    assert refused.value.reason == Reason.BAD_TOKEN  # the old session ended
+    c.pull(Credentials(again.client_id, again.session_token))
+    assert not c.store.query("SELECT 1 FROM clients WHERE secret_hash=?", (first.client_secret,))  # a hash only
+
+
+def test_a_state_folder_from_before_secrets_gets_the_column(tmp_path):
+    db = sqlite3.connect(tmp_path / DB_FILE)
+    db.execute("CREATE TABLE clients (client_id TEXT PRIMARY KEY, session_hash TEXT, token_hash TEXT, active INTEGER)")
+    db.execute("INSERT INTO clients VALUES ('old', 's', 't', 1)")
+    db.commit()
+    db.close()
+    store = Store(tmp_path)
+    assert store.client_auth("old").secret_hash is None  # so a Join claiming it gets a new id
+    store.close()

@@ -73,7 +73,7 @@ class Capabilities(_message.Message):
     def __init__(self, backend: _Optional[str] = ..., delegates: _Optional[_Iterable[str]] = ..., precision: _Optional[str] = ..., memory_bytes: _Optional[int] = ..., abi: _Optional[str] = ..., os: _Optional[str] = ..., cpu_count: _Optional[int] = ..., max_perturbations_per_call: _Optional[int] = ..., versions: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
-    __slots__ = ("protocol_version", "enrolment_token", "client_name", "capabilities", "model_fingerprint", "num_examples", "previous_client_id")
+    __slots__ = ("protocol_version", "enrolment_token", "client_name", "capabilities", "model_fingerprint", "num_examples", "previous_client_id", "client_secret")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ENROLMENT_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class JoinRequest(_message.Message):
     MODEL_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     NUM_EXAMPLES_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_SECRET_FIELD_NUMBER: _ClassVar[int]
     protocol_version: ProtocolVersion
     enrolment_token: str
     client_name: str
@@ -88,10 +89,11 @@ class JoinRequest(_message.Message):
     model_fingerprint: str
     num_examples: int
     previous_client_id: str
-    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., enrolment_token: _Optional[str] = ..., client_name: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., num_examples: _Optional[int] = ..., previous_client_id: _Optional[str] = ...) -> None: ...
+    client_secret: str
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., enrolment_token: _Optional[str] = ..., client_name: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., num_examples: _Optional[int] = ..., previous_client_id: _Optional[str] = ..., client_secret: _Optional[str] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("client_id", "session_token", "protocol_version", "model_fingerprint", "theta_dim", "theta_version", "heartbeat_interval_ms")
+    __slots__ = ("client_id", "session_token", "protocol_version", "model_fingerprint", "theta_dim", "theta_version", "heartbeat_interval_ms", "client_secret")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +101,7 @@ class JoinResponse(_message.Message):
     THETA_DIM_FIELD_NUMBER: _ClassVar[int]
     THETA_VERSION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    CLIENT_SECRET_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     session_token: str
     protocol_version: ProtocolVersion
@@ -106,7 +109,8 @@ class JoinResponse(_message.Message):
     theta_dim: int
     theta_version: int
     heartbeat_interval_ms: int
-    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., model_fingerprint: _Optional[str] = ..., theta_dim: _Optional[int] = ..., theta_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
+    client_secret: str
+    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., model_fingerprint: _Optional[str] = ..., theta_dim: _Optional[int] = ..., theta_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., client_secret: _Optional[str] = ...) -> None: ...
 
 class PullTaskRequest(_message.Message):
     __slots__ = ("client_id", "session_token", "theta_version")
