@@ -171,7 +171,7 @@ def eval_seconds(cases: dict[tuple, Path], repeats: int) -> dict[tuple, dict[str
 
 def host() -> dict:
     """This core's SIMD width per runtime and its clock, for the phone factor."""
-    from fwdllm.device_runtime.llama_backend import import_llama
+    from fwdllm.device_runtime.llama_ctypes import import_llama
 
     info = import_llama().llama_print_system_info().decode()
     cpuinfo = [ln.split(":", 1) for ln in Path("/proc/cpuinfo").read_text().splitlines() if ":" in ln]

@@ -29,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bench.harness import bundle  # noqa: E402
 from bench.report import write_results  # noqa: E402
+from fwdllm.device_runtime.llama_backend import labelled_sequences  # noqa: E402
 from fwdllm.proto.names import Task  # noqa: E402
 
 PRECISIONS = ("q4_0", "q8_0", "f16")
@@ -53,7 +54,7 @@ def measure(bundle_dir: Path, precision: str, args) -> list[dict]:
     backend = open_backend(bundle_dir, "llama.cpp", precision, {"threads": args.threads})
     L, ctx = backend.L, backend.ctx
     n_embd, n_layer = L.llama_model_n_embd(backend.model), L.llama_model_n_layer(backend.model)
-    seqs = backend.sequences(bbc_batch(bundle_dir, args.batch, args.seq))
+    seqs = labelled_sequences(bbc_batch(bundle_dir, args.batch, args.seq), backend.n_ctx, backend.n_vocab)
     rng = np.random.default_rng(0)
     d = backend.theta_dim
     cvec = (ctypes.c_float * (n_embd * (n_layer - 1)))()

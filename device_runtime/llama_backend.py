@@ -12,9 +12,6 @@ row through a suffix GGUF (``llama_suffix.py``, measured by ``bench/llama_prefix
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,48 +21,12 @@ import numpy as np
 
 from fwdllm.device_runtime.backend import Backend, BackendError, Batch
 from fwdllm.device_runtime.examples import IGNORE_INDEX
-from fwdllm.errors import UserError
+from fwdllm.device_runtime.llama_ctypes import LoraSlot, decode, import_llama, new_context
 from fwdllm.proto.manifest import BundleError, GraphSpec, Manifest
 from fwdllm.proto.names import GraphFormat, GraphRole, ThetaChannel
 
 if TYPE_CHECKING:
     from fwdllm.device_runtime.llama_suffix import CutModel
-
-log = logging.getLogger(__name__)
-
-
-def import_llama():
-    """llama_cpp's low-level API, its logging routed through Python's; a clear error when it is missing."""
-    try:
-        import llama_cpp
-        from llama_cpp import llama_cpp as L
-    except ImportError as exc:
-        raise UserError(
-            "the llama.cpp backend needs llama-cpp-python: "
-            "CMAKE_ARGS=\"-DGGML_NATIVE=OFF\" pip install 'fwdllm[device,llama]'"
-        ) from exc
-    del llama_cpp
-    L.llama_log_set(_log_callback(), ctypes.c_void_p(0))
-    return L
-
-
-@functools.cache
-def _log_callback():
-    """Route llama.cpp's log lines to Python logging: it logs every tensor it loads, and one
-    warning per LoRA tensor on every adapter load (hundreds per perturbation)."""
-    from llama_cpp import llama_cpp as L
-
-    # ggml levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation. Warnings become INFO: the
-    # per-tensor LoRA ones ("cannot use buft CPU_REPACK, fallback to CPU") are expected.
-    levels = {3: logging.INFO, 4: logging.ERROR}
-    llama_log = logging.getLogger("llama.cpp")
-
-    def forward(level: int, text: bytes, _user) -> None:
-        py_level = levels.get(level, logging.DEBUG)
-        if llama_log.isEnabledFor(py_level):
-            llama_log.log(py_level, text.decode("utf-8", "replace").rstrip())
-
-    return L.llama_log_callback(forward)
 
 
 def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -76,61 +37,37 @@ def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
     return float((logz - logits[np.arange(len(labels)), labels]).mean())
 
 
-def new_context(L, model, n_ctx: int, threads: int, cb_eval=None):
-    """A one-sequence context of ``n_ctx`` tokens (one ubatch), optionally with a scheduler eval callback."""
-    cparams = L.llama_context_default_params()
-    cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
-    cparams.n_seq_max = 1
-    cparams.n_threads = cparams.n_threads_batch = threads
-    if cb_eval is not None:
-        cparams.cb_eval = cb_eval
-    ctx = L.llama_init_from_model(model, cparams)
-    if not ctx:
-        raise BackendError(f"llama.cpp could not create a context of {n_ctx} tokens")
-    return ctx
+def kept_tokens(batch: Batch, i: int, n_ctx: int, n_vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row ``i``'s real tokens (int32) and their labels, checked against the context and the vocabulary."""
+    keep = batch.attention_mask[i].astype(bool)
+    tokens = batch.input_ids[i][keep].astype(np.int32)
+    if tokens.size == 0:
+        raise BackendError(f"row {i} of the batch has no tokens (its attention mask is all 0)")
+    if tokens.size > n_ctx:
+        raise BackendError(f"a sequence has {tokens.size} tokens, more than this context's {n_ctx}; truncate the data")
+    if tokens.max() >= n_vocab or tokens.min() < 0:
+        raise BackendError(f"a token id is outside the model's vocabulary of {n_vocab}; is the tokenizer the bundle's?")
+    return tokens, batch.labels[i][keep] if batch.labels.ndim == 2 else batch.labels[i]
 
 
-def decode(L, ctx, b, n: int, want: np.ndarray) -> None:
-    """One ``llama_decode`` of the first ``n`` entries of batch ``b`` (tokens or embeddings already
-    in it) as one sequence at positions 0..n−1, with logits where ``want`` is set."""
-    L.llama_memory_clear(L.llama_get_memory(ctx), True)
-    b.n_tokens = n
-    for i in range(n):
-        b.pos[i] = i
-        b.n_seq_id[i] = 1
-        b.seq_id[i][0] = 0
-        b.logits[i] = int(want[i])
-    rc = L.llama_decode(ctx, b)
-    if rc != 0:
-        raise BackendError(f"llama_decode failed with code {rc} on a {n}-token sequence")
-
-
-class LoraSlot:
-    """One context's only LoRA adapter: each adapter file loaded afresh, the previous adapter freed."""
-
-    def __init__(self, L, model, ctx):
-        self.L, self.model, self.ctx = L, model, ctx
-        self.adapter = None
-
-    def load(self, path: Path) -> None:
-        L = self.L
-        adapter = L.llama_adapter_lora_init(self.model, str(path).encode())
-        if not adapter:
-            raise BackendError("llama.cpp rejected the LoRA adapter built from θ; does the GGUF match this bundle?")
-        scale = (ctypes.c_float * 1)(1.0)  # llama.cpp itself multiplies by alpha / r
-        if L.llama_set_adapters_lora(self.ctx, (L.llama_adapter_lora_p_ctypes * 1)(adapter), 1, scale) != 0:
-            L.llama_adapter_lora_free(adapter)
-            raise BackendError("llama.cpp could not apply the LoRA adapter")
-        if self.adapter:
-            L.llama_adapter_lora_free(self.adapter)
-        self.adapter = adapter
-
-    def close(self) -> None:
-        """Detach and free the adapter (before the context and model go)."""
-        if self.adapter:
-            self.L.llama_set_adapters_lora(self.ctx, None, 0, None)
-            self.L.llama_adapter_lora_free(self.adapter)
-            self.adapter = None
+def labelled_sequences(batch: Batch, n_ctx: int, n_vocab: int) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per sequence of a causal-LM batch: its tokens, the positions whose logits predict a label, and those labels."""
+    if batch.labels.ndim != 2:
+        raise BackendError(
+            "the llama.cpp backend runs causal-LM batches (labels [B, S]); this batch is for classification"
+        )
+    out = []
+    for i in range(batch.size):
+        tokens, labels = kept_tokens(batch, i, n_ctx, n_vocab)
+        where = np.flatnonzero(labels[1:] != IGNORE_INDEX)  # logits at t predict token t+1
+        if where.size:
+            targets = labels[where + 1].astype(np.int64)
+            if targets.max() >= n_vocab or targets.min() < 0:
+                raise BackendError(f"a label is outside the model's vocabulary of {n_vocab} tokens")
+            out.append((tokens, where, targets))
+    if not out:
+        raise BackendError("the batch has no labelled tokens (every label is -100); nothing to compute a loss on")
+    return out
 
 
 class LlamaBackend(Backend):
@@ -266,7 +203,7 @@ class LlamaBackend(Backend):
                 self.set_theta(theta)
                 out[p] = _cross_entropy(self.answer_logits(prompts), labels)
             return out
-        sequences = self.sequences(batch)
+        sequences = labelled_sequences(batch, self.n_ctx, self.n_vocab)
         out = np.empty(len(thetas), dtype=np.float32)
         for p, theta in enumerate(thetas):
             self.set_theta(theta)
@@ -286,9 +223,9 @@ class LlamaBackend(Backend):
         """float32 at one θ, after each row's last real token: the label words' logits [B, C] for a
         label-word bundle, else next-token logits over the vocabulary [B, vocab]."""
         self.set_theta(self.check_thetas(np.atleast_2d(theta))[0])
+        rows = [kept_tokens(batch, i, self.n_ctx, self.n_vocab)[0] for i in range(batch.size)]
         if self.label_ids is not None:
-            return self.answer_logits([self._kept(batch, i)[0] for i in range(batch.size)]).astype(np.float32)
-        rows = [self._kept(batch, i)[0] for i in range(batch.size)]
+            return self.answer_logits(rows).astype(np.float32)
         return (
             np.stack([self.token_logits(t, np.array([t.size - 1])) for t in rows])
             .reshape(batch.size, -1)
@@ -301,47 +238,13 @@ class LlamaBackend(Backend):
             raise BackendError(
                 "this bundle answers with label words; its batches carry one label per row, not token labels"
             )
-        return [self._kept(batch, i)[0] for i in range(batch.real_rows or batch.size)]
+        return [kept_tokens(batch, i, self.n_ctx, self.n_vocab)[0] for i in range(batch.real_rows or batch.size)]
 
     def answer_logits(self, prompts: list[np.ndarray]) -> np.ndarray:
         """The label words' logits [n, C] after each prompt, under the adapter set now."""
         if self.cut is not None:
             return np.stack([self.cut.label_logits(t) for t in prompts])
         return np.stack([self.token_logits(t, np.array([t.size - 1]))[0, self.label_ids] for t in prompts])
-
-    def _kept(self, batch: Batch, i: int) -> tuple[np.ndarray, np.ndarray]:
-        keep = batch.attention_mask[i].astype(bool)
-        tokens = batch.input_ids[i][keep].astype(np.int32)
-        if tokens.size == 0:
-            raise BackendError(f"row {i} of the batch has no tokens (its attention mask is all 0)")
-        if tokens.size > self.n_ctx:
-            raise BackendError(
-                f"a sequence has {tokens.size} tokens, more than this context's {self.n_ctx}; truncate the data"
-            )
-        if tokens.max() >= self.n_vocab or tokens.min() < 0:
-            raise BackendError(
-                f"a token id is outside the model's vocabulary of {self.n_vocab}; is the tokenizer the bundle's?"
-            )
-        return tokens, batch.labels[i][keep] if batch.labels.ndim == 2 else batch.labels[i]
-
-    def sequences(self, batch: Batch) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Per sequence: its tokens, the positions whose logits predict a label, and those labels."""
-        if batch.labels.ndim != 2:
-            raise BackendError(
-                "the llama.cpp backend runs causal-LM batches (labels [B, S]); this batch is for classification"
-            )
-        out = []
-        for i in range(batch.size):
-            tokens, labels = self._kept(batch, i)
-            where = np.flatnonzero(labels[1:] != IGNORE_INDEX)  # logits at t predict token t+1
-            if where.size:
-                targets = labels[where + 1].astype(np.int64)
-                if targets.max() >= self.n_vocab or targets.min() < 0:
-                    raise BackendError(f"a label is outside the model's vocabulary of {self.n_vocab} tokens")
-                out.append((tokens, where, targets))
-        if not out:
-            raise BackendError("the batch has no labelled tokens (every label is -100); nothing to compute a loss on")
-        return out
 
     def token_nll(self, tokens: np.ndarray, where: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """−log p(targets[i] | tokens[: where[i] + 1]) under the current θ, one llama_decode."""

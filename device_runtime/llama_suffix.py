@@ -29,7 +29,7 @@ import numpy as np
 
 from fwdllm.device_runtime.backend import BackendError
 from fwdllm.device_runtime.graph_backend import PREFIX_CACHE_MB
-from fwdllm.device_runtime.llama_backend import LoraSlot, decode, new_context
+from fwdllm.device_runtime.llama_ctypes import LoraSlot, decode, new_context
 from fwdllm.proto.manifest import BundleError, GraphSpec
 
 

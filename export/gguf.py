@@ -294,7 +294,7 @@ def _write_f16(model, tokenizer: Path, path: Path) -> None:
 
 def quantize(src: Path, dst: Path, precision: str, threads: int = 0) -> None:
     """llama.cpp's own quantizer (``llama_model_quantize``), as ``llama-quantize`` runs it."""
-    from fwdllm.device_runtime.llama_backend import import_llama
+    from fwdllm.device_runtime.llama_ctypes import import_llama
 
     L = import_llama()
     ftypes: dict[str, int] = {Precision.Q8_0: L.LLAMA_FTYPE_MOSTLY_Q8_0, Precision.Q4_0: L.LLAMA_FTYPE_MOSTLY_Q4_0}
