@@ -70,6 +70,9 @@ class ServerConfig:
     rate_per_s: float = 20.0  # per-client requests per second (token bucket)
     rate_burst: int = 40
     heartbeat_ms: int = 5000
+    # a task's holder not heard from (beat, pull, anything) for this many heartbeat intervals loses the
+    # task at once, and is not selected again until it pulls; 0: wait for the task's deadline
+    silent_after_beats: float = 2.0
     retry_ms: int = 500  # how long a device without a task waits before pulling again
     active_window_s: float = 60.0  # a client seen this recently counts as active
     workers: int = 32
@@ -121,6 +124,10 @@ class CoordinatorConfig:
                 raise UserError(f"{name} must be at least 1, got {value}")
         if not r.epsilon > 0 or not r.deadline_s > 0 or r.over_select < 0:
             raise UserError("run.epsilon and run.deadline_s must be positive and run.over_select non-negative")
+        if self.server.silent_after_beats != 0 and not self.server.silent_after_beats >= 1:
+            raise UserError(
+                f"server.silent_after_beats must be 0 (off) or at least 1, got {self.server.silent_after_beats}"
+            )
         for name in ("outlier", "loss_outlier"):
             value = getattr(self.aggregation, name)
             if value != 0 and not value >= 1:

@@ -2,6 +2,7 @@
 
 Last-seen times are kept in memory and written by ``flush_last_seen`` (the server's tick), so a
 device's poll costs no write; a client counts as active only once this process has seen it.
+A client that went silent holding a task (``silent``) is not selected again until it pulls.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class Registry:
         self.store, self.cfg, self.fingerprint = store, cfg, fingerprint
         self.limiter = TokenBucket(cfg.server.rate_per_s, cfg.server.rate_burst)
         self.last_seen: dict[str, int] = {}
+        self.started_ms = now_ms()  # holders not seen by this process are judged from its start
+        self.silenced: set[str] = set()
 
     def authenticate(self, who: Credentials) -> None:
         """Admit a request of a joined client with its session token, within its rate limit."""
@@ -117,6 +120,22 @@ class Registry:
             client_secret=secret,
         )
 
+    def silent(self, client_ids: set[str], now: int) -> set[str]:
+        """Those of ``client_ids`` not heard from for ``server.silent_after_beats`` heartbeat intervals;
+        a device beats every interval while it works, so that long means it is gone or stuck."""
+        beats = self.cfg.server.silent_after_beats
+        if beats <= 0:
+            return set()
+        limit = beats * self.cfg.server.heartbeat_ms
+        return {c for c in client_ids if now - self.last_seen.get(c, self.started_ms) > limit}
+
+    def silence(self, client_ids: set[str]) -> None:
+        """Leave these clients out of selection until they ask for work (``asks_for_work``)."""
+        self.silenced |= client_ids
+
+    def asks_for_work(self, client_id: str) -> None:
+        self.silenced.discard(client_id)
+
     def leave(self, who: Credentials) -> None:
         with self.store.transaction():
             self.store.deactivate_client(who.client_id)
@@ -124,9 +143,13 @@ class Registry:
         self.last_seen.pop(who.client_id, None)
 
     def active(self, now: int) -> list[Candidate]:
-        """Enrolled clients seen within ``active_window_s``."""
+        """Enrolled clients seen within ``active_window_s`` and not silenced."""
         window = int(self.cfg.server.active_window_s * 1000)
-        return [c for c in self.store.active_clients() if now - self.last_seen.get(c.client_id, 0) <= window]
+        return [
+            c
+            for c in self.store.active_clients()
+            if now - self.last_seen.get(c.client_id, 0) <= window and c.client_id not in self.silenced
+        ]
 
     def count_active(self, now: int) -> int:
         window = int(self.cfg.server.active_window_s * 1000)

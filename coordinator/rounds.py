@@ -135,6 +135,7 @@ class Coordinator:
     def pull(self, who: Credentials) -> Pulled:
         self.registry.authenticate(who)
         with self.lock:
+            self.registry.asks_for_work(who.client_id)
             if not self.store.run.wave_open and not self.store.run.finished:
                 self.waves.advance(now_ms())  # an open wave moves on by submits and ticks: polls stay cheap
             run = self.store.run

@@ -348,11 +348,9 @@ class Tasks:
             f"SELECT COUNT(*) FROM tasks WHERE step=? AND wave=? AND status IN {LIVE}", (step, wave)
         )[0][0]
 
-    def overdue(self, step: int, now: int) -> list[Task]:
-        """This step's open tasks past their deadline."""
-        rows = self.store.read(
-            f"SELECT {TASK_COLUMNS} FROM tasks WHERE step=? AND status='open' AND deadline_ms<?", (step, now)
-        )
+    def open_of(self, step: int) -> list[Task]:
+        """This step's open tasks."""
+        rows = self.store.read(f"SELECT {TASK_COLUMNS} FROM tasks WHERE step=? AND status='open'", (step,))
         return [_task(r) for r in rows]
 
     def expire(self, task: Task) -> None:

@@ -63,12 +63,7 @@ class Waves:
                 return
         run, r = self.store.run, self.cfg.run
         if run.wave_open:
-            overdue = self.store.tasks.overdue(run.step, now)
-            if overdue:
-                with self.store.transaction():
-                    for task in overdue:
-                        self.store.tasks.expire(task)
-                    self.store.bump("tasks_expired", len(overdue))
+            self._expire_lost(run.step, now)
             accepted = self.store.results.count(run.step, run.wave)
             due = now >= run.wave_deadline_ms
             if accepted >= r.clients_per_step or (due and accepted >= r.min_results):
@@ -79,6 +74,26 @@ class Waves:
                     self.store.bump("waves_extended")
         if not self.store.run.wave_open and not self.store.run.finished:
             self.open(now)
+
+    def _expire_lost(self, step: int, now: int) -> None:
+        """Expire open tasks past their deadline, and at once those whose holder went silent (their
+        slots go to the next clients that pull; the silent ones are not selected until they pull)."""
+        tasks = self.store.tasks.open_of(step)
+        silent = self.registry.silent({t.client_id for t in tasks}, now)
+        overdue = [t for t in tasks if t.deadline_ms < now]
+        abandoned = [t for t in tasks if t.deadline_ms >= now and t.client_id in silent]
+        if not overdue and not abandoned:
+            return
+        with self.store.transaction():
+            for task in overdue + abandoned:
+                self.store.tasks.expire(task)
+            if overdue:
+                self.store.bump("tasks_expired", len(overdue))
+            if abandoned:
+                self.store.bump("tasks_abandoned", len(abandoned))
+        if abandoned:
+            self.registry.silence({t.client_id for t in abandoned})
+            log.info("step %d: %d silent holders lost their tasks", step, len(abandoned))
 
     def open(self, now: int) -> None:
         """Open a wave once enough clients are active, creating the selected clients' tasks at once."""

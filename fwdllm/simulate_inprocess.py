@@ -142,8 +142,8 @@ def _run(sim, overrides, validation_fraction, load_options, root, progress, desc
     config = merge(
         sim.coordinator_config(data / "heldout.jsonl"),
         {
-            "server": {"rate_per_s": 1e9, "rate_burst": 1 << 30, "active_window_s": 1e9},
-            # devices are served one after another here, so a wave's wall time says nothing
+            # devices are served one after another here, without heartbeats, so a wave's wall time says nothing
+            "server": {"rate_per_s": 1e9, "rate_burst": 1 << 30, "active_window_s": 1e9, "silent_after_beats": 0},
             "run": {"deadline_s": 1e7},
         },
     )
