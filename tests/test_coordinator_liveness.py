@@ -36,7 +36,7 @@ def test_a_silent_holder_loses_its_task_within_a_heartbeat_interval_and_is_not_s
         if task is not None:
             idle.submit(task)
         time.sleep(0.02)
-    assert time.monotonic() - went_silent < 3 * HEARTBEAT_MS / 1000 + 1.0  # not the 30 s deadline
+    assert time.monotonic() - went_silent < 3 * HEARTBEAT_MS / 1000 + 2.0  # not the 30 s deadline
     assert c.store.counters()["tasks_abandoned"] == 1 and "tasks_expired" not in c.store.counters()
     assert idle.pull() is not None and working.pull() is not None  # step 1 picks the two that answer
     assert silent.who.client_id in c.registry.silenced
