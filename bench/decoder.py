@@ -43,8 +43,11 @@ def words_bundle(k: int) -> Path:
 #: name -> (top K, SimConfig fields, coordinator overrides). Perturbations per client and steps fix the
 #: suffix evaluations; every variant gets the same budget of 2 × 10 × 4 × steps (central differences).
 VARIANTS: dict[str, tuple[int, dict, dict]] = {
-    "sgd": (2, {"optimizer": "sgd", "lr": 1e-3}, {}),
+    # SGD's lr gives steps of Adam's length: the estimate's norm is 10-40 over 30,720 values (Adam moves each by 1e-2);
+    # at lr 1e-3 θ moved by 1e-4 a value and held-out accuracy did not change in 60 steps.
+    "sgd": (2, {"optimizer": "sgd", "lr": 0.1}, {}),
     "adam": (2, {"optimizer": "adam", "lr": 1e-2}, {}),
+    "adam-lr3e-2": (2, {"optimizer": "adam", "lr": 3e-2}, {}),
     "adam-rademacher": (2, {"optimizer": "adam", "lr": 1e-2}, {"run": {"distribution": Distribution.RADEMACHER}}),
     "adam-variance": (2, {"optimizer": "adam", "lr": 1e-2, "variance": VarianceMode.RELATIVE, "max_waves": 2}, {}),
     "fzoo": (
@@ -52,11 +55,19 @@ VARIANTS: dict[str, tuple[int, dict, dict]] = {
         {"optimizer": "sgd", "lr": 2e-2, "perturbations": 7},
         {"run": {"scheme": DifferenceScheme.FORWARD}, "optimizer": {"jvp_std": True}},
     ),
+    # LoRA's A starts random (B at zero): its estimate is pure noise until B grows, and Adam moves every value by about
+    # lr a step whatever the signal, so A random-walks away from its initialisation; here only B is updated.
+    "adam-freeze-a": (
+        2,
+        {"optimizer": "adam", "lr": 1e-2},
+        {"optimizer": {"groups": [{"match": "*lora_A*", "lr_scale": 0.0}]}},
+    ),
     "adam-top1": (1, {"optimizer": "adam", "lr": 1e-2}, {}),
     "adam-top4": (4, {"optimizer": "adam", "lr": 1e-2}, {}),
 }
 
 
+UNBOUNDED = {"aggregation": {"outlier": 0}}
 RUNS = RESULTS_DIR / "decoder-runs"  # one JSON per finished run: reruns and parallel invocations reuse them
 
 
@@ -73,6 +84,7 @@ def study_run(name: str, seed: int, steps: int, eval_limit: int) -> dict:
 
 def _study_run(name: str, seed: int, steps: int, eval_limit: int) -> dict:
     from fwdllm.simulate import SimConfig
+    from fwdllm.simulate_inprocess import merge
 
     k, fields, overrides = VARIANTS[name]
     cfg = {"perturbations": 4, "epsilon": 1e-3, **fields}
@@ -90,7 +102,9 @@ def _study_run(name: str, seed: int, steps: int, eval_limit: int) -> dict:
         **cfg,
     )
     t = time.perf_counter()
-    result = run(sim, overrides, desc=f"{name} seed {seed}")
+    # Estimators are compared on the plain mean of the scalars: the coordinator's default peer bound
+    # (aggregation.outlier) is a defence whose cost `make demo-llm` measures, so it is off here.
+    result = run(sim, merge(UNBOUNDED, overrides), desc=f"{name} seed {seed}")
     evaluations = sum(r["perturbations"] for r in result.rows) * (
         2 if overrides.get("run", {}).get("scheme") != DifferenceScheme.FORWARD else 1
     )
@@ -207,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="top-2 cost with 2 repeats and one 4-step run (CI)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the chosen recipe (default 3)")
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--recipe", default="adam", help="the variant run for every seed (default adam)")
+    parser.add_argument("--recipe", default="adam-lr3e-2", help="the variant run for every seed (default adam-lr3e-2)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="variants run once, seed 0")
     parser.add_argument("--parts", default="study,backprop")
     args = parser.parse_args(argv)

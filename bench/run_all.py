@@ -111,7 +111,7 @@ SECTIONS = [
         "decoder.py",
         ["decoder"],
         ["--quick"],
-        minutes=45,
+        minutes=90,  # 10 estimator variants and 2 more seeds, ~6 min each, and the backprop baseline
     ),
     Section(
         "LLaMA-7B on paper: memory and seconds per perturbed evaluation, extrapolated from SmolLM2",
