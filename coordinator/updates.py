@@ -84,7 +84,7 @@ class Updates:
 
     def record_start(self) -> None:
         """The starting point of the curves: the bundle's θ evaluated, recorded once as step -1."""
-        if self.evaluates and not self.store.metrics():
+        if self.evaluator is not None and self.evaluates and not self.store.metrics():
             row = {"step": -1, "theta_version": 1, "time": now_iso(), **self.evaluator(self.theta)}
             with self.store.transaction():
                 self.store.put_metrics(row)
@@ -127,7 +127,7 @@ class Updates:
     def _evaluate(self, run: RunState, theta: np.ndarray, row: dict, last: bool) -> tuple[np.ndarray, RunState, bool]:
         """Evaluate θ when due (into ``row``); early stopping may end the run and put the best θ back."""
         version = run.step + 2
-        if not self.evaluates or ((run.step + 1) % self.cfg.eval.every and not last):
+        if self.evaluator is None or not self.evaluates or ((run.step + 1) % self.cfg.eval.every and not last):
             return theta, run, last
         row.update(self.evaluator(theta))
         after = self._early_stopping(run, row.get("eval_loss"), theta, version)

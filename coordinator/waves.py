@@ -126,9 +126,11 @@ class Waves:
         if vc.mode == VarianceMode.FIXED:
             return run.wave + 1 < vc.fixed_waves, var0
         if vc.mode in (VarianceMode.THRESHOLD, VarianceMode.RELATIVE) and run.wave + 1 < vc.max_waves:
-            if vc.mode == VarianceMode.RELATIVE and var0 is None:
+            if vc.mode == VarianceMode.THRESHOLD:
+                return variance > vc.threshold, var0
+            if var0 is None:  # mode relative: step 0's variance becomes the reference
                 var0 = variance
-            return variance > (vc.threshold if vc.mode == VarianceMode.THRESHOLD else vc.relative * var0), var0
+            return variance > vc.relative * var0, var0
         return False, var0
 
     def close(self, now: int) -> None:

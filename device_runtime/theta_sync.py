@@ -19,7 +19,9 @@ import logging
 
 import numpy as np
 
+from fwdllm.device_runtime.connection import RetryingCalls
 from fwdllm.errors import UserError
+from fwdllm.proto.manifest import Manifest
 from fwdllm.proto.names import Distribution
 from fwdllm.proto.update_rule import apply_update
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
@@ -44,9 +46,14 @@ def theta_from_chunks(chunks: list[pb.ParameterChunk], dim: int) -> tuple[np.nda
     return theta, version
 
 
-class ThetaSync:
+class ThetaSync(RetryingCalls):
     """The device client's θ: mixed into ``DeviceClient``, whose ``_call``/``_retry``, ``stub``,
     credentials, ``manifest``, ``cfg`` and ``stats`` it uses."""
+
+    # Set by DeviceClient.__init__ (the calls, stub, cfg and stats are RetryingCalls').
+    manifest: Manifest
+    client_id: str
+    session: str
 
     theta: np.ndarray | None = None
     theta_version = 0
@@ -62,8 +69,7 @@ class ThetaSync:
             and self._replay(version)
         ):
             return self.theta
-        self._fetch(version)
-        return self.theta
+        return self._fetch(version)
 
     def _replay(self, version: int) -> bool:
         """Catch up by replaying updates when the coordinator has them within θ's size and the seed cap."""
@@ -93,6 +99,8 @@ class ThetaSync:
         except ValueError:  # a distribution this version cannot generate: download θ instead
             return False
         theta = self.theta
+        if theta is None:  # the caller replays only onto a θ it holds
+            return False
         for update, distribution in zip(resp.updates, distributions):
             theta = apply_update(theta, update.seeds, update.coefficients, update.lr, str(distribution))
         self.theta, self.theta_version = theta, version
@@ -107,7 +115,7 @@ class ThetaSync:
         )
         return True
 
-    def _fetch(self, version: int) -> None:
+    def _fetch(self, version: int) -> np.ndarray:
         d = self.manifest.theta.dim
         for attempt in range(3):
             chunks = self._retry(
@@ -125,6 +133,6 @@ class ThetaSync:
             if theta is not None:
                 self.theta, self.theta_version = theta, got_version
                 self.stats["theta_fetches"] += 1
-                return
+                return theta
             log.warning("θ download %d was incomplete or corrupt (sha256 mismatch); fetching again", attempt + 1)
         raise UserError("θ downloads keep failing their sha256 check; check the network path to the coordinator")

@@ -13,8 +13,9 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import cast
 
-from fwdllm.device_runtime.backend import DEFAULT_BACKEND
+from fwdllm.device_runtime.backend import DEFAULT_BACKEND, Backend
 
 
 class SerializedBackend:
@@ -68,7 +69,8 @@ def worker_main(argv: list[str] | None = None) -> int:
             name=f"sim-{i:05d}",
             state_file=args.devices / f"client-{i:05d}.json",
         )
-        client = DeviceClient(cfg, backend=shared)
+        # the proxy stands in for the Backend it wraps: every attribute but the locked calls is forwarded
+        client = DeviceClient(cfg, backend=cast(Backend, shared))
         client.join()
         clients.append(client)
     stop = threading.Event()
