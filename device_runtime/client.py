@@ -278,7 +278,7 @@ class DeviceClient(ThetaSync, RetryingCalls):
             len(result.nonfinite),
             result.loss_mean,
             elapsed_ms,
-            result.backend_calls,
+            result.calls,
             outcome,
         )
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from fwdllm.device_runtime.backend import Backend, Batch, Tokenizer
-from fwdllm.device_runtime.engine import forward_gradients
+from fwdllm.device_runtime.engine import GradientResult, forward_gradients
 from fwdllm.device_runtime.examples import Example, select
 from fwdllm.proto.names import DifferenceScheme, Distribution
 
@@ -38,19 +38,11 @@ class Task:
 
 
 @dataclass
-class TaskResult:
-    """What the device reports: jvp[i] for seeds[i] (0 where listed in ``nonfinite``) and its loss statistics."""
+class TaskResult(GradientResult):
+    """What the device reports: the engine's result for the task's seeds, the batch size and the device time."""
 
-    seeds: list[int]
-    jvp: np.ndarray  # float32 [n]
-    nonfinite: list[int]
-    loss_mean: float
-    loss_min: float
-    loss_max: float
-    loss_base: float  # f(θ) for the forward scheme, else NaN
-    num_examples: int
-    backend_calls: int
-    device_seconds: float  # tokenising the batch and computing the losses
+    num_examples: int = 0
+    device_seconds: float = 0.0  # tokenising the batch and computing the losses
 
 
 @dataclass
@@ -88,14 +80,7 @@ def do_task(
         should_stop=should_stop,
     )
     return TaskResult(
-        seeds=gradient.seeds,
-        jvp=gradient.jvp,
-        nonfinite=gradient.nonfinite,
-        loss_mean=gradient.loss_mean,
-        loss_min=gradient.loss_min,
-        loss_max=gradient.loss_max,
-        loss_base=gradient.loss_base,
+        **{f.name: getattr(gradient, f.name) for f in fields(gradient)},
         num_examples=task.batch_size,
-        backend_calls=gradient.calls,
         device_seconds=time.perf_counter() - started,
     )
