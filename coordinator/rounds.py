@@ -48,6 +48,9 @@ LAST_SEEN_FLUSH_MS = 5000
 
 
 class Coordinator:
+    """One run, resumed from its state folder: every method takes and returns the objects of messages.py
+    and refuses with ``Reject(Reason)``, so gRPC (server.py), the in-process simulator and tests drive it alike."""
+
     def __init__(
         self, bundle: str | Path, state_dir: str | Path, cfg: CoordinatorConfig, evaluator: Evaluator | None = None
     ):
