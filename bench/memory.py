@@ -88,7 +88,7 @@ def _bundle(**kw) -> Path | dict:
 
 
 def measure(model: str, seq: int, quick: bool) -> list[dict]:
-    from fwdllm.device_runtime.bench import _subprocess
+    from fwdllm.device_runtime.bench import WORKER, _subprocess
 
     # SmolLM2 is a decoder: every column trains it on next tokens. Its TFLite conversion takes longer than make
     # bench's hour allows, so its devices are measured on ORT and llama.cpp.
@@ -115,7 +115,7 @@ def measure(model: str, seq: int, quick: bool) -> list[dict]:
             kind,
             what,
             _subprocess(
-                "worker",
+                WORKER,
                 {
                     **base,
                     "bundle": str(device),
@@ -134,7 +134,7 @@ def measure(model: str, seq: int, quick: bool) -> list[dict]:
             gguf
             if isinstance(gguf, dict)
             else _subprocess(
-                "worker",
+                WORKER,
                 {
                     **base,
                     "bundle": str(gguf),

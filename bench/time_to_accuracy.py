@@ -194,6 +194,7 @@ def peak_device_memory(name: str, points: list[dict]) -> float | None:
             for r in rows
             if (r["model"], r["seq"], r["kind"]) == ("minilm", 64, "fwdllm")
             and r["configuration"].startswith("onnxruntime")
+            and isinstance(r["peak_rss_mb"], float)  # a failed measurement holds its error text
         ),
         None,
     )
