@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -57,7 +58,7 @@ def open_channel(address: str, tls_ca: Path | None, backoff_s: tuple[float, floa
     return grpc.insecure_channel(address, options)
 
 
-class RetryingCalls:
+class RetryingCalls(ABC):
     """Calls to the coordinator: mixed into ``DeviceClient``, whose ``stub``, ``cfg``, ``stats``, ``_stop``
     and ``join`` it uses."""
 
@@ -67,9 +68,9 @@ class RetryingCalls:
     stats: dict[str, int]
     _stop: threading.Event
 
+    @abstractmethod
     def join(self) -> Any:
         """Join the run (again): ``DeviceClient.join``."""
-        raise NotImplementedError
 
     def _call(self, method: str, make: Callable[[], Any], final: frozenset = frozenset()):
         """One unary call, retried until the coordinator answers (see ``_retry``)."""
