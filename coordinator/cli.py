@@ -30,6 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=[],
         help="also accept this enrolment token (repeatable; stored like `coordinator token`)",
     )
+    s.add_argument(
+        "--metrics-port",
+        type=int,
+        help="also serve Prometheus metrics at http://<--metrics-host>:PORT/metrics (off by default; 0 picks a port)",
+    )
+    s.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics endpoint (default 127.0.0.1)")
     s.add_argument("--exit-when-finished", action="store_true", help="stop serving once the last step is applied")
     s.set_defaults(handler=_serve)
 
@@ -66,18 +72,29 @@ def _serve(args: argparse.Namespace) -> int:
     for token in args.token:
         if coordinator.store.token_state(token) == "unknown":
             coordinator.store.add_token(token, "serve --token")
-    running = start(coordinator, args.host, args.port, args.tls_cert, args.tls_key)
-    logging.getLogger("fwdllm.coordinator").info(  # shown by default: fwdllm's INFO records are progress
-        "serving %s on %s:%d (step %d of %d, state %s)",
-        args.bundle,
-        args.host,
-        running.port,
-        coordinator.step,
-        cfg.run.steps,
-        args.state,
-    )
-    print(f"fwdllm coordinator: listening on {args.host}:{running.port}", flush=True)
-    serve_forever(running, args.state / "endpoint", exit_when_finished=args.exit_when_finished)
+    metrics = None
+    if args.metrics_port is not None:  # first: a taken metrics port stops start-up before the run is served
+        from fwdllm.coordinator.prometheus import MetricsEndpoint
+
+        metrics = MetricsEndpoint(coordinator, args.metrics_host, args.metrics_port)
+    try:
+        running = start(coordinator, args.host, args.port, args.tls_cert, args.tls_key)
+        logging.getLogger("fwdllm.coordinator").info(  # shown by default: fwdllm's INFO records are progress
+            "serving %s on %s:%d (step %d of %d, state %s)",
+            args.bundle,
+            args.host,
+            running.port,
+            coordinator.step,
+            cfg.run.steps,
+            args.state,
+        )
+        print(f"fwdllm coordinator: listening on {args.host}:{running.port}", flush=True)
+        if metrics is not None:
+            print(f"fwdllm coordinator: metrics on http://{args.metrics_host}:{metrics.port}/metrics", flush=True)
+        serve_forever(running, args.state / "endpoint", exit_when_finished=args.exit_when_finished)
+    finally:
+        if metrics is not None:
+            metrics.stop()
     return 0
 
 

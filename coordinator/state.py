@@ -262,6 +262,24 @@ class Store:
         rows = self.read("SELECT row FROM metrics ORDER BY step DESC LIMIT 1")
         return json.loads(rows[0][0]) if rows else None
 
+    def latest_metric_values(self, keys: list[str]) -> dict[str, float]:
+        """Each key's value in the latest row that has it (held-out values live only in evaluated rows)."""
+        latest = {}
+        for key in keys:
+            rows = self.read(
+                "SELECT json_extract(row, ?) AS v FROM metrics WHERE v IS NOT NULL ORDER BY step DESC LIMIT 1",
+                (f"$.{key}",),
+            )
+            if rows:
+                latest[key] = rows[0][0]
+        return latest
+
+    def metric_sums(self, keys: list[str]) -> dict[str, float]:
+        """Each key's sum over the applied steps' rows (step -1 is the initial evaluation), 0 when none."""
+        sums = ", ".join("TOTAL(json_extract(row, ?))" for _ in keys)
+        (values,) = self.read(f"SELECT {sums} FROM metrics WHERE step >= 0", [f"$.{k}" for k in keys])
+        return dict(zip(keys, values))
+
     # ----- θ files -----
     def checkpoint_path(self, version: int) -> Path:
         return self.dir / CHECKPOINT_DIR / f"theta-v{version:08d}.safetensors"
