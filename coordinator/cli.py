@@ -51,9 +51,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(handler=_status)
 
-    pl = subparsers.add_parser("plot", help="draw a run's metrics.jsonl as a PNG")
-    pl.add_argument("metrics", type=Path, help="metrics.jsonl from the coordinator's --state folder")
+    pl = subparsers.add_parser(
+        "plot",
+        help="draw one run's metrics, or several runs on one figure, as a PNG",
+        description="Each RUN is a metrics.jsonl or the folder of a coordinator state, `fwdllm simulate` run or "
+        "`fwdllm baseline` run; curves are drawn against the updates applied, one line per run.",
+    )
+    pl.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="metrics.jsonl or a run folder")
     pl.add_argument("--out", required=True, type=Path, help="PNG file to write")
+    pl.add_argument("--labels", help="comma-separated legend names, one per RUN (default: the runs' folder names)")
     pl.add_argument("--title", default="")
     pl.set_defaults(handler=_plot)
 
@@ -151,8 +157,15 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from fwdllm.coordinator.metrics import plot, read_jsonl
+    from fwdllm.coordinator.metrics import plot_runs, read_run
+    from fwdllm.errors import UserError
 
-    out = plot(read_jsonl(args.metrics), args.out, args.title)
+    runs = [read_run(path) for path in args.runs]
+    if args.labels is not None:
+        labels = args.labels.split(",")
+        if len(labels) != len(runs):
+            raise UserError(f"--labels names {len(labels)} runs but {len(runs)} were given; give one name per RUN")
+        runs = [(label, rows) for label, (_, rows) in zip(labels, runs)]
+    out = plot_runs(runs, args.out, args.title)
     print(out, file=sys.stdout)
     return 0

@@ -1,8 +1,8 @@
 """A backprop baseline's run folder gets what ``fwdllm simulate`` leaves in its own: ``convergence.png`` and
 ``report.md``, so a baseline and a forward-gradient run of the same task can be read side by side.
 
-The plot is the coordinator's (``fwdllm.coordinator.metrics.plot``): baseline records are renamed to the
-coordinator's metric names, so both kinds of run draw the same panels.
+The plot is the coordinator's (``fwdllm.coordinator.metrics.plot``), which reads baseline records under the
+coordinator's metric names, so both kinds of run draw the same panels and `fwdllm plot` draws them together.
 """
 
 from __future__ import annotations
@@ -14,21 +14,13 @@ PLOT_FILE = "convergence.png"
 REPORT_FILE = "report.md"
 
 
-def plot_rows(records: list[dict]) -> list[dict]:
-    """Baseline records under the coordinator's metric names (``loss`` is the clients' mean local loss)."""
-    return [
-        {"step": r["step"], "loss": r["train_loss"], "eval_loss": r["heldout_loss"], "accuracy": r["heldout_accuracy"]}
-        for r in records
-    ]
-
-
 def write_report(out: Path, config: dict, records: list[dict]) -> Path:
     """Write ``out/convergence.png`` and ``out/report.md`` from a run's ``config.json`` content and records."""
     from fwdllm.coordinator.metrics import plot
 
     out = Path(out)
     title = f"{config['data']}: backprop {config['peft']}, {config['clients']} clients, {config['per_step']} per round"
-    plot(plot_rows(records), out / PLOT_FILE, title=title)
+    plot(records, out / PLOT_FILE, title=title)
     (out / REPORT_FILE).write_text(_markdown(config, records))
     return out / REPORT_FILE
 

@@ -15,6 +15,7 @@ from test_coordinator_fixtures import LAYOUT, QuadraticDevice, make_bundle, writ
 
 from fwdllm.cli import main
 from fwdllm.coordinator.config import from_dict, load_config
+from fwdllm.coordinator.metrics import by_round, read_run
 from fwdllm.coordinator.rounds import Coordinator
 from fwdllm.coordinator.server import start
 from fwdllm.coordinator.state import Store
@@ -113,6 +114,36 @@ def test_plot_draws_the_metrics(tmp_path):
     assert main(["plot", str(metrics), "--out", str(out)]) == 0
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5_000
     assert main(["plot", str(tmp_path / "missing.jsonl"), "--out", str(out)]) == 2
+
+
+def test_plot_draws_a_simulation_and_a_baseline_on_one_figure_by_updates_applied(tmp_path):
+    """A coordinator's row of step s follows s + 1 updates; a baseline's row of round r follows r rounds."""
+    sim = tmp_path / "sim" / "state"
+    sim.mkdir(parents=True)
+    sim_rows = [{"step": s, "loss": 1.0 - s / 10, "accuracy": 0.5 + s / 20} for s in (-1, 0, 1, 2)]
+    (sim / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sim_rows))
+    base = tmp_path / "backprop"
+    base.mkdir()
+    base_rows = [
+        {"step": r, "train_loss": 1.0 - r / 5, "heldout_loss": 1.1 - r / 5, "heldout_accuracy": 0.4 + r / 10}
+        for r in (0, 1, 2, 3)
+    ]
+    (base / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in base_rows))
+
+    name, rows = read_run(tmp_path / "sim")
+    assert name == "sim" and [(r["round"], r["accuracy"]) for r in by_round(rows)] == [
+        (s + 1, 0.5 + s / 20) for s in (-1, 0, 1, 2)
+    ]
+    name, rows = read_run(base)
+    assert name == "backprop" and [(r["round"], r["accuracy"], r["eval_loss"], r["loss"]) for r in by_round(rows)] == [
+        (r, 0.4 + r / 10, 1.1 - r / 5, 1.0 - r / 5) for r in (0, 1, 2, 3)
+    ]
+    out = tmp_path / "both.png"
+    argv = ["plot", str(tmp_path / "sim"), str(base / "metrics.jsonl"), "--out", str(out)]
+    assert main([*argv, "--labels", "fwdllm,backprop"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([*argv, "--labels", "only-one"]) == 2
+    assert main(["plot", str(tmp_path), "--out", str(out)]) == 2  # a folder without metrics
 
 
 def test_config_files_and_their_errors(tmp_path):
