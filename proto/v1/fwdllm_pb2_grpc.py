@@ -5,7 +5,7 @@ import warnings
 
 from fwdllm.proto.v1 import fwdllm_pb2 as fwdllm_dot_proto_dot_v1_dot_fwdllm__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
