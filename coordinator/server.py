@@ -1,18 +1,32 @@
 """The gRPC server around a Coordinator: TLS, message limits, health, reflection, bad-input handling.
 
-A thin adapter: wire.py converts the messages, this maps a ``Reject``'s reason to its status
-code. Methods are registered by hand (not with the generated ``add_FwdLLMServicer_to_server``) so
-that a request that does not parse reaches a handler as ``Malformed`` and is answered
-INVALID_ARGUMENT and counted, like every other rejected request, instead of an anonymous
-INTERNAL. A bug in one request is answered INTERNAL and logged; the server keeps serving.
+A thin adapter: wire.py converts the messages, this maps a ``Reject``'s reason to its status code.
+It is an asyncio server (grpc.aio) on a thread of its own: an open stream is a coroutine, not a
+worker thread, so no number of streams that send or read nothing (health ``Watch``, reflection,
+``FetchParameters``) takes capacity from devices' calls, as they did from a thread pool server.
+The core is synchronous; its calls run on a bounded thread pool, serialised by its lock as ever,
+and Join and GetStatus, which anyone may call, have a small pool of their own, so callers without a
+session never occupy the threads of joined devices. Connections are pinged and recycled, so a dead
+peer's streams end.
+
+A request that does not parse reaches no servicer, health and reflection included: the interceptor
+answers it INVALID_ARGUMENT (gRPC itself would log a traceback and answer UNKNOWN). Rejected requests
+are counted in memory, written to the store in one transaction per tick, and logged as one summary
+line at most every ``LOG_EVERY_S``, so a flood of bad requests costs neither a write nor a log line
+each. A bug in one request is answered INTERNAL and logged with its traceback; the server keeps serving.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
+import os
 import signal
+import ssl
 import threading
 import time
+from collections import Counter
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +46,20 @@ log = logging.getLogger("fwdllm.coordinator.server")
 
 SERVICE = "fwdllm.v1.FwdLLM"
 TICK_S = 0.2
+LOG_EVERY_S = 10.0  # at most one summary line of rejected requests per this many seconds
+OPEN_WORKERS = 4  # threads for Join and GetStatus, which need no session
+#: Set to 1 only by a crash test: the process SIGKILLs itself once a result is committed, before the reply.
+KILL_AFTER_COMMIT_ENV = "FWDLLM_TEST_KILL_AFTER_SUBMIT_COMMIT"
+
+OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_concurrent_streams", 100),  # per connection: a device needs three
+    ("grpc.keepalive_time_ms", 60_000),  # ping every peer each minute ...
+    ("grpc.keepalive_timeout_ms", 20_000),  # ... and close the connection of one that does not answer
+    ("grpc.max_connection_idle_ms", 300_000),  # close connections without calls for 5 minutes
+    ("grpc.max_connection_age_ms", 3_600_000),  # recycle every connection after an hour ...
+    ("grpc.max_connection_age_grace_ms", 600_000),  # ... giving its calls 10 minutes to finish
+]
 
 GRPC_STATUS = {
     Reason.UNKNOWN_CLIENT: grpc.StatusCode.UNAUTHENTICATED,
@@ -63,109 +91,304 @@ class Malformed:
     size: int
 
 
-class Servicer:
+class Rejections:
+    """Rejected requests, counted in memory: ``flush`` writes the counts in one transaction and logs
+    one line of them when ``LOG_EVERY_S`` has passed since the last."""
+
     def __init__(self, coordinator: Coordinator):
-        self.c, self.proto = coordinator, ProtoCoordinator(coordinator)
+        self.c = coordinator
+        self.lock = threading.Lock()
+        self.unsaved: Counter[str] = Counter()
+        self.unlogged: Counter[str] = Counter()
+        self.last: dict[str, str] = {}  # counter -> the latest such rejection, for the log line
+        self.logged_at = -LOG_EVERY_S
 
-    def _fail(self, context, code: grpc.StatusCode, counter: str, message: str, method: str):
-        self.c.count(counter)
-        log.warning("%s from %s rejected (%s): %s", method, context.peer(), code.name, message)
-        context.abort(code, message)
+    def add(self, counter: str, what: str) -> None:
+        with self.lock:
+            self.unsaved[counter] += 1
+            self.unlogged[counter] += 1
+            self.last[counter] = what
 
-    def _unary(self, method: str, fn, request, context):
-        if isinstance(request, Malformed):
-            self._fail(
-                context,
-                grpc.StatusCode.INVALID_ARGUMENT,
-                "rejected_malformed",
-                f"the {request.size}-byte request is not a valid {method} message ({request.error})",
-                method,
-            )
-        try:
-            return fn(request)
-        except Reject as r:
-            self._fail(context, GRPC_STATUS[r.reason], r.counter, r.message, method)
-        except Exception:  # one bad request must never stop the server
-            log.exception("%s failed", method)
-            self.c.count("internal_errors")
-            context.abort(grpc.StatusCode.INTERNAL, f"{method} failed on the server; see its log")
-
-    def handler(self) -> grpc.GenericRpcHandler:
-        c = self.proto
-
-        def unary(method, fn, request_type):
-            def behaviour(request, context):
-                return self._unary(method, fn, request, context)
-
-            return grpc.unary_unary_rpc_method_handler(
-                behaviour,
-                request_deserializer=_parser(request_type),
-                response_serializer=lambda m: m.SerializeToString(),
-            )
-
-        def fetch(request, context):
-            if isinstance(request, Malformed):
-                self._fail(
-                    context,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    "rejected_malformed",
-                    f"not a valid FetchParameters message ({request.error})",
-                    "FetchParameters",
-                )
+    def flush(self, log_now: bool = False) -> None:
+        with self.lock:
+            unsaved, self.unsaved = self.unsaved, Counter()
+            now = time.monotonic()
+            summary = ""
+            if self.unlogged and (log_now or now - self.logged_at >= LOG_EVERY_S):
+                parts = [f"{name} {n} (last: {self.last[name]})" for name, n in self.unlogged.most_common()]
+                summary = f"rejected {sum(self.unlogged.values())} requests: " + "; ".join(parts)
+                self.unlogged, self.last, self.logged_at = Counter(), {}, now
+        if unsaved:
             try:
-                yield from c.fetch_parameters(request)
-            except Reject as r:
-                self._fail(context, GRPC_STATUS[r.reason], r.counter, r.message, "FetchParameters")
-
-        handlers = {
-            "Join": unary("Join", c.join, pb.JoinRequest),
-            "PullTask": unary("PullTask", c.pull_task, pb.PullTaskRequest),
-            "Submit": unary("Submit", lambda r: c.submit(r, r.ByteSize()), pb.SubmitRequest),
-            "Heartbeat": unary("Heartbeat", c.heartbeat, pb.HeartbeatRequest),
-            "Leave": unary("Leave", c.leave, pb.LeaveRequest),
-            "FetchHistory": unary("FetchHistory", c.fetch_history, pb.FetchHistoryRequest),
-            "GetStatus": unary("GetStatus", lambda r: c.status(), pb.GetStatusRequest),
-            "FetchParameters": grpc.unary_stream_rpc_method_handler(
-                fetch,
-                request_deserializer=_parser(pb.FetchParametersRequest),
-                response_serializer=lambda m: m.SerializeToString(),
-            ),
-        }
-        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+                with self.c.store.transaction():
+                    for name, n in unsaved.items():
+                        self.c.store.bump(name, n)
+            except BaseException:
+                with self.lock:
+                    self.unsaved.update(unsaved)
+                raise
+        if summary:
+            log.warning("%s", summary)
 
 
-def _parser(message_type):
+def _parser(deserialize):
     def parse(data: bytes):
         try:
-            return message_type.FromString(data)
+            return deserialize(data)
         except Exception as exc:  # protobuf raises DecodeError and, on some inputs, others
             return Malformed(f"{type(exc).__name__}: {exc}"[:200], len(data))
 
     return parse
 
 
-class RunningServer:
-    """A started server plus the ticker that moves deadlines on; ``stop`` ends both."""
+class RejectMalformed(grpc.aio.ServerInterceptor):
+    """Every method's request parser returns ``Malformed`` instead of raising, and its handler answers
+    that INVALID_ARGUMENT, counted, before the servicer sees it."""
 
-    def __init__(self, coordinator: Coordinator, server: grpc.Server, port: int, health_servicer):
-        self.coordinator, self.server, self.port, self.health = coordinator, server, port, health_servicer
+    def __init__(self, rejections: Rejections):
+        self.rejections = rejections
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+
+        async def refuse(request: Malformed, context):
+            message = f"the {request.size}-byte request is not a valid {method} message ({request.error})"
+            self.rejections.add("rejected_malformed", f"{method} from {context.peer()}: {message}")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+        async def checked(requests, context):
+            async for request in requests:
+                if isinstance(request, Malformed):
+                    await refuse(request, context)
+                yield request
+
+        kind = ("stream" if handler.request_streaming else "unary") + "_"
+        kind += "stream" if handler.response_streaming else "unary"
+        inner = getattr(handler, kind)
+
+        if inspect.isasyncgenfunction(inner):
+
+            async def behaviour(request, context):
+                if handler.request_streaming:
+                    request = checked(request, context)
+                elif isinstance(request, Malformed):
+                    await refuse(request, context)
+                async for response in inner(request, context):
+                    yield response
+
+        else:
+
+            async def behaviour(request, context):  # type: ignore[misc]  # the other shape of handler
+                if handler.request_streaming:
+                    request = checked(request, context)
+                elif isinstance(request, Malformed):
+                    await refuse(request, context)
+                return await inner(request, context)
+
+        return handler._replace(request_deserializer=_parser(handler.request_deserializer), **{kind: behaviour})
+
+
+class Servicer:
+    """The fwdllm methods: each runs its core call on a thread pool and maps a ``Reject`` to its status."""
+
+    def __init__(self, coordinator: Coordinator, rejections: Rejections):
+        self.c, self.proto, self.rejections = coordinator, ProtoCoordinator(coordinator), rejections
+        workers = coordinator.cfg.server.workers
+        self.pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="coordinator-call")
+        self.open_pool = futures.ThreadPoolExecutor(OPEN_WORKERS, thread_name_prefix="coordinator-open")
+        self.kill_after_commit = os.environ.get(KILL_AFTER_COMMIT_ENV) == "1"
+
+    async def _run(self, method: str, context, pool, fn, *args):
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+        except Reject as r:
+            code, counter, message = GRPC_STATUS[r.reason], r.counter, r.message
+        except Exception:  # one bad request must never stop the server
+            log.exception("%s failed", method)
+            code, counter, message = grpc.StatusCode.INTERNAL, "internal_errors", f"{method} failed; see the server log"
+        self.rejections.add(counter, f"{method} from {context.peer()}, {code.name}: {message}")
+        await context.abort(code, message)
+
+    def _submit(self, request: pb.SubmitRequest) -> pb.SubmitResponse:
+        response = self.proto.submit(request, request.ByteSize())
+        if self.kill_after_commit and not response.duplicate:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return response
+
+    def _status(self, request: pb.GetStatusRequest) -> pb.StatusResponse:
+        self.rejections.flush()  # the counters include rejections not yet written
+        return self.proto.status()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        c = self.proto
+
+        def unary(method, fn, request_type, pool=self.pool):
+            async def behaviour(request, context):
+                return await self._run(method, context, pool, fn, request)
+
+            return grpc.unary_unary_rpc_method_handler(
+                behaviour,
+                request_deserializer=request_type.FromString,
+                response_serializer=lambda m: m.SerializeToString(),
+            )
+
+        async def fetch(request, context):
+            chunks = c.fetch_parameters(request)  # a generator: each chunk is computed on the pool
+            while (chunk := await self._run("FetchParameters", context, self.pool, next, chunks, None)) is not None:
+                yield chunk
+
+        handlers = {
+            "Join": unary("Join", c.join, pb.JoinRequest, self.open_pool),
+            "PullTask": unary("PullTask", c.pull_task, pb.PullTaskRequest),
+            "Submit": unary("Submit", self._submit, pb.SubmitRequest),
+            "Heartbeat": unary("Heartbeat", c.heartbeat, pb.HeartbeatRequest),
+            "Leave": unary("Leave", c.leave, pb.LeaveRequest),
+            "FetchHistory": unary("FetchHistory", c.fetch_history, pb.FetchHistoryRequest),
+            "GetStatus": unary("GetStatus", self._status, pb.GetStatusRequest, self.open_pool),
+            "FetchParameters": grpc.unary_stream_rpc_method_handler(
+                fetch,
+                request_deserializer=pb.FetchParametersRequest.FromString,
+                response_serializer=lambda m: m.SerializeToString(),
+            ),
+        }
+        return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.open_pool.shutdown(wait=True, cancel_futures=True)
+
+
+class RunningServer:
+    """A started server on its event loop thread, plus the ticker that moves deadlines on and writes the
+    rejection counts; ``stop`` ends them."""
+
+    def __init__(self, coordinator: Coordinator, address: str, credentials: grpc.ServerCredentials | None):
+        self.coordinator = coordinator
+        self.rejections = Rejections(coordinator)
+        self.servicer = Servicer(coordinator, self.rejections)
+        self.loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(target=self.loop.run_forever, name="coordinator-grpc", daemon=True)
+        self._loop_thread.start()
+        try:
+            self.port = self._on_loop(self._serve(address, credentials))
+        except BaseException:
+            self._end_loop()
+            raise
         self._stop = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="coordinator-tick", daemon=True)
         self._ticker.start()
+
+    def _on_loop(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    async def _serve(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
+        scfg = self.coordinator.cfg.server
+        options = [
+            *OPTIONS,
+            ("grpc.max_receive_message_length", scfg.max_message_bytes),
+            ("grpc.max_send_message_length", scfg.max_message_bytes),
+        ]
+        self.server = grpc.aio.server(interceptors=[RejectMalformed(self.rejections)], options=options)
+        self.server.add_generic_rpc_handlers((self.servicer.handler(),))
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        for name in (SERVICE, ""):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection(
+            (
+                pb.DESCRIPTOR.services_by_name["FwdLLM"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+        try:
+            if credentials is not None:
+                bound = self.server.add_secure_port(address, credentials)
+            else:
+                bound = self.server.add_insecure_port(address)
+        except (OSError, RuntimeError) as exc:
+            raise UserError(f"cannot listen on {address} ({exc}); choose another --host/--port") from exc
+        if not bound:
+            raise UserError(
+                f"cannot listen on {address}: the port is taken or the host is not local; choose another --port"
+            )
+        await self.server.start()
+        return bound
 
     def _tick(self) -> None:
         while not self._stop.wait(TICK_S):
             try:
                 self.coordinator.tick()
+                self.rejections.flush()
             except Exception:
                 log.exception("coordinator tick failed")
 
+    async def _shutdown(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+    def _end_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._loop_thread.join()
+        self.loop.close()
+
     def stop(self, grace: float = 1.0) -> None:
         self._stop.set()
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace).wait()
+        self._on_loop(self._shutdown(grace))
         self._ticker.join()
+        self.servicer.close()
+        self._end_loop()
+        self.rejections.flush(log_now=True)
         self.coordinator.close()
+
+
+def server_credentials(
+    tls_cert: Path | None, tls_key: Path | None, tls_client_ca: Path | None = None
+) -> grpc.ServerCredentials | None:
+    """TLS credentials from PEM files, each checked first so that a bad one is named; None without TLS.
+    With ``tls_client_ca``, devices must present a certificate it signed (mutual TLS)."""
+    if (tls_cert is None) != (tls_key is None):
+        raise UserError("give both --tls-cert and --tls-key, or neither")
+    if tls_cert is None or tls_key is None:
+        if tls_client_ca is not None:
+            raise UserError("--tls-client-ca needs --tls-cert and --tls-key (client certificates need TLS)")
+        return None
+    cert, key = _read_pem("--tls-cert", tls_cert), _read_pem("--tls-key", tls_key)
+    _check_certificates("--tls-cert", tls_cert, cert)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(tls_cert, tls_key, password=lambda: b"")
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc) or "key values mismatch" in str(exc):
+            raise UserError(
+                f"--tls-key {tls_key} does not match --tls-cert {tls_cert}; pass the key of that certificate"
+            ) from None
+        raise UserError(f"--tls-key {tls_key} is not an unencrypted PEM private key ({exc.reason or exc})") from None
+    client_ca = None
+    if tls_client_ca is not None:
+        client_ca = _read_pem("--tls-client-ca", tls_client_ca)
+        _check_certificates("--tls-client-ca", tls_client_ca, client_ca)
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+def _read_pem(option: str, path: Path) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read {option} {path} ({exc.strerror or exc})") from None
+
+
+def _check_certificates(option: str, path: Path, data: bytes) -> None:
+    try:
+        ssl.create_default_context(cadata=data.decode("ascii"))
+    except (ssl.SSLError, ValueError, UnicodeDecodeError):
+        raise UserError(f"{option} {path} is not a PEM certificate (-----BEGIN CERTIFICATE-----)") from None
 
 
 def start(
@@ -174,48 +397,9 @@ def start(
     port: int = 0,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
+    tls_client_ca: Path | None = None,
 ) -> RunningServer:
-    scfg = coordinator.cfg.server
-    options = [
-        ("grpc.max_receive_message_length", scfg.max_message_bytes),
-        ("grpc.max_send_message_length", scfg.max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=scfg.workers),
-        options=options,
-        maximum_concurrent_rpcs=max(64, 64 * scfg.workers),
-    )
-    server.add_generic_rpc_handlers((Servicer(coordinator).handler(),))
-    health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for name in (SERVICE, ""):
-        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (
-            pb.DESCRIPTOR.services_by_name["FwdLLM"].full_name,
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    address = f"{host}:{port}"
-    if (tls_cert is None) != (tls_key is None):
-        raise UserError("give both --tls-cert and --tls-key, or neither")
-    try:
-        if tls_cert is not None and tls_key is not None:  # both or neither, checked above
-            creds = grpc.ssl_server_credentials([(Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())])
-            bound = server.add_secure_port(address, creds)
-        else:
-            bound = server.add_insecure_port(address)
-    except (OSError, RuntimeError) as exc:
-        raise UserError(f"cannot listen on {address} ({exc}); choose another --host/--port") from exc
-    if not bound:
-        raise UserError(
-            f"cannot listen on {address}: the port is taken or the host is not local; choose another --port"
-        )
-    server.start()
-    return RunningServer(coordinator, server, bound, health_servicer)
+    return RunningServer(coordinator, f"{host}:{port}", server_credentials(tls_cert, tls_key, tls_client_ca))
 
 
 def serve_forever(running: RunningServer, endpoint_file: Path | None = None, exit_when_finished: bool = False) -> None:

@@ -38,7 +38,7 @@ def env(tmp_path):
     a.join("tok", coordinator.fingerprint), b.join("tok", coordinator.fingerprint)
     task_a, task_b = a.pull().task, b.pull().task
     assert a.submit(task_a, a.compute(task_a)).accepted  # one accepted result that must never be lost
-    yield coordinator, channel, a, b, task_a, task_b
+    yield coordinator, channel, a, b, task_a, task_b, server
     channel.close()
     server.stop(0)
 
@@ -49,13 +49,19 @@ def code_of(call) -> grpc.StatusCode:
     return info.value.code()
 
 
+def counters(server) -> dict[str, int]:
+    """The store's counters once the server has written the rejections it counts in memory."""
+    server.rejections.flush()
+    return server.coordinator.store.counters()
+
+
 def still_serving_and_nothing_lost(coordinator, a, task_a):
     assert coordinator.store.query("SELECT COUNT(*) FROM results WHERE task_id=?", (task_a.task_id,))[0][0] == 1
     assert a.submit(task_a, a.compute(task_a)).duplicate  # the accepted result is still there, unchanged
 
 
 def test_wrong_token_unknown_client_and_revoked_enrolment(env):
-    coordinator, channel, a, b, task_a, task_b = env
+    coordinator, channel, a, b, task_a, task_b, server = env
     assert (
         code_of(lambda: b.stub.PullTask(pb.PullTaskRequest(client_id=b.client_id, session_token="nope")))
         == grpc.StatusCode.UNAUTHENTICATED
@@ -73,14 +79,14 @@ def test_wrong_token_unknown_client_and_revoked_enrolment(env):
     coordinator.store.revoke_token("tok2")
     assert code_of(c.pull) == grpc.StatusCode.UNAUTHENTICATED
     assert code_of(lambda: c.join("tok2", coordinator.fingerprint)) == grpc.StatusCode.PERMISSION_DENIED
-    counters = coordinator.store.counters()
-    assert counters["rejected_bad_token"] == 2 and counters["rejected_unknown_client"] == 1
-    assert counters["rejected_token_revoked"] == 1 and counters["rejected_fingerprint"] == 1
+    counts = counters(server)
+    assert counts["rejected_bad_token"] == 2 and counts["rejected_unknown_client"] == 1
+    assert counts["rejected_token_revoked"] == 1 and counts["rejected_fingerprint"] == 1
     still_serving_and_nothing_lost(coordinator, a, task_a)
 
 
 def test_nan_scalars_wrong_seeds_wrong_round_and_foreign_tasks(env):
-    coordinator, channel, a, b, task_a, task_b = env
+    coordinator, channel, a, b, task_a, task_b, server = env
     good = b.compute(task_b)
     assert code_of(lambda: b.submit(task_b, [math.nan, 1.0, 2.0])) == grpc.StatusCode.INVALID_ARGUMENT
     assert code_of(lambda: b.submit(task_b, good, seeds=task_seeds(task_b)[::-1])) == grpc.StatusCode.INVALID_ARGUMENT
@@ -95,14 +101,14 @@ def test_nan_scalars_wrong_seeds_wrong_round_and_foreign_tasks(env):
     flagged = good.copy()
     flagged[1] = 0.0
     assert b.submit(task_b, flagged, nonfinite=[1]).accepted
-    counters = coordinator.store.counters()
-    assert counters["rejected_nonfinite"] == 1 and counters["rejected_wrong_seeds"] == 2
-    assert counters["rejected_wrong_round"] == 1 and counters["dropped_nonfinite"] == 1
+    counts = counters(server)
+    assert counts["rejected_nonfinite"] == 1 and counts["rejected_wrong_seeds"] == 2
+    assert counts["rejected_wrong_round"] == 1 and counts["dropped_nonfinite"] == 1
     still_serving_and_nothing_lost(coordinator, a, task_a)
 
 
 def test_stale_and_replayed_submits_after_the_step_closes(env):
-    coordinator, channel, a, b, task_a, task_b = env
+    coordinator, channel, a, b, task_a, task_b, server = env
     c = QuadraticDevice(channel, 2)
     c.join("tok", coordinator.fingerprint)
     task_c = c.pull().task
@@ -111,11 +117,11 @@ def test_stale_and_replayed_submits_after_the_step_closes(env):
     assert coordinator.step == 1
     assert code_of(lambda: a.submit(task_a, a.compute(task_a))) == grpc.StatusCode.FAILED_PRECONDITION  # replayed
     assert code_of(lambda: b.submit(task_b, [0.0, 0.0, 0.0])) == grpc.StatusCode.FAILED_PRECONDITION  # stale round
-    assert coordinator.store.counters()["rejected_stale"] == 2
+    assert counters(server)["rejected_stale"] == 2
 
 
 def test_late_results_are_deadline_exceeded(env):
-    coordinator, channel, a, b, task_a, task_b = env
+    coordinator, channel, a, b, task_a, task_b, server = env
     with coordinator.store.transaction() as db:  # the task's deadline has passed (but the wave is still open)
         db.execute("UPDATE tasks SET deadline_ms=1 WHERE task_id=?", (task_b.task_id,))
     coordinator.cfg.run.min_results = 10
@@ -124,7 +130,7 @@ def test_late_results_are_deadline_exceeded(env):
 
 
 def test_malformed_oversized_and_1000_random_messages(env):
-    coordinator, channel, a, b, task_a, task_b = env
+    coordinator, channel, a, b, task_a, task_b, server = env
     raw = {
         m: channel.unary_unary(f"/{SERVICE}/{m}", request_serializer=None, response_deserializer=None)
         for m in ("Join", "PullTask", "Submit", "Heartbeat", "Leave", "FetchHistory", "GetStatus")
@@ -145,13 +151,13 @@ def test_malformed_oversized_and_1000_random_messages(env):
         codes[code] = codes.get(code, 0) + 1
     assert grpc.StatusCode.INTERNAL not in codes and grpc.StatusCode.UNAVAILABLE not in codes, codes
     assert codes.get(grpc.StatusCode.INVALID_ARGUMENT, 0) > 100  # most random bytes do not parse
-    assert coordinator.store.counters()["rejected_malformed"] >= codes[grpc.StatusCode.INVALID_ARGUMENT]
+    assert counters(server)["rejected_malformed"] >= codes[grpc.StatusCode.INVALID_ARGUMENT]
     still_serving_and_nothing_lost(coordinator, a, task_a)
     assert b.submit(task_b, b.compute(task_b)).accepted  # and new work is still accepted
 
 
 def test_rate_limit_answers_resource_exhausted(env):
-    coordinator, channel, a, b, task_a, task_b = env
+    coordinator, channel, a, b, task_a, task_b, server = env
     coordinator.limiter.rate, coordinator.limiter.burst = 0.001, 3
     coordinator.limiter.buckets.clear()
     replies = []

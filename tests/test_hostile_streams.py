@@ -1,0 +1,142 @@
+"""Streams that send or read nothing, held open by the hundred, take nothing from devices' calls.
+
+A thread pool server gives each open stream a worker: 32 reflection streams that never sent
+stopped every step and the health check. Here 200 streams of each streaming method the server
+exposes (health Watch, reflection, FetchParameters) stay open, from an event loop of the test's
+own over several connections, while devices complete steps and health checks answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from test_coordinator_fixtures import QuadraticDevice, make_bundle
+
+from fwdllm.coordinator import server as coordinator_server
+from fwdllm.coordinator.config import from_dict
+from fwdllm.coordinator.rounds import Coordinator
+from fwdllm.proto.v1 import fwdllm_pb2 as pb
+from fwdllm.proto.v1 import fwdllm_pb2_grpc as pb_grpc
+
+IDLE = 200  # streams of each method
+CONNECTIONS = 10
+STEPS = 4
+CONFIG = {
+    "run": {
+        "steps": STEPS,
+        "clients_per_step": 3,
+        "perturbations_per_client": 2,
+        "min_clients": 3,
+        "over_select": 0.0,
+        "deadline_s": 60,
+    },
+    "aggregation": {"threads": 1},
+    "server": {"rate_per_s": 1000, "rate_burst": 2000, "fetch_chunk_values": 1},
+}
+
+
+class IdleStreams:
+    """Streams opened on an event loop of the test's own and left idle there until ``close``."""
+
+    def __init__(self, port: int, client_id: str, session: str):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.port, self.client_id, self.session = port, client_id, session
+        self.watches: list = []
+        self.reflections: list = []
+        self.fetches: list = []
+        self.answered = self._on_loop(self._open())
+
+    def _on_loop(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout=120)
+
+    async def _open(self) -> dict[str, int]:
+        # A local subchannel pool gives each channel its own connection.
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        self.channels = [
+            grpc.aio.insecure_channel(f"127.0.0.1:{self.port}", options=options) for _ in range(CONNECTIONS)
+        ]
+        answered = {"watch": 0, "reflection": 0}
+        for i in range(IDLE):
+            channel = self.channels[i % CONNECTIONS]
+            watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
+            if (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING:
+                answered["watch"] += 1  # the server holds this stream; it sends again only on a change
+            self.watches.append(watch)
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo()
+            if i % 2:  # half ask once and then say nothing more; half never send at all
+                await reflect.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+                if (await reflect.read()).HasField("list_services_response"):
+                    answered["reflection"] += 1
+            self.reflections.append(reflect)
+            self.fetches.append(  # θ in 1-value chunks, never read
+                pb_grpc.FwdLLMStub(channel).FetchParameters(
+                    pb.FetchParametersRequest(client_id=self.client_id, session_token=self.session)
+                )
+            )
+        return answered
+
+    def still_open(self) -> dict[str, int]:
+        async def count():
+            return {
+                "watch": sum(not c.done() for c in self.watches),
+                "reflection": sum(not c.done() for c in self.reflections),
+            }
+
+        return self._on_loop(count())
+
+    def close(self) -> None:
+        async def close():
+            calls = self.watches + self.reflections + self.fetches
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*(call.code() for call in calls))  # nothing left to arrive on a closed loop
+            for channel in self.channels:
+                await channel.close()
+
+        self._on_loop(close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+        self.loop.close()
+
+
+@pytest.mark.timeout(180)
+def test_hundreds_of_idle_streams_do_not_stall_steps_or_health(tmp_path):
+    coordinator = Coordinator(make_bundle(tmp_path / "bundle"), tmp_path / "state", from_dict(CONFIG))
+    coordinator.store.add_token("tok")
+    server = coordinator_server.start(coordinator, "127.0.0.1", 0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    idle = None
+    try:
+        devices = [QuadraticDevice(channel, i) for i in range(3)]
+        for d in devices:
+            d.join("tok", coordinator.fingerprint)
+        idle = IdleStreams(server.port, devices[2].client_id, devices[2].session)
+        assert idle.answered == {"watch": IDLE, "reflection": IDLE // 2}
+        health = health_pb2_grpc.HealthStub(channel)
+        status = pb_grpc.FwdLLMStub(channel)
+        accepted = 0
+        for _ in range(200):
+            if coordinator.meta("finished"):
+                break
+            check = health.Check(health_pb2.HealthCheckRequest(service="fwdllm.v1.FwdLLM"), timeout=60)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+            assert status.GetStatus(pb.GetStatusRequest(), timeout=60).step == coordinator.step
+            for d in devices:
+                reply = d.pull()
+                if reply.WhichOneof("outcome") == "task":
+                    accepted += d.submit(reply.task, d.compute(reply.task)).accepted
+        assert coordinator.meta("finished") and accepted == 3 * STEPS
+        # The idle streams were held open all along.
+        assert idle.still_open() == {"watch": IDLE, "reflection": IDLE}
+    finally:
+        if idle is not None:
+            idle.close()
+        channel.close()
+        server.stop(0)
