@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,14 +23,20 @@ from fwdllm.proto.v1 import fwdllm_pb2 as pb
 
 
 @dataclass
-class VirtualDevice:
-    """One simulated client: its session, its data and the θ it last downloaded."""
+class Session:
+    """A client's standing with the coordinator: its credentials and the θ version it holds (and θ, if downloaded)."""
 
     client_id: str
     session: str
-    data: LocalData
     theta: np.ndarray | None = None
     theta_version: int = 0
+
+
+@dataclass
+class VirtualDevice(Session):
+    """One simulated client: a session and its data."""
+
+    data: LocalData = field(kw_only=True)
 
 
 @dataclass
@@ -63,20 +69,32 @@ class LocalCoordinator:
     def step(self) -> int:
         return self._coordinator.step
 
-    def join(self, name: str, data: LocalData, backend: Backend) -> VirtualDevice:
+    @property
+    def dim(self) -> int:
+        return self._coordinator.dim
+
+    @property
+    def fingerprint(self) -> str:
+        return self._coordinator.fingerprint
+
+    def enrol(self, name: str, num_examples: int, caps: pb.Capabilities) -> Session:
         resp = self._coordinator.join(
             pb.JoinRequest(
                 protocol_version=pb.PROTOCOL_VERSION_1,
                 enrolment_token=self._token,
                 client_name=name,
-                capabilities=capabilities(backend),
+                capabilities=caps,
                 model_fingerprint=self._coordinator.fingerprint,
-                num_examples=len(data.examples),
+                num_examples=num_examples,
             )
         )
-        return VirtualDevice(resp.client_id, resp.session_token, data)
+        return Session(resp.client_id, resp.session_token)
 
-    def pull(self, device: VirtualDevice) -> Assignment | None:
+    def join(self, name: str, data: LocalData, backend: Backend) -> VirtualDevice:
+        session = self.enrol(name, len(data.examples), capabilities(backend))
+        return VirtualDevice(session.client_id, session.session, data=data)
+
+    def pull(self, device: Session) -> Assignment | None:
         resp = self._coordinator.pull_task(
             pb.PullTaskRequest(
                 client_id=device.client_id, session_token=device.session, theta_version=device.theta_version
@@ -86,7 +104,7 @@ class LocalCoordinator:
             return None
         return Assignment(resp.task.step, resp.task.theta_version, task_from_pb(resp.task), resp.task)
 
-    def theta_for(self, device: VirtualDevice, version: int) -> np.ndarray:
+    def theta_for(self, device: Session, version: int) -> np.ndarray:
         """The device's θ at ``version``, downloaded (and counted in bytes_down) when it holds another."""
         if device.theta is None or device.theta_version != version:
             chunks = list(
@@ -100,10 +118,35 @@ class LocalCoordinator:
             device.theta, device.theta_version = theta, got
         return device.theta
 
-    def submit(self, device: VirtualDevice, task: Assignment, result: TaskResult) -> None:
+    def history_for(self, device: Session, version: int, max_seeds: int) -> pb.FetchHistoryResponse | None:
+        """The updates from the device's θ version to ``version`` when they are replayable and cost less than θ
+        (and at most ``max_seeds`` seeds of replay work), else None: the device downloads θ then. Either answer
+        counts in bytes_down, as over gRPC."""
+        resp = self._coordinator.fetch_history(
+            pb.FetchHistoryRequest(
+                client_id=device.client_id,
+                session_token=device.session,
+                from_version=device.theta_version,
+                to_version=version,
+                max_bytes=4 * self._coordinator.dim,
+                max_seeds=max_seeds,
+            )
+        )
+        versions = [u.version for u in resp.updates]
+        return resp if resp.available and versions == list(range(device.theta_version + 1, version + 1)) else None
+
+    def beat(self, device: Session) -> None:
+        """A heartbeat on the device's behalf: it is alive and working on its task."""
+        self._coordinator.heartbeat(pb.HeartbeatRequest(client_id=device.client_id, session_token=device.session))
+
+    def submit(self, device: Session, task: Assignment, result: TaskResult) -> None:
         request = submit_request(task.message, result, int(result.device_seconds * 1000))
         request.client_id, request.session_token = device.client_id, device.session
         self._coordinator.submit(request, request.ByteSize())
+
+    def tick(self) -> None:
+        """Deadlines and waiting waves move on without a device call (the gRPC server's periodic tick)."""
+        self._coordinator.core.tick()
 
     def metrics_rows(self) -> list[dict]:
         """Every metrics row, the initial evaluation (step -1) first."""
