@@ -9,6 +9,8 @@ from fwdllm.device_runtime.backend import DEFAULT_BACKEND
 from fwdllm.errors import UserError
 from fwdllm.proto.names import VarianceMode
 
+ENGINES = ("processes", "flower")
+
 
 @dataclass
 class SimConfig:
@@ -35,6 +37,9 @@ class SimConfig:
     eval_limit: int = 0  # held-out examples evaluated; 0: all
     deadline_s: float = 120.0
     init_theta: str | None = None  # θ file of an earlier run to start from (matching tensors by name)
+    engine: str = "processes"  # processes (coordinator and worker processes) | flower (Flower's Simulation Engine)
+    ray_address: str | None = None  # engine flower: an existing Ray cluster (default: a local Ray instance)
+    client_cpus: float = 1.0  # engine flower: CPUs Ray reserves per running ClientApp
 
     def check(self) -> None:
         if not 1 <= self.per_step <= self.clients:
@@ -44,6 +49,10 @@ class SimConfig:
         for name in ("steps", "perturbations", "batch_size", "eval_every"):
             if getattr(self, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.engine not in ENGINES:
+            raise UserError(f"--engine {self.engine!r} is not one of {list(ENGINES)}")
+        if self.client_cpus <= 0:
+            raise UserError(f"--client-cpus must be positive, got {self.client_cpus}")
         from fwdllm.device_runtime.backend import BACKENDS
 
         backends = sorted(BACKENDS)

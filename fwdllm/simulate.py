@@ -191,6 +191,23 @@ class Simulation:
 
     # ----- the run -----
     def run(self, progress: bool = True) -> dict:
+        if self.cfg.engine == "flower":
+            from fwdllm.flower.simulation import run_engine
+
+            started = time.monotonic()
+            try:
+                run_engine(self)
+            finally:
+                self._add_wall(time.monotonic() - started)
+            return self.finish()
+        return self._run_processes(progress)
+
+    def _add_wall(self, seconds: float) -> None:
+        meta = self._meta()
+        meta["wall_s"] = float(meta.get("wall_s", 0.0)) + seconds
+        (self.out / SIM_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+
+    def _run_processes(self, progress: bool) -> dict:
         from tqdm import tqdm
 
         metrics = self.state / "metrics.jsonl"
@@ -223,9 +240,7 @@ class Simulation:
         finally:
             bar.close()
             self._stop()
-            meta = self._meta()
-            meta["wall_s"] = float(meta.get("wall_s", 0.0)) + time.monotonic() - started
-            (self.out / SIM_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+            self._add_wall(time.monotonic() - started)
         return self.finish()
 
     def finish(self) -> dict:

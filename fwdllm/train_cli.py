@@ -60,6 +60,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--eval-every", type=int, default=10, help="steps between held-out evaluations (default 10)")
     s.add_argument("--eval-limit", type=int, default=0, help="evaluate on the first N held-out examples (default all)")
+    s.add_argument(
+        "--engine",
+        choices=["processes", "flower"],
+        default="processes",
+        help="processes: a coordinator and worker processes over loopback gRPC (default); flower: Flower's "
+        "Simulation Engine, one virtual node per client on Ray (needs the flower extra)",
+    )
+    s.add_argument("--ray-address", help="with --engine flower: an existing Ray cluster (default: local Ray)")
+    s.add_argument("--client-cpus", type=float, default=1.0, help="with --engine flower: CPUs per running client")
     s.set_defaults(handler=_simulate)
 
     p = subparsers.add_parser(
@@ -129,6 +138,9 @@ def _simulate(args: argparse.Namespace) -> int:
             eval_every=args.eval_every,
             eval_limit=args.eval_limit,
             init_theta=str(args.init_theta) if args.init_theta else None,
+            engine=args.engine,
+            ray_address=args.ray_address,
+            client_cpus=args.client_cpus,
         )
     s = simulate(cfg, args.out, resume=args.resume, options=None if args.resume else options_from_args(args))
     before, after = s["before"], s["after"]
