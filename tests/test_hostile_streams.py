@@ -1,7 +1,8 @@
-"""Streams that send or read nothing, held open by the hundred, take nothing from devices' calls.
+"""Hostile traffic on the wire: idle streams by the hundred, and floods of garbage and unauthenticated requests.
 
-A thread pool server gives each open stream a worker: 32 reflection streams that never sent
-stopped every step and the health check. Here 200 streams of each streaming method the server
+Streams that send or read nothing take nothing from devices' calls: a thread pool server gave each
+open stream a worker, and 32 reflection streams that never sent stopped every step and the health
+check. Here 200 streams of each streaming method the server
 exposes (health Watch, reflection, FetchParameters) stay open, from an event loop of the test's
 own over several connections, while devices complete steps and health checks answer.
 """
@@ -9,17 +10,24 @@ own over several connections, while devices complete steps and health checks ans
 from __future__ import annotations
 
 import asyncio
+import functools
+import sqlite3
 import threading
+from collections import Counter
 
 import grpc
+import numpy as np
 import pytest
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from test_coordinator_crash import Server
 from test_coordinator_fixtures import QuadraticDevice, make_bundle
 
 from fwdllm.coordinator import server as coordinator_server
 from fwdllm.coordinator.config import from_dict
 from fwdllm.coordinator.rounds import Coordinator
+from fwdllm.proto.manifest import load_manifest
 from fwdllm.proto.v1 import fwdllm_pb2 as pb
 from fwdllm.proto.v1 import fwdllm_pb2_grpc as pb_grpc
 
@@ -140,3 +148,79 @@ def test_hundreds_of_idle_streams_do_not_stall_steps_or_health(tmp_path):
             idle.close()
         channel.close()
         server.stop(0)
+
+
+def send_bytes(channel: grpc.Channel, method: str, payload: bytes) -> None:
+    """``payload`` as the request of ``method``, whatever the method's shape."""
+    if method.endswith("/ServerReflectionInfo"):
+        call = channel.stream_stream(method, request_serializer=None, response_deserializer=None)
+        list(call(iter([payload]), timeout=30))
+    elif method.endswith(("/Watch", "/FetchParameters")):
+        list(channel.unary_stream(method, request_serializer=None, response_deserializer=None)(payload, timeout=30))
+    else:
+        channel.unary_unary(method, request_serializer=None, response_deserializer=None)(payload, timeout=30)
+
+
+@pytest.mark.timeout(180)
+def test_2000_bad_requests_are_answered_quietly_and_all_counted(tmp_path):
+    """Garbage to every service and requests without valid credentials: each answered with its status, none
+    with a traceback, the log a few summary lines, and the counters, written in batches, add up."""
+    server = Server(tmp_path)
+    channel = None
+    try:
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.start()}")
+        device = QuadraticDevice(channel, 0)
+        device.join("tok", load_manifest(server.bundle).fingerprint())
+        garbage = {  # method -> its request type
+            "/grpc.health.v1.Health/Check": health_pb2.HealthCheckRequest,
+            "/grpc.health.v1.Health/Watch": health_pb2.HealthCheckRequest,
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": reflection_pb2.ServerReflectionRequest,
+            "/fwdllm.v1.FwdLLM/Submit": pb.SubmitRequest,
+            "/fwdllm.v1.FwdLLM/Join": pb.JoinRequest,
+            "/fwdllm.v1.FwdLLM/FetchParameters": pb.FetchParametersRequest,
+        }
+        stub = pb_grpc.FwdLLMStub(channel)
+        unauthenticated = {
+            "rejected_bad_token": lambda: stub.PullTask(
+                pb.PullTaskRequest(client_id=device.client_id, session_token="stolen"), timeout=30
+            ),
+            "rejected_unknown_client": lambda: stub.Heartbeat(
+                pb.HeartbeatRequest(client_id="ghost", session_token="x"), timeout=30
+            ),
+            "rejected_token_unknown": lambda: stub.Join(
+                pb.JoinRequest(protocol_version=pb.PROTOCOL_VERSION_1, enrolment_token="guess"), timeout=30
+            ),
+        }
+        rng = np.random.default_rng(0)
+        sent: Counter[str] = Counter()
+        codes: Counter[str] = Counter()
+        kinds = [*garbage, *unauthenticated]
+        for i in range(2000):
+            kind = kinds[i % len(kinds)]
+            if kind in garbage:
+                payload = b"\x0f" + rng.integers(0, 256, size=int(rng.integers(0, 60)), dtype=np.uint8).tobytes()
+                with pytest.raises(DecodeError):  # field 1 with wire type 7: never a valid message
+                    garbage[kind].FromString(payload)
+                send = functools.partial(send_bytes, channel, kind, payload)
+                sent["rejected_malformed"] += 1
+            else:
+                send = unauthenticated[kind]
+                sent[kind] += 1
+            with pytest.raises(grpc.RpcError) as info:
+                send()
+            codes[info.value.code().name] += 1
+        assert codes == {
+            "INVALID_ARGUMENT": sent["rejected_malformed"],
+            "UNAUTHENTICATED": 2000 - sent["rejected_malformed"],
+        }
+    finally:
+        if channel is not None:
+            channel.close()
+        server.stop()  # SIGTERM: the last counts are written and logged
+    with sqlite3.connect(server.state / "coordinator.sqlite") as db:
+        counters = dict(db.execute("SELECT name, value FROM counters WHERE name LIKE 'rejected_%'"))
+    assert counters == sent and sum(counters.values()) == 2000
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log
+    summaries = [line for line in log.splitlines() if "rejected" in line]
+    assert 1 <= len(summaries) <= 20 and len(log.splitlines()) < 100, log[-3000:]
