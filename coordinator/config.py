@@ -79,6 +79,9 @@ class ServerConfig:
     checkpoints_keep: int = 5
     history_keep: int = 1000  # update records kept for FetchHistory
     fetch_chunk_values: int = 1 << 18
+    # GetStatus: "token" answers in full only to a caller with an enrolment token (`coordinator status
+    # --token`), anyone else gets the step, θ version and whether the run finished; "public": in full to anyone
+    status_access: str = "token"
 
 
 @dataclass
@@ -110,6 +113,7 @@ class CoordinatorConfig:
         _choice("aggregation.method", self.aggregation.method, AggregationMethod)
         _choice("variance.mode", self.variance.mode, VarianceMode)
         _choice("eval.backend", self.eval.backend, BACKENDS)
+        _choice("server.status_access", self.server.status_access, ("token", "public"))
         for name, value in [
             ("run.steps", r.steps),
             ("run.clients_per_step", r.clients_per_step),
