@@ -24,8 +24,9 @@ class AlbertSpec(ArchSpec):
         stages[0].append(model.encoder.embedding_hidden_mapping_in)
         return stages
 
-    def embed(self, model, input_ids):
-        return model.encoder.embedding_hidden_mapping_in(get_module(model, self.embeddings)(input_ids=input_ids))
+    def embed(self, model, input_ids, token_type_ids=None):
+        embeddings = get_module(model, self.embeddings)(input_ids=input_ids, token_type_ids=token_type_ids)
+        return model.encoder.embedding_hidden_mapping_in(embeddings)
 
 
 SPEC = AlbertSpec(

@@ -7,7 +7,7 @@ from fwdllm.export.archs import ArchSpec
 
 @dataclass(frozen=True)
 class DistilBertSpec(ArchSpec):
-    def embed(self, model, input_ids):
+    def embed(self, model, input_ids, token_type_ids=None):  # no token types: never given one
         return model.embeddings(input_ids)
 
     def max_positions(self, config):

@@ -35,7 +35,7 @@ class DecoderSpec(ArchSpec):
     """A Llama-shaped decoder whose layers may differ in attention kind (``config.layer_types``:
     full or sliding-window) and, with it, in their rotary base (Gemma 3's local and global layers)."""
 
-    def embed(self, model, input_ids):
+    def embed(self, model, input_ids, token_type_ids=None):  # decoders have no token types: never given one
         return model.model.embed_tokens(input_ids)  # Gemma's embedding module scales by sqrt(hidden) itself
 
     def layer_types(self, config) -> list[str]:

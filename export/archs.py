@@ -49,8 +49,10 @@ class ArchSpec:
         first = [get_module(model, self.embeddings)]
         return [first] + [[self.layer_module(model, i)] for i in range(self.num_layers(model))]
 
-    def embed(self, model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-        return get_module(model, self.embeddings)(input_ids=input_ids)
+    def embed(
+        self, model: nn.Module, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return get_module(model, self.embeddings)(input_ids=input_ids, token_type_ids=token_type_ids)
 
     def context(self, model: nn.Module, attention_mask: torch.Tensor, hidden: torch.Tensor) -> dict[str, Any]:
         """What every layer call needs besides the hidden states (here: the additive mask)."""

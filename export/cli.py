@@ -83,6 +83,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     r.set_defaults(handler=_export_peft)
 
+    i = subparsers.add_parser(
+        "export-inference",
+        help="fold a trained θ into an inference model: input_ids, attention_mask -> logits [batch, labels]",
+        description="Write a deployable model with θ in its weights and the label names in its metadata: "
+        "an ONNX folder as Optimum lays it out, a TFLite file, or a decoder's merged GGUF for llama.cpp.",
+    )
+    i.add_argument("bundle")
+    i.add_argument("--theta", required=True, help="θ safetensors (the bundle's layout), e.g. a coordinator checkpoint")
+    i.add_argument("--format", required=True, choices=[GraphFormat.ONNX, GraphFormat.TFLITE, GraphFormat.GGUF])
+    i.add_argument("--precision", help="onnx: fp32 | int8; tflite: fp32 | fp16 | int8; gguf: f16 | q8_0 | q4_0")
+    i.add_argument("--batch-size", type=int, default=1, help="batch size fixed in the TFLite graph (default 1)")
+    i.add_argument("--seq-len", type=int, help="sequence length fixed in the TFLite graph (default: the bundle's)")
+    i.add_argument("--out", required=True)
+    i.set_defaults(handler=_export_inference)
+
 
 def _export(args: argparse.Namespace) -> int:
     """Libraries (torch, torchao, transformers, litert-torch, the quantizer) print while they load and convert,
@@ -154,4 +169,26 @@ def _export_peft(args: argparse.Namespace) -> int:
         else:
             written = export_peft(Path(args.bundle), Path(args.theta), Path(args.out), merged=args.merged)
     print(f"wrote {', '.join(sorted(p.name for p in written))} to {args.out}")
+    return 0
+
+
+def _export_inference(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fwdllm.console import library_output_to_log
+    from fwdllm.export.inference_graphs import check_request, export_inference
+
+    check_request(args.format, args.precision)
+    with library_output_to_log():  # torch, transformers and the converters, as in `_export`
+        written, err = export_inference(
+            Path(args.bundle),
+            Path(args.theta),
+            args.format,
+            Path(args.out),
+            args.precision,
+            args.batch_size,
+            args.seq_len,
+        )
+    checked = "" if err is None else f"; logits within {err:.2g} of the bundle's graph at θ"
+    print(f"wrote {', '.join(p.name for p in written)} to {args.out}{checked}")
     return 0

@@ -108,7 +108,7 @@ def export_gguf(
     specs = []
     f16 = out_dir / gguf_file_name(Precision.F16)
     t0 = time.perf_counter()
-    _write_f16(model, tokenizer, f16)
+    write_f16(model, tokenizer, f16)
     log.info("wrote %s in %.1f s", f16.name, time.perf_counter() - t0)
     for precision in precisions:
         path = out_dir / gguf_file_name(precision)
@@ -233,7 +233,15 @@ def _bpe_keys(path: Path, vocab_size: int) -> dict[str, tuple]:
     }
 
 
-def _write_f16(model, tokenizer: Path, path: Path) -> None:
+def tokenizer_source(source: str, tokenizer_json: Path) -> Path:
+    """Where a GGUF's vocabulary comes from: the default decoder's own GGUF, other checkpoints' tokenizer.json."""
+    return smollm2_gguf() if source == "smollm2" else tokenizer_json
+
+
+def write_f16(
+    model, tokenizer: Path, path: Path, metadata: dict[str, str | list[str] | list[int]] | None = None
+) -> None:
+    """The llama ``model`` as an f16 GGUF; ``metadata`` adds keys (strings, string or int32 arrays)."""
     import gguf
     import torch
     from tqdm import tqdm
@@ -269,6 +277,11 @@ def _write_f16(model, tokenizer: Path, path: Path) -> None:
         token = getattr(cfg, attr, None)
         if isinstance(token, int) and f"tokenizer.ggml.{key}" not in tokenizer_keys:
             w.add_uint32(f"tokenizer.ggml.{key}", token)
+    for key, value in (metadata or {}).items():
+        if isinstance(value, str):
+            w.add_string(key, value)
+        else:
+            w.add_array(key, value)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))

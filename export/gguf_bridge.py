@@ -33,13 +33,12 @@ def export_all(ctx, precisions: list[str]) -> list:
     """Base (and suffix) GGUFs at each precision, each validated on llama.cpp against the PyTorch reference."""
     from fwdllm.device_runtime.backend import Batch
     from fwdllm.device_runtime.llama_backend import LlamaBackend
-    from fwdllm.export.gguf import export_gguf, smollm2_gguf
+    from fwdllm.export.gguf import export_gguf, tokenizer_source
     from fwdllm.export.graphs import errors
 
     req, plan = ctx.req, ctx.plan
     peft = PeftInfo(method=req.peft.method, trainable_layers=req.peft.trainable_layers, config=req.peft.config())
-    # The default's vocabulary comes from its own GGUF; other checkpoints' from tokenizer.json.
-    tokenizer = smollm2_gguf() if ctx.loaded.source == "smollm2" else ctx.loaded.tokenizer_file
+    tokenizer = tokenizer_source(ctx.loaded.source, ctx.loaded.tokenizer_file)
     words = list(plan.label_token_ids or [])
     cut = plan.cut_layer if ctx.cut and words and (plan.cut_layer or 0) >= 1 else None
     with ctx.step("gguf: base models" + (" and suffixes" if cut else "")):

@@ -62,6 +62,20 @@ def materialize(model: nn.Module, plan: Plan, theta_row: np.ndarray) -> nn.Modul
     return model.eval()
 
 
+def merged(model: nn.Module, plan: Plan, theta_row: np.ndarray) -> nn.Module:
+    """``materialize`` with each LoRA update B·A·alpha/r added into its Linear's weight and the peft layer
+    replaced by that Linear: the plain model an inference graph is traced from (no LoRA ops left)."""
+    from peft.tuners.lora import LoraLayer
+
+    model = materialize(model, plan, theta_row)
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoraLayer):
+            mod.merge()
+            parent_name, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, leaf, mod.get_base_layer())
+    return model
+
+
 def head_logits(plan: Plan, hidden: torch.Tensor, mask: torch.Tensor, theta_row: np.ndarray) -> torch.Tensor:
     """Mean pooling over real tokens, then the Linear head from θ."""
     t = _tensors(plan, theta_row)

@@ -159,10 +159,11 @@ class PerturbableModel(nn.Module):
         # label words: the LM head's rows for those tokens only (a graph never holds the vocabulary-wide matrix)
         self.label_head = plan.spec.label_head(self.model, list(plan.label_token_ids)) if plan.label_token_ids else None
 
-    def _run(self, h, mask, theta, start, stop):
+    def _run(self, h, mask, theta, start, stop, token_type_ids=None):
         """Stages ``start..stop-1``; widens h and mask to P*B at the plan's expand stage when θ is given.
 
         With a label-word head the last layer computes only the answer position: h is then ``[N, 1, H]``.
+        ``token_type_ids`` reach the embeddings of architectures that have token types (inference graphs).
         """
         spec, model = self.spec, self.model
         rows = theta.shape[0] if theta is not None else None
@@ -171,7 +172,7 @@ class PerturbableModel(nn.Module):
             if rows is not None and s == self.plan.expand_stage:
                 h, mask, ctx = _widen(h, rows), _widen(mask, rows), None
             if s == 0:
-                h = spec.embed(model, h)
+                h = spec.embed(model, h, token_type_ids)
                 continue
             if ctx is None:
                 ctx = spec.context(model, mask, h)
@@ -181,8 +182,8 @@ class PerturbableModel(nn.Module):
                 h = spec.run_layer(model, s - 1, h, ctx)
         return h, mask
 
-    def prefix(self, input_ids, attention_mask):
-        h, _ = self._run(input_ids, attention_mask, None, 0, self.plan.expand_stage)
+    def prefix(self, input_ids, attention_mask, token_type_ids=None):
+        h, _ = self._run(input_ids, attention_mask, None, 0, self.plan.expand_stage, token_type_ids)
         return h
 
     def suffix(self, hidden, attention_mask, labels, theta):
@@ -205,8 +206,7 @@ class PerturbableModel(nn.Module):
         h = self.spec.final(self.model, h)
         if self.plan.task == Task.CAUSAL_LM:
             return (self._lm_loss(h, mask, labels, rows, widened),)
-        m = mask.to(h.dtype).unsqueeze(-1)
-        pooled = (h * m).sum(1) / m.sum(1).clamp(min=1.0)  # mean pooling over real tokens
+        pooled = mean_pool(h, mask)
         pooled = pooled.reshape(rows, -1, pooled.shape[-1]) if widened else pooled.unsqueeze(0).expand(rows, -1, -1)
         w, b = self.src["classifier.weight"], self.src["classifier.bias"]
         return _cross_entropy(torch.matmul(pooled, w.transpose(1, 2)) + b[:, None, :], labels, rows)
@@ -224,6 +224,12 @@ class PerturbableModel(nn.Module):
         nll = nll * _widen(valid, rows).to(nll.dtype)
         count = valid.to(nll.dtype).sum().clamp(min=1.0)
         return nll.reshape(rows, -1).sum(1) / count
+
+
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The encoders' head input: the mean of the last hidden states over real tokens."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 def _answer_position(mask: torch.Tensor) -> torch.Tensor:
