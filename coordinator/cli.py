@@ -25,6 +25,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument("--tls-cert", type=Path, help="PEM server certificate (with --tls-key)")
     s.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
     s.add_argument(
+        "--tls-client-ca", type=Path, help="PEM CA certificate: devices must present a certificate it signed (mTLS)"
+    )
+    s.add_argument(
         "--token",
         action="append",
         default=[],
@@ -48,6 +51,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     st = sub.add_parser("status", help="print a running coordinator's progress and counters")
     st.add_argument("--address", required=True, help="host:port of the coordinator")
     st.add_argument("--tls-ca", type=Path, help="PEM certificate to trust (for a TLS server)")
+    st.add_argument("--tls-cert", type=Path, help="PEM client certificate, for a server with --tls-client-ca")
+    st.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert")
+    st.add_argument("--token", help="an enrolment token of the coordinator: needed for counters, metrics and clients")
     st.add_argument("--json", action="store_true", help="print JSON")
     st.set_defaults(handler=_status)
 
@@ -84,7 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         metrics = MetricsEndpoint(coordinator, args.metrics_host, args.metrics_port)
     try:
-        running = start(coordinator, args.host, args.port, args.tls_cert, args.tls_key)
+        running = start(coordinator, args.host, args.port, args.tls_cert, args.tls_key, args.tls_client_ca)
         logging.getLogger("fwdllm.coordinator").info(  # shown by default: fwdllm's INFO records are progress
             "serving %s on %s:%d (step %d of %d, state %s)",
             args.bundle,
@@ -129,17 +135,22 @@ def _status(args: argparse.Namespace) -> int:
     import grpc
     from google.protobuf.json_format import MessageToDict
 
+    from fwdllm.device_runtime.connection import certificate_problem, open_channel
     from fwdllm.errors import UserError
     from fwdllm.proto.v1 import fwdllm_pb2 as pb
     from fwdllm.proto.v1 import fwdllm_pb2_grpc as pb_grpc
 
-    if args.tls_ca:
-        channel = grpc.secure_channel(args.address, grpc.ssl_channel_credentials(args.tls_ca.read_bytes()))
-    else:
-        channel = grpc.insecure_channel(args.address)
+    channel = open_channel(args.address, args.tls_ca, (1.0, 1.0), args.tls_cert, args.tls_key)
+    metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
     try:
-        reply = pb_grpc.FwdLLMStub(channel).GetStatus(pb.GetStatusRequest(), timeout=10)
+        reply = pb_grpc.FwdLLMStub(channel).GetStatus(pb.GetStatusRequest(), timeout=10, metadata=metadata)
     except grpc.RpcError as exc:
+        if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            raise UserError(f"the coordinator at {args.address} refused --token: {exc.details()}") from None
+        tls = exc.code() == grpc.StatusCode.UNAVAILABLE and (args.tls_ca or args.tls_cert)
+        problem = tls and certificate_problem(args.address, args.tls_ca, args.tls_cert, args.tls_key)
+        if problem:
+            raise UserError(problem) from None
         raise UserError(f"no coordinator answered at {args.address} ({exc.code().name}: {exc.details()})") from exc
     finally:
         channel.close()
@@ -147,8 +158,11 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(MessageToDict(reply, preserving_proto_field_name=True), indent=2))
         return 0
     print(f"step {reply.step}  theta version {reply.theta_version}  {'finished' if reply.finished else 'running'}")
-    print(f"clients: {reply.clients_registered} registered, {reply.clients_active} active")
     print(f"model {reply.model_fingerprint[:16]}")
+    if not args.token and not reply.counters:  # the answer to a caller without a token
+        print("clients, metrics and counters: pass --token (an enrolment token of this coordinator)")
+        return 0
+    print(f"clients: {reply.clients_registered} registered, {reply.clients_active} active")
     for name in sorted(reply.metrics):
         print(f"  {name:<18} {reply.metrics[name]:.6g}")
     for name in sorted(reply.counters):

@@ -218,9 +218,26 @@ class Servicer:
             os.kill(os.getpid(), signal.SIGKILL)
         return response
 
-    def _status(self, request: pb.GetStatusRequest) -> pb.StatusResponse:
+    def _status(self, token: str | None) -> pb.StatusResponse:
+        """All of the status to holders of an enrolment token (or to anyone with ``server.status_access =
+        "public"``); without a token, only what the run's progress shows."""
+        if self.c.cfg.server.status_access != "public" and token is not None:
+            state = self.c.store.token_state(token)
+            if state != "valid":
+                raise Reject(
+                    Reason.TOKEN_REVOKED if state == "revoked" else Reason.TOKEN_UNKNOWN,
+                    f"enrolment token is {state}; the full status needs a valid one (`fwdllm coordinator token`)",
+                )
         self.rejections.flush()  # the counters include rejections not yet written
-        return self.proto.status()
+        full = self.proto.status()
+        if self.c.cfg.server.status_access == "public" or token is not None:
+            return full
+        return pb.StatusResponse(
+            model_fingerprint=full.model_fingerprint,
+            step=full.step,
+            theta_version=full.theta_version,
+            finished=full.finished,
+        )
 
     def handler(self) -> grpc.GenericRpcHandler:
         c = self.proto
@@ -240,6 +257,11 @@ class Servicer:
             while (chunk := await self._run("FetchParameters", context, self.pool, next, chunks, None)) is not None:
                 yield chunk
 
+        async def status(request, context):
+            auth = dict(context.invocation_metadata() or ()).get("authorization")
+            token = auth.removeprefix("Bearer ").strip() if auth else None
+            return await self._run("GetStatus", context, self.open_pool, self._status, token)
+
         handlers = {
             "Join": unary("Join", c.join, pb.JoinRequest, self.open_pool),
             "PullTask": unary("PullTask", c.pull_task, pb.PullTaskRequest),
@@ -247,7 +269,11 @@ class Servicer:
             "Heartbeat": unary("Heartbeat", c.heartbeat, pb.HeartbeatRequest),
             "Leave": unary("Leave", c.leave, pb.LeaveRequest),
             "FetchHistory": unary("FetchHistory", c.fetch_history, pb.FetchHistoryRequest),
-            "GetStatus": unary("GetStatus", self._status, pb.GetStatusRequest, self.open_pool),
+            "GetStatus": grpc.unary_unary_rpc_method_handler(
+                status,
+                request_deserializer=pb.GetStatusRequest.FromString,
+                response_serializer=lambda m: m.SerializeToString(),
+            ),
             "FetchParameters": grpc.unary_stream_rpc_method_handler(
                 fetch,
                 request_deserializer=pb.FetchParametersRequest.FromString,

@@ -80,6 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--data", type=Path, required=True, help="this device's JSONL examples (`fwdllm data partition`)")
     r.add_argument("--token", default="", help="enrolment token (`fwdllm coordinator token`)")
     r.add_argument("--tls-ca", type=Path, help="CA certificate (PEM) of a TLS coordinator")
+    r.add_argument("--tls-cert", type=Path, help="this device's certificate (PEM), for a coordinator that requires one")
+    r.add_argument("--tls-key", type=Path, help="the private key (PEM) of --tls-cert")
     r.add_argument("--name", default="", help="a name for operators (default: the host name)")
     r.add_argument("--state", type=Path, help="file keeping the client id and unacknowledged results across restarts")
     r.add_argument("--max-seeds", type=int, default=4096, help="refuse tasks with more seeds than this")
@@ -156,6 +158,8 @@ def _run(args: argparse.Namespace) -> int:
         options=backend_options(args),
         token=args.token,
         tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
         name=args.name,
         state_file=args.state,
         max_seeds=args.max_seeds,

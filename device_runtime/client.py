@@ -50,6 +50,8 @@ class ClientConfig:
     options: dict[str, Any] = field(default_factory=dict)
     token: str = ""
     tls_ca: Path | None = None
+    tls_cert: Path | None = None  # this device's certificate and key, for a coordinator that requires one
+    tls_key: Path | None = None
     name: str = ""
     state_file: Path | None = None
     max_seeds: int = 4096  # the most seeds one task may ask for
@@ -108,7 +110,7 @@ class DeviceClient(ThetaSync, RetryingCalls):
         self._lock = threading.Lock()
         if cfg.state_file:
             self.client_id, self.client_secret, self.pending = load_state(cfg.state_file, self.fingerprint)
-        self.channel = open_channel(cfg.coordinator, cfg.tls_ca, cfg.backoff_s)
+        self.channel = open_channel(cfg.coordinator, cfg.tls_ca, cfg.backoff_s, cfg.tls_cert, cfg.tls_key)
         self.stub = pb_grpc.FwdLLMStub(self.channel)
 
     def join(self) -> pb.JoinResponse:

@@ -70,7 +70,19 @@ def test_tls_server_with_a_self_signed_certificate(tmp_path, self_signed, capsys
             pb_grpc.FwdLLMStub(plain).GetStatus(pb.GetStatusRequest(), timeout=3)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
         assert (
-            main(["coordinator", "status", "--address", f"localhost:{server.port}", "--tls-ca", str(cert), "--json"])
+            main(
+                [
+                    "coordinator",
+                    "status",
+                    "--address",
+                    f"localhost:{server.port}",
+                    "--tls-ca",
+                    str(cert),
+                    "--json",
+                    "--token",
+                    "tok",
+                ]
+            )
             == 0
         )
         status = json.loads(capsys.readouterr().out)

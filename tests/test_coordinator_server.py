@@ -109,7 +109,7 @@ def test_steps_complete_and_equal_the_dense_update(run):
     csv_lines = (coordinator.store.dir / "metrics.csv").read_text().splitlines()
     assert len(csv_lines) == 4 and csv_lines[0].startswith("step,")
     assert devices[0].pull().run_finished
-    status = pb_grpc.FwdLLMStub(channel).GetStatus(pb.GetStatusRequest())
+    status = pb_grpc.FwdLLMStub(channel).GetStatus(pb.GetStatusRequest(), metadata=[("authorization", "Bearer tok")])
     assert status.finished and status.step == 3 and status.counters["accepted"] == 9
 
 
