@@ -1,7 +1,9 @@
 """Checking a submitted result against its task before it is stored and counted as accepted.
 
 A result is accepted once: the same content again is answered as a duplicate (a device whose
-acknowledgement was lost retries), different content for an accepted task is refused.
+acknowledgement was lost retries), different content for an accepted task is refused, and both hold
+after the task's step is applied (the digest stays with the task), so a result whose reply a
+coordinator crash swallowed is a duplicate when resubmitted to the restarted one.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ def digest(sub: Submission) -> str:
     ).hexdigest()
 
 
-def _task_of(store: Store, sub: Submission, step: int) -> Task:
+def _task_of(store: Store, sub: Submission) -> Task:
     task = store.tasks.get(sub.task_id)
     if task is None:
         raise Reject(Reason.UNKNOWN_TASK, f"no task {sub.task_id[:64]!r} exists")
@@ -33,8 +35,6 @@ def _task_of(store: Store, sub: Submission, step: int) -> Task:
         raise Reject(
             Reason.WRONG_ROUND, f"task {task.task_id} belongs to step {task.step}, the submit says step {sub.step}"
         )
-    if task.step != step:
-        raise Reject(Reason.STALE, f"step {task.step} is closed (the run is at step {step}); pull a new task")
     return task
 
 
@@ -65,7 +65,7 @@ def _checked(task: Task, sub: Submission, now: int) -> tuple[np.ndarray, np.ndar
 
 def receive(store: Store, sub: Submission, step: int, now: int) -> Receipt:
     """Check ``sub`` against its task and commit it; the caller then moves the wave on."""
-    task = _task_of(store, sub, step)
+    task = _task_of(store, sub)
     content = digest(sub)
     if task.status == "accepted":
         if store.results.digest(task.task_id) == content:
@@ -73,6 +73,8 @@ def receive(store: Store, sub: Submission, step: int, now: int) -> Receipt:
                 store.bump("duplicate")
             return Receipt(duplicate=True, message="already accepted; nothing changed")
         raise Reject(Reason.DUPLICATE, "a different result for this task was already accepted")
+    if task.step != step:
+        raise Reject(Reason.STALE, f"step {task.step} is closed (the run is at step {step}); pull a new task")
     jvp, flagged = _checked(task, sub, now)
     result = Result(
         task_id=task.task_id,

@@ -40,7 +40,7 @@ CREATE TABLE IF NOT EXISTS clients (
   failed INTEGER DEFAULT 0, active INTEGER DEFAULT 1, secret_hash TEXT);
 CREATE TABLE IF NOT EXISTS tasks (
   task_id TEXT PRIMARY KEY, step INTEGER, wave INTEGER, client_id TEXT, seeds BLOB, explicit INTEGER,
-  batch_start INTEGER, batch_size INTEGER, deadline_ms INTEGER, status TEXT);
+  batch_start INTEGER, batch_size INTEGER, deadline_ms INTEGER, status TEXT, digest TEXT);
 CREATE INDEX IF NOT EXISTS tasks_step ON tasks (step, wave, status);
 CREATE INDEX IF NOT EXISTS tasks_client ON tasks (client_id, step);
 CREATE TABLE IF NOT EXISTS results (
@@ -84,10 +84,12 @@ class Store:
 
     def _add_missing_columns(self) -> None:
         """A state folder from before per-client secrets gets the column; its clients have none, so
-        their next Join with an old id gets a new one."""
+        their next Join with an old id gets a new one. Likewise the digest of an accepted task's result."""
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(clients)")}
         if "secret_hash" not in columns:
             self.db.execute("ALTER TABLE clients ADD COLUMN secret_hash TEXT")
+        if "digest" not in {row[1] for row in self.db.execute("PRAGMA table_info(tasks)")}:
+            self.db.execute("ALTER TABLE tasks ADD COLUMN digest TEXT")
 
     @contextmanager
     def transaction(self):

@@ -122,11 +122,16 @@ class Results:
                 r.digest,
             ),
         )
-        self.store.write("UPDATE tasks SET status='accepted' WHERE task_id=?", (r.task_id,))
+        self.store.write("UPDATE tasks SET status='accepted', digest=? WHERE task_id=?", (r.digest, r.task_id))
         self.store.write("UPDATE clients SET answered=answered+1 WHERE client_id=?", (r.client_id,))
 
     def digest(self, task_id: str) -> str | None:
-        rows = self.store.read("SELECT digest FROM results WHERE task_id=?", (task_id,))
+        """The digest of the task's accepted result, kept with the task after its step's results are deleted
+        (a state folder from before that keeps it only in the open step's results)."""
+        rows = self.store.read(
+            "SELECT COALESCE(t.digest, r.digest) FROM tasks t LEFT JOIN results r USING (task_id) WHERE task_id=?",
+            (task_id,),
+        )
         return rows[0][0] if rows else None
 
     def count(self, step: int, wave: int) -> int:

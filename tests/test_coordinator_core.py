@@ -113,10 +113,18 @@ def test_results_are_checked_and_refused_with_a_reason(tmp_path):
     assert not a.submit(task_a).duplicate and a.submit(task_a).duplicate  # the same result again
     assert reason(lambda: a.submit(task_a, jvp=np.zeros(2, np.float32))) == Reason.DUPLICATE
     b.submit(task_b)
-    assert c.step == 1 and reason(lambda: b.submit(task_b, jvp=np.ones(2, np.float32))) == Reason.STALE
+    # After the step is applied: the same result is still a duplicate, a different one still refused.
+    assert c.step == 1 and b.submit(task_b).duplicate
+    assert reason(lambda: b.submit(task_b, jvp=np.ones(2, np.float32))) == Reason.DUPLICATE
     assert reason(lambda: c.theta_at(9)) == Reason.UNKNOWN_VERSION
     counters = c.store.counters()
-    assert counters["accepted"] == 2 and counters["duplicate"] == 1
+    assert counters["accepted"] == 2 and counters["duplicate"] == 2
+    c.close()
+    # A task its step no longer needed (over-selected, cancelled when the step closed) is stale.
+    c, (a, b) = start(tmp_path / "stale", clients=2, run={"clients_per_step": 1, "over_select": 1.0, "min_clients": 2})
+    task_a, task_b = a.pull(), b.pull()
+    a.submit(task_a)
+    assert c.step == 1 and reason(lambda: b.submit(task_b)) == Reason.STALE
     c.close()
 
 

@@ -1,9 +1,11 @@
-"""SIGKILL the coordinator process mid-step, several times; restarts lose no accepted result and reuse no seed."""
+"""SIGKILL the coordinator process mid-step, several times; restarts lose no accepted result and reuse no seed,
+and a result whose reply a kill swallowed is a duplicate when the device resubmits it."""
 
 from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -22,6 +24,7 @@ from test_coordinator_fixtures import (
     write_config,
 )
 
+from fwdllm.coordinator.server import KILL_AFTER_COMMIT_ENV
 from fwdllm.proto.manifest import load_manifest
 from fwdllm.proto.v1.fwdllm_pb2_grpc import FwdLLMStub
 
@@ -202,4 +205,71 @@ def test_sigkill_mid_step_repeatedly_loses_nothing_and_reuses_no_seed(tmp_path):
     finally:
         if channel is not None:
             channel.close()
+        server.stop()
+
+
+KILLS = 5
+
+
+@pytest.mark.timeout(300)
+def test_sigkill_between_a_results_commit_and_its_reply_makes_the_resubmission_a_duplicate(tmp_path, monkeypatch):
+    """The server commits a result and dies before replying (the fault hook of server.py); the device, having
+    heard nothing, resubmits to the restarted server and is told "duplicate": counted once, no error. Five
+    times, on the first results of steps 0 and 1, the last of which also closes step 0."""
+    server = Server(tmp_path)
+    fingerprint = load_manifest(server.bundle).fingerprint()
+    kills = 0
+    ledger: dict[int, dict[str, list]] = {}
+
+    def restart() -> grpc.Channel:
+        """The operator restarts the killed server; the fault hook stays armed for the next kill, if any."""
+        if kills < KILLS:
+            monkeypatch.setenv(KILL_AFTER_COMMIT_ENV, "1")
+        else:
+            monkeypatch.delenv(KILL_AFTER_COMMIT_ENV, raising=False)
+        channel = grpc.insecure_channel(f"127.0.0.1:{server.start()}")
+        for d in devices:
+            d.stub = FwdLLMStub(channel)
+        return channel
+
+    devices: list[QuadraticDevice] = []
+    channel = restart()
+    try:
+        devices.extend(QuadraticDevice(channel, i) for i in range(3))
+        for d in devices:
+            d.join("tok", fingerprint)
+        finished = False
+        while not finished:
+            for d in devices:
+                reply = d.pull()
+                if reply.run_finished:
+                    finished = True
+                    break
+                if reply.WhichOneof("outcome") != "task":
+                    continue
+                task, jvp = reply.task, d.compute(reply.task)
+                try:
+                    answer = d.submit(task, jvp)
+                except grpc.RpcError as exc:  # no reply: the server died after committing
+                    assert exc.code() == grpc.StatusCode.UNAVAILABLE and server.proc.wait(timeout=30) == -signal.SIGKILL
+                    kills += 1
+                    channel.close()
+                    channel = restart()
+                    answer = d.submit(task, jvp)  # the device's resubmission of the same result
+                    assert answer.accepted and answer.duplicate, answer
+                else:
+                    assert answer.accepted and not answer.duplicate
+                ledger.setdefault(task.step, {})[task.task_id] = list(zip(task_seeds(task), jvp.tolist()))
+        assert kills == KILLS and server.starts == KILLS + 1
+        counters = dict(
+            sqlite3.connect(server.state / "coordinator.sqlite").execute("SELECT name, value FROM counters")
+        )
+        assert counters["accepted"] == 3 * STEPS and counters["duplicate"] == KILLS
+        assert not any(name.startswith("rejected_") for name in counters), counters
+        # Each result counted once: θ is the dense replay of the ledger.
+        final = devices[0].fetch(0)
+        theta0 = np.linspace(-1, 1, LAYOUT.dim, dtype=np.float32).astype(np.float64)
+        np.testing.assert_allclose(final, momentum_replay(theta0, ledger), atol=5e-5)
+    finally:
+        channel.close()
         server.stop()
