@@ -74,6 +74,47 @@ def _apply_peft_adapter(folder: str, opts: PeftOptions) -> dict[str, torch.Tenso
     return load_file(str(weights))
 
 
+def _start_head(folder: str, tensors: dict[str, torch.Tensor], sites: list[Site], hf_prefix: str) -> None:
+    """A seq-cls adapter's trained classifier (peft ``modules_to_save``) becomes the initial head; refused when
+    the head would mean something else here (CLS pooling, another task) or other saved modules would be lost."""
+    saved = json.loads((Path(folder) / "adapter_config.json").read_text()).get("modules_to_save") or []
+    kept = [
+        m
+        for m in dict.fromkeys(saved)
+        if any(_adapter_value(tensors, f"{m}.{p}", hf_prefix) is not None for p in ("weight", "bias"))
+    ]
+    if not kept:
+        return
+    head = next((s for s in sites if s.kind == "head"), None)
+    if kept != ["classifier"] or head is None:
+        raise UserError(
+            f"--from-peft-adapter {folder}: its modules_to_save {kept} are trained weights fwdllm cannot "
+            + ("start from" if head is not None else "use in a causal-lm bundle")
+            + "; only a seq-cls classifier named 'classifier' is kept. Re-save the adapter without modules_to_save "
+            "to start from its LoRA weights alone"
+        )
+    cfg = Path(folder) / "config.json"
+    pooling = json.loads(cfg.read_text()).get("classifier_pooling") if cfg.is_file() else None
+    if pooling != "mean":
+        trained_on = f"{pooling!r} pooling" if pooling else "the CLS pooler (its config.json has no classifier_pooling)"
+        raise UserError(
+            f"--from-peft-adapter {folder}: its classifier was trained on {trained_on}, while fwdllm's head "
+            "mean-pools the tokens; re-save the adapter without modules_to_save to start from its LoRA weights alone"
+        )
+    for i, (suffix, init) in enumerate(head.tensors):
+        value = _adapter_value(tensors, suffix, hf_prefix)
+        if value is None:
+            raise UserError(
+                f"--from-peft-adapter {folder}: its classifier has no {suffix} in adapter_model.safetensors"
+            )
+        if tuple(value.shape) != tuple(init.shape):
+            raise UserError(
+                f"--from-peft-adapter {folder}: its classifier has {value.shape[0]} classes, the export "
+                f"{init.shape[0]}; pass --labels {value.shape[0]}"
+            )
+        head.tensors[i] = (suffix, value.float())
+
+
 def _adapter_value(tensors: dict[str, torch.Tensor], name: str, hf_prefix: str) -> torch.Tensor | None:
     """Find ``path.lora_A.weight`` among peft's keys (``base_model.model.[prefix.]path.lora_A.weight``)."""
     for key, value in tensors.items():
@@ -150,6 +191,8 @@ def build_plan(
                 [("classifier.weight", torch.zeros(num_labels, hidden)), ("classifier.bias", torch.zeros(num_labels))],
             )
         )
+    if start is not None:
+        _start_head(str(opts.from_peft_adapter), start, sites, spec.hf_prefix)
     if not sites:
         raise UserError(
             f"--peft {opts.method} with --trainable-layers {opts.trainable_layers} leaves nothing trainable"
