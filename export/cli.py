@@ -81,6 +81,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="hf: a peft adapter or merged checkpoint (default); "
         "gguf: a llama.cpp LoRA adapter (decoder bundles with GGUF)",
     )
+    r.add_argument(
+        "--hub-id",
+        help="the Hugging Face Hub repository you will upload OUT to (e.g. me/minilm-bbc): a classifier's LoRA "
+        "adapter names it as its base model, so AutoPeftModelForSequenceClassification loads it by that name",
+    )
     r.set_defaults(handler=_export_peft)
 
     i = subparsers.add_parser(
@@ -167,7 +172,9 @@ def _export_peft(args: argparse.Namespace) -> int:
 
             written = export_llama_adapter(Path(args.bundle), Path(args.theta), Path(args.out))
         else:
-            written = export_peft(Path(args.bundle), Path(args.theta), Path(args.out), merged=args.merged)
+            written = export_peft(
+                Path(args.bundle), Path(args.theta), Path(args.out), merged=args.merged, hub_id=args.hub_id
+            )
     print(f"wrote {', '.join(sorted(p.name for p in written))} to {args.out}")
     return 0
 

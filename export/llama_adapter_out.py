@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from fwdllm.errors import UserError
+from fwdllm.export.model_card import RunInfo, model_card, public_name
 from fwdllm.export.peft_out import load_trained_theta
 from fwdllm.proto.gguf_lora import LoraAdapterWriter, lora_alpha
 from fwdllm.proto.manifest import load_manifest
@@ -55,27 +56,37 @@ def export_llama_adapter(bundle: Path, theta_file: Path, out: Path) -> list[Path
             json.dumps({"labels": labels, "token_ids": manifest.model.label_token_ids}, indent=2) + "\n"
         )
         written.append(out / LABELS_FILE)
-    (out / "README.md").write_text(_card(manifest, [Path(b.file).name for b in bases], labels))
+    base = public_name(manifest.model.source)
+    card = model_card(
+        manifest,
+        base,
+        _files(base, [Path(b.file).name for b in bases], labels),
+        _usage(Path(bases[0].file).name),
+        RunInfo.beside(Path(theta_file)),
+        "llama.cpp",
+    )
+    (out / "README.md").write_text(card)
     written.append(out / "README.md")
     return written
 
 
-def _card(manifest, bases: list[str], labels: list[str]) -> str:
+def _files(base: str, bases: list[str], labels: list[str]) -> str:
     words = ", ".join(f"' {w}'" for w in labels)
     scoring = (
-        f"\nThe model was fine-tuned to answer with one of the label words {words}: after the prompt, "
-        f"the label is the word whose first token (ids in `{LABELS_FILE}`) has the largest logit.\n"
+        f" The model answers with one of the label words {words}: after the prompt, the label is the word whose "
+        f"first token (ids in `{LABELS_FILE}`) has the largest logit."
         if labels
         else ""
     )
     return (
-        f"# LoRA adapter for llama.cpp\n\n"
-        f"Trained with fwdllm (forward gradients, federated) on `{manifest.model.source}`; "
-        f"LoRA r={manifest.peft.config.get('r')}, alpha={lora_alpha(manifest.peft.config)}.\n\n"
-        f"```sh\nllama-cli -m {bases[0]} --lora {ADAPTER_FILE}\n```\n\n"
-        f"```python\nfrom llama_cpp import Llama\n"
-        f'llm = Llama(model_path="{bases[0]}", lora_path="{ADAPTER_FILE}")\n```\n'
-        f"{scoring}"
-        f"The base model is the fwdllm bundle's GGUF ({', '.join(bases)}): the adapter's tensors are named "
-        "and shaped for it.\n"
+        f"A llama.cpp LoRA adapter (`{ADAPTER_FILE}`) for the fwdllm bundle's GGUF of `{base}` "
+        f"({', '.join(bases)}): its tensors are named and shaped for that file.{scoring}"
+    )
+
+
+def _usage(base_file: str) -> str:
+    return (
+        f"# llama-cli -m {base_file} --lora {ADAPTER_FILE}\n"
+        "from llama_cpp import Llama\n\n"
+        f'llm = Llama(model_path="{base_file}", lora_path="DIR/{ADAPTER_FILE}")\n'
     )

@@ -48,11 +48,18 @@ def _ids(batch):
     return torch.from_numpy(batch["input_ids"]), torch.from_numpy(batch["attention_mask"])
 
 
+def _classifier_logits(folder, batch):
+    """What a user gets: the exported folder as an AutoModelForSequenceClassification (its own pooling code)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder), trust_remote_code=True).eval()
+    ids, mask = _ids(batch)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits.numpy()
+
+
 @pytest.mark.parametrize("merged", [False, True])
 def test_lora_round_trip(tiny_bert, tmp_path, merged):
-    from peft import PeftModel
-    from transformers import AutoModel
-
     from fwdllm.cli import main
 
     manifest = export_bundle(tmp_path / "b", tiny_bert, method="lora", trainable_layers="top:2")
@@ -66,33 +73,24 @@ def test_lora_round_trip(tiny_bert, tmp_path, merged):
         str(tmp_path / "hf"),
     ]
     assert main(argv + (["--merged"] if merged else [])) == 0
-    if merged:
-        model = AutoModel.from_pretrained(str(tmp_path / "hf"))
-    else:
-        assert json.loads((tmp_path / "hf" / "adapter_config.json").read_text())["peft_type"] == "LORA"
-        model = PeftModel.from_pretrained(AutoModel.from_pretrained(str(tiny_bert)), str(tmp_path / "hf"))
+    assert (tmp_path / "hf" / "adapter_config.json").is_file() != merged
     batch = random_batch(manifest, rows=1, seed=2)
-    ids, mask = _ids(batch)
-    with torch.no_grad():
-        logits = _head(tmp_path / "hf", model.eval()(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
     got = _graph(tmp_path / "b", manifest, batch, theta)["logits"][0]
-    assert rel_err(got, logits) <= 1e-4
+    assert rel_err(got, _classifier_logits(tmp_path / "hf", batch)) <= 1e-5
 
 
-def test_bitfit_round_trip_is_a_merged_checkpoint(tiny_bert, tmp_path):
-    from transformers import AutoModel
-
+@pytest.mark.parametrize("arch", ["bert", "distilbert", "albert", "roberta"])
+def test_bitfit_round_trip_is_a_classifier_checkpoint(tmp_path, arch):
+    """Every encoder architecture's merged folder loads as its mean-pooling classifier class."""
     from fwdllm.export.peft_out import export_peft
 
-    manifest = export_bundle(tmp_path / "b", tiny_bert, method="bitfit")
+    ckpt = tiny_checkpoint(arch, tmp_path / arch)
+    manifest = export_bundle(tmp_path / "b", ckpt, method="bitfit")
     theta = _trained_theta(manifest, tmp_path / "theta.safetensors")
     export_peft(tmp_path / "b", tmp_path / "theta.safetensors", tmp_path / "hf")
-    model = AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
     batch = random_batch(manifest, rows=1, seed=3)
-    ids, mask = _ids(batch)
-    with torch.no_grad():
-        logits = _head(tmp_path / "hf", model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
-    assert rel_err(_graph(tmp_path / "b", manifest, batch, theta)["logits"][0], logits) <= 1e-4
+    got = _graph(tmp_path / "b", manifest, batch, theta)["logits"][0]
+    assert rel_err(got, _classifier_logits(tmp_path / "hf", batch)) <= 1e-5
 
 
 def test_adapter_round_trip_by_its_documented_formula(tiny_bert, tmp_path):
