@@ -114,4 +114,7 @@ def load(model: str, task: str) -> Loaded:
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot load the weights in {folder}: {exc}") from exc
     hf.eval()
+    from fwdllm.export.model_card import public_name
+
+    hf.config.name_or_path = public_name(source)  # what files written from it name it (GGUF general.name): no path
     return Loaded(hf, hf.config, source, folder, tok)

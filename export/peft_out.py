@@ -181,7 +181,6 @@ def _decoder(loaded, plan, theta, tensors, out, base, merged):
     from fwdllm.export.materialize import merged as with_theta
 
     model = with_theta(loaded.model, plan, theta)
-    model.config.name_or_path = base
     model.save_pretrained(str(out))
     shutil.copyfile(loaded.tokenizer_file, out / "tokenizer.json")
     files = (

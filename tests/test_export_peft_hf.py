@@ -249,3 +249,74 @@ def test_a_classifier_trained_on_the_cls_pooler_is_refused(tmp_path):
     )
     with pytest.raises(UserError, match="CLS pooler.*without modules_to_save"):
         export_bundle(tmp_path / "b", ckpt, from_peft_adapter=str(tmp_path / "stock"))
+
+
+def test_decoder_exports_and_the_bundles_gguf_name_no_path_of_this_machine(tmp_path):
+    """A tiny llama checkpoint folder (SmolLM2's BPE vocabulary, so it has a GGUF): the bundle's GGUF, export-peft's
+    llama.cpp adapter, peft adapter and merged checkpoint all call the base by the folder's name."""
+    import shutil
+
+    import gguf
+    import transformers
+
+    from fwdllm.export.models import resolve
+    from fwdllm.export.peft_out import export_peft
+    from fwdllm.proto.names import Task
+
+    ckpt = tmp_path / "my-llama"
+    cfg = transformers.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(ckpt)
+    shutil.copyfile(resolve("smollm2")[0] / "tokenizer.json", ckpt / "tokenizer.json")
+    manifest = export_bundle(
+        tmp_path / "b",
+        ckpt,
+        Task.CAUSAL_LM,
+        method="lora",
+        label_names=["business", "sport"],
+        num_labels=None,
+        formats=["gguf"],
+        precisions=["f16"],
+        seq_len=32,
+    )
+    assert gguf.GGUFReader(str(tmp_path / "b" / "base.f16.gguf")).fields["general.name"].contents() == "my-llama"
+    theta = tmp_path / "theta.safetensors"
+    save_theta(theta, manifest.theta, np.random.default_rng(0).standard_normal(manifest.theta.dim).astype(np.float32))
+    from fwdllm.cli import main
+
+    assert (
+        main(
+            [
+                "export-peft",
+                str(tmp_path / "b"),
+                "--theta",
+                str(theta),
+                "--out",
+                str(tmp_path / "gguf"),
+                "--format",
+                "gguf",
+            ]
+        )
+        == 0
+    )
+    export_peft(tmp_path / "b", theta, tmp_path / "peft")
+    export_peft(tmp_path / "b", theta, tmp_path / "merged", merged=True)
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["base_model_name_or_path"] == "my-llama"
+    files = [
+        tmp_path / "b" / "base.f16.gguf",
+        *(f for d in ("gguf", "peft", "merged") for f in (tmp_path / d).iterdir()),
+    ]
+    for f in files:
+        if f.suffix == ".md":
+            assert "base_model: my-llama" in f.read_text() and "forward gradients" in f.read_text()
+    found = [(f.name, p) for f in files for text in _strings_of(f) for p in _machine_paths(tmp_path) if p in text]
+    assert not found
