@@ -2,7 +2,9 @@
 
 Last-seen times are kept in memory and written by ``flush_last_seen`` (the server's tick), so a
 device's poll costs no write; a client counts as active only once this process has seen it.
-A client that went silent holding a task (``silent``) is not selected again until it pulls.
+A client that went silent holding a task (``silent``) is not selected again until it pulls, and
+only clients asking for work (a Join or a pull within the silence limit) are selected, so devices
+that joined and sit idle never hold a slot that a wave then waits for.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Registry:
         self.last_seen: dict[str, int] = {}
         self.started_ms = now_ms()  # holders not seen by this process are judged from its start
         self.silenced: set[str] = set()
+        self.asked: dict[str, int] = {}  # the last Join or pull of each client: when it asked for work
 
     def authenticate(self, who: Credentials) -> None:
         """Admit a request of a joined client with its session token, within its rate limit."""
@@ -109,7 +112,7 @@ class Registry:
                 if req.previous_client_id:
                     self.store.bump("rejoin_unproven")
             self.store.bump("joined")
-        self.last_seen[client_id] = now_ms()
+        self.last_seen[client_id] = self.asked[client_id] = now_ms()
         return Joined(
             client_id=client_id,
             session_token=session,
@@ -123,11 +126,14 @@ class Registry:
     def silent(self, client_ids: set[str], now: int) -> set[str]:
         """Those of ``client_ids`` not heard from for ``server.silent_after_beats`` heartbeat intervals;
         a device beats every interval while it works, so that long means it is gone or stuck."""
-        beats = self.cfg.server.silent_after_beats
-        if beats <= 0:
+        limit = self._silent_after_ms()
+        if limit is None:
             return set()
-        limit = beats * self.cfg.server.heartbeat_ms
         return {c for c in client_ids if now - self.last_seen.get(c, self.started_ms) > limit}
+
+    def _silent_after_ms(self) -> float | None:
+        beats = self.cfg.server.silent_after_beats
+        return beats * self.cfg.server.heartbeat_ms if beats > 0 else None
 
     def silence(self, client_ids: set[str]) -> None:
         """Leave these clients out of selection until they ask for work (``asks_for_work``)."""
@@ -135,6 +141,7 @@ class Registry:
 
     def asks_for_work(self, client_id: str) -> None:
         self.silenced.discard(client_id)
+        self.asked[client_id] = now_ms()
 
     def leave(self, who: Credentials) -> None:
         with self.store.transaction():
@@ -143,12 +150,16 @@ class Registry:
         self.last_seen.pop(who.client_id, None)
 
     def active(self, now: int) -> list[Candidate]:
-        """Enrolled clients seen within ``active_window_s`` and not silenced."""
+        """Enrolled clients seen within ``active_window_s``, not silenced, and asking for work: joined or
+        pulled within the silence limit (a device pulls every ``retry_ms`` while it has no task)."""
         window = int(self.cfg.server.active_window_s * 1000)
+        asking = self._silent_after_ms()
         return [
             c
             for c in self.store.active_clients()
-            if now - self.last_seen.get(c.client_id, 0) <= window and c.client_id not in self.silenced
+            if now - self.last_seen.get(c.client_id, 0) <= window
+            and c.client_id not in self.silenced
+            and (asking is None or now - self.asked.get(c.client_id, 0) <= asking)
         ]
 
     def count_active(self, now: int) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from test_coordinator_core import start
+from test_coordinator_core import Device, run_step, start
 
 HEARTBEAT_MS = 200
 
@@ -38,7 +38,9 @@ def test_a_silent_holder_loses_its_task_within_a_heartbeat_interval_and_is_not_s
         time.sleep(0.02)
     assert time.monotonic() - went_silent < 3 * HEARTBEAT_MS / 1000 + 2.0  # not the 30 s deadline
     assert c.store.counters()["tasks_abandoned"] == 1 and "tasks_expired" not in c.store.counters()
-    assert idle.pull() is not None and working.pull() is not None  # step 1 picks the two that answer
+    # Step 1 picks the two that ask for work: its wave opens once both have pulled.
+    first = idle.pull()
+    assert working.pull() is not None and (first or idle.pull()) is not None
     assert silent.who.client_id in c.registry.silenced
     assert silent.pull() is None  # asking for work again: no slot is free, but it is selectable again
     assert not c.registry.silenced
@@ -58,4 +60,27 @@ def test_silence_can_be_switched_off(tmp_path):
     for d, task in zip(devices, tasks):
         assert not d.submit(task).duplicate
     assert c.step == 1 and "tasks_abandoned" not in c.store.counters()
+    c.close()
+
+
+def test_1000_joined_devices_that_sit_idle_are_never_handed_a_task(tmp_path):
+    """Selection considers only devices asking for work (a Join or a pull within the silence limit): a
+    device that joined and then never pulled would otherwise hold a slot each step until it fell silent."""
+    c, working = start(
+        tmp_path,
+        clients=3,
+        run={"steps": 5, "over_select": 0.5, "deadline_s": 3600},
+        server={"heartbeat_ms": HEARTBEAT_MS},
+    )
+    idle = [Device(c, 100 + i) for i in range(1000)]
+    time.sleep(3 * HEARTBEAT_MS / 1000)  # past the silence limit since their Join: no longer asking for work
+    for _ in range(1000):
+        if c.run.finished:
+            break
+        run_step(working)
+        c.tick()
+    assert c.run.finished
+    holders = {client_id for (client_id,) in c.store.query("SELECT DISTINCT client_id FROM tasks")}
+    assert holders == {d.who.client_id for d in working}
+    assert len(idle) == 1000 and "tasks_abandoned" not in c.store.counters()
     c.close()
