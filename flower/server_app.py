@@ -57,7 +57,7 @@ app = ServerApp()
 
 #: The ServerApp calls the core on its nodes' behalf: a device's request rate limit means nothing here.
 SERVER_SIDE = {"server": {"rate_per_s": 1e9, "rate_burst": 1 << 30}}
-POLL_S = 0.05  # between polls for replies while nothing happens
+POLL_S = (0.02, 1.0)  # between polls for replies: doubling from the first to the second while nothing happens
 
 
 @dataclass
@@ -227,7 +227,7 @@ class FlowerCoordinator:
         if not self.nodes:
             raise UserError("no Flower node can serve this run (see the warnings above)")
         last_pass = last_beat = 0.0
-        changed = True
+        changed, idle = True, 0
         while not self.link.finished:
             self.link.tick()
             now = time.monotonic()
@@ -242,8 +242,9 @@ class FlowerCoordinator:
                 self.beat(online)
                 last_beat = now
             changed = self.collect()
-            if not changed:
-                time.sleep(POLL_S)
+            idle = 0 if changed else idle + 1
+            if idle:
+                time.sleep(min(POLL_S[1], POLL_S[0] * 2 ** (idle - 1)))
         save_theta(
             Path(self.job.state) / "theta.safetensors", load_manifest(Path(self.job.bundle)).theta, self.link.theta()
         )
