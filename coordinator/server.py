@@ -53,7 +53,7 @@ KILL_AFTER_COMMIT_ENV = "FWDLLM_TEST_KILL_AFTER_SUBMIT_COMMIT"
 
 OPTIONS = [
     ("grpc.so_reuseport", 0),
-    ("grpc.max_concurrent_streams", 100),  # per connection: a device needs three
+    ("grpc.max_concurrent_streams", 1000),  # per connection: a device needs three, a simulator process more
     ("grpc.keepalive_time_ms", 60_000),  # ping every peer each minute ...
     ("grpc.keepalive_timeout_ms", 20_000),  # ... and close the connection of one that does not answer
     ("grpc.max_connection_idle_ms", 300_000),  # close connections without calls for 5 minutes
