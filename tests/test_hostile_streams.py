@@ -224,3 +224,51 @@ def test_2000_bad_requests_are_answered_quietly_and_all_counted(tmp_path):
     assert "Traceback" not in log
     summaries = [line for line in log.splitlines() if "rejected" in line]
     assert 1 <= len(summaries) <= 20 and len(log.splitlines()) < 100, log[-3000:]
+
+
+@pytest.mark.timeout(180)
+def test_devices_complete_steps_while_peers_flood_the_server_with_bad_requests(tmp_path):
+    """Joins with guessed tokens, calls with stolen client ids and garbage, from four threads without pause:
+    the devices' steps still complete (the flood only shares the server, never holds it)."""
+    coordinator = Coordinator(make_bundle(tmp_path / "bundle"), tmp_path / "state", from_dict(CONFIG))
+    coordinator.store.add_token("tok")
+    server = coordinator_server.start(coordinator, "127.0.0.1", 0)
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stop, sent = threading.Event(), Counter()
+    flooders: list[threading.Thread] = []
+    try:
+        devices = [QuadraticDevice(channel, i) for i in range(3)]
+        for d in devices:
+            d.join("tok", coordinator.fingerprint)
+
+        def flood(i: int) -> None:
+            own = grpc.insecure_channel(f"127.0.0.1:{server.port}", options=[("grpc.use_local_subchannel_pool", 1)])
+            stub = pb_grpc.FwdLLMStub(own)
+            calls = [
+                lambda: stub.Join(pb.JoinRequest(protocol_version=pb.PROTOCOL_VERSION_1, enrolment_token="guess")),
+                lambda: stub.PullTask(pb.PullTaskRequest(client_id=devices[0].client_id, session_token="stolen")),
+                lambda: send_bytes(own, "/fwdllm.v1.FwdLLM/Submit", b"\x0f\xff"),
+            ]
+            while not stop.is_set():
+                with pytest.raises(grpc.RpcError):
+                    calls[sent[i] % len(calls)]()
+                sent[i] += 1
+            own.close()
+
+        flooders.extend(threading.Thread(target=flood, args=(i,), daemon=True) for i in range(4))
+        for t in flooders:
+            t.start()
+        accepted = 0
+        while not coordinator.meta("finished"):
+            for d in devices:
+                reply = d.pull()
+                if reply.WhichOneof("outcome") == "task":
+                    accepted += d.submit(reply.task, d.compute(reply.task)).accepted
+        flooded = sum(sent.values())
+        assert accepted == 3 * STEPS and flooded > 0
+    finally:
+        stop.set()
+        for t in flooders:
+            t.join()
+        channel.close()
+        server.stop(0)
