@@ -198,16 +198,20 @@ def _machine_paths(*roots: Path) -> list[str]:
 
 
 def test_no_exported_file_names_a_path_of_this_machine(trained, tmp_path):
-    """The MiniLM folders above and a tiny-BERT BitFit export (a checkpoint folder, not a shipped default)."""
+    """The MiniLM folders above and tiny-BERT BitFit and bottleneck-adapter exports (a checkpoint folder, not a
+    shipped default)."""
     from fwdllm.export.peft_out import export_peft
 
     tmp = trained[0]
     ckpt = tiny_checkpoint("bert", tmp_path / "my-bert")
-    manifest = export_bundle(tmp_path / "b", ckpt, method="bitfit", trainable_layers="top:1")
-    save_theta(tmp_path / "theta.safetensors", manifest.theta, np.zeros(manifest.theta.dim, np.float32))
-    export_peft(tmp_path / "b", tmp_path / "theta.safetensors", tmp_path / "bitfit")
-    assert "base_model: my-bert" in (tmp_path / "bitfit" / "README.md").read_text()
-    folders = [tmp / "adapter", tmp / "merged", tmp / "hub", tmp_path / "bitfit"]
+    for method in ("bitfit", "adapter"):
+        manifest = export_bundle(tmp_path / f"b-{method}", ckpt, method=method, trainable_layers="top:1")
+        theta = tmp_path / f"theta-{method}.safetensors"
+        save_theta(theta, manifest.theta, np.zeros(manifest.theta.dim, np.float32))
+        export_peft(tmp_path / f"b-{method}", theta, tmp_path / method)
+        assert "base_model: my-bert" in (tmp_path / method / "README.md").read_text()
+    assert json.loads((tmp_path / "adapter" / "fwdllm_adapter.json").read_text())["base_model"] == "my-bert"
+    folders = [tmp / "adapter", tmp / "merged", tmp / "hub", tmp_path / "bitfit", tmp_path / "adapter"]
     found = [
         (f.name, p)
         for folder in folders
