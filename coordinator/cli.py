@@ -72,7 +72,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _serve(args: argparse.Namespace) -> int:
     import logging
+    import os
 
+    # Before gRPC loads: its core would log a line for every failed TLS handshake (a scanner's, a wrong CA's).
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from fwdllm.coordinator.config import load_config
     from fwdllm.coordinator.evaluation import evaluator_from_config
     from fwdllm.coordinator.rounds import Coordinator

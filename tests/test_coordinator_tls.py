@@ -4,9 +4,14 @@ can never connect told why instead of retrying forever, client certificates (mTL
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import ssl
 import subprocess
+import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -191,3 +196,31 @@ def test_get_status_in_full_only_with_a_token_unless_public(served, capsys):
     QuadraticDevice(channel, 0).join("tok", coordinator.fingerprint)
     assert pb_grpc.FwdLLMStub(channel).GetStatus(pb.GetStatusRequest(), timeout=10).counters == {"joined": 1}
     channel.close()
+
+
+@pytest.mark.timeout(120)
+def test_failed_handshakes_leave_the_served_coordinators_log_quiet(tmp_path, pki):
+    """Port scanners and devices with a wrong CA fail the TLS handshake; `serve` logs no line for each."""
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    argv = ["coordinator", "serve", "--bundle", str(make_bundle(tmp_path / "bundle")), "--state", str(tmp_path / "s")]
+    argv += ["--port", "0", "--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key")]
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([sys.executable, "-m", "fwdllm.cli", *argv], stdout=out, stderr=out, env=env)
+    try:
+        while not (tmp_path / "s" / "endpoint").exists():
+            assert server.poll() is None, log.read_text()
+            time.sleep(0.05)
+        port = int((tmp_path / "s" / "endpoint").read_text())
+        wrong_ca = ssl.create_default_context(cafile=pki / "other.pem")
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port)) as raw:
+                raw.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                raw.recv(100)
+            with socket.create_connection(("127.0.0.1", port)) as raw, pytest.raises(ssl.SSLCertVerificationError):
+                wrong_ca.wrap_socket(raw, server_hostname="localhost")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    text = log.read_text()
+    assert "listening on" in text and "Handshake failed" not in text and len(text.splitlines()) < 10, text[-2000:]
