@@ -12,6 +12,7 @@ row through a suffix GGUF (``llama_suffix.py``, measured by ``bench/llama_prefix
 
 from __future__ import annotations
 
+import ctypes
 import shutil
 import tempfile
 from pathlib import Path
@@ -120,11 +121,14 @@ class LlamaBackend(Backend):
             self.n_vocab = L.llama_vocab_n_tokens(L.llama_model_get_vocab(self.model))
             ids = manifest.model.label_token_ids
             self.label_ids = np.array(ids, dtype=np.int64) if ids else None
+            arch = ctypes.create_string_buffer(64)  # the adapter must name the base model's architecture
+            L.llama_model_meta_val_str(self.model, b"general.architecture", arch, len(arch))
             writer_args = (
                 manifest.theta,
                 lora_alpha(manifest.peft.config),
                 L.llama_model_n_head(self.model),
                 L.llama_model_n_head_kv(self.model),
+                arch.value.decode(),
             )
             suffix = self._suffix_spec()
             # θ acts in the suffix: its adapter names count blocks from the cut (a suffix implies a cut layer)

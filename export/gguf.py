@@ -1,7 +1,7 @@
-"""Llama decoders as GGUF base models for llama.cpp (f16, q8_0, q4_0), θ kept out as a LoRA adapter.
+"""Llama and Qwen2/Qwen3 decoders as GGUF base models for llama.cpp (f16, q8_0, q4_0), θ kept out as a LoRA adapter.
 
 The base model is written with ``gguf``'s GGUFWriter from the PyTorch weights (so any
-llama-architecture checkpoint works, not only the shipped SmolLM2), then quantized by
+checkpoint of these architectures works, not only the shipped SmolLM2), then quantized by
 llama.cpp's own ``llama_model_quantize``. θ never enters the base file: a device applies
 θ + εv as a LoRA adapter GGUF rebuilt per perturbation (``proto/gguf_lora.py``; why in
 export/BUNDLE.md, "llama.cpp θ channel"). A label-word bundle cut at a layer also gets a
@@ -20,7 +20,7 @@ import numpy as np
 
 from fwdllm.errors import UserError
 from fwdllm.export.gguf_suffix import write_suffix
-from fwdllm.proto.gguf_lora import LoraAdapterWriter, lora_alpha, rope_permute
+from fwdllm.proto.gguf_lora import GGUF_ARCHS, LoraAdapterWriter, lora_alpha, rope_permute
 from fwdllm.proto.manifest import GraphSpec, PeftInfo, TensorSpec, ThetaLayout
 from fwdllm.proto.names import GraphFormat, GraphRole, Precision, ThetaChannel
 
@@ -86,11 +86,7 @@ def export_gguf(
         )
     model = hf_model.get_base_model() if hasattr(hf_model, "get_base_model") else hf_model
     cfg = model.config
-    if getattr(cfg, "model_type", None) != "llama":
-        raise UserError(
-            f"GGUF export supports llama-architecture decoders; this model is {getattr(cfg, 'model_type', '?')!r}. "
-            "Use --format onnx for other architectures."
-        )
+    arch = gguf_arch(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = Path(tokenizer) if tokenizer else smollm2_gguf()
@@ -101,6 +97,7 @@ def export_gguf(
         lora_alpha(peft_info.config),
         cfg.num_attention_heads,
         cfg.num_key_value_heads,
+        arch,
         first_layer=suffix[0] if suffix else 0,
     )
     writer.write(out_dir / ".theta0-check.gguf", theta0).unlink()
@@ -123,6 +120,22 @@ def export_gguf(
     if Precision.F16 not in precisions:
         f16.unlink()
     return specs
+
+
+def gguf_arch(cfg) -> str:
+    """The llama.cpp architecture of a Hugging Face decoder config, or a clear refusal of what GGUF cannot carry."""
+    arch = getattr(cfg, "model_type", None)
+    if arch not in GGUF_ARCHS:
+        raise UserError(
+            f"GGUF export supports {', '.join(GGUF_ARCHS)} decoders; this model is {arch or '?'!r}. "
+            "Use --format onnx for other architectures."
+        )
+    if getattr(cfg, "use_sliding_window", False):  # llama.cpp's qwen graphs attend over the whole context
+        raise UserError(
+            f"this {arch} checkpoint uses sliding-window attention, which llama.cpp's {arch} graph does not apply; "
+            "use --format onnx"
+        )
+    return arch
 
 
 def _graph_spec(precision: str, dim: int, hidden_size: int | None = None) -> GraphSpec:
@@ -159,16 +172,29 @@ def _graph_spec(precision: str, dim: int, hidden_size: int | None = None) -> Gra
     )
 
 
-def _rope_theta(cfg) -> float:
-    params = getattr(cfg, "rope_parameters", None) or {}
-    scaling = params.get("rope_type", "default") if isinstance(params, dict) else "default"
-    legacy = getattr(cfg, "rope_scaling", None)
-    if scaling != "default" or (
-        isinstance(legacy, dict) and legacy.get("rope_type", legacy.get("type")) not in (None, "default")
-    ):
-        raise UserError(f"RoPE scaling {params or legacy} is not supported by the GGUF export; use --format onnx")
-    theta = params.get("rope_theta") if isinstance(params, dict) else None
-    return float(theta if theta is not None else getattr(cfg, "rope_theta", 10000.0))
+#: RoPE variants that only rescale rotary frequencies (what llama.cpp's ``rope_freqs`` divisors express).
+FREQUENCY_ONLY_ROPE = ("default", "linear", "llama3")
+
+
+def _rope_base_and_factors(model) -> tuple[float, np.ndarray | None]:
+    """RoPE's base and llama.cpp's ``rope_freqs`` (one divisor per rotary frequency, None for plain RoPE).
+
+    The divisors are read off Hugging Face's own rotary embedding (plain frequencies over the ones it
+    rotates with), so Llama 3.x's smooth rescaling is carried exactly as the checkpoint computes it.
+    """
+    cfg = model.config
+    params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    kind = params.get("rope_type", params.get("type", "default")) if isinstance(params, dict) else "default"
+    if kind not in FREQUENCY_ONLY_ROPE:
+        raise UserError(
+            f"RoPE type {kind!r} is not supported by the GGUF export (only {FREQUENCY_ONLY_ROPE}); use --format onnx"
+        )
+    base = params.get("rope_theta") if isinstance(params, dict) else None
+    base = float(base if base is not None else getattr(cfg, "rope_theta", 10000.0))
+    inv_freq = model.model.rotary_emb.inv_freq.double().numpy()
+    dim = 2 * inv_freq.size
+    factors = (1.0 / base ** (np.arange(0, dim, 2) / dim)) / inv_freq
+    return base, None if np.allclose(factors, 1.0, rtol=1e-6) else factors.astype(np.float32)
 
 
 def _tokenizer_keys(path: Path, vocab_size: int) -> dict[str, tuple]:
@@ -241,7 +267,7 @@ def tokenizer_source(source: str, tokenizer_json: Path) -> Path:
 def write_f16(
     model, tokenizer: Path, path: Path, metadata: dict[str, str | list[str] | list[int]] | None = None
 ) -> None:
-    """The llama ``model`` as an f16 GGUF; ``metadata`` adds keys (strings, string or int32 arrays)."""
+    """The decoder ``model`` as an f16 GGUF; ``metadata`` adds keys (strings, string or int32 arrays)."""
     import gguf
     import torch
     from tqdm import tqdm
@@ -251,7 +277,8 @@ def write_f16(
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_head
     tokenizer_keys = _tokenizer_keys(tokenizer, cfg.vocab_size)
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    arch = gguf_arch(cfg)
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(str(getattr(cfg, "_name_or_path", "") or "fwdllm-export"))
     w.add_block_count(n_layer)
@@ -260,7 +287,10 @@ def write_f16(
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(n_head)
     w.add_head_count_kv(n_head_kv)
-    w.add_rope_freq_base(_rope_theta(cfg))
+    rope_base, rope_factors = _rope_base_and_factors(model)
+    if rope_factors is not None and arch != "llama":
+        raise UserError(f"llama.cpp's {arch} graph has no rescaled RoPE frequencies; use --format onnx")
+    w.add_rope_freq_base(rope_base)
     w.add_rope_dimension_count(head_dim)
     w.add_key_length(head_dim)
     w.add_value_length(head_dim)
@@ -283,7 +313,8 @@ def write_f16(
         else:
             w.add_array(key, value)
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+    model_arch = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch)
+    names = gguf.get_tensor_name_map(model_arch, n_layer)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     for hf_name, tensor in tqdm(model.state_dict().items(), desc="GGUF f16", unit="tensor", leave=False):
         if "lora_" in hf_name or "rotary_emb" in hf_name or (tied and hf_name == "lm_head.weight"):
@@ -291,14 +322,16 @@ def write_f16(
         hf_name = hf_name.replace(".base_layer.", ".")
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise UserError(f"weight {hf_name} has no llama.cpp counterpart; is this a plain llama checkpoint?")
+            raise UserError(f"weight {hf_name} has no llama.cpp {arch} counterpart; is this a plain {arch} checkpoint?")
         data = tensor.detach().to(torch.float32).numpy()
-        if hf_name.endswith("q_proj.weight"):
+        if GGUF_ARCHS[arch] and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             data = rope_permute(data, n_head)
-        elif hf_name.endswith("k_proj.weight"):
+        elif GGUF_ARCHS[arch] and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             data = rope_permute(data, n_head_kv)
         # Matrices at f16; norms stay f32, as llama.cpp's converter writes them.
         w.add_tensor(name, data.astype(np.float16) if data.ndim == 2 else data)
+    if rope_factors is not None:
+        w.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_factors)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

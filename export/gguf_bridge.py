@@ -1,6 +1,6 @@
 """`fwdllm export --format gguf`: the pipeline's hook into ``gguf.py``, validated on llama.cpp itself.
 
-Hands the frozen Llama and θ's layout to the GGUF writer, which writes base models for
+Hands the frozen decoder (llama, qwen2, qwen3) and θ's layout to the GGUF writer, which writes base models for
 llama.cpp and carries θ as a LoRA adapter. Each precision then runs the pipeline's
 validation batch through the device's own llama.cpp backend and must match the PyTorch
 reference within its tolerance before the graph counts. A label-word bundle cut at a
@@ -56,7 +56,7 @@ def export_all(ctx, precisions: list[str]) -> list:
     manifest = Manifest(
         model=ModelInfo(
             source=ctx.loaded.source,
-            architecture="llama",
+            architecture=ctx.loaded.model.config.model_type,
             task=Task.CAUSAL_LM,
             max_seq_len=req.seq_len,
             tokenizer="tokenizer.json",

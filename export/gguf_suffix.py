@@ -3,8 +3,8 @@
 A label-word bundle trained on ``top:K`` leaves every layer below ``first_layer = L − K``
 frozen, so those layers' output for an example never changes between perturbations.
 llama.cpp cannot start a pass at a layer, but it can start one from embeddings
-(``llama_batch.embd``), and a llama model adds nothing to its input embeddings before the
-first layer. So the suffix is a llama GGUF whose blocks are the base model's blocks
+(``llama_batch.embd``), and a llama or qwen model adds nothing to its input embeddings before
+the first layer. So the suffix is a GGUF of the base's architecture whose blocks are the base model's blocks
 ``first_layer … L−1`` renumbered from 0; fed the residual stream after layer
 ``first_layer − 1`` it computes what the base model computes above that point.
 
@@ -24,7 +24,6 @@ import numpy as np
 
 from fwdllm.errors import UserError
 
-ARCH = "llama"
 #: The base layer the suffix's block 0 is, recorded in the file for readers that check it.
 FIRST_LAYER_KEY = "fwdllm.suffix.first_layer"
 
@@ -36,16 +35,17 @@ def write_suffix(base: Path, out: Path, first_layer: int, label_ids: list[int]) 
     T = gguf.GGUFValueType
     reader = gguf.GGUFReader(str(base))
     fields = reader.fields
-    n_layer = int(fields[f"{ARCH}.block_count"].contents())
-    vocab = int(fields[f"{ARCH}.vocab_size"].contents())
+    arch = str(fields["general.architecture"].contents())
+    n_layer = int(fields[f"{arch}.block_count"].contents())
+    vocab = int(fields[f"{arch}.vocab_size"].contents())
     if not 0 < first_layer < n_layer:
         raise UserError(f"a suffix GGUF needs 0 < first layer < {n_layer} layers, got {first_layer}")
     if not label_ids or min(label_ids) < 0 or max(label_ids) >= vocab:
         raise UserError(f"label token ids {label_ids} are not ids of this model's {vocab}-token vocabulary")
     rows = np.asarray(label_ids, dtype=np.int64)
 
-    writer = gguf.GGUFWriter(str(out), ARCH)
-    replaced = {f"{ARCH}.block_count": n_layer - first_layer, f"{ARCH}.vocab_size": len(label_ids)}
+    writer = gguf.GGUFWriter(str(out), arch)
+    replaced = {f"{arch}.block_count": n_layer - first_layer, f"{arch}.vocab_size": len(label_ids)}
     for key, field in fields.items():
         if key.startswith(("GGUF.", "tokenizer.")) or key == "general.architecture":
             continue

@@ -31,6 +31,11 @@ HF_TO_GGUF_PROJ = {
     "up_proj": "ffn_up",
     "down_proj": "ffn_down",
 }
+#: llama.cpp architectures fwdllm writes -> whether llama.cpp rotates their q/k rows in adjacent pairs. Llama does
+#: (its converter permutes Hugging Face's rows, and LoRA's B rows with them: ``rope_permute``); Qwen2/Qwen3 use
+#: NEOX RoPE, which rotates halves as Hugging Face does, so their rows are written as they are.
+GGUF_ARCHS = {"llama": True, "qwen2": False, "qwen3": False}
+
 _LORA_NAME = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 
 
@@ -94,12 +99,16 @@ class LoraAdapterWriter:
     def __init__(
         self, layout: ThetaLayout, alpha: float, n_head: int, n_head_kv: int, arch: str = "llama", first_layer: int = 0
     ):
+        if arch not in GGUF_ARCHS:
+            raise BundleError(
+                f"llama.cpp architecture {arch!r} has no LoRA adapter layout here; supported: {', '.join(GGUF_ARCHS)}"
+            )
         self.alpha, self.arch = float(alpha), arch
         slots = []
         for s in layout.tensors:
             name = gguf_lora_name(s.name, first_layer)
             heads = None
-            if name.endswith("lora_b") and (".attn_q." in name or ".attn_k." in name):
+            if GGUF_ARCHS[arch] and name.endswith("lora_b") and (".attn_q." in name or ".attn_k." in name):
                 heads = n_head if ".attn_q." in name else n_head_kv
                 if s.shape[0] % (2 * heads):
                     raise BundleError(f"{s.name} has {s.shape[0]} rows, not a whole number of {heads} rotary heads")
@@ -113,7 +122,7 @@ class LoraAdapterWriter:
         self._views: list[np.ndarray] = []
 
     def tensors(self, theta: np.ndarray) -> dict[str, np.ndarray]:
-        """θ as the adapter's named tensors (GGUF names, q/k B rows permuted), float32."""
+        """θ as the adapter's named tensors (GGUF names, q/k B rows permuted for llama), float32."""
         theta = np.asarray(theta, dtype=np.float32)
         out = {}
         for s in self._slots:

@@ -331,3 +331,40 @@ def test_phi3_longrope_graph_switches_factors_with_the_sequence_length(tmp_path)
         if seq > 8:  # the long factors matter here: short ones alone give another loss
             short, _ = hf_reference(folders["short-only"], manifest, batch, task=Task.CAUSAL_LM)
             assert _rel(short, want) > 1e-3, seq
+
+
+@pytest.mark.parametrize("arch", ["llama3", "qwen2", "qwen3"])
+def test_gguf_export_runs_on_llama_cpp_like_hf(arch, tmp_path):
+    """Base and suffix GGUFs (f16) of a label-word LoRA bundle, validated by the exporter through the device's
+    llama.cpp backend against transformers+peft. Weights large enough that attention is far from uniform, so
+    the rotary details show: Llama 3's rescaled frequencies (``rope_freqs``), Qwen's q/k/v biases and NEOX rotary
+    order (rows not permuted), tied embeddings, Qwen3's per-head q/k norms (a wrong row order measured 1.47)."""
+    from fwdllm.export.models import resolve
+
+    folder = tmp_path / "ckpt"
+    tiny_model(arch, use_sliding_window=False, initializer_range=0.5).save_pretrained(folder)
+    shutil.copyfile(resolve("smollm2")[0] / "tokenizer.json", folder / "tokenizer.json")
+    manifest = _export(
+        folder,
+        tmp_path / "b",
+        "--peft",
+        "lora",
+        "--format",
+        "gguf",
+        "--precision",
+        "f16",
+        "--label-names",
+        "business,entertainment,politics,sports,tech",
+    )
+    errors = {role: manifest.graph("gguf", role, "f16").validation["max_rel_err"] for role in ("base", "suffix")}
+    assert max(errors.values()) < 5e-3, errors
+
+
+def test_gguf_export_refuses_what_llama_cpp_would_run_differently(checkpoint, tmp_path, capsys):
+    from fwdllm.cli import main
+
+    for arch, says in (("qwen3", "sliding-window attention"), ("gemma2", "GGUF export supports llama, qwen2, qwen3")):
+        argv = ["export", "--model", str(checkpoint(arch)), "--task", "causal-lm", "--peft", "lora"]
+        argv += ["--trainable-layers", "top:1", "--format", "gguf", "--out", str(tmp_path / arch)]
+        assert main(argv) == 2
+        assert says in capsys.readouterr().err

@@ -90,7 +90,7 @@ def test_export_rejects_what_gguf_cannot_carry(tmp_path):
     lora = PeftInfo("lora", "all", {"lora_alpha": 16})
     with pytest.raises(UserError, match="--peft lora"):
         export_gguf(Model(LlamaConfig()), layout, theta, PeftInfo("bitfit", "all"), tmp_path)
-    with pytest.raises(UserError, match="llama-architecture"):
+    with pytest.raises(UserError, match="supports llama, qwen2, qwen3 decoders; this model is .bert."):
         export_gguf(Model(BertConfig()), layout, theta, lora, tmp_path)
     with pytest.raises(UserError, match="q4_0"):
         export_gguf(Model(LlamaConfig()), layout, theta, lora, tmp_path, precisions=("q5_k",))
