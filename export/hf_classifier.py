@@ -51,16 +51,21 @@ def classifier_model(encoder: nn.Module, labels: list[str], head: dict[str, torc
     config.id2label = dict(enumerate(labels))
     config.label2id = {label: i for i, label in enumerate(labels)}
     config.architectures = [cls.__name__]
+    module = Path(MODELING_FILE).stem
     config.auto_map = {
-        "AutoConfig": f"{Path(MODELING_FILE).stem}.{cls.config_class.__name__}",
-        "AutoModelForSequenceClassification": f"{Path(MODELING_FILE).stem}.{cls.__name__}",
+        "AutoConfig": f"{module}.{cls.config_class.__name__}",
+        "AutoModelForSequenceClassification": f"{module}.{cls.__name__}",
     }
     config.classifier_pooling = "mean"
     config.name_or_path = name
     model = cls(config).eval()
-    _, unexpected = getattr(model, cls.base_model_prefix).load_state_dict(encoder.state_dict(), strict=False)
-    if any(not k.startswith("pooler.") for k in unexpected):
-        raise UserError(f"the encoder has weights the classifier does not take: {sorted(unexpected)[:3]}")
+    missing, unexpected = getattr(model, cls.base_model_prefix).load_state_dict(encoder.state_dict(), strict=False)
+    unexpected = [k for k in unexpected if not k.startswith("pooler.")]  # the CLS pooler the head does not use
+    if missing or unexpected:
+        raise UserError(
+            f"the {encoder.config.model_type} encoder's weights do not fit its classifier class (missing "
+            f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}); export-peft cannot write this model"
+        )
     with torch.no_grad():
         model.classifier.weight.copy_(head["classifier.weight"])
         model.classifier.bias.copy_(head["classifier.bias"])
