@@ -316,3 +316,18 @@ def _logged_node_id(log: Path) -> int | None:
 
     found = re.search(r"SuperNode ID: (\d+)", log.read_text()) if log.exists() else None
     return int(found.group(1)) if found else None
+
+
+def test_bad_settings_name_the_fix(tiny_head):
+    from fwdllm.errors import UserError
+    from fwdllm.flower.server_app import Job
+
+    with pytest.raises(UserError, match="--engine 'spark' is not one of"):
+        SimConfig(bundle=str(tiny_head), data="bbc", engine="spark").check()
+    with pytest.raises(UserError, match="--client-cpus must be positive"):
+        SimConfig(bundle=str(tiny_head), data="bbc", engine="flower", client_cpus=0).check()
+    with pytest.raises(UserError, match=r"needs state"):
+        Job.from_run_config({"bundle": str(tiny_head)})
+    with pytest.raises(UserError, match=r"unknown run config keys \['bundel'\]"):
+        Job.from_run_config({"bundel": "b", "state": "s"})
+    assert Job.from_run_config({"bundle": "b", "state": "s", "wait-s": 5.0, "nodes": 3}).wait_s == 5.0
