@@ -49,7 +49,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default="all",
         help="head | top:K | all (default all); head or top:K also write prefix/suffix graphs",
     )
-    p.add_argument("--from-peft-adapter", metavar="DIR", help="start θ from an existing peft LoRA adapter folder")
+    p.add_argument(
+        "--from-peft-adapter",
+        metavar="DIR",
+        help="start θ from an existing peft LoRA adapter folder (an export-peft classifier folder also gives its "
+        "trained head and label names)",
+    )
     p.add_argument(
         "--format", type=_csv, default=[GraphFormat.ONNX], help=f"{','.join(GraphFormat)} (default {GraphFormat.ONNX})"
     )

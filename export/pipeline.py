@@ -20,7 +20,7 @@ from fwdllm.errors import UserError
 from fwdllm.export.graphs import errors, sample_batch
 from fwdllm.export.models import Loaded
 from fwdllm.export.perturbable import PerturbableModel, Plan
-from fwdllm.export.plan import PeftOptions, build_plan
+from fwdllm.export.plan import PeftOptions, adapter_labels, build_plan
 from fwdllm.proto.manifest import THETA_FILE, Manifest, ModelInfo, PeftInfo, save_theta, write_manifest
 from fwdllm.proto.names import GraphFormat, GraphRole, Precision, Task
 
@@ -180,6 +180,12 @@ def check_request(req: ExportRequest) -> None:
     for name in ("seq_len", "batch_size", "perturbations"):
         if getattr(req, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if req.task == Task.SEQ_CLS and req.peft.from_peft_adapter and req.num_labels is None and req.label_names is None:
+        names = adapter_labels(req.peft.from_peft_adapter)
+        if names and names != [f"LABEL_{i}" for i in range(len(names))]:
+            req.label_names = names
+        elif names:
+            req.num_labels = len(names)
     if req.label_names is not None:
         if req.num_labels is not None and req.num_labels != len(req.label_names):
             raise UserError(

@@ -74,6 +74,16 @@ def _apply_peft_adapter(folder: str, opts: PeftOptions) -> dict[str, torch.Tenso
     return load_file(str(weights))
 
 
+def adapter_labels(folder: str) -> list[str] | None:
+    """The class names of a peft folder whose trained classifier an export keeps (``classifier_pooling: "mean"``
+    and ``id2label`` in its config.json, as export-peft writes them), so a round trip needs no --labels."""
+    cfg = Path(folder) / "config.json"
+    doc = json.loads(cfg.read_text()) if cfg.is_file() else {}
+    if doc.get("classifier_pooling") != "mean" or not doc.get("id2label"):
+        return None
+    return [doc["id2label"][str(i)] for i in range(len(doc["id2label"]))]
+
+
 def _start_head(folder: str, tensors: dict[str, torch.Tensor], sites: list[Site], hf_prefix: str) -> None:
     """A seq-cls adapter's trained classifier (peft ``modules_to_save``) becomes the initial head; refused when
     the head would mean something else here (CLS pooling, another task) or other saved modules would be lost."""

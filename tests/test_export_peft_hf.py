@@ -230,8 +230,9 @@ def test_export_from_the_written_adapter_keeps_its_trained_classifier(trained, t
 
     tmp, manifest, theta = trained
     again = export_bundle(
-        tmp_path / "b2", "minilm", from_peft_adapter=str(tmp / "adapter"), trainable_layers="top:2", label_names=LABELS
+        tmp_path / "b2", "minilm", from_peft_adapter=str(tmp / "adapter"), trainable_layers="top:2", num_labels=None
     )
+    assert again.model.labels == LABELS  # taken from the folder, as the head is
     start = load_theta(tmp_path / "b2", load_manifest(tmp_path / "b2"))
     batch = random_batch(manifest, rows=1, seed=4)
     from fwdllm.export.onnx_graphs import run
