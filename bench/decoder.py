@@ -48,6 +48,8 @@ VARIANTS: dict[str, tuple[int, dict, dict]] = {
     "sgd": (2, {"optimizer": "sgd", "lr": 0.1}, {}),
     "adam": (2, {"optimizer": "adam", "lr": 1e-2}, {}),
     "adam-lr3e-2": (2, {"optimizer": "adam", "lr": 3e-2}, {}),
+    # the recipe with the coordinator's default peer bound on (what `make demo-llm` runs): the defence's cost
+    "adam-lr3e-2-peer-bound": (2, {"optimizer": "adam", "lr": 3e-2}, {"aggregation": {"outlier": 5}}),
     "adam-rademacher": (2, {"optimizer": "adam", "lr": 1e-2}, {"run": {"distribution": Distribution.RADEMACHER}}),
     "adam-variance": (2, {"optimizer": "adam", "lr": 1e-2, "variance": VarianceMode.RELATIVE, "max_waves": 2}, {}),
     "fzoo": (
@@ -221,21 +223,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="top-2 cost with 2 repeats and one 4-step run (CI)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the chosen recipe (default 3)")
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--recipe", default="adam-lr3e-2", help="the variant run for every seed (default adam-lr3e-2)")
+    parser.add_argument(
+        "--recipe",
+        default="adam-lr3e-2,adam-lr3e-2-peer-bound",
+        help="variants run for every seed, the chosen recipe first (default: it without and with the peer bound)",
+    )
     parser.add_argument("--variants", default=",".join(VARIANTS), help="variants run once, seed 0")
     parser.add_argument("--parts", default="study,backprop")
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
     notes, runs, baseline = [], [], []
     steps, limit = (4, 40) if args.quick else (args.steps, 0)
+    recipes = [n for n in args.recipe.split(",") if n]
     if "study" in parts:
-        names = [args.recipe] if args.quick else [n for n in args.variants.split(",") if n]
+        names = (
+            recipes[:1] if args.quick else list(dict.fromkeys([*recipes, *(n for n in args.variants.split(",") if n)]))
+        )
         for name in names:
             runs.append(study_run(name, 0, steps, limit))
         for seed in range(1, 1 if args.quick else args.seeds):
-            runs.append(study_run(args.recipe, seed, steps, limit))
+            runs.extend(study_run(name, seed, steps, limit) for name in recipes)
     if "backprop" in parts and not args.quick:
-        baseline.append(backprop(VARIANTS[args.recipe][0], steps, 0, limit))
+        baseline.append(backprop(VARIANTS[recipes[0]][0], steps, 0, limit))
     rows = summarise(runs)
     for b in baseline:
         rows.append(
