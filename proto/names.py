@@ -88,10 +88,12 @@ class DifferenceScheme(_WireEnum):
 
 
 class Distribution(_WireEnum):
-    """Perturbation distributions (PERTURBATION.md section 2)."""
+    """Perturbation distributions (PERTURBATION.md section 2); the sparse ones are spec version 2."""
 
     GAUSSIAN = "gaussian"
     RADEMACHER = "rademacher"
+    SPARSE_GAUSSIAN_0_1 = "sparse-gaussian-0.1"
+    SPARSE_GAUSSIAN_0_01 = "sparse-gaussian-0.01"
 
 
 class VarianceMode(StrEnum):

@@ -4,7 +4,8 @@ A perturbation is never sent over the wire: both ends regenerate it from a 64-bi
 Any slice ``[offset, offset + count)`` of a perturbation can be generated on its own, so
 the coordinator streams long vectors in chunks and a device never holds more than it uses.
 
-This is the numpy implementation of spec version 1. It drives numpy's C implementation of
+This is the numpy implementation of spec version 2 (version 1's distributions plus the sparse
+Gaussians; version 1's values are unchanged). It drives numpy's C implementation of
 Philox4x64-10 for the raw bits only (the raw stream is the published algorithm, checked
 against Random123's known answers in the tests); every transform on top of the bits is
 written out here, so nothing depends on numpy's ``Generator`` distributions.
@@ -12,11 +13,15 @@ written out here, so nothing depends on numpy's ``Generator`` distributions.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+from functools import partial
+
 import numpy as np
 
 from fwdllm.proto.names import Distribution
 
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 
 #: Values produced by one Philox block (4 words of 64 bits) for each distribution.
 GAUSSIAN_PER_BLOCK = 8
@@ -28,14 +33,15 @@ _CHUNK_WORDS = 1 << 13
 _COUNTER_SPACE = 1 << 256
 
 
-def _philox(seed: int, first_block: int) -> np.random.Philox:
-    """Philox4x64-10 with key ``(seed, 0)`` positioned so its next output is block ``first_block``.
+def _philox(seed: int, first_block: int, stream: int = 0) -> np.random.Philox:
+    """Philox4x64-10 with key ``(seed, stream)`` positioned so its next output is block ``first_block``.
 
     numpy's bit generator increments its counter before each block, so it starts one early.
     """
     if not 0 <= seed < 1 << 64:
         raise ValueError(f"seed must be an unsigned 64-bit integer, got {seed}")
-    return np.random.Philox(counter=(first_block - 1) % _COUNTER_SPACE, key=np.array([seed, 0], dtype=np.uint64))
+    key = np.array([seed, stream], dtype=np.uint64)
+    return np.random.Philox(counter=(first_block - 1) % _COUNTER_SPACE, key=key)
 
 
 def _raw_blocks(seed: int, first_block: int, num_blocks: int) -> np.ndarray:
@@ -83,7 +89,30 @@ def _rademacher(seed: int, offset: int, count: int) -> np.ndarray:
     return (1.0 - 2.0 * bits[start : start + count]).astype(np.float32)
 
 
-_GENERATORS = {Distribution.GAUSSIAN: _gaussian, Distribution.RADEMACHER: _rademacher}
+#: Sparse Gaussians (spec version 2): distribution -> (keep threshold T on a 32-bit half, scale ρ^(-1/2)).
+SPARSE = {
+    Distribution.SPARSE_GAUSSIAN_0_1: (429_496_730, math.sqrt(10.0)),
+    Distribution.SPARSE_GAUSSIAN_0_01: (42_949_673, 10.0),
+}
+
+
+def _sparse_gaussian(seed: int, offset: int, count: int, threshold: int, scale: float) -> np.ndarray:
+    """The Gaussian of the same seed times ``scale`` where the keep stream's half is below ``threshold``, else 0."""
+    first = offset // GAUSSIAN_PER_BLOCK
+    num_blocks = (offset + count - 1) // GAUSSIAN_PER_BLOCK - first + 1
+    halves = _philox(seed, first, stream=1).random_raw(num_blocks * 4).astype("<u8", copy=False).view("<u4")
+    start = offset - first * GAUSSIAN_PER_BLOCK
+    keep = halves[start : start + count] < threshold
+    out = np.zeros(count, dtype=np.float32)
+    out[keep] = _gaussian(seed, offset, count)[keep].astype(np.float64) * scale  # rounded once, to float32
+    return out
+
+
+_GENERATORS: dict[Distribution, Callable[[int, int, int], np.ndarray]] = {
+    Distribution.GAUSSIAN: _gaussian,
+    Distribution.RADEMACHER: _rademacher,
+    **{d: partial(_sparse_gaussian, threshold=t, scale=k) for d, (t, k) in SPARSE.items()},
+}
 
 
 def generate(seed: int, offset: int, count: int, dist: Distribution | str = Distribution.GAUSSIAN) -> np.ndarray:

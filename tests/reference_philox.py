@@ -1,8 +1,9 @@
-"""An independent, scalar pure-Python implementation of PERTURBATION.md (spec v1).
+"""An independent, scalar pure-Python implementation of PERTURBATION.md (spec v2, and so v1).
 
 It shares no code with fwdllm.proto.perturbation: it implements Philox4x64-10 from the
 Random123 paper's constants and the spec's transforms element by element with the `math`
-module. It is the oracle of the known-answer tests and writes proto/known_answers.json:
+module. It is the oracle of the known-answer tests and writes proto/known_answers.json (spec
+v1's distributions) and proto/known_answers_v2.json (v2's sparse Gaussians):
 
     python tests/reference_philox.py
 """
@@ -39,10 +40,10 @@ def philox4x64_10(counter: list[int], key: list[int]) -> list[int]:
     return c
 
 
-def block(seed: int, index: int) -> list[int]:
-    """The 4 words of block `index` (256-bit counter, little-endian words) under key (seed, 0)."""
+def block(seed: int, index: int, stream: int = 0) -> list[int]:
+    """The 4 words of block `index` (256-bit counter, little-endian words) under key (seed, stream)."""
     counter = [(index >> (64 * j)) & MASK for j in range(4)]
-    return philox4x64_10(counter, [seed, 0])
+    return philox4x64_10(counter, [seed, stream])
 
 
 def _f32(x: float) -> float:
@@ -61,6 +62,19 @@ def gaussian(seed: int, i: int) -> float:
 def rademacher(seed: int, i: int) -> float:
     word = block(seed, i // 256)[(i % 256) // 64]
     return -1.0 if (word >> (i % 64)) & 1 else 1.0
+
+
+def sparse_gaussian(seed: int, i: int, density: float) -> float:
+    """Spec v2: the Gaussian scaled by 1/sqrt(density) where stream 1's 32-bit half is below round(density * 2^32)."""
+    word = block(seed, i // 8, stream=1)[(i % 8) // 2]
+    half = word >> 32 if i % 2 else word & 0xFFFFFFFF
+    if half >= round(density * 2**32):
+        return 0.0
+    return _f32(gaussian(seed, i) * math.sqrt(1.0 / density))
+
+
+#: spec v2's distributions: name -> density
+SPARSE_DENSITIES = {"sparse-gaussian-0.1": 0.1, "sparse-gaussian-0.01": 0.01}
 
 
 def bits(x: float) -> str:
@@ -96,7 +110,20 @@ def known_answers() -> dict:
     return out
 
 
+def known_answers_v2() -> dict:
+    """Spec v2's sparse Gaussians; slices long enough that even density 0.01 keeps some elements."""
+    out = {"spec_version": 2, "generator": "philox4x64-10, key (seed, stream), counter = block index", "cases": []}
+    for seed, offset, _ in CASES:
+        for dist, density in SPARSE_DENSITIES.items():
+            values = [sparse_gaussian(seed, offset + j, density) for j in range(256)]
+            out["cases"].append(
+                {"seed": str(seed), "offset": offset, "dist": dist, "values": values, "bits": [bits(v) for v in values]}
+            )
+    return out
+
+
 if __name__ == "__main__":
-    path = Path(__file__).resolve().parents[1] / "proto" / "known_answers.json"
-    path.write_text(json.dumps(known_answers(), indent=1) + "\n")
-    print(f"wrote {path}")
+    proto = Path(__file__).resolve().parents[1] / "proto"
+    for name, doc in (("known_answers.json", known_answers()), ("known_answers_v2.json", known_answers_v2())):
+        (proto / name).write_text(json.dumps(doc, indent=1) + "\n")
+        print(f"wrote {proto / name}")

@@ -75,20 +75,25 @@ def test_forward_scheme_and_rademacher(opened, reference, name):
     np.testing.assert_allclose(got.jvp, want, rtol=0, atol=0.075)
 
 
-def test_average_of_jvp_times_v_approaches_the_gradient(opened, reference):
+@pytest.mark.parametrize("dist", ["gaussian", "sparse-gaussian-0.1"])
+def test_average_of_jvp_times_v_approaches_the_gradient(opened, reference, dist):
     backend = opened("onnxruntime", True)
     batch, theta = batch_of(backend), initial_theta()
     seeds = list(range(2000))
-    result = forward_gradients(backend, batch, theta, seeds, group=250)
+    result = forward_gradients(backend, batch, theta, seeds, group=250, distribution=dist)
     _, grad = autograd(reference, batch, theta, [])
     estimate, cosines = np.zeros_like(grad), {}
     for i, (s, j) in enumerate(zip(seeds, result.jvp), 1):
-        estimate += j * generate(s, 0, theta.size)
+        estimate += j * generate(s, 0, theta.size, dist)
         if i in (10, 100, 2000):
             cosines[i] = float(estimate @ grad / np.linalg.norm(estimate) / np.linalg.norm(grad))
-    # theory for Gaussian v: cos ≈ sqrt(n / (n + d + 1)) with d = 387: 0.16, 0.45, 0.92
+    # theory for Gaussian v: cos ≈ sqrt(n / (n + d + 1)) with d = 387: 0.16, 0.45, 0.92; sparse v (E[v_i⁴] = 3/ρ
+    # instead of 3) adds 3/ρ − 3 = 27 to d + 1: 0.15, 0.44, 0.91
     assert cosines[10] < cosines[100] < cosines[2000]
     assert cosines[2000] > 0.85 and cosines[10] < 0.5
+    # unbiased: the mean estimate's length along ∇f is |∇f| (a sparse v without its 1/√ρ scale gives 0.1)
+    along = float(estimate @ grad / len(seeds) / (grad @ grad))
+    assert 0.85 < along < 1.15, along
 
 
 @pytest.mark.parametrize("name", BACKENDS)

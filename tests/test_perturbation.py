@@ -11,7 +11,9 @@ import reference_philox as ref
 
 from fwdllm.proto import perturbation as pt
 
-KNOWN_ANSWERS = Path(pt.__file__).with_name("known_answers.json")
+KNOWN_ANSWERS = Path(pt.__file__).with_name("known_answers.json")  # spec v1's distributions
+KNOWN_ANSWERS_V2 = KNOWN_ANSWERS.with_name("known_answers_v2.json")  # v2's sparse Gaussians
+SPARSE = list(ref.SPARSE_DENSITIES)
 
 
 def ulp_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -36,7 +38,9 @@ def test_raw_blocks_match_reference(seed, first):
 
 
 @pytest.mark.parametrize(
-    "case", json.loads(KNOWN_ANSWERS.read_text())["cases"], ids=lambda c: f"{c['dist']}-{c['seed']}-{c['offset']}"
+    "case",
+    [c for path in (KNOWN_ANSWERS, KNOWN_ANSWERS_V2) for c in json.loads(path.read_text())["cases"]],
+    ids=lambda c: f"{c['dist']}-{c['seed']}-{c['offset']}",
 )
 def test_known_answers(case):
     got = pt.generate(int(case["seed"]), case["offset"], len(case["values"]), case["dist"])
@@ -48,11 +52,12 @@ def test_known_answers(case):
         assert got.tobytes() == expected.tobytes(), "bit-exact on x86-64 with glibc/numpy float64 math"
 
 
-def test_known_answers_file_is_what_the_reference_writes():
+def test_known_answers_files_are_what_the_reference_writes():
     assert json.loads(KNOWN_ANSWERS.read_text()) == json.loads(json.dumps(ref.known_answers()))
+    assert json.loads(KNOWN_ANSWERS_V2.read_text()) == json.loads(json.dumps(ref.known_answers_v2()))
 
 
-@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher", *SPARSE])
 def test_any_slice_equals_the_same_slice_of_the_whole(dist):
     whole = pt.generate(7, 0, 5000, dist)
     for offset, count in [(0, 1), (1, 7), (7, 9), (255, 258), (1000, 3999), (4999, 1)]:
@@ -66,6 +71,31 @@ def test_gaussian_scalar_reference_on_many_values():
     got = pt.generate(seed, 777, 400)
     expected = np.array([ref.gaussian(seed, 777 + j) for j in range(400)], dtype=np.float32)
     assert ulp_distance(got, expected).max() <= 1
+
+
+@pytest.mark.parametrize("dist", SPARSE)
+def test_sparse_scalar_reference_on_many_values(dist):
+    seed = pt.seed_for(12, 345)
+    got = pt.generate(seed, 777, 3000, dist)
+    expected = np.array([ref.sparse_gaussian(seed, 777 + j, ref.SPARSE_DENSITIES[dist]) for j in range(3000)])
+    assert np.count_nonzero(expected) > 10
+    assert got.tobytes() == expected.astype(np.float32).tobytes()
+
+
+@pytest.mark.parametrize("dist", SPARSE)
+def test_sparse_moments_and_support(dist):
+    density = ref.SPARSE_DENSITIES[dist]
+    v = pt.generate(2024, 0, 1_000_000, dist).astype(np.float64)
+    kept = v != 0
+    assert abs(kept.mean() - density) < 4 * np.sqrt(density / 1e6)
+    # E[v vᵀ] = I on the diagonal, within 5 standard errors (Var v² = E[v⁴] − 1 = 3/ρ − 1)
+    assert abs(np.mean(v**2) - 1) < 5 * np.sqrt((3 / density - 1) / 1e6) and abs(v.mean()) < 0.01
+    # the kept values are the dense Gaussian's, scaled
+    scaled = pt.generate(2024, 0, 1_000_000)[kept] * np.sqrt(1 / density)
+    np.testing.assert_array_equal(v[kept], scaled.astype(np.float32))
+    # the keep decisions are independent of the values: |g| has the same mean on kept and dropped elements
+    g = np.abs(pt.generate(2024, 0, 1_000_000))
+    assert abs(g[kept].mean() - g[~kept].mean()) < 0.03
 
 
 def test_distribution_moments():
@@ -100,6 +130,16 @@ def test_cli_prints_spec_values():
     doc = json.loads(out)
     np.testing.assert_array_equal(np.array(doc["values"], dtype=np.float32), pt.generate(42, 5, 11))
     assert doc["bits"][0] == ref.bits(float(pt.generate(42, 5, 1)[0]))
+    assert doc["spec_version"] == 2
+
+
+def test_cli_prints_sparse_values():
+    argv = ["perturb", "--seed", "42", "--count", "64", "--dist", "sparse-gaussian-0.1", "--json"]
+    doc = json.loads(
+        subprocess.run([sys.executable, "-m", "fwdllm.cli", *argv], check=True, capture_output=True, text=True).stdout
+    )
+    expected = [ref.sparse_gaussian(42, j, 0.1) for j in range(64)]
+    assert doc["values"] == expected and doc["dist"] == "sparse-gaussian-0.1" and any(expected)
 
 
 def test_cli_rejects_bad_seed():

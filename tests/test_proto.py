@@ -145,6 +145,18 @@ def test_shared_names_map_to_the_protocol_enums_both_ways(names):
         names.from_wire(99)
 
 
+def test_a_device_refuses_a_distribution_it_does_not_know():
+    """A spec-v2 task reaches the engine as its distribution; a later version's number is refused, never guessed."""
+    from fwdllm.device_runtime.engine import EngineError
+    from fwdllm.device_runtime.messages import task_from_pb
+
+    task = pb.Task(seeds=[1], distribution=pb.SPARSE_GAUSSIAN_0_1, batch=pb.BatchRef(size=8))
+    assert task_from_pb(task).distribution == Distribution.SPARSE_GAUSSIAN_0_1
+    task.distribution = 5
+    with pytest.raises(EngineError, match=r"cannot be computed here: Distribution 5 is not one of \[1, 2, 3, 4\]"):
+        task_from_pb(task)
+
+
 def test_shared_names_are_their_plain_strings():
     assert Distribution.GAUSSIAN == "gaussian" and f"{Task.CAUSAL_LM}" == "causal-lm"
     assert json.dumps([DifferenceScheme.FORWARD]) == '["forward"]'

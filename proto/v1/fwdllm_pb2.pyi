@@ -23,6 +23,8 @@ class Distribution(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DISTRIBUTION_UNSPECIFIED: _ClassVar[Distribution]
     GAUSSIAN: _ClassVar[Distribution]
     RADEMACHER: _ClassVar[Distribution]
+    SPARSE_GAUSSIAN_0_1: _ClassVar[Distribution]
+    SPARSE_GAUSSIAN_0_01: _ClassVar[Distribution]
 
 class HistoryRefusal(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -38,6 +40,8 @@ FORWARD: DifferenceScheme
 DISTRIBUTION_UNSPECIFIED: Distribution
 GAUSSIAN: Distribution
 RADEMACHER: Distribution
+SPARSE_GAUSSIAN_0_1: Distribution
+SPARSE_GAUSSIAN_0_01: Distribution
 HISTORY_REFUSAL_UNSPECIFIED: HistoryRefusal
 HISTORY_NOT_REPLAYABLE: HistoryRefusal
 HISTORY_NOT_KEPT: HistoryRefusal
