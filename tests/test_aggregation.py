@@ -11,7 +11,7 @@ def dense(seeds, dim, dist="gaussian"):
     return np.stack([generate(int(s), 0, dim, dist) for s in seeds]).astype(np.float64)
 
 
-@pytest.mark.parametrize("dist", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dist", ["gaussian", "rademacher", "sparse-gaussian-0.1"])
 @pytest.mark.parametrize("chunk,threads", [(1000, 1), (333, 3), (1 << 15, 2)])
 def test_aggregate_equals_dense_sum(dist, chunk, threads):
     rng = np.random.default_rng(0)
@@ -76,26 +76,28 @@ def test_median_and_trimmed_mean_match_per_client_dense_estimates():
     )
 
 
-def test_split_half_variance_matches_dense_halves_and_shrinks_with_more_scalars():
+@pytest.mark.parametrize("dist", ["gaussian", "sparse-gaussian-0.1"])
+def test_split_half_variance_matches_dense_halves_and_shrinks_with_more_scalars(dist):
     rng = np.random.default_rng(3)
     dim, grad = 600, rng.normal(size=600)
     seeds = np.array([seed_for(0, i) for i in range(64)], dtype=np.uint64)
-    v = dense(seeds, dim)
+    v = dense(seeds, dim, dist)
     jvp = (v @ grad).astype(np.float32)
     scalars = clean([(seeds, jvp)], None)
-    got = split_half_variance(scalars, dim, "gaussian", 100, 300)
+    got = split_half_variance(scalars, dim, dist, 100, 300)
     contrib = jvp[:, None].astype(np.float64) * v[:, 100:300]
     m1, m2 = contrib[0::2].mean(axis=0), contrib[1::2].mean(axis=0)
     assert got == pytest.approx(np.mean((m1 - m2) ** 2 / 2), rel=1e-4)
-    small = split_half_variance(clean([(seeds[:8], jvp[:8])], None), dim, "gaussian", 0, dim)
-    large = split_half_variance(scalars, dim, "gaussian", 0, dim)
+    small = split_half_variance(clean([(seeds[:8], jvp[:8])], None), dim, dist, 0, dim)
+    large = split_half_variance(scalars, dim, dist, 0, dim)
     assert large < small
 
 
-def test_matvec_gives_dots_and_squared_norms():
+@pytest.mark.parametrize("dist", ["gaussian", "sparse-gaussian-0.1"])
+def test_matvec_gives_dots_and_squared_norms(dist):
     seeds = [seed_for(2, i) for i in range(9)]
     x = np.random.default_rng(4).normal(size=1000).astype(np.float32)
-    dots, sq = SeedMatrix(seeds, 1000, "gaussian", chunk=300, seed_group=4, threads=2).matvec(x)
-    v = dense(seeds, 1000)
+    dots, sq = SeedMatrix(seeds, 1000, dist, chunk=300, seed_group=4, threads=2).matvec(x)
+    v = dense(seeds, 1000, dist)
     np.testing.assert_allclose(dots, v @ x, rtol=1e-5)
     np.testing.assert_allclose(sq, (v * v).sum(axis=1), rtol=1e-5)

@@ -29,14 +29,18 @@ class Device:
         self.target = np.random.default_rng(100 + index).normal(size=LAYOUT.dim)
         joined = coordinator.join(JoinRequest(enrolment_token="tok", model_fingerprint=coordinator.fingerprint))
         self.who = Credentials(joined.client_id, joined.session_token)
+        self.dist = "gaussian"
 
     def pull(self) -> Task | None:
         pulled = self.c.pull(self.who)
-        return pulled.offer.task if pulled.offer else None
+        if pulled.offer is None:
+            return None
+        self.dist = pulled.offer.distribution  # the device computes with the distribution its task names
+        return pulled.offer.task
 
     def jvp(self, task: Task) -> np.ndarray:
         theta = self.c.fetch_parameters(self.who, task.theta_version)[1].astype(np.float64)
-        return (dense_v(task.seeds) @ (theta - self.target)).astype(np.float32)
+        return (dense_v(task.seeds, dist=self.dist) @ (theta - self.target)).astype(np.float32)
 
     def submit(self, task: Task, jvp=None, **changes):
         jvp = self.jvp(task) if jvp is None else jvp
@@ -70,25 +74,26 @@ def run_step(devices: list[Device]) -> list[tuple[np.ndarray, np.ndarray]]:
     return sent
 
 
-def sgd_step(theta: np.ndarray, sent, lr: float) -> np.ndarray:
+def sgd_step(theta: np.ndarray, sent, lr: float, dist: str = "gaussian") -> np.ndarray:
     """theta - lr * mean_i jvp_i v(seed_i), from the seeds."""
     seeds = np.concatenate([s for s, _ in sent])
     jvp = np.concatenate([j for _, j in sent]).astype(np.float64)
-    return theta - lr * (jvp @ dense_v(seeds)) / seeds.size
+    return theta - lr * (jvp @ dense_v(seeds, dist=dist)) / seeds.size
 
 
-def test_a_whole_run_updates_theta_as_computed_from_the_seeds(tmp_path):
-    c, devices = start(tmp_path, clients=3)
+@pytest.mark.parametrize("dist", ["gaussian", "sparse-gaussian-0.1"])
+def test_a_whole_run_updates_theta_as_computed_from_the_seeds(tmp_path, dist):
+    c, devices = start(tmp_path, clients=3, run={"distribution": dist})
     theta = THETA0
     for step in range(3):
         sent = run_step(devices)
-        assert len(sent) == 3 and c.step == step + 1
+        assert len(sent) == 3 and c.step == step + 1 and devices[0].dist == dist
         seeds = np.concatenate([s for s, _ in sent])
         assert sorted(seeds.tolist()) == [seed_for(step, o) for o in range(6)]  # fresh seeds, none reused
-        theta = sgd_step(theta, sent, 0.05)
+        theta = sgd_step(theta, sent, 0.05, dist)
         np.testing.assert_allclose(c.theta, theta, atol=1e-5)
         record = c.store.history(step + 1, step + 2)[0]  # what devices replay equals the same update
-        replayed = c.theta_at(step + 1)[1] - record.lr * (record.coefficients @ dense_v(record.seeds))
+        replayed = c.theta_at(step + 1)[1] - record.lr * (record.coefficients @ dense_v(record.seeds, dist=dist))
         np.testing.assert_allclose(replayed, c.theta, atol=1e-5)
     assert c.run.finished and c.pull(devices[0].who).run_finished
     rows = c.store.metrics()
