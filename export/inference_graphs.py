@@ -32,6 +32,7 @@ from torch import nn
 from fwdllm.errors import UserError
 from fwdllm.export.models import Loaded
 from fwdllm.export.perturbable import PerturbableModel, Plan, mean_pool
+from fwdllm.proto.gguf_lora import GGUF_ARCHS
 from fwdllm.proto.manifest import Manifest, ThetaLayout, load_manifest
 from fwdllm.proto.names import GraphFormat, Precision, Task
 
@@ -141,10 +142,11 @@ def fold(bundle: Path, theta_file: Path, fmt: str) -> Folded:
             f"{bundle} is a causal-lm bundle without label words: it has no [batch, labels] logits to export; "
             "use `fwdllm export-peft` for its θ"
         )
-    if fmt == GraphFormat.GGUF and (info.architecture != "llama" or manifest.peft.method != "lora"):
+    model_type = info.extra.get("model_type", info.architecture)
+    if fmt == GraphFormat.GGUF and (model_type not in GGUF_ARCHS or manifest.peft.method != "lora"):
         raise UserError(
-            f"--format gguf writes a llama decoder with its LoRA merged; this bundle is "
-            f"{info.architecture} {manifest.peft.method}: use --format onnx or tflite"
+            f"--format gguf writes a {'/'.join(GGUF_ARCHS)} decoder with its LoRA merged; this bundle is "
+            f"{model_type} {manifest.peft.method}: use --format onnx or tflite"
         )
     theta = load_trained_theta(Path(theta_file), manifest)
     loaded = load(info.source, info.task)
@@ -267,13 +269,18 @@ def _write_tflite(folded: Folded, out: Path, precision: str, batch: int, seq: in
 
 
 def add_tflite_metadata(path: Path, name: str, data: bytes) -> None:
-    """Append a named metadata buffer (the flatbuffer's ``Model.metadata``) with LiteRT's own schema module."""
+    """Append a named metadata buffer (the flatbuffer's ``Model.metadata``) with LiteRT's own schema module.
+
+    Buffers the quantizer stored after the flatbuffer (``offset``/``size``) are moved inside it first:
+    repacking moves the flatbuffer's end, so their offsets would no longer point at them."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
-    model = schema.ModelT.InitFromPackedBuf(bytearray(path.read_bytes()), 0)
-    if any(getattr(b, "offset", 0) for b in model.buffers or []):
-        raise UserError(f"{path.name} keeps its weights outside the flatbuffer; metadata cannot be added to it")
+    raw = path.read_bytes()
+    model = schema.ModelT.InitFromPackedBuf(bytearray(raw), 0)
+    for b in model.buffers or []:
+        if b.offset > 1:
+            b.data, b.offset, b.size = np.frombuffer(raw, np.uint8, b.size, b.offset), 0, 0
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(data, dtype=np.uint8)
     model.buffers.append(buffer)

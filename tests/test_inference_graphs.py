@@ -46,6 +46,15 @@ def trained_theta(bundle, tmp, scale: float, seed: int = 0) -> tuple[np.ndarray,
     return theta, tmp / "trained.safetensors"
 
 
+def without_lora(bundle, theta: np.ndarray) -> np.ndarray:
+    """θ with its LoRA tensors zeroed and the head kept: what a fold that dropped LoRA would compute."""
+    kept = theta.copy()
+    for slot in load_manifest(bundle).theta.tensors:
+        if not slot.name.startswith("classifier."):
+            kept[slot.offset : slot.offset + slot.size] = 0
+    return kept
+
+
 def export_inference(bundle, theta_file, fmt, out, *extra) -> None:
     argv = ["export-inference", str(bundle), "--theta", str(theta_file), "--format", fmt, "--out", str(out)]
     assert main([*argv, *extra]) == 0
@@ -103,8 +112,7 @@ def test_minilm_onnx_folder_gives_the_bundle_logits_at_theta_and_names_its_label
 
     want = bundle_logits(bundle, feeds, theta)
     assert rel_err(got, want) < 1e-5
-    base = bundle_logits(bundle, feeds, load_theta(bundle, load_manifest(bundle)))
-    assert rel_err(got, base) > 0.1  # θ really is in the weights
+    assert rel_err(got, bundle_logits(bundle, feeds, without_lora(bundle, theta))) > 0.1  # LoRA is in the weights
 
     props = {p.key: p.value for p in onnx.load(str(folder / "model.onnx"), load_external_data=False).metadata_props}
     assert json.loads(props["id2label"]) == {str(i): t for i, t in enumerate(TOPICS)}
@@ -126,9 +134,28 @@ def test_minilm_tflite_gives_the_bundle_logits_at_theta_and_names_its_labels(min
     assert got.shape == (5, len(TOPICS))
     want = bundle_logits(bundle, feeds, theta)
     assert rel_err(got, want) < 1e-4
-    assert rel_err(got, bundle_logits(bundle, feeds, load_theta(bundle, load_manifest(bundle)))) > 0.1
+    assert rel_err(got, bundle_logits(bundle, feeds, without_lora(bundle, theta))) > 0.1
     labels = json.loads(tflite_metadata(root / "tflite" / "model.tflite")["id2label"])
     assert labels == {str(i): t for i, t in enumerate(TOPICS)}
+
+
+def test_tflite_metadata_survives_weights_the_quantizer_stores_outside_the_flatbuffer(minilm, tmp_path):
+    """ai-edge-quantizer writes int8 weights after the flatbuffer (offset/size); adding metadata repacks it."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from fwdllm.export import tflite_graphs
+    from fwdllm.export.inference_graphs import add_tflite_metadata, tflite_metadata
+
+    bundle, theta, root = minilm
+    path = tmp_path / "int8.tflite"
+    tflite_graphs.quantize(root / "tflite" / "model.tflite", path, "int8")
+    buffers = schema.ModelT.InitFromPackedBuf(bytearray(path.read_bytes()), 0).buffers
+    assert any(b.offset > 1 for b in buffers)  # the case this test is about
+    add_tflite_metadata(path, "id2label", b'{"0": "a"}')
+    assert tflite_metadata(path)["id2label"] == b'{"0": "a"}'
+    feeds = tokenize(root / "tflite", TEXTS, 24)
+    got = tflite_graphs.run(path, feeds)["logits"]
+    assert rel_err(got, bundle_logits(bundle, feeds, theta)) < tflite_graphs.TOLERANCE["int8"]
 
 
 def test_export_inference_refuses_what_it_cannot_write(minilm, tmp_path, capsys):
@@ -137,7 +164,7 @@ def test_export_inference_refuses_what_it_cannot_write(minilm, tmp_path, capsys)
     assert main([*argv, "--format", "onnx", "--precision", "q8_0", "--out", str(tmp_path / "a")]) == 2
     assert "onnx takes fp32, int8" in capsys.readouterr().err
     assert main([*argv, "--format", "gguf", "--out", str(tmp_path / "b")]) == 2
-    assert "writes a llama decoder" in capsys.readouterr().err
+    assert "bert lora: use --format onnx or tflite" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
@@ -210,9 +237,21 @@ def test_label_word_onnx_gives_the_answer_positions_label_logits(tiny_llama):
     assert json.loads(props["id2label"])["3"] == "sports"
 
 
+def llama_label_logits(path, feeds: dict, word_ids: list[int]) -> np.ndarray:
+    """Stock llama-cpp-python on a GGUF: the label words' logits after each prompt's last real token."""
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=128, n_threads=2, logits_all=True, verbose=False)
+    rows = []
+    for ids, mask in zip(feeds["input_ids"], feeds["attention_mask"]):
+        llm.reset()
+        llm.eval([int(t) for t in ids[mask.astype(bool)]])
+        rows.append(np.asarray(llm.scores[llm.n_tokens - 1])[word_ids])
+    return np.array(rows)
+
+
 def test_merged_gguf_loads_in_stock_llama_cpp_and_scores_the_label_words_as_the_bundle(tiny_llama):
     import gguf
-    from llama_cpp import Llama
 
     bundle, theta, root = tiny_llama
     manifest = load_manifest(bundle)
@@ -222,13 +261,80 @@ def test_merged_gguf_loads_in_stock_llama_cpp_and_scores_the_label_words_as_the_
     assert fields["fwdllm.label_token_ids"].contents() == manifest.model.label_token_ids
 
     feeds = prompts(bundle)
-    llm = Llama(model_path=str(path), n_ctx=64, n_threads=2, logits_all=True, verbose=False)
-    rows = []
-    for ids, mask in zip(feeds["input_ids"], feeds["attention_mask"]):
-        llm.reset()
-        llm.eval([int(t) for t in ids[mask.astype(bool)]])
-        rows.append(np.asarray(llm.scores[llm.n_tokens - 1])[manifest.model.label_token_ids])
-    got = np.array(rows)
+    got = llama_label_logits(path, feeds, manifest.model.label_token_ids)
     want = bundle_logits(bundle, feeds, theta)
     assert rel_err(got, want) < 1e-2  # f16 weights against fp32
     assert rel_err(got, bundle_logits(bundle, feeds, load_theta(bundle, manifest))) > 0.1
+
+
+# ----- SmolLM2 on BBC prompts (slow: the 135M model is traced and written three times) -----------
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2 + LoRA on the top 2 layers, BBC topic words (ONNX bundle), a trained θ, BBC prompts."""
+    from fwdllm.data.datasets import load_dataset
+    from fwdllm.device_runtime.backend import open_backend
+    from fwdllm.device_runtime.examples import Example
+
+    root = tmp_path_factory.mktemp("smollm2-inference")
+    bundle = root / "bundle"
+    export_bundle(
+        bundle,
+        "smollm2",
+        Task.CAUSAL_LM,
+        method="lora",
+        trainable_layers="top:2",
+        label_names=TOPICS,
+        num_labels=None,
+        formats=["onnx"],
+        seq_len=64,
+    )
+    theta, theta_file = trained_theta(bundle, root, 0.2, seed=1)  # B·A moves the label logits by ~2
+    with open_backend(bundle, "onnxruntime") as backend:
+        batch = backend.tokenizer().batch(
+            [Example(prompt=e["prompt"], label=0) for e in load_dataset("bbc-lm").heldout[:6]]
+        )
+    feeds = {"input_ids": batch.input_ids.astype(np.int64), "attention_mask": batch.attention_mask.astype(np.int64)}
+    return bundle, theta, theta_file, feeds, root
+
+
+@pytest.mark.slow
+def test_smollm2_folded_onnx_and_merged_gguf_score_bbc_prompts_as_the_bundle(smollm2):
+    from fwdllm.export.onnx_graphs import run
+
+    bundle, theta, theta_file, feeds, root = smollm2
+    manifest = load_manifest(bundle)
+    want = bundle_logits(bundle, feeds, theta)
+    base = bundle_logits(bundle, feeds, load_theta(bundle, manifest))
+    assert rel_err(want, base) > 0.1  # this θ moves the label logits
+
+    export_inference(bundle, theta_file, "onnx", root / "onnx")
+    got = run(root / "onnx" / "model.onnx", feeds)["logits"]
+    assert rel_err(got, want) < 1e-5
+
+    # f16 is the exactness check; q8_0 moves SmolLM2's label logits by up to ~1 (export/BUNDLE.md)
+    for precision, tol in (("f16", 1e-2), ("q8_0", 0.15)):
+        export_inference(bundle, theta_file, "gguf", root / precision, "--precision", precision)
+        got = llama_label_logits(root / precision / f"model.{precision}.gguf", feeds, manifest.model.label_token_ids)
+        assert rel_err(got, want) < tol, precision
+        assert (got.argmax(1) == want.argmax(1)).mean() >= 5 / 6, precision
+
+
+@pytest.mark.slow
+def test_smollm2_folded_tflite_scores_bbc_prompts_as_the_bundle(smollm2):
+    """The 135M decoder through litert-torch (about 7 minutes on 2 shared cores), one prompt per call."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    from fwdllm.export.inference_graphs import tflite_metadata
+
+    bundle, theta, theta_file, feeds, root = smollm2
+    export_inference(bundle, theta_file, "tflite", root / "tflite", "--seq-len", "64")
+    path = root / "tflite" / "model.tflite"
+    runner = Interpreter(model_path=str(path)).get_signature_runner()
+    padded = {k: np.pad(v, ((0, 0), (0, 64 - v.shape[1]))).astype(np.int32) for k, v in feeds.items()}
+    got = np.concatenate(
+        [runner(**{k: v[i : i + 1] for k, v in padded.items()})["logits"] for i in range(len(feeds["input_ids"]))]
+    )
+    assert rel_err(got, bundle_logits(bundle, feeds, theta)) < 1e-4
+    assert json.loads(tflite_metadata(path)["id2label"])["4"] == "tech"
