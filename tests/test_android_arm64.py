@@ -95,6 +95,7 @@ def test_device_is_aarch64(device):
         ("gaussian", 2**64 - 1, 10**9, 512),
         ("rademacher", 42, 0, 4096),
         ("rademacher", 7, 999, 300),
+        ("sparse-gaussian-0.1", (5 << 32) | 2, 77_777, 4096),
     ],
 )
 def test_perturbations_are_bit_exact_on_aarch64(device, dist, seed, offset, count):
