@@ -127,6 +127,14 @@ SECTIONS = [
         ["--quick"],
         timed=True,
     ),
+    Section(
+        "fwdllm on Flower: time per step and memory vs fwdllm simulate, bytes vs FedAvg",
+        "flower.py",
+        ["flower"],
+        ["--quick"],
+        timed=True,
+        minutes=30,
+    ),
 ]
 
 
