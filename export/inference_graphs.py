@@ -173,17 +173,22 @@ def export_inference(
         raise UserError("--batch-size and --seq-len must be at least 1")
     folded = fold(bundle, theta_file, fmt)
     out.mkdir(parents=True, exist_ok=True)
-    if fmt == GraphFormat.GGUF:
-        return [_write_gguf(folded, out, precision)], None
-    for name in TOKENIZER_FILES:
-        if (folded.loaded.folder / name).is_file():
-            shutil.copyfile(folded.loaded.folder / name, out / name)
-    if fmt == GraphFormat.ONNX:
-        err = _write_onnx(folded, out, precision)
-        _write_config(folded, out)
-    else:
-        err = _write_tflite(folded, out, precision, batch_size, seq_len or folded.manifest.model.max_seq_len)
-    return sorted(out.iterdir()), err
+    try:
+        if fmt == GraphFormat.GGUF:
+            return [_write_gguf(folded, out, precision)], None
+        for name in TOKENIZER_FILES:
+            if (folded.loaded.folder / name).is_file():
+                shutil.copyfile(folded.loaded.folder / name, out / name)
+        if fmt == GraphFormat.ONNX:
+            err = _write_onnx(folded, out, precision)
+            _write_config(folded, out)
+        else:
+            err = _write_tflite(folded, out, precision, batch_size, seq_len or folded.manifest.model.max_seq_len)
+        return sorted(out.iterdir()), err
+    except BaseException:  # a model that failed its check (or half a file) is not left to be deployed
+        for path in out.iterdir():
+            path.unlink()
+        raise
 
 
 def id2label(labels: list[str]) -> str:

@@ -237,6 +237,17 @@ def test_label_word_onnx_gives_the_answer_positions_label_logits(tiny_llama):
     assert json.loads(props["id2label"])["3"] == "sports"
 
 
+def test_a_model_that_fails_its_check_is_not_left_behind(tiny_llama, tmp_path, monkeypatch, capsys):
+    from fwdllm.export import onnx_graphs
+
+    bundle, _, root = tiny_llama
+    monkeypatch.setitem(onnx_graphs.TOLERANCE, "fp32", -1.0)  # every difference, even 0, is beyond it
+    export_argv = ["export-inference", str(bundle), "--theta", str(root / "trained.safetensors"), "--format", "onnx"]
+    assert main([*export_argv, "--out", str(tmp_path / "out")]) == 2
+    assert "differ from the bundle's at θ" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def llama_label_logits(path, feeds: dict, word_ids: list[int]) -> np.ndarray:
     """Stock llama-cpp-python on a GGUF: the label words' logits after each prompt's last real token."""
     from llama_cpp import Llama
