@@ -51,6 +51,17 @@ VARIANTS: dict[str, tuple[int, dict, dict]] = {
     # the recipe with the coordinator's default peer bound on (what `make demo-llm` runs): the defence's cost
     "adam-lr3e-2-peer-bound": (2, {"optimizer": "adam", "lr": 3e-2}, {"aggregation": {"outlier": 5}}),
     "adam-rademacher": (2, {"optimizer": "adam", "lr": 1e-2}, {"run": {"distribution": Distribution.RADEMACHER}}),
+    # sparse v (spec version 2): only a seeded fraction of θ moves per perturbation, values scaled so E[vvᵀ] = I
+    "adam-sparse-0.1": (
+        2,
+        {"optimizer": "adam", "lr": 3e-2},
+        {"run": {"distribution": Distribution.SPARSE_GAUSSIAN_0_1}},
+    ),
+    "adam-sparse-0.01": (
+        2,
+        {"optimizer": "adam", "lr": 3e-2},
+        {"run": {"distribution": Distribution.SPARSE_GAUSSIAN_0_01}},
+    ),
     "adam-variance": (2, {"optimizer": "adam", "lr": 1e-2, "variance": VarianceMode.RELATIVE, "max_waves": 2}, {}),
     "fzoo": (
         2,
