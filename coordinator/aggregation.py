@@ -154,14 +154,22 @@ def peer_bound(magnitudes: list[np.ndarray], multiple: float) -> float | None:
 
 
 def clean(
-    contributions: list[tuple[np.ndarray, np.ndarray]], clip: float | None, relative: float = 0.0
+    contributions: list[tuple[np.ndarray, np.ndarray]],
+    clip: float | None,
+    relative: float = 0.0,
+    client_rms: float = 0.0,
 ) -> CleanedScalars:
-    """Drop non-finite scalars, clip the rest to [-clip, clip] and then to the peers' bound, sort by seed.
+    """Drop non-finite scalars, clip the rest to [-clip, clip] and then to the peers' bound, bound each
+    result's size against its peers', sort by seed.
 
     ``contributions`` holds one (seeds, jvp) pair per client result. The peers' bound
-    (``peer_bound`` with multiple ``relative``) keeps one result from outweighing the others:
-    a hostile 1e38 becomes a value like an honest one. Sorting by seed makes the aggregate
-    independent of arrival order.
+    (``peer_bound`` with multiple ``relative``) keeps one scalar from outweighing the others:
+    a hostile 1e38 becomes a value like an honest one. That still lets a result send every scalar
+    at the bound, several times an honest result's size; so a result whose root-mean-square
+    exceeds ``client_rms`` × the median of the results' is scaled down to it (its scalars count
+    as clipped). A result's share of the estimate grows with its scalars' root-sum-square, so this
+    bounds any one client's pull on θ to that of a few honest ones. Sorting by seed makes the
+    aggregate independent of arrival order.
     """
     seed_parts: list[np.ndarray] = [np.empty(0, np.uint64)]
     jvp_parts: list[np.ndarray] = [np.empty(0, np.float32)]
@@ -184,6 +192,14 @@ def clean(
     if clip is not None:
         clipped = int(np.count_nonzero(np.abs(jvp) > clip))
         jvp = np.clip(jvp, np.float32(-clip), np.float32(clip))
+    rms = [np.sqrt(np.mean(np.square(jvp[clients == i], dtype=np.float64))) for i in range(len(contributions))]
+    rms_bound = peer_bound([np.array([r]) for r in rms if np.isfinite(r)], client_rms)
+    if rms_bound is not None:
+        for i, r in enumerate(rms):
+            if r > rms_bound:
+                mine = clients == i
+                jvp[mine] *= np.float32(rms_bound / r)
+                clipped += int(np.count_nonzero(mine))
     if np.unique(seeds).size != seeds.size:
         raise ValueError("a seed appears twice among the contributions of one step")
     order = np.argsort(seeds, kind="stable")

@@ -41,6 +41,9 @@ class AggregationConfig:
     # with >= 3 results in a step: |jvp| bound at this multiple of the median over results of each one's
     # median |jvp| (5: ~3.4 sigma of Gaussian scalars); raise it for very unequal clients; 0: off
     outlier: float = 5.0
+    # each result scaled down to this multiple of the median result's root-mean-square |jvp| (>= 3 results), so one
+    # client sending every scalar at the bound weighs like a few honest ones; 0: off (see COORDINATOR.md)
+    client_rms: float = 0.0
     loss_outlier: float = 10.0  # likewise: losses beyond this multiple of the median left out of the metric
     method: str = AggregationMethod.MEAN  # trimmed and median: across per-client estimates
     trim: float = 0.1
@@ -132,7 +135,7 @@ class CoordinatorConfig:
             raise UserError(
                 f"server.silent_after_beats must be 0 (off) or at least 1, got {self.server.silent_after_beats}"
             )
-        for name in ("outlier", "loss_outlier"):
+        for name in ("outlier", "client_rms", "loss_outlier"):
             value = getattr(self.aggregation, name)
             if value != 0 and not value >= 1:
                 raise UserError(f"aggregation.{name} must be 0 (off) or at least 1, got {value}")

@@ -53,7 +53,7 @@ def weighted_loss(results: list[Result], outlier: float) -> float | None:
 def step_scalars(store: Store, step: int, a: AggregationConfig) -> tuple[CleanedScalars, list[Result]]:
     """All of the step's accepted scalars (every wave), cleaned, and the results they came from."""
     results = store.results.of_step(step)
-    return clean([(r.seeds, r.jvp) for r in results], a.clip or None, a.outlier), results
+    return clean([(r.seeds, r.jvp) for r in results], a.clip or None, a.outlier, a.client_rms), results
 
 
 def now_iso() -> str:

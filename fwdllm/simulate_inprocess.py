@@ -19,6 +19,7 @@ import copy
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fwdllm.data.datasets import LoadOptions, seeded_split
-from fwdllm.device_runtime.work import LocalData, do_task
+from fwdllm.device_runtime.work import LocalData, TaskResult, do_task
 from fwdllm.sim_config import SimConfig
 from fwdllm.simulate_link import LocalCoordinator
 
@@ -91,6 +92,7 @@ def run(
     progress: bool = True,
     desc: str = "in-process",
     keep_submissions: bool = False,
+    tamper: Callable[[int, TaskResult], TaskResult] | None = None,
 ) -> InProcessResult:
     """One federated run of ``sim`` (clients, per_step, steps, optimiser ...) in this process.
 
@@ -98,7 +100,8 @@ def run(
     ``{"optimizer": {"normalize": True}, "eval": {"patience": 5}}``). ``validation_fraction``
     carves that share of every client's examples out as the validation set the coordinator
     evaluates (and early-stops on); the test set then only reports. ``keep_submissions`` keeps
-    every accepted (step, seeds, jvp) so a test can recompute the updates independently.
+    every accepted (step, seeds, jvp) so a test can recompute the updates independently. ``tamper(i, result)``
+    says what device ``i`` submits in place of its honest result: studies of hostile clients.
     """
     sim.check()
     owned: tempfile.TemporaryDirectory[str] | None = None
@@ -108,13 +111,15 @@ def run(
     else:
         root = Path(workdir)
     try:
-        return _run(sim, overrides or {}, validation_fraction, load_options, root, progress, desc, keep_submissions)
+        return _run(
+            sim, overrides or {}, validation_fraction, load_options, root, progress, desc, keep_submissions, tamper
+        )
     finally:
         if owned:
             owned.cleanup()
 
 
-def _run(sim, overrides, validation_fraction, load_options, root, progress, desc, keep) -> InProcessResult:
+def _run(sim, overrides, validation_fraction, load_options, root, progress, desc, keep, tamper) -> InProcessResult:
     from fwdllm.coordinator.evaluation import BackendEvaluator
     from fwdllm.data.partition import client_file, open_federated, write_partition
     from fwdllm.device_runtime.backend import open_backend
@@ -161,12 +166,14 @@ def _run(sim, overrides, validation_fraction, load_options, root, progress, desc
     bar = tqdm(total=sim.steps, desc=desc, unit="step", disable=not progress, leave=False)
     while not coordinator.finished:
         served = 0
-        for device in devices:
+        for index, device in enumerate(devices):
             task = coordinator.pull(device)
             if task is None:
                 continue
             result = do_task(task.work, backend, device.data, coordinator.theta_for(device, task.theta_version))
             spent[task.step] = spent.get(task.step, 0.0) + result.device_seconds
+            if tamper is not None:
+                result = tamper(index, result)
             coordinator.submit(device, task, result)
             if keep:
                 submissions.append((task.step, result.seeds, result.jvp.copy()))

@@ -114,3 +114,15 @@ def hf_reference(model_dir, manifest, batch, task=Task.SEQ_CLS):
     plan = build_plan(loaded.model, task, manifest.model.num_labels, opts)
     assert plan.layout == manifest.theta
     return reference(loaded.model, plan, batch["theta"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+
+BBC_TOPICS = "business,entertainment,politics,sports,tech"
+
+
+def export_head_bundle(out: Path, model) -> Path:
+    """A seq-cls head bundle (ONNX, sequence 32, BBC's five topics) of ``model`` (a name or a checkpoint)."""
+    from fwdllm.cli import main
+
+    args = ["export", "--model", str(model), "--task", "seq-cls", "--label-names", BBC_TOPICS, "--peft", "head"]
+    assert main([*args, "--trainable-layers", "head", "--format", "onnx", "--seq-len", "32", "--out", str(out)]) == 0
+    return out

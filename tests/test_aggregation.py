@@ -76,6 +76,22 @@ def test_median_and_trimmed_mean_match_per_client_dense_estimates():
     )
 
 
+def test_a_result_larger_than_its_peers_is_scaled_to_the_client_rms_bound():
+    rng = np.random.default_rng(5)
+    honest = [(list(range(10 * c, 10 * c + 10)), rng.normal(size=10).astype(np.float32)) for c in range(4)]
+    loud = (list(range(100, 110)), np.where(np.arange(10) % 2 == 0, 7.0, -7.0).astype(np.float32))
+    rms = [float(np.sqrt(np.mean(np.square(j, dtype=np.float64)))) for _, j in [*honest, loud]]
+    bound = 2.0 * float(np.median(rms))  # independent: the bound as the docstring defines it
+    scalars = clean([*honest, loud], None, client_rms=2.0)
+    got = scalars.jvp[scalars.clients == 4]
+    np.testing.assert_allclose(np.sqrt(np.mean(np.square(got, dtype=np.float64))), bound, rtol=1e-6)
+    np.testing.assert_allclose(got, loud[1] * np.float32(bound / 7.0), rtol=1e-6)  # signs and ratios kept
+    for c, (_, jvp) in enumerate(honest):  # within the bound: untouched
+        np.testing.assert_array_equal(scalars.jvp[scalars.clients == c], jvp[np.argsort(honest[c][0])])
+    assert scalars.clipped == 10
+    assert clean([*honest, loud], None).clipped == 0  # off by default
+
+
 @pytest.mark.parametrize("dist", ["gaussian", "sparse-gaussian-0.1"])
 def test_split_half_variance_matches_dense_halves_and_shrinks_with_more_scalars(dist):
     rng = np.random.default_rng(3)
