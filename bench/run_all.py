@@ -84,6 +84,13 @@ SECTIONS = [
         after=("baselines.py", "memory.py"),
         minutes=14,
     ),
+    Section(
+        "AG News: final accuracy over 3 seeds, fwdllm's head recipe run longer vs backprop head",
+        "agnews.py",
+        ["agnews"],
+        ["--quick"],
+        minutes=45,
+    ),
     Section("Scaling with clients per step", "scaling.py", ["scaling"], ["--quick"], minutes=5.5),
     Section(
         "llama.cpp: θ channels (LoRA file, control vector) vs plain evaluation",
