@@ -126,3 +126,26 @@ def export_head_bundle(out: Path, model) -> Path:
     args = ["export", "--model", str(model), "--task", "seq-cls", "--label-names", BBC_TOPICS, "--peft", "head"]
     assert main([*args, "--trainable-layers", "head", "--format", "onnx", "--seq-len", "32", "--out", str(out)]) == 0
     return out
+
+
+def tiny_llama_checkpoint(out: Path) -> Path:
+    """A seeded random 2-layer llama with SmolLM2's vocabulary and tokenizer.json (so it has a GGUF and label words)."""
+    import torch
+    import transformers
+
+    from fwdllm.export.models import resolve
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=49152,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(out)
+    shutil.copyfile(resolve("smollm2")[0] / "tokenizer.json", out / "tokenizer.json")
+    return out

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from export_helpers import MINILM, export_bundle, random_batch, tiny_checkpoint
+from export_helpers import MINILM, export_bundle, random_batch, tiny_checkpoint, tiny_llama_checkpoint
 
 from fwdllm.errors import UserError
 from fwdllm.proto.manifest import save_theta
@@ -259,29 +259,14 @@ def test_a_classifier_trained_on_the_cls_pooler_is_refused(tmp_path):
 def test_decoder_exports_and_the_bundles_gguf_name_no_path_of_this_machine(tmp_path):
     """A tiny llama checkpoint folder (SmolLM2's BPE vocabulary, so it has a GGUF): the bundle's GGUF, export-peft's
     llama.cpp adapter, peft adapter and merged checkpoint all call the base by the folder's name."""
-    import shutil
 
     import gguf
-    import transformers
 
-    from fwdllm.export.models import resolve
     from fwdllm.export.peft_out import export_peft
     from fwdllm.proto.names import Task
 
     ckpt = tmp_path / "my-llama"
-    cfg = transformers.LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(ckpt)
-    shutil.copyfile(resolve("smollm2")[0] / "tokenizer.json", ckpt / "tokenizer.json")
+    tiny_llama_checkpoint(ckpt)
     manifest = export_bundle(
         tmp_path / "b",
         ckpt,

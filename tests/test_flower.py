@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fwdllm.cli import main
 from fwdllm.proto.manifest import load_manifest, load_theta
 from fwdllm.proto.names import VarianceMode
 from fwdllm.simulate import SimConfig, simulate
@@ -20,26 +19,13 @@ from fwdllm.simulate_inprocess import run
 pytest.importorskip("flwr")
 pytest.importorskip("ray")
 
-BBC_LABELS = "business,entertainment,politics,sports,tech"
-
-
-def export_head(out: Path, model) -> Path:
-    args = ["export", "--model", str(model), "--task", "seq-cls", "--label-names", BBC_LABELS, "--peft", "head"]
-    assert main([*args, "--trainable-layers", "head", "--format", "onnx", "--seq-len", "32", "--out", str(out)]) == 0
-    return out
-
 
 @pytest.fixture(scope="session")
 def tiny_head(tmp_path_factory):
-    from export_helpers import tiny_checkpoint
+    from export_helpers import export_head_bundle, tiny_checkpoint
 
     root = tmp_path_factory.mktemp("flower-tiny")
-    return export_head(root / "bundle", tiny_checkpoint("bert", root / "ckpt"))
-
-
-@pytest.fixture(scope="session")
-def minilm_head(tmp_path_factory):
-    return export_head(tmp_path_factory.mktemp("flower-minilm") / "bundle", "minilm")
+    return export_head_bundle(root / "bundle", tiny_checkpoint("bert", root / "ckpt"))
 
 
 def _theta(run_dir: Path, bundle: Path) -> np.ndarray:
@@ -106,11 +92,11 @@ def test_flower_ends_on_the_theta_of_the_inprocess_simulation(tiny_head, tmp_pat
         assert down_flower < down_ref  # history replay instead of θ after the first step
 
 
-def test_a_hundred_virtual_clients_learn(minilm_head, tmp_path):
+def test_a_hundred_virtual_clients_learn(minilm_head_bundle, tmp_path):
     from fwdllm.coordinator.evaluation import BackendEvaluator
 
     cfg = SimConfig(
-        bundle=str(minilm_head),
+        bundle=str(minilm_head_bundle),
         data="bbc",
         clients=100,
         per_step=10,
@@ -131,9 +117,9 @@ def test_a_hundred_virtual_clients_learn(minilm_head, tmp_path):
         answered = db.execute("SELECT COUNT(DISTINCT client_id) FROM tasks WHERE status = 'accepted'").fetchone()[0]
     assert answered > 10  # selection spread the steps over the nodes
     # the final θ, evaluated apart from the run, is better than the bundle's
-    evaluate = BackendEvaluator(minilm_head, tmp_path / "run" / "data" / "heldout.jsonl", limit=80)
-    before = evaluate(load_theta(minilm_head, load_manifest(minilm_head)))
-    after = evaluate(_theta(tmp_path / "run", minilm_head))
+    evaluate = BackendEvaluator(minilm_head_bundle, tmp_path / "run" / "data" / "heldout.jsonl", limit=80)
+    before = evaluate(load_theta(minilm_head_bundle, load_manifest(minilm_head_bundle)))
+    after = evaluate(_theta(tmp_path / "run", minilm_head_bundle))
     assert after["accuracy"] == pytest.approx(summary["after"]["accuracy"])
     assert after["accuracy"] > before["accuracy"] + 0.1 and after["eval_loss"] < before["eval_loss"] - 0.1
 

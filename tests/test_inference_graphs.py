@@ -8,11 +8,10 @@ that ignored θ would fail. Label names are read back with each format's own rea
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
-from export_helpers import export_bundle, rel_err
+from export_helpers import export_bundle, rel_err, tiny_llama_checkpoint
 
 from fwdllm.cli import main
 from fwdllm.proto.manifest import load_manifest, load_theta, save_theta
@@ -175,26 +174,10 @@ def test_export_inference_refuses_what_it_cannot_write(minilm, tmp_path, capsys)
 def tiny_llama(tmp_path_factory):
     """A tiny random llama with SmolLM2's byte-level BPE vocabulary (so it has a GGUF), LoRA on its top
     layer, BBC topic words, an ONNX bundle, a trained θ, and its folded ONNX and merged f16 GGUF."""
-    import torch
-    import transformers
-
-    from fwdllm.export.models import resolve
 
     root = tmp_path_factory.mktemp("tiny-llama-inference")
     ckpt = root / "ckpt"
-    cfg = transformers.LlamaConfig(
-        vocab_size=49152,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(ckpt)
-    shutil.copyfile(resolve("smollm2")[0] / "tokenizer.json", ckpt / "tokenizer.json")
+    tiny_llama_checkpoint(ckpt)
     bundle = root / "bundle"
     export_bundle(
         bundle,

@@ -10,42 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from export_helpers import export_head_bundle
 from safetensors.numpy import load_file
 
-from fwdllm.cli import main
 from fwdllm.errors import UserError
 from fwdllm.simulate import SimConfig, simulate
-
-BBC_LABELS = "business,entertainment,politics,sports,tech"
-
-
-def _export(out, model):
-    args = [
-        "export",
-        "--model",
-        str(model),
-        "--task",
-        "seq-cls",
-        "--label-names",
-        BBC_LABELS,
-        "--peft",
-        "head",
-        "--trainable-layers",
-        "head",
-        "--format",
-        "onnx",
-        "--seq-len",
-        "32",
-        "--out",
-        str(out),
-    ]
-    assert main(args) == 0
-    return out
-
-
-@pytest.fixture(scope="session")
-def minilm_head_bundle(tmp_path_factory):
-    return _export(tmp_path_factory.mktemp("sim-minilm") / "bundle", "minilm")
 
 
 @pytest.fixture(scope="session")
@@ -53,7 +22,7 @@ def tiny_head_bundle(tmp_path_factory):
     from export_helpers import tiny_checkpoint
 
     root = tmp_path_factory.mktemp("sim-tiny")
-    return _export(root / "bundle", tiny_checkpoint("bert", root / "ckpt"))
+    return export_head_bundle(root / "bundle", tiny_checkpoint("bert", root / "ckpt"))
 
 
 def test_simulation_learns_through_real_processes(minilm_head_bundle, tmp_path):
