@@ -106,11 +106,16 @@ def test_the_adapter_applies_to_the_public_base_checkpoint_with_peft(trained):
     assert np.abs(_logits(model, batch) - _bundle_logits(tmp, manifest, batch, theta)).max() <= TOL
 
 
-def test_a_folder_exported_for_the_hub_loads_by_its_repository_name(trained, tmp_path):
+def test_a_folder_exported_for_the_hub_loads_by_its_repository_name(trained, tmp_path, monkeypatch):
     """Uploaded to HUB_ID (here: laid out as huggingface_hub caches a download), AutoPeftModelForSequenceClassification
-    and AutoModelForSequenceClassification load base and adapter by the repository's name."""
+    and AutoModelForSequenceClassification load base and adapter by the repository's name. Offline, as a machine that
+    downloaded the repository would be (peft asks the Hub about the adapter file otherwise)."""
     import shutil
 
+    import huggingface_hub
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     from peft import AutoPeftModelForSequenceClassification
     from transformers import AutoModelForSequenceClassification
 
