@@ -54,6 +54,13 @@ SECTIONS = [
     Section("Communication per device per step", "communication.py", ["communication"]),
     Section("Export time and bundle size", "export.py", ["export"], ["--quick"], timed=True),
     Section(
+        "Coordinator under idle streams: steps per 10 s with and without",
+        "idle_streams.py",
+        ["idle_streams"],
+        ["--streams", "20", "--window", "2"],
+        timed=True,
+    ),
+    Section(
         "Coordinator aggregation and load",
         "aggregation.py",
         ["aggregation"],
