@@ -77,6 +77,11 @@ class ServerConfig:
     # task at once, and is not selected again until it pulls; 0: wait for the task's deadline
     silent_after_beats: float = 2.0
     retry_ms: int = 500  # how long a device without a task waits before pulling again
+    # how long the gRPC server may hold a device's PullTask while it has no task for it, answering as soon as
+    # a wave opens, a slot frees or the run ends (capped at heartbeat_ms, so a held device never looks
+    # silent; 0: answer at once). A held call costs no thread: 1,000 idle devices then pull 1,000 times per
+    # hold instead of twice a second each.
+    pull_wait_ms: int = 4000
     active_window_s: float = 60.0  # a client seen this recently counts as active
     workers: int = 32
     checkpoints_keep: int = 5
@@ -85,6 +90,11 @@ class ServerConfig:
     # GetStatus: "token" answers in full only to a caller with an enrolment token (`coordinator status
     # --token`), anyone else gets the step, θ version and whether the run finished; "public": in full to anyone
     status_access: str = "token"
+
+    @property
+    def pull_hold_ms(self) -> int:
+        """How long a PullTask is held at most: ``pull_wait_ms``, at most one heartbeat interval."""
+        return max(0, min(self.pull_wait_ms, self.heartbeat_ms))
 
 
 @dataclass

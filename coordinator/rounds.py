@@ -121,6 +121,12 @@ class Coordinator:
     def limiter(self):
         return self.registry.limiter
 
+    def work_key(self) -> tuple:
+        """Changes whenever a device without a task may now get one: a wave opened or closed, a slot freed,
+        the run ended. Read without the lock: a transport that holds pulls compares it after each call."""
+        run = self.store.run
+        return (run.step, run.wave, run.wave_open, run.finished, self.waves.slots_freed)
+
     def meta(self, field: str):
         """One run-state field by name (``run`` has them all, typed); an unknown name raises AttributeError."""
         return getattr(self.store.run, field)

@@ -191,11 +191,39 @@ class RejectMalformed(grpc.aio.ServerInterceptor):
         return handler._replace(request_deserializer=_parser(handler.request_deserializer), **{kind: behaviour})
 
 
-class Servicer:
-    """The fwdllm methods: each runs its core call on a thread pool and maps a ``Reject`` to its status."""
+class WorkSignal:
+    """Wakes the PullTask calls the server holds when the core's work changes (``Coordinator.work_key``):
+    checked after every core call and tick, from any thread; the waiters are on the event loop."""
 
-    def __init__(self, coordinator: Coordinator, rejections: Rejections):
+    def __init__(self, coordinator: Coordinator, loop: asyncio.AbstractEventLoop):
+        self.c, self.loop = coordinator, loop
+        self.key = coordinator.work_key()
+        self.event = asyncio.Event()  # set, and replaced by a fresh one, at each change
+        self._lock = threading.Lock()
+
+    def check(self) -> None:
+        with self._lock:
+            key = self.c.work_key()
+            if key == self.key:
+                return
+            self.key = key
+        self.loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        self.event.set()
+        self.event = asyncio.Event()
+
+
+class Servicer:
+    """The fwdllm methods: each runs its core call on a thread pool and maps a ``Reject`` to its status.
+
+    A PullTask that finds no task for its device is held, up to the ``wait_ms`` it asks for (at most
+    ``server.pull_hold_ms``), and asked again whenever the work changes: a thousand idle devices then cost
+    a coroutine each and one core call per change, where polling cost two calls per second each."""
+
+    def __init__(self, coordinator: Coordinator, rejections: Rejections, loop: asyncio.AbstractEventLoop):
         self.c, self.proto, self.rejections = coordinator, ProtoCoordinator(coordinator), rejections
+        self.work = WorkSignal(coordinator, loop)
         workers = coordinator.cfg.server.workers
         self.pool = futures.ThreadPoolExecutor(workers, thread_name_prefix="coordinator-call")
         self.open_pool = futures.ThreadPoolExecutor(OPEN_WORKERS, thread_name_prefix="coordinator-open")
@@ -209,8 +237,28 @@ class Servicer:
         except Exception:  # one bad request must never stop the server
             log.exception("%s failed", method)
             code, counter, message = grpc.StatusCode.INTERNAL, "internal_errors", f"{method} failed; see the server log"
+        finally:
+            self.work.check()
         self.rejections.add(counter, f"{method} from {context.peer()}, {code.name}: {message}")
         await context.abort(code, message)
+
+    async def _pull(self, request: pb.PullTaskRequest, context) -> pb.PullTaskResponse:
+        loop = asyncio.get_running_loop()
+        until = loop.time() + min(request.wait_ms, self.c.cfg.server.pull_hold_ms) / 1000
+        while True:
+            changed = self.work.event  # taken before the call: a change during it still wakes this wait
+            response = await self._run("PullTask", context, self.pool, self.proto.pull_task, request)
+            left = until - loop.time()
+            if response.WhichOneof("outcome") != "retry_after_ms" or left <= 0:
+                return response
+            try:
+                await asyncio.wait_for(changed.wait(), left)
+            except TimeoutError:
+                # asked once more at the end, so the device counts as asking for work; then it pulls again at once
+                response = await self._run("PullTask", context, self.pool, self.proto.pull_task, request)
+                if response.WhichOneof("outcome") == "retry_after_ms":
+                    response.retry_after_ms = 0
+                return response
 
     def _submit(self, request: pb.SubmitRequest) -> pb.SubmitResponse:
         response = self.proto.submit(request, request.ByteSize())
@@ -264,7 +312,11 @@ class Servicer:
 
         handlers = {
             "Join": unary("Join", c.join, pb.JoinRequest, self.open_pool),
-            "PullTask": unary("PullTask", c.pull_task, pb.PullTaskRequest),
+            "PullTask": grpc.unary_unary_rpc_method_handler(
+                self._pull,
+                request_deserializer=pb.PullTaskRequest.FromString,
+                response_serializer=lambda m: m.SerializeToString(),
+            ),
             "Submit": unary("Submit", self._submit, pb.SubmitRequest),
             "Heartbeat": unary("Heartbeat", c.heartbeat, pb.HeartbeatRequest),
             "Leave": unary("Leave", c.leave, pb.LeaveRequest),
@@ -294,8 +346,8 @@ class RunningServer:
     def __init__(self, coordinator: Coordinator, address: str, credentials: grpc.ServerCredentials | None):
         self.coordinator = coordinator
         self.rejections = Rejections(coordinator)
-        self.servicer = Servicer(coordinator, self.rejections)
         self.loop = asyncio.new_event_loop()
+        self.servicer = Servicer(coordinator, self.rejections, self.loop)
         self._loop_thread = threading.Thread(target=self.loop.run_forever, name="coordinator-grpc", daemon=True)
         self._loop_thread.start()
         try:
@@ -349,6 +401,7 @@ class RunningServer:
         while not self._stop.wait(TICK_S):
             try:
                 self.coordinator.tick()
+                self.servicer.work.check()
                 self.rejections.flush()
             except Exception:
                 log.exception("coordinator tick failed")

@@ -54,6 +54,7 @@ class Waves:
         self.store, self.cfg, self.dim = store, cfg, layout.dim
         self.registry, self.handout, self.updates = registry, handout, updates
         self.probe = probe_range(cfg, layout)
+        self.slots_freed = 0  # tasks expired since start: each frees a slot for the next device that pulls
 
     def advance(self, now: int) -> None:
         """Apply a decided step, expire overdue tasks, close a finished wave, open the next one."""
@@ -91,12 +92,15 @@ class Waves:
                 self.store.bump("tasks_expired", len(overdue))
             if abandoned:
                 self.store.bump("tasks_abandoned", len(abandoned))
+        self.slots_freed += len(overdue) + len(abandoned)
         if abandoned:
             self.registry.silence({t.client_id for t in abandoned})
             log.info("step %d: %d silent holders lost their tasks", step, len(abandoned))
 
     def open(self, now: int) -> None:
         """Open a wave once enough clients are active, creating the selected clients' tasks at once."""
+        if self.registry.count_active(now) < self.cfg.run.min_clients:
+            return  # counted in memory: every pull tries this while devices are still joining
         active = self.registry.active(now)
         if not active or len(active) < self.cfg.run.min_clients:
             return

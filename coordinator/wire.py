@@ -118,6 +118,7 @@ class ProtoCoordinator:
             theta_version=joined.theta_version,
             heartbeat_interval_ms=joined.heartbeat_interval_ms,
             client_secret=joined.client_secret,
+            pull_wait_ms=self.core.cfg.server.pull_hold_ms,
         )
 
     def leave(self, req: pb.LeaveRequest) -> pb.LeaveResponse:

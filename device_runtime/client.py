@@ -82,13 +82,17 @@ def capabilities(backend: Backend) -> pb.Capabilities:
 class DeviceClient(ThetaSync, RetryingCalls):
     def __init__(self, cfg: ClientConfig, backend: Backend | None = None):
         self.cfg = cfg
-        self.manifest = load_manifest(cfg.bundle)
+        # a given backend (one shared by a simulation worker's clients) brings the manifest it was opened with:
+        # loading checks every file's hash, a fifth of a second per client for a small bundle
+        self.manifest = backend.manifest if backend is not None else load_manifest(cfg.bundle)
         self.fingerprint = self.manifest.fingerprint()
         self.backend = backend or open_backend(cfg.bundle, cfg.backend, cfg.precision, cfg.options, self.manifest)
         self.data = LocalData(load_examples(cfg.data, self.manifest), self.backend.tokenizer())
         self.client_id, self.session = "", ""
         self.client_secret = ""  # proves client_id when rejoining
         self.heartbeat_s = 5.0
+        self.pull_wait_ms = 0  # how long the coordinator holds a pull that finds no task (Join says)
+        self._pull_held = False  # a held pull is in flight: it shows this device alive, so no beats meanwhile
         self.pending: dict[str, pb.SubmitRequest] = {}
         self.settled: set[str] = set()  # task ids the coordinator has answered for good
         self.cancelled: set[str] = set()
@@ -146,6 +150,7 @@ class DeviceClient(ThetaSync, RetryingCalls):
         self.client_id, self.session = resp.client_id, resp.session_token
         self.history_replayable = True  # a restarted coordinator may run another optimiser
         self.heartbeat_s = max(0.05, (resp.heartbeat_interval_ms or 5000) / 1000)
+        self.pull_wait_ms = resp.pull_wait_ms
         self._save_state()
         log.info(
             "joined %s as %s (θ version %d, heartbeat %.1f s)",
@@ -165,19 +170,28 @@ class DeviceClient(ThetaSync, RetryingCalls):
             raise ClientError(f"the coordinator refused this device ({exc.code().name}): {exc.details()}") from None
 
     def _serve(self, max_tasks: int | None) -> int:
-        self.join()
+        if not self.session:  # a simulation worker joins its clients first, in order
+            self.join()
         beat = threading.Thread(target=self._heartbeats, name="fwdllm-heartbeat", daemon=True)
         beat.start()
         handled = 0
         try:
             while not self._stop.is_set() and (max_tasks is None or handled < max_tasks):
                 self._submit_pending()
-                resp = self._call(
-                    "PullTask",
-                    lambda: pb.PullTaskRequest(
-                        client_id=self.client_id, session_token=self.session, theta_version=self.theta_version
-                    ),
-                )
+                self._pull_held = self.pull_wait_ms > 0
+                try:
+                    resp = self._call(
+                        "PullTask",
+                        lambda: pb.PullTaskRequest(
+                            client_id=self.client_id,
+                            session_token=self.session,
+                            theta_version=self.theta_version,
+                            wait_ms=self.pull_wait_ms,
+                        ),
+                        hold_s=self.pull_wait_ms / 1000,
+                    )
+                finally:
+                    self._pull_held = False
                 outcome = resp.WhichOneof("outcome")
                 if outcome == "run_finished":
                     log.info("the run is finished; leaving")
@@ -217,6 +231,8 @@ class DeviceClient(ThetaSync, RetryingCalls):
 
     def _heartbeats(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
+            if self._pull_held:
+                continue
             try:
                 resp = self.stub.Heartbeat(
                     pb.HeartbeatRequest(

@@ -162,9 +162,11 @@ class RetryingCalls(ABC):
     def join(self) -> Any:
         """Join the run (again): ``DeviceClient.join``."""
 
-    def _call(self, method: str, make: Callable[[], Any], final: frozenset = frozenset()):
-        """One unary call, retried until the coordinator answers (see ``_retry``)."""
-        return self._retry(method, lambda: getattr(self.stub, method)(make(), timeout=self.cfg.rpc_timeout_s), final)
+    def _call(self, method: str, make: Callable[[], Any], final: frozenset = frozenset(), hold_s: float = 0.0):
+        """One unary call, retried until the coordinator answers (see ``_retry``); ``hold_s``: how long the
+        coordinator may hold it before answering, on top of the usual timeout."""
+        timeout = self.cfg.rpc_timeout_s + hold_s
+        return self._retry(method, lambda: getattr(self.stub, method)(make(), timeout=timeout), final)
 
     def _retry(self, method: str, attempt: Callable[[], Any], final: frozenset = frozenset()):
         """Back off on transient failures, re-join a lost session; codes in ``final`` and others are raised."""

@@ -192,3 +192,25 @@ def test_health_and_reflection_answer(run):
     answers = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
     names = {s.name for s in answers[0].list_services_response.service}
     assert "fwdllm.v1.FwdLLM" in names and "grpc.health.v1.Health" in names
+
+
+def test_a_held_pull_is_answered_with_its_task_when_the_wave_opens(run):
+    """A device asking to be held gets its task in the same call once a third device's Join lets the wave
+    open, where an unheld pull is told to come back later."""
+    config = merged(server={"pull_wait_ms": 20_000, "heartbeat_ms": 30_000})
+    coordinator, channel, (held, polling) = run(config, devices=2)
+    request = pb.PullTaskRequest(client_id=held.client_id, session_token=held.session, wait_ms=20_000)
+    pending = held.stub.PullTask.future(request, timeout=60)
+    assert polling.pull().retry_after_ms == 500  # two of the three devices the wave needs
+    third = QuadraticDevice(channel, 2)
+    assert third.join("tok", coordinator.fingerprint).pull_wait_ms == 20_000
+    reply = pending.result(timeout=60)
+    assert reply.WhichOneof("outcome") == "task" and reply.task.step == 0
+
+
+def test_a_held_pull_without_work_ends_after_its_hold_and_asks_for_a_pull_at_once(run):
+    coordinator, _, (held, _) = run(merged(server={"pull_wait_ms": 300}), devices=2)
+    request = pb.PullTaskRequest(client_id=held.client_id, session_token=held.session, wait_ms=300)
+    reply = held.stub.PullTask(request, timeout=60)
+    assert reply.WhichOneof("outcome") == "retry_after_ms" and reply.retry_after_ms == 0
+    assert coordinator.meta("wave_open") is False

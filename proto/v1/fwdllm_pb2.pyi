@@ -97,7 +97,7 @@ class JoinRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., enrolment_token: _Optional[str] = ..., client_name: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., model_fingerprint: _Optional[str] = ..., num_examples: _Optional[int] = ..., previous_client_id: _Optional[str] = ..., client_secret: _Optional[str] = ...) -> None: ...
 
 class JoinResponse(_message.Message):
-    __slots__ = ("client_id", "session_token", "protocol_version", "model_fingerprint", "theta_dim", "theta_version", "heartbeat_interval_ms", "client_secret")
+    __slots__ = ("client_id", "session_token", "protocol_version", "model_fingerprint", "theta_dim", "theta_version", "heartbeat_interval_ms", "client_secret", "pull_wait_ms")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class JoinResponse(_message.Message):
     THETA_VERSION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_SECRET_FIELD_NUMBER: _ClassVar[int]
+    PULL_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     session_token: str
     protocol_version: ProtocolVersion
@@ -114,17 +115,20 @@ class JoinResponse(_message.Message):
     theta_version: int
     heartbeat_interval_ms: int
     client_secret: str
-    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., model_fingerprint: _Optional[str] = ..., theta_dim: _Optional[int] = ..., theta_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., client_secret: _Optional[str] = ...) -> None: ...
+    pull_wait_ms: int
+    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., model_fingerprint: _Optional[str] = ..., theta_dim: _Optional[int] = ..., theta_version: _Optional[int] = ..., heartbeat_interval_ms: _Optional[int] = ..., client_secret: _Optional[str] = ..., pull_wait_ms: _Optional[int] = ...) -> None: ...
 
 class PullTaskRequest(_message.Message):
-    __slots__ = ("client_id", "session_token", "theta_version")
+    __slots__ = ("client_id", "session_token", "theta_version", "wait_ms")
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
     THETA_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     client_id: str
     session_token: str
     theta_version: int
-    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., theta_version: _Optional[int] = ...) -> None: ...
+    wait_ms: int
+    def __init__(self, client_id: _Optional[str] = ..., session_token: _Optional[str] = ..., theta_version: _Optional[int] = ..., wait_ms: _Optional[int] = ...) -> None: ...
 
 class SeedRange(_message.Message):
     __slots__ = ("start", "count")
