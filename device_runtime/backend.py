@@ -214,6 +214,7 @@ class Backend(ABC):
         self.manifest = manifest
         self.graph = graph
         self.options = dict(options)
+        self._tokenizer: Tokenizer | None = None
 
     @property
     def max_perturbations(self) -> int | None:
@@ -246,7 +247,13 @@ class Backend(ABC):
         return self.manifest.theta.dim
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self.bundle_dir, self.manifest, self.seq_len, pad_to_longest=not self.graph.seq_len)
+        """The bundle's tokenizer, read once (it never changes): the many virtual clients of a simulation
+        worker share one backend and so one tokenizer."""
+        if self._tokenizer is None:
+            self._tokenizer = Tokenizer(
+                self.bundle_dir, self.manifest, self.seq_len, pad_to_longest=not self.graph.seq_len
+            )
+        return self._tokenizer
 
     def check_thetas(self, thetas: np.ndarray) -> np.ndarray:
         """θ rows as contiguous float32 [P, d], or a BackendError naming what is wrong."""
