@@ -34,6 +34,9 @@ class MiniCoordinator(pb_grpc.FwdLLMServicer):
         self.lose_ack: set[str] = set()  # record the result, then fail the call as if the answer was lost
         self.cancel: set[str] = set()
         self.pull_delay_s = 0.0
+        self.pull_wait_ms = 0  # Join's offer to hold pulls (the real coordinator's server.pull_wait_ms)
+        self.pulls: list[pb.PullTaskRequest] = []
+        self.beats: list[pb.HeartbeatRequest] = []
         self.checks_fingerprint = checks_fingerprint
         self.left = False
         self.skipped: set[str] = set()  # handed out once; a device that drops a task does not get it again
@@ -61,10 +64,12 @@ class MiniCoordinator(pb_grpc.FwdLLMServicer):
             theta_version=max(self.versions),
             heartbeat_interval_ms=50,
             client_secret=secret,
+            pull_wait_ms=self.pull_wait_ms,
         )
 
     def PullTask(self, request, context):
         self._auth(request, context)
+        self.pulls.append(request)
         time.sleep(self.pull_delay_s)
         open_tasks = [t for t in self.tasks if t.task_id not in self.results and t.task_id not in self.skipped]
         if not open_tasks:
@@ -89,6 +94,7 @@ class MiniCoordinator(pb_grpc.FwdLLMServicer):
 
     def Heartbeat(self, request, context):
         self._auth(request, context)
+        self.beats.append(request)
         return pb.HeartbeatResponse(cancel_task_ids=sorted(self.cancel), theta_version=max(self.versions))
 
     def Leave(self, request, context):

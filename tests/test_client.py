@@ -172,3 +172,21 @@ def test_cancelled_late_and_bad_tasks_are_not_submitted_and_serving_continues(bu
     text = caplog.text
     assert "deadline passed" in text and "cancelled by the coordinator" in text and "at most 8" in text
     assert client.stats["failed"] == 1 and client.stats["cancelled"] == 2
+
+
+@pytest.mark.parametrize("hold_ms", [0, 400])
+def test_a_device_asks_to_be_held_when_join_offers_it_and_sends_no_beats_while_held(bundle, data, hold_ms):
+    """Each pull here takes 0.4 s (a held call); beats go every 50 ms, about 16 in the 0.8 s the two pulls
+    are open. A device offered holds sends none while a pull is open (at most one or two fall in the few ms
+    between its submit and its next pull); one that is not offered holds beats throughout, as before."""
+    fingerprint = load_manifest(bundle[0]).fingerprint()
+    coord = MiniCoordinator(fingerprint, {1: initial_theta()}, [make_task("only", 1, seeds=[5])])
+    coord.pull_wait_ms, coord.pull_delay_s = hold_ms, 0.4
+    server, port = serve(coord)
+    try:
+        assert client_for(bundle, data, port).run() == 0
+    finally:
+        server.stop(0)
+    assert [p.wait_ms for p in coord.pulls] == [hold_ms, hold_ms]  # the task, then "run finished"
+    idle_beats = [b for b in coord.beats if not b.task_id]
+    assert (len(idle_beats) <= 2) if hold_ms else (len(idle_beats) >= 8)
