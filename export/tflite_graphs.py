@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fwdllm.errors import UserError
 from fwdllm.export.graphs import ROLE_INPUTS, outputs, roles, tensor_specs
 from fwdllm.export.perturbable import GraphModule, PerturbableModel
 from fwdllm.proto.names import GraphFormat, GraphRole, Precision
@@ -24,6 +25,18 @@ PRECISIONS = (Precision.FP32, Precision.FP16, Precision.INT8)
 # float16 (measured 1e-3 on MiniLM); int8 = dynamic range (int8 weights, float activations
 # quantized per call), like ONNX int8 dominated by noise in the pooled features (0.05-0.1).
 TOLERANCE: dict[str, float] = {Precision.FP32: 1e-4, Precision.FP16: 1e-2, Precision.INT8: 0.4}
+
+
+def check_convertible(config) -> None:
+    """Refuse, before minutes of conversion, a model litert-torch is known to convert wrongly."""
+    heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if kv_heads == 1 and heads and heads > 1:
+        # q @ repeat(k).T with one key/value head comes out of litert-torch wrong (2 query heads over one key/value
+        # head, unit-normal inputs: scores off by up to 18), where 2 or more key/value heads convert exactly
+        raise UserError(
+            f"--format tflite: this decoder has a single key/value head for its {heads} query heads (multi-query "
+            "attention), whose attention litert-torch converts wrongly; export it with --format onnx (or gguf)"
+        )
 
 
 def convert_role(pm: PerturbableModel, role: str, feeds: dict[str, np.ndarray], path: Path) -> None:
@@ -100,6 +113,7 @@ def delegation(path: Path) -> dict:
 def export_all(ctx, precisions: list[str]) -> list:
     from fwdllm.proto.manifest import GraphSpec
 
+    check_convertible(ctx.loaded.config)
     req = ctx.req
     fixed = {"B": req.batch_size, "S": req.seq_len, "P": req.perturbations}
     with ctx.step("tflite: reference batch"):

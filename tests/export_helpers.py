@@ -45,13 +45,14 @@ TINY = {
 }
 
 
-def tiny_checkpoint(arch: str, folder: Path) -> Path:
-    """A randomly initialised checkpoint of ``arch`` (seeded) with MiniLM's tokenizer (vocab 30522)."""
+def tiny_checkpoint(arch: str, folder: Path, **config) -> Path:
+    """A randomly initialised checkpoint of ``arch`` (seeded) with MiniLM's tokenizer (vocab 30522); ``config``
+    overrides TINY's settings."""
     import torch
     import transformers
 
     cls_name, kw = TINY[arch]
-    cfg = getattr(transformers, cls_name)(vocab_size=30522, **kw)
+    cfg = getattr(transformers, cls_name)(vocab_size=30522, **{**kw, **config})
     torch.manual_seed(0)
     model_cls = transformers.AutoModelForCausalLM if arch == "llama" else transformers.AutoModel
     model = model_cls.from_config(cfg)

@@ -142,6 +142,69 @@ def test_label_word_graphs_match_the_hf_model_and_cut_equals_uncut(tiny_words):
         assert losses == pytest.approx(one_by_one, rel=1e-5)  # P rows in one call = P calls
 
 
+@pytest.fixture(scope="module")
+def tiny_words_tflite(tmp_path_factory):
+    """The same tiny llama, with 4 query heads over 2 key/value heads (one key/value head does not convert), as
+    TFLite graphs: B = 8, S = 16, P = 8 fixed."""
+    from fwdllm.cli import main
+
+    root = tmp_path_factory.mktemp("tiny-words-tflite")
+    ckpt = tiny_checkpoint("llama", root / "ckpt", num_attention_heads=4, num_key_value_heads=2)
+    argv = ["export", "--model", str(ckpt), "--task", "causal-lm", "--label-names", "yes,no,maybe", "--peft", "lora"]
+    argv += ["--trainable-layers", "top:1", "--format", "tflite", "--seq-len", "16", "--out", str(root / "bundle")]
+    assert main(argv) == 0
+    return ckpt, root / "bundle"
+
+
+def test_tflite_label_word_graphs_match_the_hf_model_and_cut_equals_uncut(tiny_words_tflite):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fwdllm.device_runtime.backend import Batch, open_backend
+    from fwdllm.export.materialize import materialize
+    from fwdllm.export.plan import plan_from_manifest
+    from fwdllm.proto.manifest import load_manifest
+
+    ckpt, bundle = tiny_words_tflite
+    manifest = load_manifest(bundle)
+    assert {(g.role, g.format) for g in manifest.graphs} == {
+        ("full", "tflite"),
+        ("prefix", "tflite"),
+        ("suffix", "tflite"),
+    }
+    rng = np.random.default_rng(3)
+    ids = rng.integers(5, 30000, size=(5, 16))  # 5 rows: the backend pads them to the graph's 8
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[3, 2:] = 0
+    labels = np.array([0, 2, 1, 2, 0])
+    thetas = (0.2 * rng.standard_normal((3, manifest.theta.dim))).astype(np.float32)
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32, attn_implementation="eager").eval()
+    plan = plan_from_manifest(hf, manifest)
+    want = np.stack(
+        [_hf_label_logits(materialize(hf, plan, row), ids, mask, manifest.model.label_token_ids) for row in thetas]
+    )
+    batch = Batch.of(ids, mask, labels)
+    for reuse in (True, False):  # prefix + suffix, and the full graph
+        with open_backend(bundle, "litert", options={"prefix_reuse": reuse}) as backend:
+            assert backend.cut == reuse
+            got = np.stack([backend.logits(batch, row) for row in thetas])
+            losses = backend.losses(batch, thetas)
+            one_by_one = np.array([backend.losses(batch, row[None])[0] for row in thetas])
+        assert rel_err(got, want) < 1e-4
+        assert losses == pytest.approx([_cross_entropy(w, labels) for w in want], rel=1e-4)
+        assert losses == pytest.approx(one_by_one, rel=1e-5)  # P rows in one call = P calls
+
+
+def test_tflite_export_refuses_a_single_key_value_head_before_converting(tiny_words, tmp_path, capsys):
+    from fwdllm.cli import main
+
+    ckpt, _ = tiny_words
+    argv = ["export", "--model", str(ckpt), "--task", "causal-lm", "--label-names", "yes,no,maybe", "--peft", "lora"]
+    assert main([*argv, "--format", "tflite", "--out", str(tmp_path / "refused")]) == 2
+    assert "single key/value head" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+
+
 def test_forward_gradient_on_the_suffix_matches_autograd(tiny_words):
     """Central differences through the ONNX suffix against autograd's directional derivative."""
     import torch
