@@ -19,12 +19,16 @@ SHARED = ("fwdllm", "fwdllm.errors", "fwdllm.console")
 #: What the roles a phone installs never import.
 DEVICE_ROLES = ("proto", "device_runtime")
 DEVICE_FORBIDDEN = ("export", "coordinator", "torch", "transformers")
+#: The Flower integration sits beside the command package (its ServerApp drives the coordinator, as `fwdllm
+#: simulate` does); its ClientApp is what a Flower node runs, so it is held to the device roles' rule.
+INTEGRATIONS = ("flower",)
+NODE_MODULES = ("fwdllm.flower.client_app", "fwdllm.flower.records")
 
 
 def module_files() -> dict[str, Path]:
     """Module name -> source file, for every role and the command package's own modules."""
     found = {f"{CLI}.{f.stem}": f for f in sorted((ROOT / CLI).glob("*.py"))}
-    for role in ROLES:
+    for role in (*ROLES, *INTEGRATIONS):
         for f in sorted((ROOT / role).rglob("*.py")):
             parts = (role, *f.relative_to(ROOT / role).with_suffix("").parts)
             found[".".join((CLI, *parts))] = f
@@ -59,11 +63,11 @@ def role_of(module: str) -> str:
 
 
 def device_violations(imports: dict[str, set[str]]) -> list[str]:
-    """``module imports name`` for each import a device role must not make."""
+    """``module imports name`` for each import a device role (or a Flower node's module) must not make."""
     return sorted(
         f"{module} imports {name}"
         for module, names in imports.items()
-        if role_of(module) in DEVICE_ROLES
+        if role_of(module) in DEVICE_ROLES or module in NODE_MODULES
         for name in names
         if role_of(name) in DEVICE_FORBIDDEN
     )
@@ -104,8 +108,10 @@ def repository_imports() -> dict[str, set[str]]:
 
 
 def test_the_checks_see_every_role():
-    roles = {role_of(name) for name in module_files()}
+    files = module_files()
+    roles = {role_of(name) for name in files}
     assert roles >= {*ROLES, CLI, "shared"}
+    assert set(NODE_MODULES) <= set(files)
 
 
 def test_device_roles_import_no_export_coordinator_torch_or_transformers():
