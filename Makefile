@@ -73,7 +73,10 @@ demo: setup $(DEMO_BUNDLE)/manifest.json
 LLM_BACKEND ?= onnxruntime
 LLM_FORMAT := $(if $(filter llama.cpp,$(LLM_BACKEND)),gguf --precision q8_0,onnx)
 LLM_BUNDLE := bundles/demo-smollm2-bbc-words-$(firstword $(LLM_FORMAT))
-LLM_RUN := runs/demo-llm-$(LLM_BACKEND)
+# `make demo-llm SEED=1` draws another partition and other perturbations (run folder ...-seed1); bench/demo_llm.py
+# runs the demo over seeds.
+SEED ?= 0
+LLM_RUN := runs/demo-llm-$(LLM_BACKEND)$(if $(filter-out 0,$(SEED)),-seed$(SEED))
 
 $(LLM_BUNDLE)/manifest.json: $(STAMP)
 	rm -rf $(LLM_BUNDLE)
@@ -84,7 +87,7 @@ demo-llm: setup $(LLM_BUNDLE)/manifest.json
 	rm -rf $(LLM_RUN)
 	HF_HUB_OFFLINE=1 $(BIN)/fwdllm simulate --bundle $(LLM_BUNDLE) --data bbc-lm --clients 100 --per-step 10 --steps 60 \
 		--perturbations 4 --batch-size 8 --epsilon 1e-3 --optimizer adam --lr 3e-2 --backend $(LLM_BACKEND) \
-		--eval-every 12 --out $(LLM_RUN)
+		--eval-every 12 --seed $(SEED) --out $(LLM_RUN)
 
 # BENCHMARKS.md from scratch on this machine (< 60 min on 2 cores); bench-quick is the smoke run CI executes.
 bench: setup
