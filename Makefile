@@ -69,12 +69,13 @@ demo: setup $(DEMO_BUNDLE)/manifest.json
 # step, 4 perturbations each, coordinator Adam at lr 3e-2, 60 steps: in bench/decoder.py's study (the same coordinator
 # and device work in one process) lr 3e-2 ended at 0.829 where 1e-2 ended at 0.797 (zero-shot 0.570); BENCHMARKS.md,
 # "Decoders", has every estimator and the seeds.
-# `make demo-llm LLM_BACKEND=llama.cpp` runs the same recipe on a GGUF q8_0 bundle (every layer per perturbation).
+# `make demo-llm LLM_BACKEND=llama.cpp` runs the same recipe on a GGUF q8_0 bundle (the frozen layers once per example,
+# the top 2 per perturbation from a suffix GGUF over the cached hidden states).
 LLM_BACKEND ?= onnxruntime
 LLM_FORMAT := $(if $(filter llama.cpp,$(LLM_BACKEND)),gguf --precision q8_0,onnx)
 LLM_BUNDLE := bundles/demo-smollm2-bbc-words-$(firstword $(LLM_FORMAT))
-# `make demo-llm SEED=1` draws another partition and other perturbations (run folder ...-seed1); bench/demo_llm.py
-# runs the demo over seeds.
+# `make demo-llm SEED=1` draws another partition and other perturbations (run folder ...-seed1); bench/decoder.py
+# (part demo) runs the demo over seeds.
 SEED ?= 0
 LLM_RUN := runs/demo-llm-$(LLM_BACKEND)$(if $(filter-out 0,$(SEED)),-seed$(SEED))
 

@@ -1,8 +1,8 @@
 """Decoders that learn: SmolLM2-135M + LoRA classifying BBC News with label words.
 
-    python bench/decoder.py [--quick] [--seeds N] [--parts study,backprop,demo]
+    python bench/decoder.py [--quick] [--seeds N] [--parts study,backprop,demo,demo-llama]
 
-Three parts (what one perturbed evaluation costs is bench/decoder_cost.py, a timed section):
+Four parts (what one perturbed evaluation costs is bench/decoder_cost.py, a timed section):
 
 - **study**: the in-process federated harness (bench/harness.py: the real coordinator and engine)
   on ``bbc-lm``, 100 Dirichlet(0.5) clients, 10 per step, one variant per row: estimator (central
@@ -15,6 +15,7 @@ Three parts (what one perturbed evaluation costs is bench/decoder_cost.py, a tim
 - **demo**: ``make demo-llm SEED=s`` for ``--seeds`` seeds, the recipe through real coordinator and
   device processes with the coordinator's defaults (peer bound on); the goal is final held-out
   accuracy 25 points over zero-shot on average, within 10 minutes of training on 2 cores.
+  **demo-llama**: the same on llama.cpp (a GGUF q8_0 bundle, the top-2 suffix GGUF), seed 0.
 """
 
 from __future__ import annotations
@@ -200,28 +201,33 @@ def plot(runs: list[dict], baseline: list[dict], path: Path) -> Path:
 
 # ----- make demo-llm ----------------------------------------------------------------------------
 
-DEMO = "make demo-llm (real processes, peer bound)"
+
+def demo_name(backend: str) -> str:
+    flag = "" if backend == "onnxruntime" else f" LLM_BACKEND={backend}"
+    return f"make demo-llm{flag} (real processes, peer bound)"
 
 
-def demo_run(seed: int) -> dict:
-    """`make demo-llm SEED=seed`: the demo itself, a coordinator and device processes over loopback gRPC."""
-    kept = RUNS / f"make-demo-llm-s{seed}.json"
+def demo_run(seed: int, backend: str = "onnxruntime") -> dict:
+    """`make demo-llm SEED=seed LLM_BACKEND=backend`: the demo itself, a coordinator and device processes over
+    loopback gRPC."""
+    kept = RUNS / f"make-demo-llm{'' if backend == 'onnxruntime' else '-' + backend}-s{seed}.json"
     if kept.is_file():
         return json.loads(kept.read_text())
-    subprocess.run(["make", "demo-llm", f"SEED={seed}"], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
-    result = demo_result(ROOT / "runs" / ("demo-llm-onnxruntime" + (f"-seed{seed}" if seed else "")), seed)
+    make = ["make", "demo-llm", f"SEED={seed}", f"LLM_BACKEND={backend}"]
+    subprocess.run(make, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    result = demo_result(ROOT / "runs" / (f"demo-llm-{backend}" + (f"-seed{seed}" if seed else "")), seed, backend)
     RUNS.mkdir(parents=True, exist_ok=True)
     kept.write_text(json.dumps(result))
     return result
 
 
-def demo_result(folder: Path, seed: int) -> dict:
+def demo_result(folder: Path, seed: int, backend: str = "onnxruntime") -> dict:
     """What a finished `make demo-llm` run folder shows."""
     summary = json.loads((folder / "summary.json").read_text())
     rows = [json.loads(line) for line in (folder / "state" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r["step"] >= 0 and "step_time_s" in r]
     return {
-        "variant": DEMO,
+        "variant": demo_name(backend),
         "seed": seed,
         "K": 2,
         "zero_shot": summary["before"]["accuracy"],
@@ -291,8 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="variants run once, seed 0")
     parser.add_argument(
         "--parts",
-        default="study,backprop,demo",
-        help="study, backprop, demo (`make demo-llm SEED=s` for --seeds seeds, about 7 minutes each)",
+        default="study,backprop,demo,demo-llama",
+        help="study, backprop, demo (`make demo-llm SEED=s` for --seeds seeds, about 7 minutes each), demo-llama "
+        "(`make demo-llm LLM_BACKEND=llama.cpp`, seed 0)",
     )
     args = parser.parse_args(argv)
     parts = set(args.parts.split(","))
@@ -317,6 +324,13 @@ def main(argv: list[str] | None = None) -> int:
             + f" from zero-shot {demos[0]['zero_shot']:.3f}, {100 * gain:+.1f} points on average; training (the steps' "
             f"times) {', '.join(str(d['training_s']) for d in demos)} s, whole runs "
             f"{', '.join(str(d['wall_s']) for d in demos)} s."
+        )
+    if "demo-llama" in parts and not args.quick:  # the same recipe on the GGUF q8_0 bundle, seed 0
+        run = demo_run(0, "llama.cpp")
+        runs.append(run)
+        notes.append(
+            f"`make demo-llm LLM_BACKEND=llama.cpp` (seed 0): {run['zero_shot']:.3f} → {run['final']:.3f}, training "
+            f"{run['training_s']} s, whole run {run['wall_s']} s."
         )
     if "backprop" in parts and not args.quick:
         baseline.append(backprop(VARIANTS[recipes[0]][0], steps, 0, limit))
