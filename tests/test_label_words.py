@@ -102,13 +102,44 @@ def tiny_words(tmp_path_factory):
     return ckpt, out
 
 
-def test_label_word_graphs_match_the_hf_model_and_cut_equals_uncut(tiny_words):
+def _assert_graphs_match_hf(ckpt, bundle, backend_name: str, seq: int, rows: int) -> None:
+    """``rows`` random prompts of ``seq`` ids (two of them padded) at 3 random θ: the label-word logits of the
+    bundle's graphs on ``backend_name``, prefix + suffix and the full graph, against the HF model's own; losses
+    against their cross-entropy; P rows in one call against P calls."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from fwdllm.device_runtime.backend import Batch, open_backend
     from fwdllm.export.materialize import materialize
     from fwdllm.export.plan import plan_from_manifest
+    from fwdllm.proto.manifest import load_manifest
+
+    manifest = load_manifest(bundle)
+    rng = np.random.default_rng(3)
+    ids = rng.integers(5, 30000, size=(rows, seq))
+    mask = np.ones_like(ids)
+    mask[1, 6:] = 0
+    mask[3, 2:] = 0
+    labels = np.arange(rows) % 3
+    thetas = (0.2 * rng.standard_normal((3, manifest.theta.dim))).astype(np.float32)
+    hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32, attn_implementation="eager").eval()
+    plan = plan_from_manifest(hf, manifest)
+    want = np.stack(
+        [_hf_label_logits(materialize(hf, plan, row), ids, mask, manifest.model.label_token_ids) for row in thetas]
+    )
+    batch = Batch.of(ids, mask, labels)
+    for reuse in (True, False):  # prefix + suffix, and the full graph
+        with open_backend(bundle, backend_name, options={"prefix_reuse": reuse}) as backend:
+            assert backend.cut == reuse
+            got = np.stack([backend.logits(batch, row) for row in thetas])
+            losses = backend.losses(batch, thetas)
+            one_by_one = np.array([backend.losses(batch, row[None])[0] for row in thetas])
+        assert rel_err(got, want) < 1e-4
+        assert losses == pytest.approx([_cross_entropy(w, labels) for w in want], rel=1e-4)
+        assert losses == pytest.approx(one_by_one, rel=1e-5)  # P rows in one call = P calls
+
+
+def test_label_word_graphs_match_the_hf_model_and_cut_equals_uncut(tiny_words):
     from fwdllm.proto.manifest import load_manifest
 
     ckpt, bundle = tiny_words
@@ -118,28 +149,7 @@ def test_label_word_graphs_match_the_hf_model_and_cut_equals_uncut(tiny_words):
     for g in manifest.graphs:
         if g.role != "prefix":
             assert [t.name for t in g.outputs] == ["loss", "logits"] and g.validation["max_rel_err"] < 1e-4
-    rng = np.random.default_rng(3)
-    ids = rng.integers(5, 30000, size=(4, 11))
-    mask = np.ones_like(ids)
-    mask[1, 6:] = 0
-    mask[3, 2:] = 0
-    labels = np.array([0, 2, 1, 2])
-    thetas = (0.2 * rng.standard_normal((3, manifest.theta.dim))).astype(np.float32)
-    hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32, attn_implementation="eager").eval()
-    plan = plan_from_manifest(hf, manifest)
-    want = np.stack(
-        [_hf_label_logits(materialize(hf, plan, row), ids, mask, manifest.model.label_token_ids) for row in thetas]
-    )
-    batch = Batch.of(ids, mask, labels)
-    for reuse in (True, False):  # prefix + suffix, and the full graph
-        with open_backend(bundle, "onnxruntime", options={"prefix_reuse": reuse}) as backend:
-            assert backend.cut == reuse
-            got = np.stack([backend.logits(batch, row) for row in thetas])
-            losses = backend.losses(batch, thetas)
-            one_by_one = np.array([backend.losses(batch, row[None])[0] for row in thetas])
-        assert rel_err(got, want) < 1e-4
-        assert losses == pytest.approx([_cross_entropy(w, labels) for w in want], rel=1e-4)
-        assert losses == pytest.approx(one_by_one, rel=1e-5)  # P rows in one call = P calls
+    _assert_graphs_match_hf(ckpt, bundle, "onnxruntime", seq=11, rows=4)
 
 
 @pytest.fixture(scope="module")
@@ -157,43 +167,12 @@ def tiny_words_tflite(tmp_path_factory):
 
 
 def test_tflite_label_word_graphs_match_the_hf_model_and_cut_equals_uncut(tiny_words_tflite):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from fwdllm.device_runtime.backend import Batch, open_backend
-    from fwdllm.export.materialize import materialize
-    from fwdllm.export.plan import plan_from_manifest
     from fwdllm.proto.manifest import load_manifest
 
     ckpt, bundle = tiny_words_tflite
-    manifest = load_manifest(bundle)
-    assert {(g.role, g.format) for g in manifest.graphs} == {
-        ("full", "tflite"),
-        ("prefix", "tflite"),
-        ("suffix", "tflite"),
-    }
-    rng = np.random.default_rng(3)
-    ids = rng.integers(5, 30000, size=(5, 16))  # 5 rows: the backend pads them to the graph's 8
-    mask = np.ones_like(ids)
-    mask[1, 6:] = 0
-    mask[3, 2:] = 0
-    labels = np.array([0, 2, 1, 2, 0])
-    thetas = (0.2 * rng.standard_normal((3, manifest.theta.dim))).astype(np.float32)
-    hf = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32, attn_implementation="eager").eval()
-    plan = plan_from_manifest(hf, manifest)
-    want = np.stack(
-        [_hf_label_logits(materialize(hf, plan, row), ids, mask, manifest.model.label_token_ids) for row in thetas]
-    )
-    batch = Batch.of(ids, mask, labels)
-    for reuse in (True, False):  # prefix + suffix, and the full graph
-        with open_backend(bundle, "litert", options={"prefix_reuse": reuse}) as backend:
-            assert backend.cut == reuse
-            got = np.stack([backend.logits(batch, row) for row in thetas])
-            losses = backend.losses(batch, thetas)
-            one_by_one = np.array([backend.losses(batch, row[None])[0] for row in thetas])
-        assert rel_err(got, want) < 1e-4
-        assert losses == pytest.approx([_cross_entropy(w, labels) for w in want], rel=1e-4)
-        assert losses == pytest.approx(one_by_one, rel=1e-5)  # P rows in one call = P calls
+    formats = {(g.role, g.format) for g in load_manifest(bundle).graphs}
+    assert formats == {("full", "tflite"), ("prefix", "tflite"), ("suffix", "tflite")}
+    _assert_graphs_match_hf(ckpt, bundle, "litert", seq=16, rows=5)  # 5 rows: the backend pads them to B = 8
 
 
 def test_tflite_export_refuses_a_single_key_value_head_before_converting(tiny_words, tmp_path, capsys):
