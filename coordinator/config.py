@@ -26,6 +26,8 @@ class RunConfig:
     min_clients: int = 1  # active clients needed before a wave opens
     min_results: int = 1  # results that let a wave close at its deadline
     selection: str = "random"  # random | weighted (by past reliability and cpu count)
+    # the perturbation's size; not below 1e-2 on a quantised backend: llama.cpp q8_0 rounds activations to 8 bits,
+    # and at 1e-3 the decoder recipe ended at 0.761 against 0.820 at 1e-2 (fp32 ONNX: the same at both)
     epsilon: float = 0.01
     scheme: str = DifferenceScheme.CENTRAL
     distribution: str = Distribution.GAUSSIAN
