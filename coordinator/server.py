@@ -229,16 +229,22 @@ class Servicer:
         self.open_pool = futures.ThreadPoolExecutor(OPEN_WORKERS, thread_name_prefix="coordinator-open")
         self.kill_after_commit = os.environ.get(KILL_AFTER_COMMIT_ENV) == "1"
 
+    def _checked(self, fn, *args):
+        """``fn`` on a pool thread, then whether it changed the work held pulls wait for: reading the core's state
+        may wait for its lock, which must never stall the event loop."""
+        try:
+            return fn(*args)
+        finally:
+            self.work.check()
+
     async def _run(self, method: str, context, pool, fn, *args):
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(pool, self._checked, fn, *args)
         except Reject as r:
             code, counter, message = GRPC_STATUS[r.reason], r.counter, r.message
         except Exception:  # one bad request must never stop the server
             log.exception("%s failed", method)
             code, counter, message = grpc.StatusCode.INTERNAL, "internal_errors", f"{method} failed; see the server log"
-        finally:
-            self.work.check()
         self.rejections.add(counter, f"{method} from {context.peer()}, {code.name}: {message}")
         await context.abort(code, message)
 
