@@ -55,6 +55,14 @@ VARIANTS: dict[str, tuple[int, dict, dict]] = {
     "adam-lr3e-2": (2, {"optimizer": "adam", "lr": 3e-2}, {}),
     # the recipe with the coordinator's default peer bound on (what `make demo-llm` runs): the defence's cost
     "adam-lr3e-2-peer-bound": (2, {"optimizer": "adam", "lr": 3e-2}, {"aggregation": {"outlier": 5}}),
+    # the two defences against a hostile peer at other settings, for a default that costs the recipe less: the
+    # per-scalar bound at twice its multiple, and the per-client size bound in its place
+    "adam-lr3e-2-peer-bound-10": (2, {"optimizer": "adam", "lr": 3e-2}, {"aggregation": {"outlier": 10}}),
+    "adam-lr3e-2-client-rms-2": (
+        2,
+        {"optimizer": "adam", "lr": 3e-2},
+        {"aggregation": {"outlier": 0, "client_rms": 2}},
+    ),
     # twice the perturbations per client (so twice the suffix evaluations of the other rows): on AG News's head the
     # noise floor fell with more perturbations per step where more steps did not move it
     "adam-lr3e-2-peer-bound-8-perturbations": (
@@ -291,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument(
         "--recipe",
-        default="adam-lr3e-2,adam-lr3e-2-peer-bound",
-        help="variants run for every seed, the chosen recipe first (default: it without and with the peer bound)",
+        default="adam-lr3e-2,adam-lr3e-2-peer-bound,adam-lr3e-2-peer-bound-10,adam-lr3e-2-client-rms-2",
+        help="variants run for every seed, the chosen recipe first (default: it without and with each defence)",
     )
     parser.add_argument("--variants", default=",".join(VARIANTS), help="variants run once, seed 0")
     parser.add_argument(

@@ -125,7 +125,7 @@ SECTIONS = [
         "decoder.py",
         ["decoder"],
         ["--quick"],
-        minutes=90,  # 10 estimator variants and 2 more seeds, ~6 min each, and the backprop baseline
+        minutes=160,  # 15 variants, 2 more seeds of 4 of them, 4 demo runs, ~6 min each, and the backprop baseline
     ),
     Section(
         "LLaMA-7B on paper: memory and seconds per perturbed evaluation, extrapolated from SmolLM2",
