@@ -11,7 +11,7 @@ Four parts (what one perturbed evaluation costs is bench/decoder_cost.py, a time
   control, trained layers. Final held-out accuracy (at the end of the run, never the best seen),
   suffix evaluations, device seconds and bytes; the chosen recipe over ``--seeds`` seeds.
 - **backprop**: ``fwdllm baseline`` (FedSGD with server Adam) with LoRA on the same layers, same
-  data, partition, clients and rounds.
+  data, partition and clients, at the study's rounds and (with part demo) at the demo's.
 - **demo**: ``make demo-llm SEED=s`` for ``--seeds`` seeds, the recipe through real coordinator and
   device processes with the coordinator's defaults (peer bound on); the goal is final held-out
   accuracy 25 points over zero-shot on average, within 10 minutes of training on 2 cores.
@@ -168,6 +168,7 @@ def summarise(runs: list[dict]) -> list[dict]:
             {
                 "variant": name,
                 "K": group[0]["K"],
+                "steps": group[0]["curve"][-1][0],
                 "seeds": len(group),
                 "zero-shot": round(group[0]["zero_shot"], 3),
                 "final accuracy": f"{np.mean(finals):.3f} ± {np.std(finals):.3f}"
@@ -183,23 +184,34 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 
 def plot(runs: list[dict], baseline: list[dict], path: Path) -> Path:
+    """Held-out accuracy along every run: the estimators (in one process) on the left, `make demo-llm`'s runs on the
+    right, each beside backprop at the same rounds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for colour, name in enumerate(dict.fromkeys(r["variant"] for r in runs)):
-        for i, r in enumerate(x for x in runs if x["variant"] == name):
-            steps, acc = zip(*[(0, r["zero_shot"])] + [tuple(p) for p in r["curve"]])
-            ax.plot(steps, acc, label=name if i == 0 else None, alpha=0.8, color=f"C{colour % 10}")
-    for b in baseline:
-        ax.plot(*zip(*b["curve"]), "k--", label=f"backprop LoRA top-{b['K']}")
-    ax.set_xlabel("step (10 clients each)")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title("SmolLM2-135M + LoRA, BBC News as label words")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    is_demo = [r["variant"].startswith("make demo-llm") for r in runs]
+    study = [r for r, demo in zip(runs, is_demo) if not demo]
+    demos = [r for r, demo in zip(runs, is_demo) if demo]
+    panels = [(p, t) for p, t in ((study, "estimators, one process"), (demos, "make demo-llm, real processes")) if p]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 6), sharey=True, squeeze=False)
+    for ax, (panel, title) in zip(axes[0], panels):
+        names = list(dict.fromkeys(r["variant"] for r in panel))
+        colours = plt.get_cmap("tab10" if len(names) <= 10 else "tab20").colors
+        for colour, name in enumerate(names):
+            for i, r in enumerate(x for x in panel if x["variant"] == name):
+                steps, acc = zip(*[(0, r["zero_shot"])] + [tuple(p) for p in r["curve"]])
+                ax.plot(steps, acc, label=name if i == 0 else None, alpha=0.85, color=colours[colour % len(colours)])
+        rounds = max(r["curve"][-1][0] for r in panel)
+        for b in (b for b in baseline if b["curve"][-1][0] == rounds):
+            ax.plot(*zip(*b["curve"]), "k--", label=backprop_name(b))
+        ax.set_xlabel("step (10 clients each)")
+        ax.set_title(f"{title}, {rounds} steps", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, frameon=False)
+    axes[0][0].set_ylabel("held-out accuracy")
+    fig.suptitle("SmolLM2-135M + LoRA (top 2 layers), BBC News as label words")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -253,6 +265,10 @@ def demo_result(folder: Path, seed: int, backend: str = "onnxruntime") -> dict:
 # ----- backprop ---------------------------------------------------------------------------------
 
 
+def backprop_name(b: dict) -> str:
+    return f"backprop LoRA top-{b['K']} (FedSGD, Adam 3e-3), {b['curve'][-1][0]} rounds"
+
+
 def backprop(k: int, steps: int, seed: int, eval_limit: int) -> dict:
     from fwdllm.baselines import BaselineConfig, run_baseline
 
@@ -274,7 +290,7 @@ def backprop(k: int, steps: int, seed: int, eval_limit: int) -> dict:
     kept = RUNS / f"backprop-top{k}-s{seed}-{steps}steps-limit{eval_limit}.json"
     if kept.is_file():
         return json.loads(kept.read_text())
-    out = RUNS / f"backprop-top{k}-s{seed}"
+    out = RUNS / f"backprop-top{k}-s{seed}-{steps}steps"
     t = time.perf_counter()
     records = run_baseline(cfg, out, progress=False)
     evals = [r for r in records if r.get("heldout_accuracy") is not None]
@@ -341,13 +357,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{run['training_s']} s, whole run {run['wall_s']} s."
         )
     if "backprop" in parts and not args.quick:
-        baseline.append(backprop(VARIANTS[recipes[0]][0], steps, 0, limit))
+        k = VARIANTS[recipes[0]][0]
+        demo_steps = [demos[0]["curve"][-1][0]] if "demo" in parts else []  # the demo's rounds, from its run
+        baseline.extend(backprop(k, n, 0, limit) for n in dict.fromkeys([steps, *demo_steps]))
     rows = summarise(runs)
     for b in baseline:
         rows.append(
             {
-                "variant": "backprop LoRA (FedSGD, Adam 3e-3)",
+                "variant": backprop_name(b),
                 "K": b["K"],
+                "steps": b["curve"][-1][0],
                 "seeds": 1,
                 "zero-shot": round(b["zero_shot"], 3),
                 "final accuracy": f"{b['final']:.3f}",
@@ -364,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     columns = [
         "variant",
         "K",
+        "steps",
         "seeds",
         "zero-shot",
         "final accuracy",
