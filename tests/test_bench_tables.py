@@ -53,15 +53,27 @@ def test_recipe_summary_is_judged_on_final_accuracy_not_the_best_seen():
     assert abs(row["final acc sd"] - 0.3) < 1e-12 and row["best seen (mean)"] == 0.95
 
 
-def test_memory_states_fwdllm_as_a_share_of_backprop_per_model_and_length():
+def test_memory_states_fwdllm_as_a_share_of_backprop_per_model_length_and_objective():
     from bench.memory import paper_comparison
 
-    rows = [
-        {"model": "minilm", "seq": 64, "kind": k, "peak_rss_mb": v}
-        for k, v in [("plain", 200.0), ("fwdllm", 210.0), ("fwdllm", 300.0), ("backprop", 600.0), ("backprop", 1000.0)]
+    def group(model, seq, objective, peaks):
+        return [{"model": model, "seq": seq, "objective": objective, "kind": k, "peak_rss_mb": v} for k, v in peaks]
+
+    rows = group(
+        "minilm",
+        64,
+        "classes",
+        [("plain", 200.0), ("fwdllm", 210.0), ("fwdllm", 300.0), ("backprop", 600.0), ("backprop", 1000.0)],
+    )
+    rows.append({"model": "minilm", "seq": 128, "objective": "classes", "kind": "backprop", "peak_rss_mb": "error: x"})
+    # one model, two objectives: each fwdllm row is set against backprop on its own objective only
+    rows += group("smollm2", 64, "next tokens", [("fwdllm", 1190.0), ("backprop", 2000.0)])
+    rows += group("smollm2", 64, "label words", [("fwdllm", 300.0), ("backprop", 1500.0)])
+    assert paper_comparison(rows) == [
+        "minilm seq 64 (classes): fwdllm at 21–50% of backprop's peak",
+        "smollm2 seq 64 (next tokens): fwdllm at 60–60% of backprop's peak",
+        "smollm2 seq 64 (label words): fwdllm at 20–20% of backprop's peak",
     ]
-    rows.append({"model": "minilm", "seq": 128, "kind": "backprop", "peak_rss_mb": "error: export failed"})
-    assert paper_comparison(rows) == ["minilm seq 64: fwdllm at 21–50% of backprop's peak"]
 
 
 def test_memory_says_where_fwdllm_tops_the_papers_range_and_how_much_is_plain_inference():
@@ -69,7 +81,7 @@ def test_memory_says_where_fwdllm_tops_the_papers_range_and_how_much_is_plain_in
 
     def case(model, plain, fwd, backprop):
         return [
-            {"model": model, "seq": 64, "kind": k, "configuration": c, "peak_rss_mb": v}
+            {"model": model, "seq": 64, "objective": "classes", "kind": k, "configuration": c, "peak_rss_mb": v}
             for k, c, v in [
                 ("plain", "one forward", plain),
                 ("fwdllm", "ort", fwd),
@@ -80,7 +92,9 @@ def test_memory_says_where_fwdllm_tops_the_papers_range_and_how_much_is_plain_in
         ]
 
     rows = case("minilm", 200.0, 210.0, 700.0) + case("smollm2", 1160.0, 1190.0, 2000.0)
-    assert above_paper(rows) == ["smollm2 seq 64: litert at 60%, +40 MiB over plain inference, which alone is at 58%"]
+    assert above_paper(rows) == [
+        "smollm2 seq 64 (classes): litert at 60%, +40 MiB over plain inference, which alone is at 58%"
+    ]
 
 
 def test_recipe_reads_variance_control_and_sampler_on_against_off_off_the_table():
