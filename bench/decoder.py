@@ -300,6 +300,7 @@ def backprop(k: int, steps: int, seed: int, eval_limit: int) -> dict:
         "zero_shot": evals[0]["heldout_accuracy"],
         "final": evals[-1]["heldout_accuracy"],
         "bytes_up": records[-1].get("bytes_up"),
+        "device_s": round(records[-1]["device_seconds"], 1),
         "peak_rss_mib": records[-1].get("peak_rss_mib"),
         "wall_s": round(time.perf_counter() - t, 1),
         "curve": [(r["step"], r["heldout_accuracy"]) for r in evals],
@@ -370,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                 "seeds": 1,
                 "zero-shot": round(b["zero_shot"], 3),
                 "final accuracy": f"{b['final']:.3f}",
-                "device s": None,
+                "device s": b.get("device_s"),
                 "KB up": round((b["bytes_up"] or 0) / 1024, 1),
             }
         )
