@@ -69,7 +69,8 @@ demo: setup $(DEMO_BUNDLE)/manifest.json
 # step, 4 perturbations each, coordinator Adam at lr 3e-2 decaying linearly over 100 steps (about 4 minutes of training
 # on 2 cores). In bench/decoder.py's study (the same coordinator and device work in one process, 60 steps) lr 3e-2
 # ended at 0.829 where 1e-2 ended at 0.797 (zero-shot 0.570). This demo ends at 0.832 ± 0.009 over 3 seeds after 100
-# steps, 0.815 ± 0.011 after 60; BENCHMARKS.md, "Decoders", has every estimator and the seeds.
+# steps, 0.815 ± 0.011 after 60. lr 3e-2 suits about 100 steps: 200 steps drifted lower (0.797, seed 0, in one
+# process). BENCHMARKS.md, "Decoders", has every estimator and the seeds.
 # ε is 1e-2: llama.cpp quantises activations to 8 bits for its q8_0 products, and a central difference at ε 1e-3 sees
 # that rounding (seed 0 on llama.cpp: 0.761 at 1e-3, 0.820 at 1e-2).
 # `make demo-llm LLM_BACKEND=llama.cpp` runs the same recipe on a GGUF q8_0 bundle (the frozen layers once per example,
