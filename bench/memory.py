@@ -116,9 +116,10 @@ def measure(model: str, seq: int, quick: bool) -> list[dict]:
         rows.append({"model": model, "seq": seq, "objective": objective, "kind": kind, "configuration": what, **out})
 
     def device(objective: str, what: str, bundle: Path | dict, backend: str, mode="perturbed", precision="fp32"):
+        # one thread; LiteRT's default kernels are XNNPACK
         spec = {**base, "bundle": str(bundle), "backend": backend, "precision": precision, "mode": mode}
         out = bundle if isinstance(bundle, dict) else _subprocess(WORKER, {**spec, "options": {"threads": 1}})
-        row(objective, "plain" if mode == "plain" else "fwdllm", what, out)  # LiteRT's default kernels are XNNPACK
+        row(objective, "plain" if mode == "plain" else "fwdllm", what, out)
 
     def backprop(objective: str, what: str, **spec) -> None:
         common = {"model": model, "labels": harness.BBC_LABELS, "seq": seq, "batch": 8, "task": task}
@@ -164,7 +165,7 @@ def _peaks(rows: list[dict]) -> dict[str, dict[str, list[dict]]]:
 
 
 def paper_comparison(rows: list[dict]) -> list[str]:
-    """Per model and length: fwdllm's peak as a share of backprop's, lowest to highest pairing."""
+    """Per model, length and objective: fwdllm's peak as a share of backprop's, lowest to highest pairing."""
     out = []
     for group, kinds in _peaks(rows).items():
         fwd = [r["peak_rss_mb"] for r in kinds.get("fwdllm", [])]
