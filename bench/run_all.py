@@ -67,7 +67,7 @@ SECTIONS = [
         ["--seeds", "64", "--clients", "100", "--repeats", "2"],
         timed=True,
     ),
-    Section("Device memory: fwdllm vs backprop", "memory.py", ["memory"], ["--quick"], minutes=18),
+    Section("Device memory: fwdllm vs backprop", "memory.py", ["memory"], ["--quick"], minutes=21),
     Section(
         "Backprop baselines: FedAvg of PEFT parameters in PyTorch",
         "baselines.py",
@@ -125,7 +125,7 @@ SECTIONS = [
         "decoder.py",
         ["decoder"],
         ["--quick"],
-        minutes=160,  # 15 variants, 2 more seeds of 4 of them, 4 demo runs, ~6 min each, and the backprop baseline
+        minutes=170,  # 15 variants, 2 more seeds of 4 of them, 4 demo runs (4-8 min each), backprop at 60, 100 rounds
     ),
     Section(
         "LLaMA-7B on paper: memory and seconds per perturbed evaluation, extrapolated from SmolLM2",
